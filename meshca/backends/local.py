@@ -1,0 +1,311 @@
+"""The local backend: a root and an intermediate signing CA kept in the data directory.
+
+Layout of ``<data-dir>/ca/`` (Istio's ``cacerts`` names, so operators recognise it):
+
+``root-cert.pem``   the self-signed root (the trust bundle)
+``root-key.pem``    the root key, 0600; may be moved offline once the intermediate exists
+``ca-cert.pem``     the signing (intermediate) CA
+``ca-key.pem``      its key, 0600
+``cert-chain.pem``  the signing CA and any intermediates above it, root excluded
+``meta.json``       trust domain, origin, creation time
+
+The whole directory is built under a temporary name and renamed into place, so a
+crash never leaves half a CA. An existing CA is never replaced unless forced, and then
+it is moved to ``<data-dir>/backup/ca-<timestamp>/`` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from meshca.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
+from meshca.issuer import (
+    ChainError,
+    IssuerError,
+    KeyType,
+    KeyTypeError,
+    Signer,
+    SignerAuthority,
+    SvidError,
+    TrustBundle,
+)
+from meshca.issuer.keys import (
+    PrivateKey,
+    generate_private_key,
+    key_type_of,
+    load_private_key_pem,
+    private_key_pem,
+    public_keys_equal,
+)
+from meshca.issuer.policy import DEFAULT_INTERMEDIATE_TTL, DEFAULT_ROOT_TTL
+from meshca.issuer.profile import build_ca, utcnow
+from meshca.issuer.svid import certificates_pem, load_certificates_pem
+from meshca.issuer.verify import self_check, verify_chain
+from meshca.spiffe import TrustDomain
+
+CA_DIR = "ca"
+BACKUP_DIR = "backup"
+ROOT_CERT = "root-cert.pem"
+ROOT_KEY = "root-key.pem"
+CA_CERT = "ca-cert.pem"
+CA_KEY = "ca-key.pem"
+CERT_CHAIN = "cert-chain.pem"
+META = "meta.json"
+
+
+class CaError(IssuerError):
+    """The data directory's CA is missing, already present, or unusable."""
+
+
+class CaExistsError(CaError):
+    pass
+
+
+class CaMissingError(CaError):
+    pass
+
+
+@dataclass(frozen=True)
+class LocalCa:
+    """A CA loaded from (or just written to) the data directory."""
+
+    directory: Path
+    trust_domain: TrustDomain
+    signer: Signer
+    bundle: TrustBundle
+    origin: str
+
+    def authority(self) -> SignerAuthority:
+        return SignerAuthority(self.signer, self.bundle)
+
+
+def ca_directory(data_dir: Path) -> Path:
+    return Path(data_dir) / CA_DIR
+
+
+def ca_exists(data_dir: Path) -> bool:
+    return (ca_directory(data_dir) / CA_CERT).exists()
+
+
+def _write_ca_files(
+    target: Path,
+    *,
+    trust_domain: TrustDomain,
+    root: x509.Certificate,
+    root_key: PrivateKey | None,
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    intermediates: tuple[x509.Certificate, ...],
+    origin: str,
+) -> None:
+    atomic_write(target / ROOT_CERT, certificates_pem([root]), PUBLIC)
+    if root_key is not None:
+        atomic_write(target / ROOT_KEY, private_key_pem(root_key), PRIVATE)
+    atomic_write(target / CA_CERT, certificates_pem([ca_cert]), PUBLIC)
+    atomic_write(target / CA_KEY, private_key_pem(ca_key), PRIVATE)
+    atomic_write(target / CERT_CHAIN, certificates_pem([ca_cert, *intermediates]), PUBLIC)
+    meta = {
+        "trust_domain": trust_domain.name,
+        "origin": origin,
+        "created": utcnow().isoformat(),
+        "key_type": key_type_of(ca_key).value,
+    }
+    atomic_write(target / META, (json.dumps(meta, indent=2) + "\n").encode(), PUBLIC)
+
+
+def _install(data_dir: Path, staged: Path, force: bool) -> None:
+    """Rename the staged CA directory into place, backing up any existing CA when forced."""
+    target = ca_directory(data_dir)
+    if target.exists():
+        if not force:
+            raise CaExistsError(
+                f"a CA already exists in {target}; it was left unchanged "
+                "(use --force to replace it; the old one is kept in a backup)"
+            )
+        backups = ensure_private_dir(Path(data_dir) / BACKUP_DIR)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        os.rename(target, backups / f"ca-{stamp}")
+        fsync_directory(backups)
+    os.rename(staged, target)
+    fsync_directory(Path(data_dir))
+
+
+def _stage(data_dir: Path) -> Path:
+    ensure_private_dir(Path(data_dir))
+    return Path(tempfile.mkdtemp(prefix=".ca-new-", dir=data_dir))
+
+
+def _check_not_present(data_dir: Path, force: bool) -> None:
+    if ca_exists(data_dir) and not force:
+        raise CaExistsError(
+            f"a CA already exists in {ca_directory(data_dir)}; it was left unchanged "
+            "(use --force to replace it; the old one is kept in a backup)"
+        )
+
+
+def init_local_ca(
+    data_dir: Path,
+    trust_domain: TrustDomain,
+    *,
+    key_type: KeyType = KeyType.EC_P256,
+    root_ttl: timedelta = DEFAULT_ROOT_TTL,
+    intermediate_ttl: timedelta | None = None,
+    force: bool = False,
+) -> LocalCa:
+    """Create a self-signed root and an intermediate signing CA under it."""
+    _check_not_present(data_dir, force)
+    root_key = generate_private_key(key_type)
+    root = build_ca(trust_domain, root_key, root_ttl, role="root")
+    root_signer = Signer(root_key, root)
+    ca_key = generate_private_key(key_type)
+    ca_ttl = intermediate_ttl or min(DEFAULT_INTERMEDIATE_TTL, root_ttl)
+    ca_cert = build_ca(
+        trust_domain, ca_key, ca_ttl, parent=root_signer, role="intermediate", path_length=0
+    )
+    signer = Signer(ca_key, ca_cert)
+    bundle = TrustBundle.of(trust_domain, [root])
+    self_check(signer, bundle)
+    staged = _stage(data_dir)
+    try:
+        _write_ca_files(
+            staged,
+            trust_domain=trust_domain,
+            root=root,
+            root_key=root_key,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            intermediates=(),
+            origin="generated",
+        )
+        _install(data_dir, staged, force)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return load_local_ca(data_dir)
+
+
+# Plugged-in CAs: Istio's cacerts layout and the kubernetes.io/tls layout.
+_LAYOUTS = (
+    ("istio", "ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"),
+    ("kubernetes.io/tls", "tls.crt", "tls.key", "ca.crt", None),
+)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CaError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _is_ca_cert(cert: x509.Certificate) -> bool:
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(basic.ca and usage.key_cert_sign)
+
+
+def import_cacerts(
+    data_dir: Path,
+    source: Path,
+    trust_domain: TrustDomain,
+    *,
+    force: bool = False,
+) -> LocalCa:
+    """Adopt an existing signing CA (Istio ``cacerts`` or ``kubernetes.io/tls`` layout)."""
+    _check_not_present(data_dir, force)
+    source = Path(source)
+    if not source.is_dir():
+        raise CaError(f"{source} is not a directory")
+    layout = next((lay for lay in _LAYOUTS if (source / lay[1]).exists()), None)
+    if layout is None:
+        raise CaError(
+            f"{source} holds neither Istio's layout (ca-cert.pem, ca-key.pem, root-cert.pem, "
+            "cert-chain.pem) nor kubernetes.io/tls (tls.crt, tls.key, ca.crt)"
+        )
+    name, cert_file, key_file, root_file, chain_file = layout
+    try:
+        certs = load_certificates_pem(_read(source / cert_file), cert_file)
+        key = load_private_key_pem(_read(source / key_file))
+        roots = load_certificates_pem(_read(source / root_file), root_file)
+        chain_extra: list[x509.Certificate] = []
+        if chain_file and (source / chain_file).exists():
+            chain_extra = load_certificates_pem(_read(source / chain_file), chain_file)
+    except (SvidError, KeyTypeError) as exc:
+        raise CaError(f"{name} layout in {source}: {exc}") from None
+    ca_cert = certs[0]
+    if not public_keys_equal(ca_cert.public_key(), key.public_key()):  # type: ignore[arg-type]
+        raise CaError(f"{key_file} does not match the certificate in {cert_file}")
+    if not _is_ca_cert(ca_cert):
+        raise CaError(f"{cert_file} is not a CA certificate (needs CA=true and keyCertSign)")
+    now = utcnow()
+    if now >= ca_cert.not_valid_after_utc:
+        raise CaError(f"{cert_file} expired at {ca_cert.not_valid_after_utc.isoformat()}")
+    bundle = TrustBundle.of(trust_domain, roots)
+    root_ders = set(bundle.roots)
+    intermediates = tuple(
+        c for c in [*certs[1:], *chain_extra] if c != ca_cert and c not in root_ders
+    )
+    try:
+        verify_chain(ca_cert, intermediates, bundle, now=now)
+    except ChainError as exc:
+        raise CaError(f"{cert_file} does not chain to {root_file}: {exc}") from None
+    signer = Signer(key, ca_cert, intermediates)
+    self_check(signer, bundle)
+    staged = _stage(data_dir)
+    try:
+        _write_ca_files(
+            staged,
+            trust_domain=trust_domain,
+            root=bundle.roots[0],
+            root_key=None,
+            ca_cert=ca_cert,
+            ca_key=key,
+            intermediates=intermediates,
+            origin=f"imported ({name})",
+        )
+        if len(bundle) > 1:
+            atomic_write(staged / ROOT_CERT, bundle.pem(), PUBLIC)
+        _install(data_dir, staged, force)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return load_local_ca(data_dir)
+
+
+def load_local_ca(data_dir: Path) -> LocalCa:
+    """Load the data directory's CA; checks the key matches and the chain verifies."""
+    directory = ca_directory(data_dir)
+    if not (directory / CA_CERT).exists():
+        raise CaMissingError(f"no CA in {directory}: run 'meshca init' first (or pass --data-dir)")
+    try:
+        meta = json.loads(_read(directory / META))
+        trust_domain = TrustDomain.parse(meta["trust_domain"])
+        origin = str(meta.get("origin", "unknown"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CaError(f"{directory / META} is unreadable: {exc}") from None
+    try:
+        roots = load_certificates_pem(_read(directory / ROOT_CERT), ROOT_CERT)
+        chain = load_certificates_pem(_read(directory / CERT_CHAIN), CERT_CHAIN)
+        key = load_private_key_pem(_read(directory / CA_KEY))
+    except (SvidError, KeyTypeError) as exc:
+        raise CaError(f"CA in {directory}: {exc}") from None
+    ca_cert = chain[0]
+    if not public_keys_equal(ca_cert.public_key(), key.public_key()):  # type: ignore[arg-type]
+        raise CaError(f"{directory / CA_KEY} does not match {directory / CERT_CHAIN}")
+    signer = Signer(key, ca_cert, tuple(chain[1:]))
+    bundle = TrustBundle.of(trust_domain, roots)
+    with contextlib.suppress(FileNotFoundError):
+        mode = (directory / CA_KEY).stat().st_mode & 0o777
+        if mode & 0o077:
+            raise CaError(f"{directory / CA_KEY} has mode {mode:o}: private keys must be 0600")
+    return LocalCa(directory, trust_domain, signer, bundle, origin)

@@ -1,0 +1,1 @@
+"""The mesh model and Envoy resource generation keyed on proxy identity."""

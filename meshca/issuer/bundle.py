@@ -1,0 +1,97 @@
+"""The trust bundle: an ordered, de-duplicated set of root certificates."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from meshca.issuer.svid import certificates_pem, load_certificates_pem
+from meshca.spiffe import TrustDomain
+
+DEFAULT_REFRESH_HINT_SECONDS = 300
+
+
+def _b64url_uint(value: int, size: int) -> str:
+    return base64.urlsafe_b64encode(value.to_bytes(size, "big")).rstrip(b"=").decode()
+
+
+def _jwk(cert: x509.Certificate) -> dict[str, Any]:
+    key = cert.public_key()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    jwk: dict[str, Any] = {"use": "x509-svid", "x5c": [base64.b64encode(der).decode()]}
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        numbers = key.public_numbers()
+        size = (key.curve.key_size + 7) // 8
+        crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
+        jwk.update(
+            kty="EC", crv=crv, x=_b64url_uint(numbers.x, size), y=_b64url_uint(numbers.y, size)
+        )
+    elif isinstance(key, rsa.RSAPublicKey):
+        numbers_rsa = key.public_numbers()
+        jwk.update(
+            kty="RSA",
+            n=_b64url_uint(numbers_rsa.n, (numbers_rsa.n.bit_length() + 7) // 8),
+            e=_b64url_uint(numbers_rsa.e, (numbers_rsa.e.bit_length() + 7) // 8),
+        )
+    return jwk
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """Roots in a stable order (first seen first); equal bundles compare equal."""
+
+    trust_domain: TrustDomain
+    roots: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def of(cls, trust_domain: TrustDomain, roots: Iterable[x509.Certificate]) -> TrustBundle:
+        seen: set[bytes] = set()
+        ordered: list[x509.Certificate] = []
+        for cert in roots:
+            der = cert.public_bytes(serialization.Encoding.DER)
+            if der not in seen:
+                seen.add(der)
+                ordered.append(cert)
+        return cls(trust_domain, tuple(ordered))
+
+    @classmethod
+    def from_pem(cls, trust_domain: TrustDomain, data: bytes) -> TrustBundle:
+        return cls.of(trust_domain, load_certificates_pem(data, "trust bundle"))
+
+    def __iter__(self) -> Iterator[x509.Certificate]:
+        return iter(self.roots)
+
+    def __len__(self) -> int:
+        return len(self.roots)
+
+    def __contains__(self, cert: object) -> bool:
+        return isinstance(cert, x509.Certificate) and cert in self.roots
+
+    def with_root(self, cert: x509.Certificate) -> TrustBundle:
+        return TrustBundle.of(self.trust_domain, (*self.roots, cert))
+
+    def without_root(self, cert: x509.Certificate) -> TrustBundle:
+        return TrustBundle(self.trust_domain, tuple(r for r in self.roots if r != cert))
+
+    def pem(self) -> bytes:
+        return certificates_pem(self.roots)
+
+    def jwks(
+        self, sequence: int = 1, refresh_hint: int = DEFAULT_REFRESH_HINT_SECONDS
+    ) -> dict[str, Any]:
+        """The SPIFFE bundle format (a JWK Set with ``x509-svid`` keys)."""
+        return {
+            "keys": [_jwk(cert) for cert in self.roots],
+            "spiffe_sequence": sequence,
+            "spiffe_refresh_hint": refresh_hint,
+        }
+
+    def jwks_json(self, sequence: int = 1, refresh_hint: int = DEFAULT_REFRESH_HINT_SECONDS) -> str:
+        return json.dumps(self.jwks(sequence, refresh_hint), indent=2) + "\n"

@@ -1,0 +1,46 @@
+"""CSR intake: only the public key of a CSR is ever used, and only after checks."""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from meshca.issuer.errors import CsrError, KeyTypeError
+from meshca.issuer.keys import PublicKey, key_type_of
+
+MAX_CSR_BYTES = 64 * 1024
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    if len(data) > MAX_CSR_BYTES:
+        raise CsrError(f"CSR refused: larger than {MAX_CSR_BYTES} bytes")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_csr(data)
+        return x509.load_der_x509_csr(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CsrError(f"cannot read CSR: {exc}") from None
+
+
+def csr_public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
+    """The CSR's key once its signature verifies and its type is allowed.
+
+    Subject, SANs, extensions and CA flags of the CSR are ignored on purpose: the
+    certificate carries the identity the caller was authorised for, nothing else.
+    """
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CsrError(f"CSR refused: cannot check its signature: {exc}") from None
+    if not valid:
+        raise CsrError("CSR refused: its signature does not verify (proof of possession failed)")
+    try:
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CsrError(f"CSR refused: unsupported public key: {exc}") from None
+    try:
+        key_type_of(key)
+    except KeyTypeError as exc:
+        raise CsrError(f"CSR refused: {exc}") from None
+    assert not isinstance(key, x509.Certificate)
+    return key  # type: ignore[return-value]

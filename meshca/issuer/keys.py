@@ -1,0 +1,93 @@
+"""Key generation and the key types meshca certifies."""
+
+from __future__ import annotations
+
+import enum
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from meshca.issuer.errors import KeyTypeError
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+MIN_RSA_BITS = 2048
+
+
+class KeyType(enum.StrEnum):
+    EC_P256 = "ec-p256"
+    EC_P384 = "ec-p384"
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
+
+    @classmethod
+    def parse(cls, value: str) -> KeyType:
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            choices = ", ".join(k.value for k in cls)
+            raise KeyTypeError(f"unsupported key type {value!r}: choose one of {choices}") from None
+
+    @property
+    def is_rsa(self) -> bool:
+        return self.value.startswith("rsa-")
+
+
+DEFAULT_KEY_TYPE = KeyType.EC_P256
+
+_CURVES: dict[str, KeyType] = {"secp256r1": KeyType.EC_P256, "secp384r1": KeyType.EC_P384}
+
+
+def generate_private_key(key_type: KeyType = DEFAULT_KEY_TYPE) -> PrivateKey:
+    if key_type is KeyType.EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.EC_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type.value[4:]))
+
+
+def key_type_of(key: object) -> KeyType:
+    """The KeyType of a public or private key, refusing weak RSA and unsupported curves."""
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        found = _CURVES.get(key.curve.name)
+        if found is None:
+            raise KeyTypeError(f"unsupported elliptic curve {key.curve.name}: use P-256 or P-384")
+        return found
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise KeyTypeError(
+                f"RSA key of {key.key_size} bits refused: at least {MIN_RSA_BITS} bits required"
+            )
+        if key.key_size not in (2048, 3072, 4096):
+            raise KeyTypeError(
+                f"RSA key of {key.key_size} bits unsupported: use 2048, 3072 or 4096 bits"
+            )
+        return KeyType(f"rsa-{key.key_size}")
+    raise KeyTypeError(f"unsupported key algorithm {type(key).__name__}: use EC or RSA")
+
+
+def private_key_pem(key: PrivateKey) -> bytes:
+    """PKCS#8 PEM, unencrypted: the file mode (0600) is what protects it."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_private_key_pem(data: bytes) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyTypeError(f"cannot read private key: {exc}") from None
+    key_type_of(key)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    return key
+
+
+def public_keys_equal(a: PublicKey, b: PublicKey) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return a.public_bytes(der, fmt) == b.public_bytes(der, fmt)

@@ -1,0 +1,79 @@
+"""Lifetime policy for leaves and the renewal schedule derived from it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from meshca.durations import format_duration
+from meshca.issuer.errors import TtlError
+from meshca.issuer.profile import DEFAULT_SKEW
+
+DEFAULT_LEAF_TTL = timedelta(hours=24)
+DEFAULT_MAX_LEAF_TTL = timedelta(days=90)
+DEFAULT_ROOT_TTL = timedelta(days=3650)
+DEFAULT_INTERMEDIATE_TTL = timedelta(days=365)
+RENEW_FRACTION = 0.5
+RENEW_JITTER = 0.05
+CA_TO_LEAF_TTL_RATIO = 6
+
+
+@dataclass(frozen=True)
+class TtlPolicy:
+    default: timedelta = DEFAULT_LEAF_TTL
+    maximum: timedelta = DEFAULT_MAX_LEAF_TTL
+    skew: timedelta = DEFAULT_SKEW
+
+    def __post_init__(self) -> None:
+        if self.default <= timedelta(0) or self.maximum <= timedelta(0):
+            raise TtlError("TTLs must be greater than zero")
+        if self.default > self.maximum:
+            raise TtlError(
+                f"default TTL {format_duration(self.default)} exceeds the maximum "
+                f"{format_duration(self.maximum)}"
+            )
+
+    def resolve(self, requested: timedelta | None) -> timedelta:
+        """The TTL to issue with: the default when none is asked; refused over the maximum."""
+        if requested is None:
+            return self.default
+        if requested <= timedelta(0):
+            raise TtlError("TTL must be greater than zero")
+        if requested > self.maximum:
+            raise TtlError(
+                f"TTL {format_duration(requested)} refused: the maximum is "
+                f"{format_duration(self.maximum)}"
+            )
+        return requested
+
+
+def check_ca_covers_leaves(ca_ttl: timedelta, leaf_ttl: timedelta) -> None:
+    """SPIRE's rule: a CA must live at least 6 leaf lifetimes, or leaves get truncated."""
+    if ca_ttl < CA_TO_LEAF_TTL_RATIO * leaf_ttl:
+        raise TtlError(
+            f"CA lifetime {format_duration(ca_ttl)} cannot cover the leaf rotation schedule: "
+            f"it must be at least {CA_TO_LEAF_TTL_RATIO} x the leaf TTL "
+            f"({format_duration(CA_TO_LEAF_TTL_RATIO * leaf_ttl)})"
+        )
+
+
+def renewal_time(
+    not_before: datetime,
+    not_after: datetime,
+    *,
+    skew: timedelta = DEFAULT_SKEW,
+    fraction: float = RENEW_FRACTION,
+    jitter: float = RENEW_JITTER,
+    rng: random.Random | None = None,
+) -> datetime:
+    """When to renew a certificate: at ``fraction`` of its life, +/- ``jitter`` of the life.
+
+    Wall-clock datetimes from the certificate itself, never a monotonic clock, so a
+    suspended or restarted process still renews on time. The life starts at issuance
+    (NotBefore plus the backdating skew), so a short TTL is not renewed at once.
+    """
+    issued = min(not_before + skew, not_after)
+    life = not_after - issued
+    spread = (rng or random).uniform(-jitter, jitter)
+    return issued + life * max(0.0, min(1.0, fraction + spread))

@@ -1,0 +1,126 @@
+"""The X.509-SVID value object and the check that a certificate follows the leaf profile."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from meshca.issuer.errors import SvidError
+from meshca.issuer.keys import PrivateKey, key_type_of, private_key_pem
+from meshca.spiffe import SpiffeId, SpiffeIdError
+
+
+def certificates_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def load_certificates_pem(data: bytes, what: str = "certificate file") -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise SvidError("pem", f"cannot read {what}: {exc}") from None
+    if not certs:
+        raise SvidError("pem", f"{what} holds no certificate")
+    return certs
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2)).upper()
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID of a leaf that follows the X.509-SVID profile; SvidError otherwise."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        raise SvidError("san-missing", "no subjectAltName extension") from None
+    except ValueError as exc:
+        raise SvidError("extensions", f"malformed extensions: {exc}") from None
+    uris = sans.value.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise SvidError("san-uri-count", f"exactly one URI SAN required, found {len(uris)}")
+    if len(cert.subject) == 0 and not sans.critical:
+        raise SvidError("san-critical", "the SAN must be critical when the subject is empty")
+    try:
+        spiffe_id = SpiffeId.parse(uris[0])
+    except SpiffeIdError as exc:
+        raise SvidError("spiffe-id", str(exc)) from None
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        raise SvidError("basic-constraints", "no basicConstraints extension") from None
+    if basic.value.ca:
+        raise SvidError("basic-constraints", "a leaf SVID must not be a CA (CA=true)")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    except x509.ExtensionNotFound:
+        raise SvidError("key-usage", "no keyUsage extension") from None
+    if not usage.critical:
+        raise SvidError("key-usage", "keyUsage must be critical")
+    if not usage.value.digital_signature:
+        raise SvidError("key-usage", "keyUsage must include digitalSignature")
+    if usage.value.key_cert_sign or usage.value.crl_sign:
+        raise SvidError("key-usage", "a leaf must not have keyCertSign or cRLSign")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and not {
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    } <= set(eku):
+        raise SvidError(
+            "extended-key-usage", "extendedKeyUsage must allow serverAuth and clientAuth"
+        )
+    return spiffe_id
+
+
+@dataclass(frozen=True)
+class X509Svid:
+    """An issued SVID: its ID, the chain (leaf first, then intermediates; never the root),
+    and the private key when meshca generated it (None when it signed a caller's CSR)."""
+
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    private_key: PrivateKey | None = None
+
+    def __repr__(self) -> str:  # never show key material
+        return f"X509Svid({self.spiffe_id}, serial={self.serial:x}, not_after={self.not_after})"
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def intermediates(self) -> tuple[x509.Certificate, ...]:
+        return self.chain[1:]
+
+    @property
+    def serial(self) -> int:
+        return self.leaf.serial_number
+
+    @property
+    def not_before(self) -> datetime:
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    def chain_pem(self) -> bytes:
+        return certificates_pem(self.chain)
+
+    def private_key_pem(self) -> bytes:
+        if self.private_key is None:
+            raise ValueError("this SVID was signed from a CSR: meshca holds no private key for it")
+        return private_key_pem(self.private_key)
+
+    @property
+    def key_type(self) -> str:
+        return key_type_of(self.leaf.public_key()).value

@@ -1,0 +1,262 @@
+"""The secret store: one current SVID per identity in use, renewed on schedule, and
+change notifications for whoever serves them (Istio's secret cache, in its own module).
+
+Serving code (``meshca.sds``) reads from here and subscribes to changes; it never
+signs. Listeners are plain callbacks run on the event loop and must not block: a
+stream sets its own wake-up event and sends in its own task, so one slow or stuck
+stream cannot hold up a push to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from meshca.issuer import Issuer, TrustBundle, X509Svid
+from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, renewal_time
+from meshca.spiffe import SpiffeId
+
+log = logging.getLogger("meshca.store")
+
+DEFAULT_IDLE_TTL = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class SvidChanged:
+    """A new SVID for ``spiffe_id`` replaced the previous one (renewal or re-issue)."""
+
+    spiffe_id: SpiffeId
+    svid: X509Svid
+
+
+@dataclass(frozen=True)
+class BundleChanged:
+    bundle: TrustBundle
+
+
+StoreEvent = SvidChanged | BundleChanged
+Listener = Callable[[StoreEvent], None]
+
+
+@dataclass
+class _Entry:
+    svid: X509Svid
+    renew_at: datetime
+    users: int = 0
+    idle_since: datetime | None = None
+
+
+class SecretStore:
+    """Issues on first use, renews at ``fraction`` of life (+/- jitter), drops idle identities."""
+
+    def __init__(
+        self,
+        issuer: Issuer,
+        *,
+        ttl: timedelta | None = None,
+        dns_names: dict[SpiffeId, tuple[str, ...]] | None = None,
+        idle_ttl: timedelta = DEFAULT_IDLE_TTL,
+        renew_fraction: float = RENEW_FRACTION,
+        renew_jitter: float = RENEW_JITTER,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.issuer = issuer
+        self.ttl = ttl
+        self.dns_names = dict(dns_names or {})
+        self.idle_ttl = idle_ttl
+        self.renew_fraction = renew_fraction
+        self.renew_jitter = renew_jitter
+        self._rng = rng or random.Random()
+        self._entries: dict[SpiffeId, _Entry] = {}
+        self._locks: dict[SpiffeId, asyncio.Lock] = {}
+        self._listeners: list[Listener] = []
+        self._pending_users: dict[SpiffeId, int] = {}  # retained before first issuance
+        self._bundle = issuer.bundle()
+        self._scheduler: AsyncIOScheduler | None = None
+        self.renewals = 0
+        self.issue_failures = 0
+
+    # lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Start the renewal timers (needs a running event loop)."""
+        if self._scheduler is None:
+            self._scheduler = AsyncIOScheduler(timezone=UTC)
+            self._scheduler.start()
+            for spiffe_id, entry in self._entries.items():
+                self._schedule(spiffe_id, entry.renew_at)
+            self._scheduler.add_job(
+                self.sweep_idle,
+                "interval",
+                seconds=max(1, int(self.idle_ttl.total_seconds() / 4)),
+                id="meshca-sweep-idle",
+            )
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+    # reads ----------------------------------------------------------------
+    def bundle(self) -> TrustBundle:
+        return self._bundle
+
+    def cached(self, spiffe_id: SpiffeId) -> X509Svid | None:
+        entry = self._entries.get(spiffe_id)
+        return entry.svid if entry else None
+
+    def identities(self) -> list[SpiffeId]:
+        return sorted(self._entries)
+
+    async def svid(self, spiffe_id: SpiffeId) -> X509Svid:
+        """The current SVID for ``spiffe_id``, issued now if absent, expired or due."""
+        entry = self._entries.get(spiffe_id)
+        now = datetime.now(UTC)
+        if entry is not None and now < entry.renew_at and now < entry.svid.not_after:
+            return entry.svid
+        lock = self._locks.setdefault(spiffe_id, asyncio.Lock())
+        async with lock:
+            entry = self._entries.get(spiffe_id)
+            now = datetime.now(UTC)
+            if entry is not None and now < entry.renew_at and now < entry.svid.not_after:
+                return entry.svid
+            return await self._issue(spiffe_id)
+
+    # usage tracking (bounded memory) ---------------------------------------
+    def retain(self, spiffe_id: SpiffeId) -> None:
+        entry = self._entries.get(spiffe_id)
+        if entry is not None:
+            entry.users += 1
+            entry.idle_since = None
+        else:
+            self._pending_users[spiffe_id] = self._pending_users.get(spiffe_id, 0) + 1
+
+    def release(self, spiffe_id: SpiffeId) -> None:
+        entry = self._entries.get(spiffe_id)
+        if entry is None:
+            count = self._pending_users.get(spiffe_id, 0) - 1
+            if count > 0:
+                self._pending_users[spiffe_id] = count
+            else:
+                self._pending_users.pop(spiffe_id, None)
+            return
+        entry.users = max(0, entry.users - 1)
+        if entry.users == 0:
+            entry.idle_since = datetime.now(UTC)
+
+    def sweep_idle(self) -> list[SpiffeId]:
+        """Drop identities nobody has used for ``idle_ttl``; returns what was dropped."""
+        cutoff = datetime.now(UTC) - self.idle_ttl
+        dropped = [
+            sid
+            for sid, e in self._entries.items()
+            if e.users == 0 and e.idle_since is not None and e.idle_since <= cutoff
+        ]
+        for sid in dropped:
+            del self._entries[sid]
+            self._locks.pop(sid, None)
+            if self._scheduler is not None:
+                with contextlib.suppress(Exception):
+                    self._scheduler.remove_job(self._job_id(sid))
+            log.info("dropped idle identity %s", sid)
+        return dropped
+
+    # notifications -----------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _notify(self, event: StoreEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not stop the others
+                log.exception("store listener failed")
+
+    def refresh_bundle(self) -> bool:
+        """Re-read the authority's bundle; notify if it changed. Returns whether it did."""
+        bundle = self.issuer.bundle()
+        if bundle == self._bundle:
+            return False
+        self._bundle = bundle
+        self._notify(BundleChanged(bundle))
+        return True
+
+    # issuance and renewal ------------------------------------------------------
+    def _job_id(self, spiffe_id: SpiffeId) -> str:
+        return f"renew:{spiffe_id}"
+
+    def _schedule(self, spiffe_id: SpiffeId, when: datetime) -> None:
+        if self._scheduler is None:
+            return
+        self._scheduler.add_job(
+            self._renew_job,
+            "date",
+            run_date=when,
+            args=[spiffe_id],
+            id=self._job_id(spiffe_id),
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    async def _issue(self, spiffe_id: SpiffeId) -> X509Svid:
+        dns = self.dns_names.get(spiffe_id, ())
+        try:
+            svid = await asyncio.to_thread(
+                self.issuer.issue, spiffe_id, ttl=self.ttl, dns_names=dns
+            )
+        except Exception:
+            self.issue_failures += 1
+            raise
+        renew_at = renewal_time(
+            svid.not_before,
+            svid.not_after,
+            skew=self.issuer.policy.skew,
+            fraction=self.renew_fraction,
+            jitter=self.renew_jitter,
+            rng=self._rng,
+        )
+        previous = self._entries.get(spiffe_id)
+        users = previous.users if previous else self._pending_users.pop(spiffe_id, 0)
+        idle_since = None if users else (previous.idle_since if previous else datetime.now(UTC))
+        self._entries[spiffe_id] = _Entry(svid, renew_at, users, idle_since)
+        self._schedule(spiffe_id, renew_at)
+        if previous is not None:
+            self.renewals += 1
+            log.info("renewed %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
+            self._notify(SvidChanged(spiffe_id, svid))
+        else:
+            log.info("issued %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
+        self.refresh_bundle()
+        return svid
+
+    async def renew(self, spiffe_id: SpiffeId) -> X509Svid:
+        """Re-issue now (and push), whatever the schedule says."""
+        lock = self._locks.setdefault(spiffe_id, asyncio.Lock())
+        async with lock:
+            return await self._issue(spiffe_id)
+
+    async def renew_all(self) -> None:
+        """Re-issue every held SVID at once (after a CA switch), concurrently."""
+        await asyncio.gather(*(self.renew(sid) for sid in list(self._entries)))
+
+    async def _renew_job(self, spiffe_id: SpiffeId) -> None:
+        if spiffe_id not in self._entries:
+            return
+        try:
+            await self.renew(spiffe_id)
+        except Exception as exc:
+            retry = datetime.now(UTC) + timedelta(seconds=self._rng.uniform(1.0, 5.0))
+            log.warning("renewal of %s failed (%s); retrying at %s", spiffe_id, exc, retry)
+            self._schedule(spiffe_id, retry)
