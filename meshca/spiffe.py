@@ -108,7 +108,7 @@ class TrustDomain:
     @classmethod
     def parse(cls, value: str) -> TrustDomain:
         """Accept a bare name (``example.org``) or the trust domain's ID (``spiffe://example.org``)."""
-        if isinstance(value, str) and value.lower().startswith(SCHEME):
+        if isinstance(value, str) and "://" in value:  # an ID form, spiffe:// or not
             td, path = _split(value)
             if path:
                 raise SpiffeIdError("trust-domain-path", value, "a trust domain ID has no path")

@@ -126,7 +126,14 @@ class SecretStore:
             now = datetime.now(UTC)
             if entry is not None and now < entry.renew_at and now < entry.svid.not_after:
                 return entry.svid
-            return await self._issue(spiffe_id)
+            try:
+                return await self._issue(spiffe_id)
+            except Exception as exc:
+                # due but unexpired: keep serving it through a backend outage, never past expiry
+                if entry is None or datetime.now(UTC) >= entry.svid.not_after:
+                    raise
+                log.warning("re-issuing %s failed (%s); serving the current SVID", spiffe_id, exc)
+                return entry.svid
 
     # usage tracking (bounded memory) ---------------------------------------
     def retain(self, spiffe_id: SpiffeId) -> None:
@@ -208,6 +215,7 @@ class SecretStore:
             id=self._job_id(spiffe_id),
             replace_existing=True,
             misfire_grace_time=None,
+            max_instances=2,  # scheduled from inside the running renewal: never skip it
         )
 
     async def _issue(self, spiffe_id: SpiffeId) -> X509Svid:

@@ -160,8 +160,10 @@ def init_local_ca(
     root_ttl: timedelta = DEFAULT_ROOT_TTL,
     intermediate_ttl: timedelta | None = None,
     force: bool = False,
+    path_length: int = 0,
 ) -> LocalCa:
-    """Create a self-signed root and an intermediate signing CA under it."""
+    """Create a self-signed root and an intermediate signing CA under it. ``path_length``
+    1 lets that CA sign one level of CAs (replicas' own intermediates), not only SVIDs."""
     _check_not_present(data_dir, force)
     root_key = generate_private_key(key_type)
     root = build_ca(trust_domain, root_key, root_ttl, role="root")
@@ -169,7 +171,12 @@ def init_local_ca(
     ca_key = generate_private_key(key_type)
     ca_ttl = intermediate_ttl or min(DEFAULT_INTERMEDIATE_TTL, root_ttl)
     ca_cert = build_ca(
-        trust_domain, ca_key, ca_ttl, parent=root_signer, role="intermediate", path_length=0
+        trust_domain,
+        ca_key,
+        ca_ttl,
+        parent=root_signer,
+        role="intermediate",
+        path_length=path_length,
     )
     signer = Signer(ca_key, ca_cert)
     bundle = TrustBundle.of(trust_domain, [root])
@@ -221,8 +228,14 @@ def import_cacerts(
     trust_domain: TrustDomain,
     *,
     force: bool = False,
+    own_intermediate_ttl: timedelta | None = None,
+    own_key_type: KeyType = KeyType.EC_P256,
 ) -> LocalCa:
-    """Adopt an existing signing CA (Istio ``cacerts`` or ``kubernetes.io/tls`` layout)."""
+    """Adopt an existing signing CA (Istio ``cacerts`` or ``kubernetes.io/tls`` layout).
+
+    With ``own_intermediate_ttl``, the adopted CA signs nothing but a new signing CA for
+    this data directory alone (see :func:`mint_own_intermediate`); its key is not kept.
+    """
     _check_not_present(data_dir, force)
     source = Path(source)
     if not source.is_dir():
@@ -251,6 +264,8 @@ def import_cacerts(
     now = utcnow()
     if now >= ca_cert.not_valid_after_utc:
         raise CaError(f"{cert_file} expired at {ca_cert.not_valid_after_utc.isoformat()}")
+    if now < ca_cert.not_valid_before_utc:
+        raise CaError(f"{cert_file} is not valid before {ca_cert.not_valid_before_utc.isoformat()}")
     bundle = TrustBundle.of(trust_domain, roots)
     root_ders = set(bundle.roots)
     intermediates = tuple(
@@ -262,6 +277,10 @@ def import_cacerts(
         raise CaError(f"{cert_file} does not chain to {root_file}: {exc}") from None
     signer = Signer(key, ca_cert, intermediates)
     self_check(signer, bundle)
+    origin = f"imported ({name})"
+    if own_intermediate_ttl is not None:
+        signer = mint_own_intermediate(signer, bundle, own_intermediate_ttl, own_key_type)
+        origin = f"own intermediate under a CA imported ({name})"
     staged = _stage(data_dir)
     try:
         _write_ca_files(
@@ -269,10 +288,10 @@ def import_cacerts(
             trust_domain=trust_domain,
             root=bundle.roots[0],
             root_key=None,
-            ca_cert=ca_cert,
-            ca_key=key,
-            intermediates=intermediates,
-            origin=f"imported ({name})",
+            ca_cert=signer.certificate,
+            ca_key=signer.key,
+            intermediates=signer.intermediates,
+            origin=origin,
         )
         if len(bundle) > 1:
             atomic_write(staged / ROOT_CERT, bundle.pem(), PUBLIC)
@@ -282,8 +301,51 @@ def import_cacerts(
     return load_local_ca(data_dir)
 
 
+def _path_length(cert: x509.Certificate) -> int | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return None
+
+
+def mint_own_intermediate(
+    parent: Signer, bundle: TrustBundle, ttl: timedelta, key_type: KeyType = KeyType.EC_P256
+) -> Signer:
+    """A new signing CA under ``parent``: a fresh key, a unique subject, path length 0,
+    never outliving ``parent``; self-checked against ``bundle``.
+
+    Each replica of a highly available meshca mints its own, so no two replicas hold the
+    same signing key while the bundle stays the same everywhere. ``parent`` must be
+    allowed to sign CAs: every CA on its path to the root needs a path length (if it
+    sets one) that leaves room for one more CA below ``parent``.
+    """
+    path = verify_chain(parent.certificate, parent.intermediates, bundle)
+    for below, cert in enumerate(path, start=1):
+        limit = _path_length(cert)
+        if limit is not None and limit < below:
+            what = (
+                "the adopted CA"
+                if cert is path[0]
+                else f"the CA above it ({cert.subject.rfc4514_string()})"
+            )
+            raise CaError(
+                f"{what} has path length {limit}: it may not sign this replica's own "
+                f"signing CA; adopt a CA whose path length is at least {below} or unset "
+                "(the root, or a CA from 'meshca init --path-length 1')"
+            )
+    key = generate_private_key(key_type)
+    cert = build_ca(bundle.trust_domain, key, ttl, parent=parent, role="replica", path_length=0)
+    signer = Signer(key, cert, parent.chain)
+    self_check(signer, bundle)
+    return signer
+
+
 def load_local_ca(data_dir: Path) -> LocalCa:
-    """Load the data directory's CA; checks the key matches and the chain verifies."""
+    """Load the data directory's CA; checks the key matches its certificate and is 0600.
+
+    The chain up to the root is verified by the self-check when :meth:`LocalCa.authority`
+    is called, so an expired CA can still be loaded to be inspected or replaced.
+    """
     directory = ca_directory(data_dir)
     if not (directory / CA_CERT).exists():
         raise CaMissingError(f"no CA in {directory}: run 'meshca init' first (or pass --data-dir)")

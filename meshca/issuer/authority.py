@@ -18,9 +18,15 @@ from cryptography import x509
 from meshca.issuer.bundle import TrustBundle
 from meshca.issuer.csr import csr_public_key, load_csr
 from meshca.issuer.errors import IssuerError
-from meshca.issuer.keys import DEFAULT_KEY_TYPE, KeyType, PublicKey, generate_private_key
+from meshca.issuer.keys import (
+    DEFAULT_KEY_TYPE,
+    KeyType,
+    PrivateKey,
+    PublicKey,
+    generate_private_key,
+)
 from meshca.issuer.policy import TtlPolicy
-from meshca.issuer.profile import DEFAULT_SKEW, Signer, build_leaf
+from meshca.issuer.profile import DEFAULT_SKEW, Signer, build_leaf, check_dns_names, hash_for
 from meshca.issuer.svid import X509Svid
 from meshca.issuer.verify import self_check
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -35,10 +41,17 @@ class LeafRequest:
     ttl: timedelta
     dns_names: tuple[str, ...] = ()
     skew: timedelta = DEFAULT_SKEW
+    # Proof of possession for authorities that sign elsewhere (Vault): never trusted for
+    # content, the authority still certifies only ``spiffe_id`` and ``dns_names``.
+    csr: x509.CertificateSigningRequest | None = None
 
 
 class SigningAuthority(Protocol):
-    """A root of trust that signs leaves. Implementations must be thread-safe."""
+    """A root of trust that signs leaves. Implementations must be thread-safe.
+
+    An authority that needs a CSR signed by the leaf key (it signs remotely) sets a
+    ``requires_csr = True`` attribute; the Issuer then puts one in every request.
+    """
 
     @property
     def trust_domain(self) -> TrustDomain: ...
@@ -115,11 +128,17 @@ class Issuer:
         public_key: PublicKey,
         ttl: timedelta | None,
         dns_names: Sequence[str],
+        csr: x509.CertificateSigningRequest | None = None,
     ) -> LeafRequest:
         if spiffe_id.trust_domain != self.trust_domain:
             raise IssuerError(f"{spiffe_id} is outside this CA's trust domain {self.trust_domain}")
         return LeafRequest(
-            spiffe_id, public_key, self.policy.resolve(ttl), tuple(dns_names), self.policy.skew
+            spiffe_id,
+            public_key,
+            self.policy.resolve(ttl),
+            check_dns_names(dns_names),
+            self.policy.skew,
+            csr,
         )
 
     def issue(
@@ -132,13 +151,31 @@ class Issuer:
     ) -> X509Svid:
         """Generate a key and sign an SVID for it."""
         key = generate_private_key(key_type or self.default_key_type)
-        request = self._request(spiffe_id, key.public_key(), ttl, dns_names)
+        csr = None
+        if getattr(self.authority, "requires_csr", False):
+            csr = workload_csr(key, spiffe_id, dns_names)
+        request = self._request(spiffe_id, key.public_key(), ttl, dns_names, csr)
         return X509Svid(spiffe_id, self.authority.sign(request), key)
 
     def sign_csr(
         self, spiffe_id: SpiffeId, csr: bytes, *, ttl: timedelta | None = None
     ) -> X509Svid:
         """Sign the public key of ``csr`` for ``spiffe_id`` (the CSR's own claims are ignored)."""
-        public_key = csr_public_key(load_csr(csr))
-        request = self._request(spiffe_id, public_key, ttl, ())
+        loaded = load_csr(csr)
+        public_key = csr_public_key(loaded)
+        request = self._request(spiffe_id, public_key, ttl, (), loaded)
         return X509Svid(spiffe_id, self.authority.sign(request), None)
+
+
+def workload_csr(
+    key: PrivateKey, spiffe_id: SpiffeId, dns_names: Sequence[str]
+) -> x509.CertificateSigningRequest:
+    """A CSR with an empty subject and only the requested names, for remote authorities."""
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+    names.extend(x509.DNSName(name) for name in dns_names)
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+        .sign(key, hash_for(key))
+    )

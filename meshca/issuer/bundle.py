@@ -10,8 +10,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from meshca.issuer.errors import IssuerError
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.spiffe import TrustDomain
 
@@ -22,17 +23,28 @@ def _b64url_uint(value: int, size: int) -> str:
     return base64.urlsafe_b64encode(value.to_bytes(size, "big")).rstrip(b"=").decode()
 
 
+_JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
 def _jwk(cert: x509.Certificate) -> dict[str, Any]:
     key = cert.public_key()
     der = cert.public_bytes(serialization.Encoding.DER)
     jwk: dict[str, Any] = {"use": "x509-svid", "x5c": [base64.b64encode(der).decode()]}
     if isinstance(key, ec.EllipticCurvePublicKey):
+        crv = _JWK_CURVES.get(key.curve.name)
+        if crv is None:
+            raise IssuerError(
+                f"a root uses the curve {key.curve.name}, which a JWKS bundle cannot carry"
+            )
         numbers = key.public_numbers()
         size = (key.curve.key_size + 7) // 8
-        crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
         jwk.update(
             kty="EC", crv=crv, x=_b64url_uint(numbers.x, size), y=_b64url_uint(numbers.y, size)
         )
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        crv = "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else "Ed448"
+        jwk.update(kty="OKP", crv=crv, x=base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
     elif isinstance(key, rsa.RSAPublicKey):
         numbers_rsa = key.public_numbers()
         jwk.update(
@@ -40,6 +52,8 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
             n=_b64url_uint(numbers_rsa.n, (numbers_rsa.n.bit_length() + 7) // 8),
             e=_b64url_uint(numbers_rsa.e, (numbers_rsa.e.bit_length() + 7) // 8),
         )
+    else:
+        raise IssuerError(f"a root uses a key ({type(key).__name__}) a JWKS bundle cannot carry")
     return jwk
 
 

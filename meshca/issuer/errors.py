@@ -32,5 +32,17 @@ class SvidError(IssuerError):
         self.detail = detail
 
 
+class PemError(SvidError):
+    """A file meant to hold PEM certificates (a chain, a bundle, a CA) that holds none.
+
+    A SvidError with rule ``pem``, worded for whatever the file was meant to be.
+    """
+
+    def __init__(self, detail: str) -> None:
+        IssuerError.__init__(self, detail)
+        self.rule = "pem"
+        self.detail = detail
+
+
 class ChainError(IssuerError):
     """A certificate chain that does not verify up to a root of the trust bundle."""

@@ -7,6 +7,7 @@ used.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,11 +15,12 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshca.issuer.errors import SignerError
+from meshca.issuer.errors import IssuerError, SignerError
 from meshca.issuer.keys import PrivateKey, PublicKey
+from meshca.issuer.leaf_template import LeafTemplate
 from meshca.spiffe import SpiffeId, TrustDomain
 
 DEFAULT_SKEW = timedelta(minutes=1)
@@ -48,6 +50,20 @@ _KU_RSA_LEAF = _key_usage(digital_signature=True, key_encipherment=True, cert_si
 _KU_CA = _key_usage(digital_signature=True, key_encipherment=False, cert_sign=True)
 
 
+_DNS_NAME = re.compile(
+    r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*"
+)
+
+
+def check_dns_names(names: Sequence[str]) -> tuple[str, ...]:
+    """ASCII host names (IDNA-encoded; an optional leading ``*.``), at most 253 characters."""
+    for name in names:
+        if not isinstance(name, str) or len(name) > 253 or not _DNS_NAME.fullmatch(name):
+            raise IssuerError(f"{name!r} is not a DNS name (use ASCII labels, IDNA-encoded)")
+    return tuple(names)
+
+
 def random_serial() -> int:
     """A random positive 128-bit serial (never zero)."""
     while True:
@@ -66,13 +82,15 @@ def hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
 class Signer:
     """A CA that signs: its key, its certificate and the intermediates above it (root excluded).
 
-    ``ski`` and ``aki`` are computed once, because every leaf needs the AKI.
+    The AKI and the DER template of its leaves are computed once, because every leaf
+    needs them.
     """
 
     key: PrivateKey
     certificate: x509.Certificate
     intermediates: tuple[x509.Certificate, ...] = ()
     _aki: x509.AuthorityKeyIdentifier = field(init=False, repr=False, compare=False)
+    _leaf_template: LeafTemplate | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -83,10 +101,23 @@ class Signer:
         except x509.ExtensionNotFound:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key())  # type: ignore[arg-type]
         object.__setattr__(self, "_aki", aki)
+        try:
+            template = _leaf_template_for(self.key, self.certificate, aki)
+        except TypeError:  # a key type meshca does not sign with: refused when used
+            template = None
+        object.__setattr__(self, "_leaf_template", template)
 
     @property
     def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
         return self._aki
+
+    @property
+    def leaf_template(self) -> LeafTemplate:
+        if self._leaf_template is None:
+            raise SignerError(
+                f"the signing CA's key ({type(self.key).__name__}) cannot sign: use EC or RSA"
+            )
+        return self._leaf_template
 
     @property
     def not_after(self) -> datetime:
@@ -116,6 +147,25 @@ class Signer:
             )
 
 
+def _leaf_template_for(
+    key: PrivateKey, certificate: x509.Certificate, aki: x509.AuthorityKeyIdentifier
+) -> LeafTemplate:
+    """The leaf profile's constant part for one signer (the order of build_leaf's extensions)."""
+    fixed_ec = (
+        x509.Extension(_BASIC_LEAF.oid, True, _BASIC_LEAF),
+        x509.Extension(_KU_EC_LEAF.oid, True, _KU_EC_LEAF),
+        x509.Extension(_EKU.oid, False, _EKU),
+    )
+    fixed_rsa = (fixed_ec[0], x509.Extension(_KU_RSA_LEAF.oid, True, _KU_RSA_LEAF), fixed_ec[2])
+    return LeafTemplate(
+        key,
+        hash_for(key),
+        certificate.subject,
+        between_san_and_ski={False: fixed_ec, True: fixed_rsa},
+        after_ski=(x509.Extension(aki.oid, False, aki),),
+    )
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
@@ -140,28 +190,20 @@ def build_leaf(
     now: datetime | None = None,
     skew: timedelta = DEFAULT_SKEW,
 ) -> x509.Certificate:
-    """Sign an X.509-SVID for ``spiffe_id`` over ``public_key`` (the profile of DESIGN.md)."""
+    """Sign an X.509-SVID for ``spiffe_id`` over ``public_key`` (the profile of DESIGN.md).
+
+    Extensions, in order: SAN (critical: the subject is empty), BasicConstraints CA=false
+    (critical), KeyUsage (critical; digitalSignature, + keyEncipherment for RSA keys),
+    ExtendedKeyUsage serverAuth + clientAuth, SKI, AKI. Assembled from the signer's
+    template; equal in its TBS to the same certificate made with CertificateBuilder.
+    """
     now = now or utcnow()
     not_before, not_after = leaf_validity(signer, ttl, now, skew)
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-    sans.extend(x509.DNSName(name) for name in dns_names)
-    key_usage = _KU_RSA_LEAF if isinstance(public_key, rsa.RSAPublicKey) else _KU_EC_LEAF
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(signer.certificate.subject)
-        .public_key(public_key)
-        .serial_number(random_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
-        .add_extension(_BASIC_LEAF, critical=True)
-        .add_extension(key_usage, critical=True)
-        .add_extension(_EKU, critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(signer.authority_key_identifier, critical=False)
+    template = signer.leaf_template
+    tbs = template.tbs(
+        public_key, str(spiffe_id), dns_names, random_serial(), not_before, not_after
     )
-    return builder.sign(signer.key, hash_for(signer.key))
+    return template.certificate(tbs)
 
 
 def ca_subject(trust_domain: TrustDomain, role: str) -> x509.Name:

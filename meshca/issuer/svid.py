@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshca.issuer.errors import SvidError
+from meshca.issuer.errors import PemError, SvidError
 from meshca.issuer.keys import PrivateKey, key_type_of, private_key_pem
 from meshca.spiffe import SpiffeId, SpiffeIdError
 
@@ -22,10 +22,10 @@ def certificates_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate
 def load_certificates_pem(data: bytes, what: str = "certificate file") -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise SvidError("pem", f"cannot read {what}: {exc}") from None
+    except (ValueError, x509.InvalidVersion):
+        raise PemError(f"cannot read {what}: it holds no readable PEM certificate") from None
     if not certs:
-        raise SvidError("pem", f"{what} holds no certificate")
+        raise PemError(f"cannot read {what}: it holds no certificate")
     return certs
 
 
