@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python examples/run_defaults.py
+	$(BIN)/python examples/serve_defaults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check meshca tests bench examples
@@ -29,6 +29,9 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/issue_throughput.py
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak_rotation.py
 
 clean:
 	rm -rf $(VENV) .meshca .pytest_cache .mypy_cache .ruff_cache
