@@ -1,0 +1,105 @@
+"""What ``make run`` does: ``meshca serve`` on embedded defaults, ready for an Envoy.
+
+Creates the CA in ./.meshca if there is none (an existing CA is always kept), writes an
+example mesh file if there is none, then runs ``meshca serve`` on a Unix socket in
+./.meshca and on 127.0.0.1:15012 (set MESHCA_LISTEN to change it), and prints the
+exact commands that point an Envoy at it. Ctrl-C stops the server cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA_DIR = Path(".meshca").absolute()
+SOCKET = DATA_DIR / "sds.sock"
+MESH_FILE = DATA_DIR / "mesh.yaml"
+LISTEN = os.environ.get("MESHCA_LISTEN", "127.0.0.1:15012")
+EXAMPLE_ID = "spiffe://cluster.local/ns/default/sa/example"
+EXAMPLE_MESH = """\
+# Services and the service accounts (identities) behind them. meshca reloads this file
+# when it changes; OSM's root-cert-for-mtls-outbound:<ns>/<svc> secrets use it.
+services:
+  - name: example
+    namespace: default
+    ports: [{port: 8080, protocol: http}]
+    service_accounts: [example]
+"""
+
+
+def meshca_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshca", "--data-dir", str(DATA_DIR), *args]
+
+
+def run(*args: str) -> None:
+    print("$ meshca " + " ".join(args), flush=True)
+    result = subprocess.run(meshca_command(*args), check=False)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def envoy_instructions() -> str:
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    here = Path.cwd()
+    rel = DATA_DIR.relative_to(here) if DATA_DIR.is_relative_to(here) else DATA_DIR
+    return f"""
+Point an Envoy at it (run Envoy as this user, uid {os.getuid()}, which is mapped to
+{EXAMPLE_ID}):
+
+  over the Unix socket:
+    .venv/bin/meshca bootstrap {EXAMPLE_ID} --server unix://{SOCKET} --out {rel}/envoy-uds.yaml
+    {envoy} -c {rel}/envoy-uds.yaml --base-id 1
+
+  over mutual TLS (a bootstrap certificate from 'meshca issue' authenticates Envoy):
+    .venv/bin/meshca --data-dir {rel} issue {EXAMPLE_ID} --out {rel}/example-certs
+    .venv/bin/meshca bootstrap {EXAMPLE_ID} --server {LISTEN} --cert-dir {rel}/example-certs \\
+        --out {rel}/envoy-tcp.yaml --admin-port 15001
+    {envoy} -c {rel}/envoy-tcp.yaml --base-id 2
+
+Envoy's admin API then shows the certificate meshca served: curl -s localhost:15000/certs
+For two Envoys talking mTLS with both SPIFFE IDs shown: .venv/bin/python examples/mtls_demo.py
+Stop the server with Ctrl-C.
+"""
+
+
+def main() -> None:
+    if (DATA_DIR / "ca" / "ca-cert.pem").exists():
+        print(f"A CA already exists in {DATA_DIR / 'ca'}: keeping it.", flush=True)
+    else:
+        run("init")
+    if not MESH_FILE.exists():
+        MESH_FILE.write_text(EXAMPLE_MESH)
+        print(f"Wrote an example mesh file: {MESH_FILE}", flush=True)
+    command = meshca_command(
+        "serve",
+        "--uds",
+        str(SOCKET),
+        "--listen",
+        LISTEN,
+        "--uds-identity",
+        f"{os.getuid()}={EXAMPLE_ID}",
+        "--mesh",
+        str(MESH_FILE),
+    )
+    print("$ meshca " + " ".join(command[3:]), flush=True)
+    server = subprocess.Popen(command)
+    signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
+    try:
+        while not SOCKET.exists() and server.poll() is None:
+            time.sleep(0.05)
+        if server.poll() is None:
+            print(envoy_instructions(), flush=True)
+        sys.exit(server.wait())
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches both; forward it in case not
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+        sys.exit(server.wait())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``meshca serve``: the CA as an SDS server for Envoy (mutual TLS on TCP, a Unix socket)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import TYPE_CHECKING
+
+from meshca.commands.common import UsageError, add_command
+from meshca.commands.vault_backend import close_authority, open_authority, run_server
+from meshca.config import Settings
+from meshca.logs import configure_logging
+from meshca.serve_config import ServeConfig
+
+if TYPE_CHECKING:
+    from meshca.server import MeshcaServer
+
+NAME = "serve"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_command(
+        subparsers,
+        NAME,
+        run,
+        summary="serve certificates to Envoy over SDS",
+        description=(
+            "Serve X.509-SVIDs and the trust bundle to Envoy over the Secret Discovery "
+            "Service: on TCP with mutual TLS (--listen) and/or on a Unix socket (--uds) "
+            "whose callers are identified by uid (--uds-identity). Certificates are issued "
+            "on first request, renewed at half their lifetime and pushed at once. Stops "
+            "gracefully on SIGTERM or SIGINT."
+        ),
+    )
+
+
+def config_from(settings: Settings) -> ServeConfig:
+    listen = settings["listen"]
+    uds = settings["uds"]
+    if listen is None and uds is None:
+        raise UsageError(
+            "nothing to listen on: give --listen HOST:PORT and/or --uds PATH "
+            f"(see 'meshca {NAME} --help')"
+        )
+    return ServeConfig(
+        data_dir=settings["data_dir"],
+        listen=listen,
+        uds=uds,
+        uds_mode=settings["uds_mode"],
+        uds_identities=settings["uds_identity"] or {},
+        mesh_file=settings["mesh"],
+        leaf_ttl=settings["leaf_ttl"],
+        max_leaf_ttl=settings["max_leaf_ttl"],
+        server_id=settings["server_id"],
+        server_namespace=settings["server_namespace"],
+        server_dns=settings["server_dns"],
+        metrics_listen=settings["metrics_listen"],
+        health_listen=settings["health_listen"],
+    )
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce(server: MeshcaServer) -> None:
+    """Where meshca listens, on stdout (scripts wait for the 'listening' lines)."""
+    config = server.config
+    lines = [f"meshca serving trust domain {server.trust_domain} as {server.server_id}"]
+    if config.listen is not None:
+        host = f"[{config.listen[0]}]" if ":" in config.listen[0] else config.listen[0]
+        lines.append(f"listening on tcp {host}:{server.tcp_port} (mutual TLS)")
+    if config.uds is not None:
+        lines.append(f"listening on unix://{config.uds.absolute()}")
+        for uid, ids in sorted(config.uds_identities.items()):
+            lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
+    if server.health_port is not None and config.health_listen is not None:
+        host = _host(config.health_listen[0])
+        lines.append(f"health on {host}:{server.health_port} (gRPC health service, plaintext)")
+    if server.metrics_server.port is not None and config.metrics_listen is not None:
+        host = _host(config.metrics_listen[0])
+        lines.append(f"metrics on http://{host}:{server.metrics_server.port}/metrics")
+    if server.mesh_file is not None:
+        count = len(server.mesh.services)
+        lines.append(f"mesh file {server.mesh_file.path}: {count} service(s), reloaded on change")
+    print("\n".join(lines), flush=True)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    config = config_from(settings)
+    configure_logging(settings["log_level"], settings["log_format"])
+    authority = open_authority(settings, serving=True)  # the local CA, or Vault
+    from meshca.server import MeshcaServer  # gRPC loads only for the command that serves
+
+    try:
+        server = MeshcaServer(config, authority=authority)
+        asyncio.run(run_server(server, authority, _announce))
+    finally:
+        close_authority(authority)
+    return 0

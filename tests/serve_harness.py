@@ -1,0 +1,123 @@
+"""An in-process ``meshca serve`` for tests, and small SDS client helpers.
+
+``served(...)`` starts a :class:`meshca.server.MeshcaServer` on loopback TCP (port 0)
+and/or a Unix socket in a short temp directory, with a fresh local CA, and stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf import struct_pb2
+
+from meshca.backends.local import init_local_ca
+from meshca.issuer import Issuer, X509Svid
+from meshca.serve_config import ServeConfig
+from meshca.server import MeshcaServer
+from meshca.spiffe import SpiffeId, TrustDomain
+
+TD = TrustDomain("cluster.local")
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def kube_id(namespace: str, account: str) -> SpiffeId:
+    return SpiffeId.from_kubernetes(namespace, account, TD)
+
+
+@contextlib.contextmanager
+def short_tempdir(prefix: str = "mca-") -> Iterator[Path]:
+    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_data_dir(root: Path) -> Path:
+    data_dir = root / "data"
+    init_local_ca(data_dir, TD)
+    return data_dir
+
+
+@contextlib.asynccontextmanager
+async def served(config: ServeConfig, **kwargs: Any) -> AsyncIterator[MeshcaServer]:
+    server = MeshcaServer(config, **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+def default_config(root: Path, **overrides: Any) -> ServeConfig:
+    config = ServeConfig(
+        data_dir=root / "data",
+        listen=("127.0.0.1", 0),
+        uds=root / "sds.sock",
+        mesh_poll_interval=0.05,
+        grace=0.0,
+    )
+    return replace(config, **overrides)
+
+
+def client_svid(
+    server: MeshcaServer, spiffe_id: SpiffeId, ttl: timedelta | None = None
+) -> X509Svid:
+    """A client certificate from the server's own CA (what ``meshca issue`` would write)."""
+    return Issuer(server.authority).issue(spiffe_id, ttl=ttl)
+
+
+def mtls_channel(server: MeshcaServer, svid: X509Svid, host: str = "localhost") -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        server.store.bundle().pem(), svid.private_key_pem(), svid.chain_pem()
+    )
+    return grpc.aio.secure_channel(f"{host}:{server.tcp_port}", credentials)
+
+
+def uds_channel(server: MeshcaServer) -> grpc.aio.Channel:
+    assert server.config.uds is not None
+    return grpc.aio.insecure_channel(f"unix:{server.config.uds}")
+
+
+def node(node_id: str = "", **metadata: str) -> base_pb2.Node:
+    meta = struct_pb2.Struct()
+    for key, value in metadata.items():
+        meta.fields[key].string_value = value
+    return base_pb2.Node(id=node_id, cluster="test", metadata=meta)
+
+
+def request(names: list[str], node_id: str = "", **kw: Any) -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(
+        type_url=SECRET_TYPE, resource_names=names, node=node(node_id, **kw.pop("meta", {})), **kw
+    )
+
+
+def secrets_of(resources: Any) -> list[secret_pb2.Secret]:
+    found = []
+    for item in resources:
+        packed = getattr(item, "resource", item)  # Delta wraps each Any in a Resource
+        secret = secret_pb2.Secret()
+        packed.Unpack(secret)
+        found.append(secret)
+    return found
+
+
+async def fetch(
+    channel: grpc.aio.Channel, names: list[str], node_id: str = "", **meta: str
+) -> list[secret_pb2.Secret]:
+    stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+    response = await stub.FetchSecrets(request(names, node_id, meta=meta), timeout=10)
+    return secrets_of(response.resources)
