@@ -1,0 +1,115 @@
+"""Network and HTTP filters of the generated listeners: HTTP connection manager,
+TCP proxy and RBAC (HTTP and network), packed as typed configs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.listener.v3 import listener_components_pb2
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import duration_pb2
+
+from meshca.envoy.xds import ads_source, pack
+from meshca.spiffe import SpiffeId, TrustDomain
+
+HCM = "envoy.filters.network.http_connection_manager"
+TCP_PROXY = "envoy.filters.network.tcp_proxy"
+NETWORK_RBAC = "envoy.filters.network.rbac"
+HTTP_RBAC = "envoy.filters.http.rbac"
+ROUTER = "envoy.filters.http.router"
+ALLOWED_POLICY = "allowed-callers"
+
+
+def _router() -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(name=ROUTER, typed_config=pack(router_pb2.Router()))
+
+
+def rbac_rules(allowed: Iterable[SpiffeId] | None, trust_domain: TrustDomain) -> rbac_pb2.RBAC:
+    """ALLOW exactly the ``allowed`` SPIFFE IDs (the peer certificate's URI SAN).
+
+    ``None`` (permissive mesh) admits any certificate of the trust domain; an empty set
+    admits nobody (an ALLOW rule without policies denies everything).
+    """
+    if allowed is None:
+        matchers = [string_pb2.StringMatcher(prefix=f"{trust_domain.id}/")]
+    else:
+        matchers = [string_pb2.StringMatcher(exact=str(i)) for i in sorted(set(allowed))]
+    rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
+    if matchers:
+        rules.policies[ALLOWED_POLICY].CopyFrom(
+            rbac_pb2.Policy(
+                permissions=[rbac_pb2.Permission(any=True)],
+                principals=[
+                    rbac_pb2.Principal(
+                        authenticated=rbac_pb2.Principal.Authenticated(principal_name=m)
+                    )
+                    for m in matchers
+                ],
+            )
+        )
+    return rules
+
+
+def outbound_http(stat_prefix: str, route_config_name: str) -> listener_components_pb2.Filter:
+    """Routes come over ADS (RDS), so a split change is a route push, not a listener drain."""
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=route_config_name),
+        http_filters=[_router()],
+    )
+    return listener_components_pb2.Filter(name=HCM, typed_config=pack(manager))
+
+
+def inbound_http(
+    stat_prefix: str, cluster: str, rules: rbac_pb2.RBAC, protocol: str
+) -> listener_components_pb2.Filter:
+    """RBAC on the caller's SPIFFE ID, then the local app, told who called (XFCC URI)."""
+    action = route_components_pb2.RouteAction(cluster=cluster)
+    if protocol == "grpc":
+        action.timeout.CopyFrom(duration_pb2.Duration())  # streams may be long-lived
+    routes = route_pb2.RouteConfiguration(
+        name=stat_prefix,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=stat_prefix,
+                domains=["*"],
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/"), route=action
+                    )
+                ],
+            )
+        ],
+    )
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        route_config=routes,
+        http_filters=[
+            hcm_pb2.HttpFilter(name=HTTP_RBAC, typed_config=pack(http_rbac_pb2.RBAC(rules=rules))),
+            _router(),
+        ],
+        forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE_SET,
+        set_current_client_cert_details=hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(
+            uri=True
+        ),
+    )
+    return listener_components_pb2.Filter(name=HCM, typed_config=pack(manager))
+
+
+def network_rbac(stat_prefix: str, rules: rbac_pb2.RBAC) -> listener_components_pb2.Filter:
+    config = network_rbac_pb2.RBAC(stat_prefix=stat_prefix, rules=rules)
+    return listener_components_pb2.Filter(name=NETWORK_RBAC, typed_config=pack(config))
+
+
+def tcp_proxy(stat_prefix: str, cluster: str) -> listener_components_pb2.Filter:
+    config = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+    return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(config))

@@ -1,0 +1,221 @@
+"""A proxy's listeners, routes, clusters and endpoints, derived from its identity.
+
+The authenticated SPIFFE ID decides everything: which services the proxy may reach
+(nothing else appears in its configuration, not even as a cluster name), which
+certificate it presents, and who may call its own ports. ``workload`` only picks among
+the workloads that run as that identity (their addresses and ports differ).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from google.protobuf.message import Message
+
+from meshca.envoy import clusters, inbound, outbound
+from meshca.envoy.endpoints import load_assignment
+from meshca.envoy.inbound import InboundPort
+from meshca.envoy.model import Mesh, Service, ServicePort, Workload, matches
+from meshca.envoy.routes import Upstream, outbound_route_config
+from meshca.envoy.snapshot import Snapshot
+from meshca.envoy.xds import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    GenerationError,
+    inbound_validation_secret,
+    kubernetes_identity,
+    outbound_validation_secret,
+    service_cert_secret,
+)
+from meshca.spiffe import SpiffeId
+
+Capture = Literal["intercept", "explicit"]
+CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
+
+
+def local_workload(mesh: Mesh, proxy: SpiffeId, name: str | None, capture: str) -> Workload | None:
+    """The workload this proxy fronts: ``name`` (``name`` or ``ns/name``), or the only one
+    running as ``proxy``; None for an identity that only calls out (a gateway, a job)."""
+    namespace, _ = kubernetes_identity(proxy)
+    if name is not None:
+        if len(name) > 256:
+            raise GenerationError("workload name longer than 256 characters")
+        ns, _, short = name.rpartition("/")
+        found = mesh.workload(ns or namespace, short)
+        if found is None:
+            raise GenerationError(f"workload {ns or namespace}/{short} is not in the mesh file")
+        if mesh.identity_of(found) != proxy:
+            raise GenerationError(
+                f"workload {found.key} runs as {mesh.identity_of(found)}, not as {proxy}"
+            )
+        return found
+    candidates = mesh.workloads_of(proxy)
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    shapes = {(w.ports, w.app_address) for w in candidates}
+    if capture == "explicit" or len(shapes) > 1:
+        keys = ", ".join(w.key for w in candidates)
+        raise GenerationError(f"{proxy} runs several workloads ({keys}): say which one")
+    return candidates[0]
+
+
+def _backends(
+    mesh: Mesh, service: Service, port: ServicePort
+) -> list[tuple[str, int, list[Workload]]]:
+    """(cluster name, weight, workloads) for each cluster that carries this service port."""
+    workloads = mesh.endpoints(service)
+    split = mesh.split_for(service)
+    if split is None:
+        return [(clusters.cluster_name(service, port.port), 1, list(workloads))]
+    return [
+        (
+            clusters.cluster_name(service, port.port, backend.name),
+            backend.weight,
+            [w for w in workloads if matches(backend.labels, w.labels)],
+        )
+        for backend in split.backends
+    ]
+
+
+def _inbound_ports(mesh: Mesh, workload: Workload) -> list[InboundPort]:
+    """Each local port with the union of who may call it through any service using it."""
+    ports = []
+    for local in workload.ports:
+        allowed: set[SpiffeId] | None = set()
+        for service in mesh.services_of(workload):
+            for service_port in service.ports:
+                if service_port.target != local.port:
+                    continue
+                callers = mesh.allowed_callers(service, service_port.port)
+                if callers is None or allowed is None:
+                    allowed = None
+                else:
+                    allowed |= callers
+        ports.append(
+            InboundPort(local.port, local.protocol, None if allowed is None else frozenset(allowed))
+        )
+    return ports
+
+
+@dataclass(frozen=True)
+class _Outbound:
+    """What a proxy needs to call out; the same for every workload of one identity."""
+
+    resources: dict[str, dict[str, Message]]
+    upstreams: tuple[Upstream, ...]
+    secrets: tuple[str, ...]
+
+
+def _endpoints(
+    mesh: Mesh, name: str, workloads: list[Workload], port: int
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """Endpoints do not depend on who calls: one message per cluster, shared by all."""
+    key = ("endpoints", name)
+    cached = mesh.derived.get(key)
+    if cached is None:
+        cached = mesh.derived[key] = load_assignment(name, workloads, port)
+    return cached
+
+
+def _outbound(mesh: Mesh, proxy: SpiffeId, namespace: str) -> _Outbound:
+    key = ("outbound", proxy)
+    cached = mesh.derived.get(key)
+    if isinstance(cached, _Outbound):
+        return cached
+    by_type: dict[str, dict[str, Message]] = defaultdict(dict)
+    secrets = []
+    upstreams = []
+    for service, port in mesh.reachable(proxy):
+        weights = []
+        identities = mesh.service_identities(service.namespace, service.name) or ()
+        for name, weight, workloads in _backends(mesh, service, port):
+            by_type[CLUSTER_TYPE][name] = clusters.upstream_cluster(
+                name, proxy, service, port.protocol, identities
+            )
+            by_type[ENDPOINT_TYPE][name] = _endpoints(mesh, name, workloads, port.target)
+            weights.append((name, weight))
+        upstreams.append(Upstream(service, port, tuple(weights)))
+        secrets.append(outbound_validation_secret(service.namespace, service.name))
+    http_by_port: dict[int, list[Upstream]] = defaultdict(list)
+    for upstream in upstreams:
+        if upstream.port.protocol != "tcp":
+            http_by_port[upstream.port.port].append(upstream)
+    for port_number, sharing in http_by_port.items():
+        config = outbound_route_config(port_number, sharing, namespace)
+        by_type[ROUTE_TYPE][config.name] = config
+    result = _Outbound(dict(by_type), tuple(upstreams), tuple(secrets))
+    mesh.derived[key] = result
+    return result
+
+
+def generate(
+    mesh: Mesh,
+    proxy: SpiffeId,
+    *,
+    capture: Capture | str = "intercept",
+    workload: str | None = None,
+) -> Snapshot:
+    """Everything the proxy with identity ``proxy`` needs, as a versioned snapshot.
+
+    Messages may be shared with other snapshots of the same mesh: read-only.
+    """
+    if capture not in CAPTURE_MODES:
+        raise GenerationError(f"capture mode {capture!r} is not one of {', '.join(CAPTURE_MODES)}")
+    if proxy.trust_domain != mesh.trust_domain:
+        raise GenerationError(f"{proxy} is outside the mesh's trust domain {mesh.trust_domain}")
+    namespace, _ = kubernetes_identity(proxy)
+    local = local_workload(mesh, proxy, workload, capture)
+    out = _outbound(mesh, proxy, namespace)
+    by_type = {type_url: dict(by_name) for type_url, by_name in out.resources.items()}
+    by_type.setdefault(CLUSTER_TYPE, {})
+    secrets = [service_cert_secret(proxy), *out.secrets]
+
+    listeners: list[listener_pb2.Listener] = []
+    if capture == "intercept":
+        listeners.append(outbound.intercept_listener(out.upstreams, mesh.egress))
+        fallback = (
+            clusters.passthrough_cluster()
+            if mesh.egress == "passthrough"
+            else clusters.blackhole_cluster()
+        )
+        by_type[CLUSTER_TYPE][fallback.name] = fallback
+    else:
+        bind = local.outbound_address if local is not None else None
+        listeners.extend(outbound.explicit_listeners(out.upstreams, bind))
+
+    if local is not None and local.ports:
+        ports = _inbound_ports(mesh, local)
+        if capture == "intercept":
+            listeners.append(inbound.intercept_listener(proxy, ports))
+        else:
+            listeners.extend(inbound.explicit_listeners(proxy, local.address, ports))
+        for local_port in ports:
+            cluster = clusters.local_cluster(
+                local_port.port, local.app_address, local_port.protocol
+            )
+            by_type[CLUSTER_TYPE][cluster.name] = cluster
+        secrets.append(inbound_validation_secret(proxy))
+
+    _check_unique_binds(listeners)
+    by_type[LISTENER_TYPE] = {listener.name: listener for listener in listeners}
+    return Snapshot.of(by_type, tuple(secrets))
+
+
+def _check_unique_binds(listeners: list[listener_pb2.Listener]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for listener in listeners:
+        socket = listener.address.socket_address
+        key = (socket.address, socket.port_value)
+        if key in seen:
+            raise GenerationError(
+                f"listeners {seen[key]} and {listener.name} would both bind {key[0]}:{key[1]}"
+            )
+        seen[key] = listener.name

@@ -1,0 +1,288 @@
+"""The mesh model: workloads, services, traffic splits and access policies.
+
+Plain frozen values with deterministic ordering; parsing and validation live in
+:mod:`meshca.envoy.mesh`. The derived views every consumer needs (a service's
+endpoints and identities, who may call what, what an identity may reach) are
+computed once per :class:`Mesh` and cached on it, because a mesh with thousands of
+workloads is queried once per proxy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from meshca.spiffe import SpiffeId, TrustDomain
+
+PROTOCOLS = ("http", "tcp", "grpc")
+EGRESS_MODES = ("blackhole", "passthrough")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class MeshError(ValueError):
+    """A mesh file that cannot be used; the message points at the offending entry."""
+
+
+def labels_of(mapping: Mapping[str, str]) -> Labels:
+    return tuple(sorted(mapping.items()))
+
+
+def matches(selector: Labels, labels: Labels) -> bool:
+    """Kubernetes selector semantics: every selector pair is present in ``labels``."""
+    have = dict(labels)
+    return all(have.get(key) == value for key, value in selector)
+
+
+@dataclass(frozen=True, order=True)
+class ServicePort:
+    """A port a service exposes; traffic goes to ``target_port`` on its workloads."""
+
+    port: int
+    protocol: str = "http"
+    target_port: int | None = None
+
+    @property
+    def target(self) -> int:
+        return self.port if self.target_port is None else self.target_port
+
+
+@dataclass(frozen=True, order=True)
+class WorkloadPort:
+    port: int
+    protocol: str = "http"
+
+
+@dataclass(frozen=True, order=True)
+class Workload:
+    """One instance (a pod, a VM process) running as ``service_account``.
+
+    ``address`` receives the mesh's traffic for it (the pod IP). ``app_address`` is where
+    the application itself listens behind its proxy. ``outbound_address``, in explicit
+    capture mode only, is where this proxy binds its outbound listeners instead of each
+    service's ClusterIP, so that several proxies can share one host.
+    """
+
+    namespace: str
+    name: str
+    service_account: str
+    address: str
+    ports: tuple[WorkloadPort, ...] = ()
+    labels: Labels = ()
+    app_address: str = "127.0.0.1"
+    outbound_address: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def port(self, number: int) -> WorkloadPort | None:
+        return next((p for p in self.ports if p.port == number), None)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A named set of workloads behind one address (the ClusterIP).
+
+    Backed by the workloads its ``selector`` matches in its namespace, or by the
+    ``backends`` it names (``ns/name``). ``service_accounts`` is the older form that
+    names identities without workloads; it still defines the service's identities (for
+    SDS validation contexts) but gives no endpoints.
+    """
+
+    name: str
+    namespace: str
+    ports: tuple[ServicePort, ...]
+    service_accounts: tuple[str, ...] = ()
+    address: str | None = None
+    selector: Labels | None = None
+    backends: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def has_workloads(self) -> bool:
+        return self.selector is not None or bool(self.backends)
+
+    def port(self, number: int) -> ServicePort | None:
+        return next((p for p in self.ports if p.port == number), None)
+
+    def hostnames(self) -> tuple[str, ...]:
+        """Every name a client may use for it (Kubernetes DNS forms)."""
+        base = f"{self.name}.{self.namespace}"
+        return (self.name, base, f"{base}.svc", f"{base}.svc.cluster", f"{base}.svc.cluster.local")
+
+    @property
+    def sni(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+@dataclass(frozen=True, order=True)
+class SplitBackend:
+    """A share of a service's traffic: the service's workloads that carry ``labels``."""
+
+    name: str
+    labels: Labels
+    weight: int
+
+
+@dataclass(frozen=True, order=True)
+class TrafficSplit:
+    service: str  # ns/name
+    backends: tuple[SplitBackend, ...]
+
+
+@dataclass(frozen=True, order=True)
+class AccessPolicy:
+    """``sources`` may call ``service`` on ``ports`` (every port when empty)."""
+
+    service: str  # ns/name
+    sources: tuple[SpiffeId, ...]
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mesh:
+    trust_domain: TrustDomain
+    services: tuple[Service, ...] = ()
+    workloads: tuple[Workload, ...] = ()
+    traffic_splits: tuple[TrafficSplit, ...] = ()
+    policies: tuple[AccessPolicy, ...] = ()
+    permissive: bool = False
+    egress: str = "blackhole"
+
+    @classmethod
+    def empty(cls, trust_domain: TrustDomain) -> Mesh:
+        return cls(trust_domain)
+
+    @cached_property
+    def _index(self) -> _Index:
+        return _Index(self)
+
+    @cached_property
+    def derived(self) -> dict[Hashable, Any]:
+        """Artefacts other modules compute from this mesh and share between proxies
+        (generated endpoints, per-identity outbound resources); they live as long as the
+        mesh, which never changes. Treat what is stored here as read-only."""
+        return {}
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        return self._index.services.get(f"{namespace}/{name}")
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        return self._index.workloads.get(f"{namespace}/{name}")
+
+    def identity_of(self, workload: Workload) -> SpiffeId:
+        return SpiffeId.from_kubernetes(
+            workload.namespace, workload.service_account, self.trust_domain
+        )
+
+    def endpoints(self, service: Service) -> tuple[Workload, ...]:
+        """The workloads behind ``service``, sorted by namespace/name."""
+        return self._index.endpoints.get(service.key, ())
+
+    def service_identities(self, namespace: str, name: str) -> tuple[SpiffeId, ...] | None:
+        """The SPIFFE IDs backing a service (sorted), or None when the service is unknown."""
+        service = self.service(namespace, name)
+        if service is None:
+            return None
+        return self._index.identities[service.key]
+
+    def split_for(self, service: Service) -> TrafficSplit | None:
+        return self._index.splits.get(service.key)
+
+    def workloads_of(self, identity: SpiffeId) -> tuple[Workload, ...]:
+        return self._index.by_identity.get(identity, ())
+
+    def services_of(self, workload: Workload) -> tuple[Service, ...]:
+        """The services whose endpoints include ``workload``."""
+        return self._index.services_of.get(workload.key, ())
+
+    def allowed_callers(self, service: Service, port: int) -> frozenset[SpiffeId] | None:
+        """Who may call ``service`` on ``port``; None means anyone in the trust domain."""
+        if self.permissive:
+            return None
+        return self._index.callers.get((service.key, port), frozenset())
+
+    def may_call(self, caller: SpiffeId, service: Service, port: int) -> bool:
+        allowed = self.allowed_callers(service, port)
+        if allowed is None:
+            return caller.trust_domain == self.trust_domain
+        return caller in allowed
+
+    def reachable(self, caller: SpiffeId) -> tuple[tuple[Service, ServicePort], ...]:
+        """The (service, port) pairs ``caller`` may call, sorted; only services with an address."""
+        if self.permissive:
+            if caller.trust_domain != self.trust_domain:
+                return ()
+            return self._index.addressable
+        return self._index.reach.get(caller, ())
+
+
+class _Index:
+    """Lookups derived from a mesh, built once (the mesh is immutable)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.services = {s.key: s for s in mesh.services}
+        self.workloads = {w.key: w for w in mesh.workloads}
+        self.splits = {t.service: t for t in mesh.traffic_splits}
+        by_identity: dict[SpiffeId, list[Workload]] = defaultdict(list)
+        for workload in mesh.workloads:
+            by_identity[mesh.identity_of(workload)].append(workload)
+        self.by_identity = {k: tuple(sorted(v)) for k, v in by_identity.items()}
+        by_namespace: dict[str, list[Workload]] = defaultdict(list)
+        for workload in sorted(mesh.workloads):
+            by_namespace[workload.namespace].append(workload)
+        self.endpoints = {s.key: self._endpoints_of(s, by_namespace) for s in mesh.services}
+        services_of: dict[str, list[Service]] = defaultdict(list)
+        for service in sorted(mesh.services, key=lambda s: s.key):
+            for workload in self.endpoints[service.key]:
+                services_of[workload.key].append(service)
+        self.services_of = {k: tuple(v) for k, v in services_of.items()}
+        self.identities = {
+            s.key: _sorted_unique(
+                [
+                    SpiffeId.from_kubernetes(s.namespace, sa, mesh.trust_domain)
+                    for sa in s.service_accounts
+                ]
+                + [mesh.identity_of(w) for w in self.endpoints[s.key]]
+            )
+            for s in mesh.services
+        }
+        self.addressable = tuple(
+            (service, port)
+            for service in sorted(mesh.services, key=lambda s: s.key)
+            if service.address is not None
+            for port in sorted(service.ports)
+        )
+        callers: dict[tuple[str, int], set[SpiffeId]] = defaultdict(set)
+        for policy in mesh.policies:
+            target = self.services.get(policy.service)
+            if target is None:
+                continue
+            for number in policy.ports or tuple(p.port for p in target.ports):
+                callers[(policy.service, number)].update(policy.sources)
+        self.callers = {k: frozenset(v) for k, v in callers.items()}
+        reach: dict[SpiffeId, list[tuple[Service, ServicePort]]] = defaultdict(list)
+        for reachable, port in self.addressable:
+            for caller in self.callers.get((reachable.key, port.port), ()):
+                reach[caller].append((reachable, port))
+        self.reach = {k: tuple(v) for k, v in reach.items()}
+
+    def _endpoints_of(
+        self, service: Service, by_namespace: Mapping[str, list[Workload]]
+    ) -> tuple[Workload, ...]:
+        if service.selector is not None:
+            selector = service.selector
+            candidates = by_namespace.get(service.namespace, [])
+            return tuple(w for w in candidates if matches(selector, w.labels))
+        return tuple(sorted(self.workloads[b] for b in service.backends if b in self.workloads))
+
+
+def _sorted_unique(ids: Iterable[SpiffeId]) -> tuple[SpiffeId, ...]:
+    return tuple(sorted(set(ids)))

@@ -1,0 +1,126 @@
+"""Outbound listeners: how the application's connections to mesh services enter the proxy.
+
+``intercept``: one listener on 0.0.0.0:15001 that iptables redirects every outbound
+connection to; the ``original_dst`` listener filter restores the address the app
+dialled, and a filter chain per reachable service port matches it (ClusterIP/32 and
+port). What matches nothing takes the fallback chain (``blackhole`` or
+``passthrough``). ``explicit``: no redirection; one listener bound per service address
+and port (the ClusterIP on loopback, or the workload's ``outbound_address``), so the app
+dials the service address and reaches its proxy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import wrappers_pb2
+
+from meshca.envoy.clusters import BLACKHOLE, PASSTHROUGH
+from meshca.envoy.filters import TCP_PROXY, outbound_http, tcp_proxy
+from meshca.envoy.routes import Upstream, route_config_name
+from meshca.envoy.xds import GenerationError, pack, socket_address
+
+OUTBOUND_PORT = 15001
+OUTBOUND_LISTENER = "outbound-listener"
+ORIGINAL_DST = "envoy.filters.listener.original_dst"
+
+
+def _filters(upstream: Upstream) -> list[listener_components_pb2.Filter]:
+    stat_prefix = f"outbound|{upstream.name}"
+    if upstream.port.protocol != "tcp":
+        return [outbound_http(stat_prefix, route_config_name(upstream.port.port))]
+    live = [(name, weight) for name, weight in upstream.clusters if weight > 0]
+    if len(live) == 1:
+        return [tcp_proxy(stat_prefix, live[0][0])]
+    config = tcp_proxy_pb2.TcpProxy(
+        stat_prefix=stat_prefix,
+        weighted_clusters=tcp_proxy_pb2.TcpProxy.WeightedCluster(
+            clusters=[
+                tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=name, weight=weight)
+                for name, weight in live
+            ]
+        ),
+    )
+    return [listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(config))]
+
+
+def _prefix(address: str) -> address_pb2.CidrRange:
+    length = 32 if ipaddress.ip_address(address).version == 4 else 128
+    return address_pb2.CidrRange(
+        address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=length)
+    )
+
+
+def intercept_listener(upstreams: Iterable[Upstream], egress: str) -> listener_pb2.Listener:
+    chains = []
+    for upstream in sorted(upstreams, key=lambda u: u.name):
+        assert upstream.service.address is not None  # only addressable services reach here
+        chains.append(
+            listener_components_pb2.FilterChain(
+                name=upstream.name,
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    prefix_ranges=[_prefix(upstream.service.address)],
+                    destination_port=wrappers_pb2.UInt32Value(value=upstream.port.port),
+                ),
+                filters=_filters(upstream),
+            )
+        )
+    fallback = PASSTHROUGH if egress == "passthrough" else BLACKHOLE
+    return listener_pb2.Listener(
+        name=OUTBOUND_LISTENER,
+        address=socket_address("0.0.0.0", OUTBOUND_PORT),
+        traffic_direction=base_pb2.OUTBOUND,
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name=ORIGINAL_DST, typed_config=pack(original_dst_pb2.OriginalDst())
+            )
+        ],
+        filter_chains=chains,
+        default_filter_chain=listener_components_pb2.FilterChain(
+            name=fallback, filters=[tcp_proxy(f"outbound|{fallback}", fallback)]
+        ),
+    )
+
+
+def explicit_listeners(
+    upstreams: Iterable[Upstream], bind_address: str | None
+) -> list[listener_pb2.Listener]:
+    """One listener per bound address and port; HTTP services that share one (through
+    ``outbound_address``) share its chain and are told apart by Host, as in Istio."""
+    by_bind: dict[tuple[str, int], list[Upstream]] = defaultdict(list)
+    for upstream in upstreams:
+        address = bind_address or upstream.service.address
+        assert address is not None
+        by_bind[(address, upstream.port.port)].append(upstream)
+    listeners = []
+    for (address, port), sharing in sorted(by_bind.items()):
+        sharing.sort(key=lambda u: u.name)
+        if len(sharing) > 1 and any(u.port.protocol == "tcp" for u in sharing):
+            names = ", ".join(u.name for u in sharing)
+            raise GenerationError(
+                f"outbound_address {address}: TCP port {port} would serve several services "
+                f"({names}); a TCP listener cannot tell them apart"
+            )
+        listeners.append(
+            listener_pb2.Listener(
+                name=f"outbound|{_host_port(address, port)}",
+                address=socket_address(address, port),
+                traffic_direction=base_pb2.OUTBOUND,
+                filter_chains=[
+                    listener_components_pb2.FilterChain(
+                        name=sharing[0].name, filters=_filters(sharing[0])
+                    )
+                ],
+            )
+        )
+    return listeners
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

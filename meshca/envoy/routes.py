@@ -1,0 +1,92 @@
+"""Routes (RDS) for outbound HTTP: one route configuration per port, one virtual host
+per reachable service, weighted clusters when a traffic split applies.
+
+One configuration per port (``rds-outbound.<port>``, as OSM) because a virtual host's
+domains must be unique within a configuration, and ``bookstore`` means a different
+destination on port 80 than on 8080.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
+
+from meshca.envoy.model import Service, ServicePort
+
+ROUTE_PREFIX = "rds-outbound"
+
+
+def route_config_name(port: int) -> str:
+    return f"{ROUTE_PREFIX}.{port}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A reachable service port and the clusters (with weights) that carry its traffic."""
+
+    service: Service
+    port: ServicePort
+    clusters: tuple[tuple[str, int], ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.service.namespace}/{self.service.name}|{self.port.port}"
+
+
+def domains(service: Service, port: int, *, same_namespace: bool) -> list[str]:
+    """Every name a client may put in Host: the DNS forms and the ClusterIP, each also
+    with ``:port``. The bare ``svc`` form resolves only inside the service's namespace
+    (the resolver's search path), so it is offered only to proxies there."""
+    names = list(service.hostnames())
+    if not same_namespace:
+        names.remove(service.name)
+    if service.address is not None:
+        names.append(f"[{service.address}]" if ":" in service.address else service.address)
+    return [form for name in names for form in (name, f"{name}:{port}")]
+
+
+def _action(upstream: Upstream) -> route_components_pb2.RouteAction:
+    live = [(name, weight) for name, weight in upstream.clusters if weight > 0]
+    if len(live) == 1:
+        action = route_components_pb2.RouteAction(cluster=live[0][0])
+    else:
+        action = route_components_pb2.RouteAction(
+            weighted_clusters=route_components_pb2.WeightedCluster(
+                clusters=[
+                    route_components_pb2.WeightedCluster.ClusterWeight(
+                        name=name, weight=wrappers_pb2.UInt32Value(value=weight)
+                    )
+                    for name, weight in live
+                ]
+            )
+        )
+    if upstream.port.protocol == "grpc":
+        action.timeout.CopyFrom(duration_pb2.Duration())  # streams may be long-lived
+    return action
+
+
+def virtual_host(upstream: Upstream, *, same_namespace: bool) -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(
+        name=upstream.name,
+        domains=domains(upstream.service, upstream.port.port, same_namespace=same_namespace),
+        routes=[
+            route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix="/"), route=_action(upstream)
+            )
+        ],
+    )
+
+
+def outbound_route_config(
+    port: int, upstreams: Iterable[Upstream], proxy_namespace: str
+) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(
+        name=route_config_name(port),
+        virtual_hosts=[
+            virtual_host(u, same_namespace=u.service.namespace == proxy_namespace)
+            for u in sorted(upstreams, key=lambda u: u.name)
+        ],
+    )

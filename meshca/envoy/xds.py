@@ -1,0 +1,80 @@
+"""Building blocks shared by the generated resources: type URLs, the ADS config source,
+typed-config packing and the SDS secret names a proxy's resources refer to.
+
+Everything is packed deterministically so the same mesh always serialises to the same
+bytes, which is what makes content versions meaningful.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+
+from meshca.envoy.model import MeshError
+from meshca.spiffe import SpiffeId
+
+_PREFIX = "type.googleapis.com/"
+CLUSTER_TYPE = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER_TYPE = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE_TYPE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SECRET_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# The order Envoy needs resources in on one ADS stream: clusters before their
+# endpoints, listeners before their routes, secrets when something refers to them.
+RESOURCE_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+CONNECT_TIMEOUT = duration_pb2.Duration(seconds=1)
+
+
+class GenerationError(MeshError):
+    """A proxy whose configuration cannot be generated from this mesh (say why)."""
+
+
+def pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message, deterministic=True)
+    return packed
+
+
+def ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=ads_source())
+
+
+def socket_address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def kubernetes_identity(proxy: SpiffeId) -> tuple[str, str]:
+    """(namespace, service account) of a proxy; the secret names need that form."""
+    kube = proxy.kubernetes
+    if kube is None:
+        raise GenerationError(
+            f"{proxy}: proxies are identified as spiffe://<td>/ns/<namespace>/sa/<account>"
+        )
+    return kube
+
+
+def service_cert_secret(proxy: SpiffeId) -> str:
+    namespace, account = kubernetes_identity(proxy)
+    return f"service-cert:{namespace}/{account}"
+
+
+def inbound_validation_secret(proxy: SpiffeId) -> str:
+    namespace, account = kubernetes_identity(proxy)
+    return f"root-cert-for-mtls-inbound:{namespace}/{account}"
+
+
+def outbound_validation_secret(namespace: str, service: str) -> str:
+    return f"root-cert-for-mtls-outbound:{namespace}/{service}"
