@@ -1,0 +1,101 @@
+"""What connected proxies have acknowledged: the interface rotation waits on.
+
+Rotation moves on only when the proxies have *acknowledged* the change (an SDS ACK),
+never after a fixed sleep: a new root must be in every proxy's bundle before anything
+is signed under it, and the old root may leave the bundles only once no proxy still
+presents a certificate that chains to it. The SDS layer implements :class:`AckTracker`;
+rotation only asks it questions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from meshca.issuer import TrustBundle
+
+
+@dataclass(frozen=True)
+class AckedSecret:
+    """The content a proxy last ACKed for one secret it watches: a trust bundle (a
+    validation context) or a certificate chain (a TLS certificate: leaf first, root
+    excluded)."""
+
+    name: str
+    bundle: TrustBundle | None = None
+    chain: tuple[x509.Certificate, ...] | None = None
+
+
+SecretPredicate = Callable[[AckedSecret], bool]
+
+
+class AckTracker(Protocol):
+    """Implemented by the SDS layer over its per-stream ACK state."""
+
+    def unacked(self, predicate: SecretPredicate) -> list[str]:
+        """The connected proxies that watch a secret whose last ACKed content fails
+        ``predicate``, or that they have not ACKed at all yet.
+
+        Each proxy appears once, named so an operator can find it (node id and peer).
+        An empty list means every connected proxy has acknowledged what ``predicate``
+        asks for. Called from the event loop; must not block.
+        """
+        ...
+
+
+class NoProxies:
+    """The tracker when no server runs: nobody is connected, so nobody is waited for."""
+
+    def unacked(self, predicate: SecretPredicate) -> list[str]:
+        return []
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    return _signed_by(
+        cert.public_bytes(serialization.Encoding.DER),
+        issuer.public_bytes(serialization.Encoding.DER),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _signed_by(cert_der: bytes, issuer_der: bytes) -> bool:
+    """Signature check, remembered: waits ask it of the same few CAs for every identity."""
+    try:
+        x509.load_der_x509_certificate(cert_der).verify_directly_issued_by(
+            x509.load_der_x509_certificate(issuer_der)
+        )
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def chains_to(chain: Iterable[x509.Certificate], root: x509.Certificate) -> bool:
+    """Whether a leaf-first chain (root excluded, or included) ends at ``root``."""
+    certs = list(chain)
+    if not certs:
+        return False
+    top = certs[-1]
+    return top == root or issued_by(top, root)
+
+
+def bundle_holds(root: x509.Certificate) -> SecretPredicate:
+    """Validation contexts must carry ``root``; certificates are not concerned."""
+    return lambda secret: secret.bundle is None or root in secret.bundle
+
+
+def certificate_under(root: x509.Certificate) -> SecretPredicate:
+    """Certificates must chain to ``root``; validation contexts are not concerned."""
+    return lambda secret: secret.chain is None or chains_to(secret.chain, root)
+
+
+def certificate_not_under(root: x509.Certificate) -> SecretPredicate:
+    """No certificate may still chain to ``root`` (before it leaves the bundle)."""
+    return lambda secret: secret.chain is None or not chains_to(secret.chain, root)

@@ -1,0 +1,218 @@
+"""The operator's interface to rotation, and the local admin endpoint that carries it.
+
+A running ``meshca serve`` listens on ``<data-dir>/admin.sock`` (a Unix socket, mode
+0600, in the 0700 data directory: only the account that owns the CA can use it). One
+request per connection: a JSON object on one line, answered by one JSON line::
+
+    {"op": "status"}
+    {"op": "rotate"}
+    {"op": "rotate-root", "step": 2, "timeout": 60}     # "step": null runs every step
+    {"op": "rotate-root", "rollback": true, "timeout": 60}
+
+    {"ok": true, "result": {...}}   or   {"ok": false, "error": "one line"}
+
+When no server runs, ``meshca ca`` performs the same operations directly on the data
+directory (:class:`CaOperations` over a manager without proxies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from meshca.issuer import IssuerError
+from meshca.rotation.acks import bundle_holds
+from meshca.rotation.journal import RotationError, SlotKind
+from meshca.rotation.manager import RotationManager
+from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
+
+log = logging.getLogger("meshca.rotation")
+
+ADMIN_SOCKET = "admin.sock"
+MAX_REQUEST = 64 * 1024
+_MAX_SUN_PATH = 100  # sockaddr_un holds 108 bytes; leave room
+
+
+class AdminUnavailable(Exception):
+    """No server answers on the admin socket."""
+
+
+class CaOperations:
+    """``meshca ca`` status, rotate and rotate-root, over one manager."""
+
+    def __init__(self, manager: RotationManager, rotation: RootRotation) -> None:
+        self.manager = manager
+        self.rotation = rotation
+
+    def status(self) -> dict[str, Any]:
+        manager = self.manager
+        data = manager.status()
+        data["root_rotation"] = self.rotation.status()
+        prepared = manager.journal.prepared
+        waiting: list[str] = []
+        if data["root_rotation"] is not None:
+            waiting = data["root_rotation"]["waiting_on"]
+        elif prepared is not None and prepared.kind is SlotKind.ROOT:
+            waiting = manager.unacked(bundle_holds(manager.ca(prepared.id).root))
+        data["waiting_on"] = waiting
+        data["connected"] = manager.unacked(lambda secret: False)  # everyone watching
+        return data
+
+    async def rotate(self) -> dict[str, Any]:
+        record = await self.manager.rotate_now()
+        self.manager.replan()
+        return {"activated": record.id, "status": self.status()}
+
+    async def rotate_root(
+        self, *, step: int | None, rollback: bool, timeout: timedelta
+    ) -> dict[str, Any]:
+        if rollback:
+            reports = [await self.rotation.rollback(timeout=timeout)]
+        elif step is not None:
+            reports = [await self.rotation.step(step, timeout=timeout)]
+        else:
+            reports = await self.rotation.run(timeout=timeout)
+        return {"steps": [r.to_json() for r in reports], "status": self.status()}
+
+    async def perform(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one request (the admin protocol's JSON object); RotationError when
+        refused."""
+        op = request.get("op")
+        if op == "status":
+            return self.status()
+        if op == "rotate":
+            return await self.rotate()
+        if op == "rotate-root":
+            step = request.get("step")
+            if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+                raise RotationError("step must be a whole number from 1 to 5")
+            seconds = request.get("timeout", DEFAULT_ACK_TIMEOUT.total_seconds())
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+                raise RotationError("timeout must be a positive number of seconds")
+            return await self.rotate_root(
+                step=step,
+                rollback=request.get("rollback") is True,
+                timeout=timedelta(seconds=seconds),
+            )
+        raise RotationError(f"unknown operation {op!r} (status, rotate, rotate-root)")
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One admin request; refusals become ``{"ok": false, "error": ...}``."""
+        try:
+            return {"ok": True, "result": await self.perform(request)}
+        except (IssuerError, OSError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """A path to bind or connect ``path`` by, short enough for a Unix socket address
+    (through ``/proc/self/fd`` when the real one is too long)."""
+    if len(os.fsencode(path)) <= _MAX_SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+class AdminServer:
+    """Serves :class:`CaOperations` on a Unix socket for the server's lifetime."""
+
+    def __init__(self, operations: CaOperations, path: Path) -> None:
+        self.operations = operations
+        self.path = Path(path)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        # The journal lock is held by our manager, so a socket left here is stale.
+        self.path.unlink(missing_ok=True)
+        with _reachable(self.path) as address:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=address, limit=MAX_REQUEST
+            )
+        os.chmod(self.path, 0o600)
+        log.info("admin endpoint on %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                line = await reader.readline()
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, asyncio.LimitOverrunError) as exc:
+                response: dict[str, Any] = {"ok": False, "error": f"bad request: {exc}"}
+            else:
+                response = await self.operations.handle(request)
+        except Exception as exc:  # a bug must not take the server down
+            log.exception("admin request failed")
+            response = {"ok": False, "error": f"internal error ({type(exc).__name__}); see the log"}
+        with contextlib.suppress(ConnectionError):
+            writer.write((json.dumps(response) + "\n").encode())
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def admin_request(path: Path, request: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+    """Send one request to a running server; AdminUnavailable when none answers."""
+    path = Path(path)
+    if not path.exists():
+        raise AdminUnavailable(f"no admin socket at {path}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            with _reachable(path) as address:
+                sock.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise AdminUnavailable(f"nothing listens on {path}") from None
+        sock.sendall((json.dumps(request) + "\n").encode())
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise RotationError(
+                    f"the server did not answer within {timeout:g}s; "
+                    "check 'meshca ca status' and the server log"
+                ) from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                break
+    if not chunks:
+        raise RotationError(
+            f"the server at {path} closed the connection without answering (did it stop?); "
+            "'meshca ca status' shows where the rotation is"
+        )
+    try:
+        response = json.loads(b"".join(chunks))
+    except ValueError:
+        raise RotationError("the server sent an unreadable answer") from None
+    if not isinstance(response, dict):
+        raise RotationError("the server sent an unreadable answer")
+    if not response.get("ok"):
+        raise RotationError(str(response.get("error", "refused")))
+    result = response.get("result", {})
+    return result if isinstance(result, dict) else {}

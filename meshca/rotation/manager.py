@@ -1,0 +1,616 @@
+"""The CA manager: keeps a signing CA ready before the current one runs out (SPIRE's slots).
+
+At ``prepare_fraction`` of the active CA's life (default 1/2) the next CA is created
+in the ``prepared`` slot; when it comes with a new root, that root enters the trust
+bundle at once, so proxies have the rest of the old CA's life to pick it up. At
+``activate_fraction`` (default 5/6) the prepared CA starts signing; a CA under a new
+root only once every connected proxy has ACKed a bundle holding that root. Because a
+CA lives at least 6 leaf lifetimes, the last 1/6 of the old CA still covers every leaf
+it signed, so no leaf is cut short. The old slot stays until nothing served chains to
+it, then its root (if it had its own) leaves the bundle.
+
+Where a new CA comes from is the :class:`CaSource`'s business (the local root key,
+Vault); this module only decides when, and keeps the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from cryptography import x509
+
+from meshca.issuer import SignerAuthority, TrustBundle
+from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, DEFAULT_LEAF_TTL
+from meshca.issuer.profile import DEFAULT_SKEW
+from meshca.issuer.svid import fingerprint
+from meshca.issuer.verify import self_check
+from meshca.rotation.acks import (
+    AckTracker,
+    NoProxies,
+    SecretPredicate,
+    bundle_holds,
+    certificate_not_under,
+    chains_to,
+    issued_by,
+)
+from meshca.rotation.journal import (
+    Journal,
+    JournalStore,
+    PendingCa,
+    RootRotationState,
+    RotationError,
+    SigningCa,
+    SlotKind,
+    SlotRecord,
+    SlotStatus,
+    cert_id,
+    slot_record,
+)
+from meshca.store import SecretStore
+
+log = logging.getLogger("meshca.rotation")
+
+DEFAULT_PREPARE_FRACTION = 0.5
+DEFAULT_ACTIVATE_FRACTION = 5 / 6
+MAX_TICK_INTERVAL = timedelta(minutes=10)
+
+
+class CaSource(Protocol):
+    """Where new signing CAs come from (the local root key, Vault's PKI engine, ...).
+
+    ``create`` may block (key generation, a network call): the manager runs it in a
+    thread. It must return a CA that has passed its self-check against its root.
+    """
+
+    def problem(self, active: SigningCa, *, new_root: bool) -> str | None:
+        """Why a CA of this kind cannot be created now (e.g. the root key is offline)."""
+        ...
+
+    def create(self, active: SigningCa, *, new_root: bool) -> SigningCa:
+        """A new signing CA under ``active.root``, or under a new root when ``new_root``."""
+        ...
+
+    def publish(self, active: SigningCa, bundle: TrustBundle) -> None:
+        """Make ``active`` and ``bundle`` what the backend's own readers see (the local CA
+        directory), and drop material of roots that left the bundle."""
+        ...
+
+
+@dataclass(frozen=True)
+class RotationPolicy:
+    prepare_fraction: float = DEFAULT_PREPARE_FRACTION
+    activate_fraction: float = DEFAULT_ACTIVATE_FRACTION
+    leaf_ttl: timedelta = DEFAULT_LEAF_TTL
+    skew: timedelta = DEFAULT_SKEW
+    retry_interval: timedelta = timedelta(seconds=5)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.prepare_fraction < self.activate_fraction < 1:
+            raise RotationError(
+                "rotation fractions must satisfy 0 < prepare < activate < 1 "
+                f"(got prepare {self.prepare_fraction:g}, activate {self.activate_fraction:g})"
+            )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the active CA's successor is prepared and activated (wall clock)."""
+
+    issued: datetime
+    prepare_at: datetime
+    activate_at: datetime
+    not_after: datetime
+
+    @classmethod
+    def of(cls, record: SlotRecord, policy: RotationPolicy) -> Schedule:
+        # Life starts at issuance (NotBefore is backdated by the skew), as for leaves.
+        issued = min(record.not_before + policy.skew, record.not_after)
+        life = record.not_after - issued
+        return cls(
+            issued,
+            issued + life * policy.prepare_fraction,
+            issued + life * policy.activate_fraction,
+            record.not_after,
+        )
+
+    @property
+    def force_at(self) -> datetime:
+        """A CA under a new root is activated here even if some proxies never ACKed it:
+        waiting longer would let the old CA cut leaves short."""
+        return self.activate_at + (self.not_after - self.activate_at) / 2
+
+
+def root_of(signer_chain: tuple[x509.Certificate, ...], bundle: TrustBundle) -> x509.Certificate:
+    """The bundle root a signing CA's chain (CA first, root excluded or not) ends at."""
+    top = signer_chain[-1]
+    for root in bundle:
+        if top == root or issued_by(top, root):
+            return root
+    raise RotationError("the signing CA does not chain to any root of the trust bundle")
+
+
+class RotationManager:
+    """Owns the journal for one data directory and drives the authority and the store.
+
+    Call :meth:`open` once (it takes the journal lock and resumes an interrupted step),
+    then :meth:`start` on the event loop for the automatic schedule. Every change is
+    written to the journal before it is applied, and applying is idempotent, so a crash
+    at any point resumes cleanly.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        authority: SignerAuthority,
+        source: CaSource,
+        *,
+        store: SecretStore | None = None,
+        acks: AckTracker | None = None,
+        policy: RotationPolicy | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.authority = authority
+        self.source = source
+        self.store = store
+        self.acks: AckTracker = acks or NoProxies()
+        self.policy = policy or RotationPolicy()
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.journals = JournalStore(self.data_dir)
+        self.problem: str | None = None  # why the next CA cannot be prepared, if so
+        self.lock = asyncio.Lock()  # one change at a time (schedule, operators, root rotation)
+        self._journal: Journal | None = None
+        self._cas: dict[str, SigningCa] = {}
+        self._lock_fd: int | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+
+    # opening and resuming ----------------------------------------------------------
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise RotationError("the rotation manager is not open")
+        return self._journal
+
+    def open(self) -> Journal:
+        """Take the journal lock, adopt the authority's CA on first use, finish a CA whose
+        creation a crash interrupted, and make authority, store and backend match the
+        journal."""
+        if self._journal is not None:
+            return self._journal
+        self._lock_fd = self.journals.acquire()
+        try:
+            journal = self.journals.load()
+            if journal is not None and not self._knows_authority_ca(journal):
+                backup = self.journals.archive()
+                log.warning(
+                    "the CA was replaced outside rotation (e.g. 'meshca init --force'); "
+                    "the previous rotation journal was moved to %s",
+                    backup,
+                )
+                journal = None
+            if journal is None:
+                journal = self._adopt()
+            for record in journal.slots:
+                self._cas[record.id] = self.journals.load_slot(record)
+            if journal.pending is not None:
+                journal = self._finish_pending(journal)
+            for name in self.journals.remove_unrecorded(journal):
+                log.info("removed leftover slot directory %s", name)
+            self._journal = journal
+            self._apply()
+        except BaseException:
+            self.close()
+            raise
+        return journal
+
+    def close(self) -> None:
+        self.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._journal = None
+        self._cas.clear()
+
+    def _knows_authority_ca(self, journal: Journal) -> bool:
+        """Whether the authority's CA is one of the journal's slots. A CA the journal never
+        saw was put there deliberately, and wins; a known one means the backend's files
+        lag behind the journal (a crash while publishing), and the journal wins."""
+        ca = cert_id(self.authority.signer.certificate)
+        return any(record.ca == ca for record in journal.slots)
+
+    def _adopt(self) -> Journal:
+        """First use: the authority's current CA becomes the active slot."""
+        signer = self.authority.signer
+        bundle = self.authority.bundle()
+        root = root_of((signer.certificate, *signer.intermediates), bundle)
+        ca = SigningCa(signer, root)
+        journal, slot_id = Journal(bundle.trust_domain, (), bundle).allocate_slot_id()
+        self.journals.write_slot(slot_id, ca)
+        kind = SlotKind.ROOT if ca.is_self_signed else SlotKind.INTERMEDIATE
+        record = slot_record(slot_id, SlotStatus.ACTIVE, kind, ca, self.clock())
+        self._cas[slot_id] = ca
+        journal = self.journals.save(journal.with_slot(record))
+        log.info("rotation journal started with %s as the active signing CA", slot_id)
+        return journal
+
+    def _finish_pending(self, journal: Journal) -> Journal:
+        """Complete the CA creation a crash interrupted: adopt its files when written,
+        otherwise create it now (it never existed, so nothing is created twice)."""
+        pending = journal.pending
+        assert pending is not None
+        if self.journals.slot_exists(pending.slot):
+            ca = self.journals.read_slot(pending.slot)
+            log.info("resuming: adopting slot %s written before a restart", pending.slot)
+        else:
+            active = self._cas[journal.active.id]
+            ca = self.source.create(active, new_root=pending.kind is SlotKind.ROOT)
+            self.journals.write_slot(pending.slot, ca)
+            log.info("resuming: created slot %s whose creation was interrupted", pending.slot)
+        return self._record_prepared(journal, pending, ca)
+
+    def _record_prepared(self, journal: Journal, pending: PendingCa, ca: SigningCa) -> Journal:
+        record = slot_record(pending.slot, SlotStatus.PREPARED, pending.kind, ca, self.clock())
+        journal = journal.with_slot(record)
+        if pending.kind is SlotKind.ROOT:
+            journal = replace(journal, bundle=journal.bundle.with_root(ca.root))
+        self._cas[pending.slot] = ca
+        return self.journals.save(replace(journal, pending=None))
+
+    def _save(self, journal: Journal) -> Journal:
+        self._journal = self.journals.save(journal)
+        return self._journal
+
+    def _apply(self) -> None:
+        """Make the authority, the store and the backend's files match the journal."""
+        journal = self.journal
+        active = self._cas[journal.active.id]
+        if (
+            self.authority.signer.certificate != active.signer.certificate
+            or self.authority.bundle() != journal.bundle
+        ):
+            self.authority.activate(active.signer, journal.bundle)
+        if self.store is not None:
+            self.store.refresh_bundle()
+        self.source.publish(active, journal.bundle)
+
+    # reads ----------------------------------------------------------------------------
+    def ca(self, slot_id: str) -> SigningCa:
+        return self._cas[slot_id]
+
+    @property
+    def active(self) -> SigningCa:
+        return self._cas[self.journal.active.id]
+
+    def schedule(self) -> Schedule:
+        return Schedule.of(self.journal.active, self.policy)
+
+    def next_kind(self, now: datetime | None = None) -> SlotKind:
+        """A new root when the signer is the root itself, or when the root would cut the
+        next CA short; otherwise a new signing CA under the same root."""
+        now = now or self.clock()
+        active = self.active
+        if active.is_self_signed:
+            return SlotKind.ROOT
+        life = self.journal.active.not_after - self.journal.active.not_before
+        wanted = max(life / 2, CA_TO_LEAF_TTL_RATIO * self.policy.leaf_ttl)
+        if active.root.not_valid_after_utc - now < wanted:
+            return SlotKind.ROOT
+        return SlotKind.INTERMEDIATE
+
+    def served_under(self, root: x509.Certificate) -> list[str]:
+        """Identities whose current SVID in the store chains to ``root``."""
+        if self.store is None:
+            return []
+        found = []
+        for spiffe_id in self.store.identities():
+            svid = self.store.cached(spiffe_id)
+            if svid is not None and chains_to(svid.chain, root):
+                found.append(str(spiffe_id))
+        return found
+
+    def unacked(self, predicate: SecretPredicate) -> list[str]:
+        return sorted(set(self.acks.unacked(predicate)))
+
+    # changes (callers hold self.lock) --------------------------------------------------
+    async def prepare(self, kind: SlotKind | None = None) -> SlotRecord:
+        """Create the next CA in the prepared slot (a root kind enters the bundle and is
+        pushed at once). Returns the prepared slot, existing or new."""
+        journal = self.journal
+        kind = kind or self.next_kind()
+        existing = journal.prepared
+        if existing is not None:
+            if existing.kind is kind:
+                return existing
+            raise RotationError(
+                f"slot {existing.id} already holds a prepared {existing.kind} CA; "
+                f"a {kind} CA cannot be prepared beside it"
+            )
+        active = self.active
+        problem = self.source.problem(active, new_root=kind is SlotKind.ROOT)
+        if problem is not None:
+            raise RotationError(problem)
+        journal, slot_id = journal.allocate_slot_id()
+        pending = PendingCa(slot_id, kind)
+        journal = self._save(replace(journal, pending=pending))
+        new_root = kind is SlotKind.ROOT
+
+        def create() -> SigningCa:
+            ca = self.source.create(active, new_root=new_root)
+            self.journals.write_slot(slot_id, ca)
+            return ca
+
+        ca = await asyncio.to_thread(create)
+        self._journal = self._record_prepared(journal, pending, ca)
+        self._apply()
+        what = "a new root" if new_root else "a new signing CA under the same root"
+        log.info(
+            "prepared %s in slot %s (not after %s)%s",
+            what,
+            slot_id,
+            ca.signer.not_after.isoformat(),
+            f"; root {fingerprint(ca.root)} added to the trust bundle" if new_root else "",
+        )
+        return self.journal.slot(slot_id)
+
+    async def activate(self, slot_id: str | None = None, *, renew: bool = False) -> SlotRecord:
+        """Make the prepared slot (or ``slot_id``, prepared or old) the signer; the previous
+        active slot becomes old. With ``renew``, every SVID in the store is re-issued now."""
+        journal = self.journal
+        target = journal.slot(slot_id) if slot_id else journal.prepared
+        if target is None:
+            raise RotationError("no prepared signing CA to activate")
+        if target.status is not SlotStatus.ACTIVE:
+            # Refused before anything is written: an expired or broken CA never signs.
+            self_check(self._cas[target.id].signer, journal.bundle)
+            previous = journal.active
+            demoted = SlotStatus.PREPARED if target.status is SlotStatus.OLD else SlotStatus.OLD
+            journal = journal.set_status(previous.id, demoted)
+            journal = journal.set_status(target.id, SlotStatus.ACTIVE)
+            self._save(journal)
+            log.info("slot %s now signs (slot %s is %s)", target.id, previous.id, demoted)
+        self._apply()
+        if renew and self.store is not None:
+            await self.store.renew_all()
+            log.info("re-issued %d SVIDs under slot %s", len(self.store.identities()), target.id)
+        return self.journal.slot(target.id)
+
+    async def discard_prepared(self) -> SlotRecord | None:
+        """Drop the prepared slot (it signed nothing); its new root leaves the bundle."""
+        journal = self.journal
+        prepared = journal.prepared
+        if prepared is None:
+            return None
+        journal = journal.without_slot(prepared.id)
+        journal = self._without_unused_root(journal, self._cas[prepared.id].root)
+        self._save(journal)
+        self._apply()
+        self.journals.remove_slot(prepared.id)
+        self._cas.pop(prepared.id, None)
+        log.info("discarded prepared slot %s", prepared.id)
+        return prepared
+
+    async def retire(self, slot_id: str) -> None:
+        """Drop an old slot; its root leaves the bundle if no remaining slot uses it."""
+        journal = self.journal
+        record = journal.slot(slot_id)
+        if record.status is not SlotStatus.OLD:
+            raise RotationError(f"slot {slot_id} is {record.status}, not old")
+        journal = self._without_unused_root(journal.without_slot(slot_id), self._cas[slot_id].root)
+        self._save(journal)
+        self._apply()
+        self.journals.remove_slot(slot_id)
+        self._cas.pop(slot_id, None)
+        log.info("retired slot %s", slot_id)
+
+    def _without_unused_root(self, journal: Journal, root: x509.Certificate) -> Journal:
+        root_id = cert_id(root)
+        if any(record.root == root_id for record in journal.slots):
+            return journal
+        log.info("root %s leaves the trust bundle", fingerprint(root))
+        return replace(journal, bundle=journal.bundle.without_root(root))
+
+    async def set_root_rotation(self, state: RootRotationState | None) -> None:
+        if state is not None:
+            state = replace(state, updated=datetime.now(UTC))
+        self._save(replace(self.journal, root_rotation=state))
+
+    # operator: rotate the signing CA now ----------------------------------------------
+    async def rotate_now(self) -> SlotRecord:
+        """A new signing CA under the same root, signing at once; every SVID re-issued."""
+        async with self.lock:
+            journal = self.journal
+            if journal.root_rotation is not None:
+                raise RotationError(
+                    "a root rotation is in progress; finish it or roll it back first "
+                    "('meshca ca rotate-root' / 'meshca ca rotate-root --rollback')"
+                )
+            if self.active.is_self_signed:
+                raise RotationError(
+                    "the signing CA is the root itself: replace it with 'meshca ca rotate-root'"
+                )
+            prepared = journal.prepared
+            if prepared is not None and prepared.kind is SlotKind.ROOT:
+                raise RotationError(
+                    f"slot {prepared.id} holds a CA under a new root, waiting for proxies to "
+                    "ACK it; it activates on schedule (or use 'meshca ca rotate-root')"
+                )
+            record = await self.prepare(SlotKind.INTERMEDIATE)
+            return await self.activate(record.id, renew=True)
+
+    # the automatic schedule -----------------------------------------------------------------
+    async def tick(self, now: datetime | None = None) -> datetime:
+        """Do whatever is due at ``now`` and return when to look again."""
+        async with self.lock:
+            return await self._tick(now or self.clock())
+
+    async def _tick(self, now: datetime) -> datetime:
+        retry = now + self.policy.retry_interval
+        journal = self.journal
+        schedule = self.schedule()
+        if journal.root_rotation is not None:
+            # An operator drives this rotation step by step; the schedule holds off.
+            if now >= schedule.activate_at:
+                log.warning(
+                    "a root rotation is held at step %d while the signing CA nears its end "
+                    "(%s): finish or roll it back",
+                    journal.root_rotation.done,
+                    schedule.not_after.isoformat(),
+                )
+            return self._next_look(now, [schedule.activate_at])
+        due: list[datetime] = []
+        if journal.prepared is None and now >= schedule.prepare_at:
+            try:
+                await self.prepare(self.next_kind(now))
+                self.problem = None
+            except RotationError as exc:
+                if self.problem != str(exc):
+                    log.error("cannot prepare the next signing CA: %s", exc)
+                self.problem = str(exc)
+                due.append(retry)
+        prepared = self.journal.prepared
+        if prepared is not None:
+            if now >= schedule.activate_at:
+                if await self._auto_activate(prepared, schedule, now):
+                    schedule = self.schedule()
+                else:
+                    due.append(retry)
+            else:
+                due.append(schedule.activate_at)
+        if self.journal.prepared is None:
+            due.append(schedule.prepare_at)
+        for record in list(self.journal.old):
+            later = await self._maybe_retire(record, now)
+            if later is not None:
+                due.append(later)
+        return self._next_look(now, due)
+
+    def _next_look(self, now: datetime, due: list[datetime]) -> datetime:
+        """The earliest future moment in ``due`` (past ones mean "retry soon"), capped so
+        a clock jump is noticed."""
+        retry = now + self.policy.retry_interval
+        upcoming = [moment if moment > now else retry for moment in due]
+        return min([*upcoming, now + MAX_TICK_INTERVAL])
+
+    async def _auto_activate(self, prepared: SlotRecord, schedule: Schedule, now: datetime) -> bool:
+        if prepared.kind is SlotKind.ROOT:
+            waiting = self.unacked(bundle_holds(self._cas[prepared.id].root))
+            if waiting and now < schedule.force_at:
+                log.info(
+                    "slot %s waits for %d proxies to ACK its root: %s",
+                    prepared.id,
+                    len(waiting),
+                    ", ".join(waiting),
+                )
+                return False
+            if waiting:
+                log.warning(
+                    "activating slot %s although these proxies never ACKed its root: %s",
+                    prepared.id,
+                    ", ".join(waiting),
+                )
+        await self.activate(prepared.id)
+        return True
+
+    async def _maybe_retire(self, record: SlotRecord, now: datetime) -> datetime | None:
+        """Retire an old slot once nothing served can chain through it; otherwise return
+        when to look again."""
+        if now >= record.not_after:
+            await self.retire(record.id)
+            return None
+        if record.root == self.journal.active.root:
+            return record.not_after  # same root: the bundle is unaffected; kept until expiry
+        root = self._cas[record.id].root
+        if self.served_under(root) or self.unacked(certificate_not_under(root)):
+            return now + self.policy.retry_interval
+        await self.retire(record.id)
+        return None
+
+    def start(self) -> None:
+        """Run the schedule on the current event loop (wall-clock timers)."""
+        if self._scheduler is not None:
+            return
+        self.open()
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler.start()
+        self._plan(self.clock())
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            with contextlib.suppress(Exception):
+                self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+    def _plan(self, when: datetime) -> None:
+        if self._scheduler is None:
+            return
+        self._scheduler.add_job(
+            self._tick_job,
+            "date",
+            run_date=when,
+            id="meshca-ca-rotation",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    async def _tick_job(self) -> None:
+        try:
+            when = await self.tick()
+        except Exception:
+            log.exception("signing-CA rotation check failed")
+            when = self.clock() + self.policy.retry_interval
+        self._plan(when)
+
+    def replan(self) -> None:
+        """Look at the schedule again now (after an operator's change)."""
+        self._plan(self.clock())
+
+    # status ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        journal = self.journal
+        schedule = self.schedule()
+        roots = []
+        for root in journal.bundle:
+            roots.append(
+                {
+                    "fingerprint": fingerprint(root),
+                    "subject": root.subject.rfc4514_string(),
+                    "not_after": root.not_valid_after_utc.isoformat(),
+                    "served_under": len(self.served_under(root)),
+                }
+            )
+        slots = []
+        for record in sorted(journal.slots, key=lambda r: r.id):
+            ca = self._cas[record.id]
+            slots.append(
+                {
+                    "id": record.id,
+                    "status": record.status.value,
+                    "kind": record.kind.value,
+                    "subject": ca.signer.certificate.subject.rfc4514_string(),
+                    "root": fingerprint(ca.root),
+                    "not_before": record.not_before.isoformat(),
+                    "not_after": record.not_after.isoformat(),
+                }
+            )
+        return {
+            "trust_domain": journal.trust_domain.name,
+            "sequence": journal.sequence,
+            "slots": slots,
+            "bundle": roots,
+            "schedule": {
+                "prepare_at": schedule.prepare_at.isoformat(),
+                "activate_at": schedule.activate_at.isoformat(),
+            },
+            "pending": journal.pending.to_json() if journal.pending else None,
+            "problem": self.problem
+            or self.source.problem(self.active, new_root=self.next_kind() is SlotKind.ROOT),
+        }

@@ -1,0 +1,84 @@
+"""CA and root rotation with real Envoys under continuous load: not one request fails.
+
+A real ``meshca serve`` (leaf TTL 4 s, so certificates renew every couple of seconds)
+serves two real Envoys; requests flow buyer -> mTLS -> web -> app for the whole test.
+In order: renewals, a signing-CA rotation, a full root rotation in one command, then a
+second root rotation run step by step with ``kill -9`` of meshca between steps 3 and 4
+and a restart. At the end every Envoy trusts only the newest root, the old ones are
+gone from the bundle, and every served certificate chains to the newest root.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from meshca.rotation.journal import JournalStore
+from tests.rotation_envoy_harness import rotation_mesh, wait_for
+
+pytestmark = pytest.mark.timeout(150)
+
+LEAF_TTL = "4s"
+
+
+def test_rotations_and_a_crash_under_load_fail_no_request() -> None:
+    with rotation_mesh(leaf_ttl=LEAF_TTL) as (mesh, load):
+        web, buyer = mesh.envoys
+        [first_root] = mesh.bundle()
+
+        # Several renewals reach both Envoys.
+        for _ in range(2):
+            before = [web.serials(), buyer.serials()]
+            wait_for(
+                lambda before=before: (
+                    not (web.serials() & before[0]) and not (buyer.serials() & before[1])
+                ),
+                30,
+                "renewed certificates in both Envoys",
+            )
+
+        # A signing-CA rotation: same root, new intermediate, every SVID re-issued.
+        result = mesh.ca("rotate")
+        assert result.returncode == 0, result.stderr
+        status = mesh.status()
+        assert [s["id"] for s in status["slots"] if s["status"] == "active"] == ["ca-0002"]
+        assert mesh.bundle() == [first_root]
+
+        # A full root rotation in one command, driven by the Envoys' ACKs.
+        result = mesh.ca("rotate-root", "--timeout", "60s")
+        assert result.returncode == 0, result.stderr
+        assert "the rotation is complete" in result.stdout
+        [second_root] = mesh.bundle()
+        assert second_root != first_root
+        assert mesh.trusted_serials() == [{second_root.serial_number}] * 2
+
+        # Another root rotation, step by step, with kill -9 of meshca after step 3.
+        for step in ("1", "2", "3"):
+            result = mesh.ca("rotate-root", "--step", step, "--timeout", "60s")
+            assert result.returncode == 0, result.stderr
+        assert len(mesh.bundle()) == 2
+        mesh.kill9()
+        journal = JournalStore(mesh.data_dir).load()
+        assert journal is not None and journal.root_rotation is not None
+        assert journal.root_rotation.done == 3
+        mesh.restart()
+        status = mesh.status()
+        assert status["root_rotation"]["done"] == 3  # resumed exactly where it was
+        wait_for(lambda: len(mesh.status()["connected"]) == 2, 60, "both Envoys reconnected")
+        result = mesh.ca("rotate-root", "--timeout", "60s")
+        assert result.returncode == 0, result.stderr
+        [third_root] = mesh.bundle()
+        assert third_root not in (first_root, second_root)
+        wait_for(
+            lambda: mesh.trusted_serials() == [{third_root.serial_number}] * 2,
+            30,
+            "both Envoys trusting only the newest root",
+        )
+        status = mesh.status()
+        assert status["root_rotation"] is None
+        [root] = status["bundle"]
+        assert root["served_under"] >= 2  # web and buyer (and nothing else) chain to it
+        assert len(status["slots"]) == 1
+        served = load.total
+        wait_for(lambda: load.total > served + 20, 30, "requests after the last rotation")
+    assert load.failed == 0, f"{load.failed} of {load.total} failed: {load.failures}"
+    assert load.total > 200
