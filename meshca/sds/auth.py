@@ -1,0 +1,210 @@
+"""Who is calling: the authenticated identities of a gRPC caller, and what its node claims.
+
+A caller is authenticated by its transport, never by what it says in a request:
+
+* mutual TLS: the gRPC TLS layer has verified the client certificate against the trust
+  bundle; its SPIFFE ID (the X.509-SVID's URI SAN) is the caller's only identity;
+* a Unix socket: meshca's relay recorded the connecting process's SO_PEERCRED, and the
+  configuration maps its uid to the identities it may obtain.
+
+The Envoy ``node`` is only a claim. A claim naming another identity is refused
+(:class:`Forbidden`). Recognised claims:
+
+* ``node.id`` that is a SPIFFE ID (``spiffe://...``): must be one of the caller's;
+* ``node.id`` in Istio's form ``<type>~<ip>~<pod>.<ns>~<ns>.svc.<domain>``: ``<ns>``
+  must be the namespace of one of the caller's ``/ns/<ns>/sa/<sa>`` identities;
+* Istio node metadata ``NAMESPACE`` / ``SERVICE_ACCOUNT``: must match one of the
+  caller's Kubernetes identities.
+
+Any other ``node.id`` (a hostname, ``envoy-1``) names no identity and is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from meshca.issuer.errors import SvidError
+from meshca.issuer.svid import spiffe_id_of
+from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain
+
+MTLS = "mtls"
+UDS = "uds"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the identities whose keys it may obtain, and how it came."""
+
+    identities: tuple[SpiffeId, ...]
+    transport: str
+    peer: str
+
+    def may_hold(self, spiffe_id: SpiffeId) -> bool:
+        return spiffe_id in self.identities
+
+    def __str__(self) -> str:
+        who = ",".join(str(i) for i in self.identities)
+        return f"{who} ({self.transport} {self.peer})"
+
+
+class AuthError(Exception):
+    """The caller could not be authenticated (gRPC UNAUTHENTICATED)."""
+
+
+class Forbidden(Exception):
+    """An authenticated caller asked for, or claimed, what is not its own (PERMISSION_DENIED)."""
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    uid: int
+    gid: int
+    pid: int
+
+
+class PeerCredLookup(Protocol):
+    def lookup(self, peer: str) -> PeerCred | None:
+        """The credentials of the Unix-socket caller relayed as gRPC peer ``peer``, if any."""
+        ...
+
+
+class CallerAuthenticator:
+    """Turns a gRPC call's transport facts into a :class:`Caller`, or raises AuthError."""
+
+    def __init__(
+        self,
+        trust_domain: TrustDomain,
+        peer_creds: PeerCredLookup | None = None,
+        uid_identities: Mapping[int, Sequence[SpiffeId]] | None = None,
+    ) -> None:
+        self.trust_domain = trust_domain
+        self.peer_creds = peer_creds
+        self.uid_identities: dict[int, tuple[SpiffeId, ...]] = {}
+        for uid, identities in (uid_identities or {}).items():
+            for spiffe_id in identities:
+                if not spiffe_id.is_member_of(trust_domain):
+                    raise ValueError(
+                        f"uid {uid} is mapped to {spiffe_id}, outside the trust domain "
+                        f"{trust_domain}"
+                    )
+            self.uid_identities[uid] = tuple(dict.fromkeys(identities))
+
+    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        peer = context.peer() or ""
+        cred = self.peer_creds.lookup(peer) if self.peer_creds is not None else None
+        if cred is not None:
+            return self._unix_caller(cred)
+        return self._tls_caller(context, peer)
+
+    def _unix_caller(self, cred: PeerCred) -> Caller:
+        described = f"uid={cred.uid} pid={cred.pid}"
+        identities = self.uid_identities.get(cred.uid)
+        if not identities:
+            raise AuthError(f"Unix-socket caller {described} is not mapped to any identity")
+        return Caller(identities, UDS, described)
+
+    def _tls_caller(self, context: grpc.aio.ServicerContext[Any, Any], peer: str) -> Caller:
+        pems = list(context.auth_context().get("x509_pem_cert", ()))
+        if not pems:
+            raise AuthError(f"caller {peer} presented no client certificate")
+        try:
+            spiffe_id = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+        except (SvidError, ValueError) as exc:
+            raise AuthError(
+                f"caller {peer}: client certificate is not an X.509-SVID: {exc}"
+            ) from None
+        if not spiffe_id.is_member_of(self.trust_domain):
+            raise AuthError(
+                f"caller {peer}: {spiffe_id} is outside the trust domain {self.trust_domain}"
+            )
+        return Caller((spiffe_id,), MTLS, peer)
+
+
+@dataclass(frozen=True)
+class NodeClaims:
+    """What a node says about who it is; None where it says nothing."""
+
+    spiffe_id: SpiffeId | None = None
+    namespace: str | None = None
+    service_account: str | None = None
+
+
+def _metadata_string(node: Any, key: str) -> str | None:
+    fields = node.metadata.fields
+    if key in fields and fields[key].WhichOneof("kind") == "string_value":
+        value = fields[key].string_value
+        return str(value) if value else None
+    return None
+
+
+def node_claims(node: Any) -> NodeClaims:
+    """The identity claims in an Envoy ``Node`` (see the module docstring); Forbidden if garbled."""
+    if node is None:
+        return NodeClaims()
+    node_id = str(node.id)
+    spiffe_id = None
+    namespace = _metadata_string(node, "NAMESPACE")
+    if node_id.lower().startswith(SCHEME):
+        try:
+            spiffe_id = SpiffeId.parse(node_id)
+        except SpiffeIdError as exc:
+            raise Forbidden(f"node.id {node_id!r} is not a valid SPIFFE ID: {exc}") from None
+    elif node_id.count("~") == 3:
+        _, _, pod_domain, dns_domain = node_id.split("~")
+        istio_ns = dns_domain.split(".svc.", 1)[0] if ".svc." in dns_domain else ""
+        pod_ns = pod_domain.rpartition(".")[2] if "." in pod_domain else ""
+        if not istio_ns or pod_ns != istio_ns:
+            raise Forbidden(
+                f"node.id {node_id!r} does not have Istio's form "
+                "<type>~<ip>~<pod>.<ns>~<ns>.svc.<domain>"
+            )
+        if namespace is not None and namespace != istio_ns:
+            raise Forbidden(
+                f"node.id {node_id!r} names namespace {istio_ns} but node metadata "
+                f"NAMESPACE is {namespace}"
+            )
+        namespace = istio_ns
+    return NodeClaims(spiffe_id, namespace, _metadata_string(node, "SERVICE_ACCOUNT"))
+
+
+def _matches(spiffe_id: SpiffeId, claims: NodeClaims) -> bool:
+    if claims.spiffe_id is not None and spiffe_id != claims.spiffe_id:
+        return False
+    if claims.namespace is None and claims.service_account is None:
+        return True
+    kubernetes = spiffe_id.kubernetes
+    if kubernetes is None:
+        return False
+    namespace, account = kubernetes
+    return (claims.namespace in (None, namespace)) and (claims.service_account in (None, account))
+
+
+def node_identities(caller: Caller, node: Any) -> tuple[SpiffeId, ...]:
+    """The caller's identities consistent with what its node claims; Forbidden if none is."""
+    claims = node_claims(node)
+    matching = tuple(i for i in caller.identities if _matches(i, claims))
+    if not matching:
+        raise Forbidden(f"node {getattr(node, 'id', '')!r} claims an identity not the caller's")
+    return matching
+
+
+def authorize_node(caller: Caller, node: Any) -> None:
+    """Refuse a node that names another identity than the caller's."""
+    node_identities(caller, node)
+
+
+def own_identity(caller: Caller, node: Any) -> SpiffeId:
+    """The one identity Istio's ``default`` stands for; Forbidden when the node leaves a choice."""
+    matching = node_identities(caller, node)
+    if len(matching) > 1:
+        raise Forbidden(
+            f"caller {caller} holds several identities; set node.id to the SPIFFE ID of the "
+            "one to serve as 'default'"
+        )
+    return matching[0]

@@ -1,0 +1,94 @@
+"""The gRPC Secret Discovery Service: StreamSecrets, DeltaSecrets, FetchSecrets.
+
+A thin shell: it authenticates the caller (UNAUTHENTICATED when that fails) and hands
+the call to the xDS engine with the Secret source. Protocol rules live in
+:mod:`meshca.sds.engine`, authorization in :mod:`meshca.sds.secrets`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from envoy.service.secret.v3 import sds_pb2_grpc
+
+from meshca.logs import bind
+from meshca.sds.auth import AuthError, Caller, CallerAuthenticator
+from meshca.sds.engine import XdsEngine
+from meshca.sds.secrets import SECRET_TYPE_URL, SecretSource
+from meshca.sds.stats import XdsStats
+from meshca.spiffe import SpiffeId
+from meshca.store import SecretStore
+
+log = logging.getLogger("meshca.sds")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_request_ids = itertools.count(1)
+
+
+async def authenticate_or_abort(
+    authenticator: CallerAuthenticator, stats: XdsStats, context: Context
+) -> Caller:
+    """The caller, or the call ends UNAUTHENTICATED (logged and counted). Every event
+    logged while serving the call carries its peer, request id and caller."""
+    bind(peer=context.peer(), request_id=f"{next(_request_ids):x}")
+    try:
+        caller = authenticator.authenticate(context)
+        bind(caller=",".join(str(i) for i in caller.identities), transport=caller.transport)
+        return caller
+    except AuthError as exc:
+        stats.auth_failures += 1
+        log.warning("refused an xDS call: %s", exc)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
+
+class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+    """Serves the store's secrets to authenticated callers over all three SDS RPCs."""
+
+    def __init__(
+        self,
+        store: SecretStore,
+        authenticator: CallerAuthenticator,
+        service_identities: Callable[[str, str], tuple[SpiffeId, ...] | None],
+        stats: XdsStats | None = None,
+    ) -> None:
+        self.store = store
+        self.authenticator = authenticator
+        self.stats = stats or XdsStats()
+        self.secrets = SecretSource(store, service_identities)
+        self.engine = XdsEngine([self.secrets], self.stats)
+
+    def resources_changed(self) -> None:
+        """An input other than the store changed (the mesh file): recompute every stream."""
+        self.engine.wake_all()
+
+    def close(self) -> None:
+        """Stop listening to the store (the server is shutting down)."""
+        self.secrets.close()
+
+    async def _authenticate(self, context: Context) -> Caller:
+        return await authenticate_or_abort(self.authenticator, self.stats, context)
+
+    async def StreamSecrets(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        caller = await self._authenticate(context)
+        await self.engine.run_sotw(
+            caller, request_iterator, context, default_type_url=SECRET_TYPE_URL
+        )
+
+    async def DeltaSecrets(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        caller = await self._authenticate(context)
+        await self.engine.run_delta(
+            caller, request_iterator, context, default_type_url=SECRET_TYPE_URL
+        )
+
+    async def FetchSecrets(self, request: Any, context: Context) -> Any:
+        caller = await self._authenticate(context)
+        return await self.engine.fetch(caller, request, context, default_type_url=SECRET_TYPE_URL)
+
+
+def add_sds_to_server(servicer: SecretDiscoveryServicer, server: grpc.aio.Server) -> None:
+    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)

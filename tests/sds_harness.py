@@ -1,0 +1,358 @@
+"""A real SDS server for tests, and clients with chosen identities.
+
+``async with sds_harness(tmp_path) as h:`` starts a grpc.aio server on 127.0.0.1 with
+the Secret Discovery Service over mutual TLS, its certificates issued by a real local
+CA created in ``tmp_path``; ``h.mtls_channel(identity)`` connects as that identity. It
+also listens in plaintext on 127.0.0.1 (a caller with no certificate at all) and,
+with ``uds=True``, on a Unix socket through meshca's SO_PEERCRED relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.rpc import status_pb2
+
+from meshca.backends.local import LocalCa, init_local_ca
+from meshca.envoy.mesh import Mesh, Service
+from meshca.issuer import Issuer, X509Svid
+from meshca.issuer.keys import private_key_pem
+from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
+from meshca.sds.auth import CallerAuthenticator
+from meshca.sds.engine import ResourceSource, XdsEngine
+from meshca.sds.secrets import SECRET_TYPE_URL
+from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
+from meshca.sds.stats import XdsStats
+from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.store import SecretStore
+
+TRUST_DOMAIN = TrustDomain("cluster.local")
+SERVER_ID = SpiffeId.from_kubernetes("meshca", "meshca", TRUST_DOMAIN)
+SERVER_NAME = "localhost"
+# A client that never reads: no window growth, so the server's writes to it block early.
+NO_WINDOW_GROWTH = (("grpc.http2.bdp_probe", 0),)
+TIMEOUT = 10.0
+
+DEFAULT_SERVICES = (
+    Service(
+        name="bookstore",
+        namespace="bookstore",
+        ports=(),
+        service_accounts=("bookstore-v1", "bookstore-v2"),
+    ),
+    Service(name="bookbuyer", namespace="bookbuyer", ports=(), service_accounts=("bookbuyer",)),
+)
+
+
+def k8s(namespace: str, account: str) -> SpiffeId:
+    return SpiffeId.from_kubernetes(namespace, account, TRUST_DOMAIN)
+
+
+@dataclass
+class MeshRef:
+    """The current mesh, swappable under a running servicer."""
+
+    mesh: Mesh
+
+    def service_identities(self, namespace: str, service: str) -> tuple[SpiffeId, ...] | None:
+        return self.mesh.service_identities(namespace, service)
+
+
+@dataclass
+class SdsHarness:
+    """A running server and what it was built from; ``close`` stops everything."""
+
+    ca: LocalCa
+    issuer: Issuer
+    store: SecretStore
+    servicer: SecretDiscoveryServicer
+    server: grpc.aio.Server
+    port: int
+    plain_port: int
+    bundle_pem: bytes
+    mesh_ref: MeshRef
+    ads_engine: XdsEngine
+    uds_path: Path | None = None
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def stats(self) -> XdsStats:
+        return self.servicer.stats
+
+    def set_mesh(self, mesh: Mesh) -> None:
+        """Replace the mesh (as a reload of the mesh file would) and tell the servicer."""
+        self.mesh_ref.mesh = mesh
+        self.servicer.resources_changed()
+
+    def _track(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
+        self._channels.append(channel)
+        return channel
+
+    def client_svid(self, identity: SpiffeId) -> X509Svid:
+        return self.issuer.issue(identity)
+
+    def mtls_channel(
+        self,
+        identity: SpiffeId | None = None,
+        svid: X509Svid | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> Any:
+        """A channel presenting a client certificate for ``identity`` (or ``svid``)."""
+        if svid is None:
+            assert identity is not None
+            svid = self.client_svid(identity)
+        assert svid.private_key is not None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.bundle_pem,
+            private_key=private_key_pem(svid.private_key),
+            certificate_chain=svid.chain_pem(),
+        )
+        return self._tls(credentials, options)
+
+    def tls_channel_without_certificate(self) -> Any:
+        return self._tls(grpc.ssl_channel_credentials(root_certificates=self.bundle_pem))
+
+    def _tls(
+        self, credentials: grpc.ChannelCredentials, options: Sequence[tuple[str, Any]] = ()
+    ) -> Any:
+        every = [("grpc.ssl_target_name_override", SERVER_NAME), *options]
+        return self._track(
+            grpc.aio.secure_channel(f"127.0.0.1:{self.port}", credentials, options=every)
+        )
+
+    def plaintext_channel(self) -> Any:
+        return self._track(grpc.aio.insecure_channel(f"127.0.0.1:{self.plain_port}"))
+
+    def uds_channel(self) -> Any:
+        assert self.uds_path is not None, "start the harness with uds=True"
+        return self._track(grpc.aio.insecure_channel(f"unix:{self.uds_path}"))
+
+    def stub(self, channel: Any) -> Any:
+        return sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+
+    def ads_stub(self, channel: Any) -> Any:
+        return ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+
+    async def close_channels(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+
+
+@asynccontextmanager
+async def sds_harness(
+    tmp_path: Path,
+    *,
+    services: Sequence[Service] = DEFAULT_SERVICES,
+    uid_identities: Mapping[int, Sequence[SpiffeId]] | None = None,
+    uds: bool = False,
+    ads_sources: Sequence[ResourceSource] = (),
+) -> AsyncIterator[SdsHarness]:
+    """Also serves ADS: an engine with ``ads_sources`` followed by the Secret source."""
+    ca = init_local_ca(tmp_path / "data", TRUST_DOMAIN)
+    issuer = Issuer(ca.authority())
+    bundle_pem = ca.bundle.pem()
+    store = SecretStore(issuer)
+    server_svid = issuer.issue(SERVER_ID, dns_names=(SERVER_NAME,))
+    assert server_svid.private_key is not None
+    door: Any = None
+    socket_dir: Path | None = None
+    if uds:
+        from meshca.sds.uds import UdsFrontDoor  # the server's relay, where present
+
+        socket_dir = Path(tempfile.mkdtemp(prefix="sds-", dir="/tmp"))
+        door = UdsFrontDoor(socket_dir / "sds.sock")
+    authenticator = CallerAuthenticator(
+        TRUST_DOMAIN,
+        peer_creds=door.peer_creds if door is not None else None,
+        uid_identities=uid_identities,
+    )
+    mesh_ref = MeshRef(Mesh(TRUST_DOMAIN, services=tuple(services)))
+    servicer = SecretDiscoveryServicer(store, authenticator, mesh_ref.service_identities)
+    server = grpc.aio.server()
+    add_sds_to_server(servicer, server)
+    ads_engine = XdsEngine([*ads_sources, servicer.secrets], servicer.stats)
+    add_ads_to_server(AggregatedDiscoveryServicer(ads_engine, authenticator), server)
+    credentials = grpc.ssl_server_credentials(
+        [(private_key_pem(server_svid.private_key), server_svid.chain_pem())],
+        root_certificates=bundle_pem,
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    plain_port = server.add_insecure_port("127.0.0.1:0")
+    if door is not None:
+        server.add_insecure_port(door.prepare())
+    await server.start()
+    if door is not None:
+        await door.start()
+    harness = SdsHarness(
+        ca,
+        issuer,
+        store,
+        servicer,
+        server,
+        port,
+        plain_port,
+        bundle_pem,
+        mesh_ref,
+        ads_engine,
+        uds_path=door.public_path if door is not None else None,
+    )
+    try:
+        yield harness
+    finally:
+        await harness.close_channels()
+        if door is not None:
+            await door.close()
+        await server.stop(grace=None)
+        servicer.close()
+        store.stop()
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+# --- requests and responses ------------------------------------------------------------
+
+
+def node(node_id: str = "", **metadata: str) -> Any:
+    result = base_pb2.Node(id=node_id, cluster="test")
+    for key, value in metadata.items():
+        result.metadata.fields[key].string_value = value
+    return result
+
+
+def sotw(
+    names: Iterable[str] = (),
+    *,
+    nonce: str = "",
+    version: str = "",
+    node_id: str | None = None,
+    error: str | None = None,
+    type_url: str = SECRET_TYPE_URL,
+) -> Any:
+    request = discovery_pb2.DiscoveryRequest(
+        resource_names=list(names),
+        type_url=type_url,
+        response_nonce=nonce,
+        version_info=version,
+    )
+    if node_id is not None:
+        request.node.CopyFrom(node(node_id))
+    if error is not None:
+        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return request
+
+
+def delta(
+    subscribe: Iterable[str] = (),
+    unsubscribe: Iterable[str] = (),
+    *,
+    nonce: str = "",
+    initial: Mapping[str, str] | None = None,
+    node_id: str | None = None,
+    error: str | None = None,
+    type_url: str = SECRET_TYPE_URL,
+) -> Any:
+    request = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url,
+        resource_names_subscribe=list(subscribe),
+        resource_names_unsubscribe=list(unsubscribe),
+        initial_resource_versions=dict(initial or {}),
+        response_nonce=nonce,
+    )
+    if node_id is not None:
+        request.node.CopyFrom(node(node_id))
+    if error is not None:
+        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return request
+
+
+def secrets_of(response: Any) -> dict[str, Any]:
+    """``name -> Secret`` of a DiscoveryResponse or DeltaDiscoveryResponse."""
+    found: dict[str, Any] = {}
+    for item in response.resources:
+        body = item.resource if isinstance(item, discovery_pb2.Resource) else item
+        secret = secret_pb2.Secret.FromString(body.value)
+        found[secret.name] = secret
+    return found
+
+
+class Stream:
+    """One client stream (SotW or Delta) with reads that fail loudly instead of hanging."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self._pending: asyncio.Future[Any] | None = None
+
+    def _read(self) -> asyncio.Future[Any]:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.call.read())
+        return self._pending
+
+    async def send(self, request: Any) -> None:
+        await self.call.write(request)
+
+    async def recv(self, timeout: float = TIMEOUT) -> Any:
+        response = await asyncio.wait_for(asyncio.shield(self._read()), timeout)
+        self._pending = None
+        assert response is not grpc.aio.EOF, "the server ended the stream"
+        return response
+
+    async def error(self, timeout: float = TIMEOUT) -> grpc.aio.AioRpcError:
+        """Read until the call fails; returns the error (fails the test if it does not)."""
+        try:
+            while True:
+                response = await asyncio.wait_for(asyncio.shield(self._read()), timeout)
+                self._pending = None
+                assert response is not grpc.aio.EOF, "the stream ended without an error"
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    async def nothing_within(self, seconds: float) -> bool:
+        """True when no response arrives within ``seconds`` (used only to check silence)."""
+        done, _ = await asyncio.wait({self._read()}, timeout=seconds)
+        return not done
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def open_sotw(stub: Any, *requests: Any) -> Stream:
+    """A state-of-the-world stream on an SDS or an ADS stub."""
+    method = getattr(stub, "StreamSecrets", None) or stub.StreamAggregatedResources
+    stream = Stream(method())
+    for request in requests:
+        await stream.send(request)
+    return stream
+
+
+async def open_delta(stub: Any, *requests: Any) -> Stream:
+    """A delta stream on an SDS or an ADS stub."""
+    method = getattr(stub, "DeltaSecrets", None) or stub.DeltaAggregatedResources
+    stream = Stream(method())
+    for request in requests:
+        await stream.send(request)
+    return stream
+
+
+async def wait_until(predicate: Any, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    """Poll ``predicate`` on the loop until it holds (bounded, never a timing assertion)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    assert predicate(), f"timed out waiting for {what}"
