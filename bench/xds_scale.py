@@ -62,9 +62,9 @@ from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_T
 from meshca.issuer import Issuer
 from meshca.issuer.keys import private_key_pem
 from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
-from meshca.sds.ads_sources import MeshAds
 from meshca.sds.auth import CallerAuthenticator
 from meshca.sds.secrets import SecretSource
+from meshca.server_ads import MeshAds
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
 

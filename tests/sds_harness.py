@@ -161,68 +161,68 @@ async def sds_harness(
     uid_identities: Mapping[int, Sequence[SpiffeId]] | None = None,
     uds: bool = False,
     ads_sources: Sequence[ResourceSource] = (),
+    absent_types: Iterable[str] = (),
 ) -> AsyncIterator[SdsHarness]:
-    """Also serves ADS: an engine with ``ads_sources`` followed by the Secret source."""
+    """Also serves ADS: an engine with ``ads_sources`` followed by the Secret source
+    (``absent_types``: the ADS engine's types whose unknown names are absent)."""
     ca = init_local_ca(tmp_path / "data", TRUST_DOMAIN)
     issuer = Issuer(ca.authority())
     bundle_pem = ca.bundle.pem()
-    store = SecretStore(issuer)
     server_svid = issuer.issue(SERVER_ID, dns_names=(SERVER_NAME,))
     assert server_svid.private_key is not None
-    door: Any = None
-    socket_dir: Path | None = None
-    if uds:
-        from meshca.sds.uds import UdsFrontDoor  # the server's relay, where present
+    async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse, even half-built
+        store = SecretStore(issuer)
+        cleanup.callback(store.stop)
+        door: Any = None
+        if uds:
+            from meshca.sds.uds import UdsFrontDoor  # the server's relay
 
-        socket_dir = Path(tempfile.mkdtemp(prefix="sds-", dir="/tmp"))
-        door = UdsFrontDoor(socket_dir / "sds.sock")
-    authenticator = CallerAuthenticator(
-        TRUST_DOMAIN,
-        peer_creds=door.peer_creds if door is not None else None,
-        uid_identities=uid_identities,
-    )
-    mesh_ref = MeshRef(Mesh(TRUST_DOMAIN, services=tuple(services)))
-    servicer = SecretDiscoveryServicer(store, authenticator, mesh_ref.service_identities)
-    server = grpc.aio.server()
-    add_sds_to_server(servicer, server)
-    ads_engine = XdsEngine([*ads_sources, servicer.secrets], servicer.stats)
-    add_ads_to_server(AggregatedDiscoveryServicer(ads_engine, authenticator), server)
-    credentials = grpc.ssl_server_credentials(
-        [(private_key_pem(server_svid.private_key), server_svid.chain_pem())],
-        root_certificates=bundle_pem,
-        require_client_auth=True,
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    plain_port = server.add_insecure_port("127.0.0.1:0")
-    if door is not None:
-        server.add_insecure_port(door.prepare())
-    await server.start()
-    if door is not None:
-        await door.start()
-    harness = SdsHarness(
-        ca,
-        issuer,
-        store,
-        servicer,
-        server,
-        port,
-        plain_port,
-        bundle_pem,
-        mesh_ref,
-        ads_engine,
-        uds_path=door.public_path if door is not None else None,
-    )
-    try:
-        yield harness
-    finally:
-        await harness.close_channels()
+            socket_dir = Path(tempfile.mkdtemp(prefix="sds-", dir="/tmp"))
+            cleanup.callback(shutil.rmtree, socket_dir, True)
+            door = UdsFrontDoor(socket_dir / "sds.sock")
+            cleanup.push_async_callback(door.close)
+        authenticator = CallerAuthenticator(
+            TRUST_DOMAIN,
+            peer_creds=door.peer_creds if door is not None else None,
+            uid_identities=uid_identities,
+        )
+        mesh_ref = MeshRef(Mesh(TRUST_DOMAIN, services=tuple(services)))
+        servicer = SecretDiscoveryServicer(store, authenticator, mesh_ref.service_identities)
+        cleanup.callback(servicer.close)
+        server = grpc.aio.server()
+        add_sds_to_server(servicer, server)
+        ads_engine = XdsEngine(
+            [*ads_sources, servicer.secrets], servicer.stats, absent_types=absent_types
+        )
+        add_ads_to_server(AggregatedDiscoveryServicer(ads_engine, authenticator), server)
+        credentials = grpc.ssl_server_credentials(
+            [(private_key_pem(server_svid.private_key), server_svid.chain_pem())],
+            root_certificates=bundle_pem,
+            require_client_auth=True,
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        plain_port = server.add_insecure_port("127.0.0.1:0")
         if door is not None:
-            await door.close()
-        await server.stop(grace=None)
-        servicer.close()
-        store.stop()
-        if socket_dir is not None:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            server.add_insecure_port(door.prepare())
+        await server.start()
+        cleanup.push_async_callback(server.stop, None)
+        if door is not None:
+            await door.start()
+        harness = SdsHarness(
+            ca,
+            issuer,
+            store,
+            servicer,
+            server,
+            port,
+            plain_port,
+            bundle_pem,
+            mesh_ref,
+            ads_engine,
+            uds_path=door.public_path if door is not None else None,
+        )
+        cleanup.push_async_callback(harness.close_channels)
+        yield harness
 
 
 # --- requests and responses ------------------------------------------------------------

@@ -9,15 +9,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import spiffe
 from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshca.envoy.mesh import Mesh, Service
-from meshca.sds.engine import Resource
+from meshca.sds.engine import Resource, ResourceError
 from tests.sds_harness import (
     NO_WINDOW_GROWTH,
     TRUST_DOMAIN,
@@ -447,3 +449,114 @@ async def test_ads_delta_removes_wildcard_resources(ads: tuple[SdsHarness, Clust
     clusters.set(["bookstore-v2"])
     second = await stream.recv()
     assert list(second.removed_resources) == ["bookstore-v1"] and not second.resources
+
+
+# --- ADS: names that do not exist (yet) are absent, forbidden ones still refused ----------
+
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+FORBIDDEN = "bookwarehouse|forbidden"
+
+
+class EndpointSource:
+    """A named type whose resources a test sets; FORBIDDEN is PERMISSION_DENIED and any
+    other unknown name NOT_FOUND (what EDS looks like to the engine)."""
+
+    type_url = ENDPOINT_TYPE
+    wildcard = False
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.watchers: dict[int, Any] = {}
+
+    def set(self, names: list[str]) -> None:
+        self.names = names
+        for stream in self.watchers.values():
+            stream.wake(ENDPOINT_TYPE)
+
+    async def resolve(self, caller: Any, node: Any, names: frozenset[str] | None) -> Any:
+        found: dict[str, Resource | ResourceError] = {}
+        for name in names or ():
+            if name == FORBIDDEN:
+                found[name] = ResourceError(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+            elif name in self.names:
+                found[name] = Resource.of(
+                    name, endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+                )
+            else:
+                found[name] = ResourceError(grpc.StatusCode.NOT_FOUND, f"no {name!r}")
+        return found
+
+    def watch(self, stream: Any, names: frozenset[str] | None) -> None:
+        self.watchers[stream.id] = stream
+
+    def unwatch(self, stream: Any) -> None:
+        self.watchers.pop(stream.id, None)
+
+
+def assignment_names(response: Any) -> list[str]:
+    found = []
+    for item in response.resources:
+        body = item.resource if isinstance(item, discovery_pb2.Resource) else item
+        found.append(endpoint_pb2.ClusterLoadAssignment.FromString(body.value).cluster_name)
+    return sorted(found)
+
+
+@pytest.fixture
+async def eds(tmp_path: Path) -> AsyncIterator[tuple[SdsHarness, EndpointSource]]:
+    endpoints = EndpointSource(["bookstore-v1"])
+    async with sds_harness(
+        tmp_path, ads_sources=[endpoints], absent_types=[ENDPOINT_TYPE]
+    ) as harness:
+        yield harness, endpoints
+
+
+async def test_ads_sotw_omits_unknown_names_until_they_exist(
+    eds: tuple[SdsHarness, EndpointSource],
+) -> None:
+    h, endpoints = eds
+    stub = h.ads_stub(h.mtls_channel(BUYER))
+    names = ["bookstore-v1", "bookstore-v2"]
+    stream = await open_sotw(stub, sotw(names, type_url=ENDPOINT_TYPE, node_id="envoy-buyer"))
+    first = await stream.recv()
+    assert assignment_names(first) == ["bookstore-v1"]
+    await stream.send(
+        sotw(names, type_url=ENDPOINT_TYPE, nonce=first.nonce, version=first.version_info)
+    )
+    # the stream lives on: other types are served, and the name arrives once it exists
+    await stream.send(sotw(["default"]))
+    assert set(secrets_of(await stream.recv())) == {"default"}
+    endpoints.set(["bookstore-v1", "bookstore-v2"])
+    second = await stream.recv()
+    assert second.type_url == ENDPOINT_TYPE
+    assert assignment_names(second) == ["bookstore-v1", "bookstore-v2"]
+    assert h.stats.refusals == {}
+    # a forbidden name still ends the stream
+    await stream.send(
+        sotw([*names, FORBIDDEN], type_url=ENDPOINT_TYPE, nonce=second.nonce, version="x")
+    )
+    assert (await stream.error()).code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_ads_delta_sends_unknown_names_once_they_exist_and_removes_them(
+    eds: tuple[SdsHarness, EndpointSource],
+) -> None:
+    h, endpoints = eds
+    stub = h.ads_stub(h.mtls_channel(BUYER))
+    stream = await open_delta(stub, delta(["bookstore-v1", "bookstore-v2"], type_url=ENDPOINT_TYPE))
+    first = await stream.recv()
+    assert assignment_names(first) == ["bookstore-v1"] and not first.removed_resources
+    await stream.send(delta(type_url=ENDPOINT_TYPE, nonce=first.nonce))
+    endpoints.set(["bookstore-v2"])
+    second = await stream.recv()
+    assert assignment_names(second) == ["bookstore-v2"]
+    assert list(second.removed_resources) == ["bookstore-v1"]
+    await stream.send(delta([FORBIDDEN], type_url=ENDPOINT_TYPE, nonce=second.nonce))
+    assert (await stream.error()).code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_without_the_option_an_unknown_name_ends_the_stream(tmp_path: Path) -> None:
+    async with sds_harness(tmp_path, ads_sources=[EndpointSource([])]) as h:
+        stub = h.ads_stub(h.mtls_channel(BUYER))
+        stream = await open_sotw(stub, sotw(["bookstore-v2"], type_url=ENDPOINT_TYPE))
+        error = await stream.error()
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "bookstore-v2" in str(error.details())

@@ -1,4 +1,5 @@
-"""``meshca bootstrap``: an Envoy bootstrap that gets its certificates from ``meshca serve``."""
+"""``meshca bootstrap``: an Envoy bootstrap that gets its certificates (and, with ``--ads``,
+its whole configuration) from ``meshca serve``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from meshca.commands.common import UsageError, add_command, write_out
-from meshca.config import ConfigError, Settings
+from meshca.config import ConfigError, Settings, option
 from meshca.envoy.bootstrap import (
     BootstrapError,
     BootstrapSpec,
@@ -28,13 +29,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         subparsers,
         NAME,
         run,
-        summary="write an Envoy bootstrap that uses meshca's SDS",
+        summary="write an Envoy bootstrap that uses meshca's SDS (or ADS)",
         description=(
             "Write an Envoy bootstrap (YAML) for IDENTITY whose static cluster "
             "'meshca_sds' reaches meshca over its Unix socket (--server unix:///path) or "
             "over mutual TLS (--server HOST:PORT with --cert-dir from 'meshca issue'; "
             "only meshca's own SPIFFE ID is accepted from the server). --inbound and "
-            "--outbound add a minimal listener pair for trying it out."
+            "--outbound add a minimal listener pair for trying it out. With --ads that "
+            "cluster is the only static piece: listeners, clusters, routes, endpoints and "
+            "secrets come from meshca over ADS, generated from its mesh file for IDENTITY "
+            "(--capture says how traffic reaches the proxy)."
         ),
     )
     parser.add_argument("identity", metavar="IDENTITY", help="the SPIFFE ID this Envoy serves")
@@ -62,7 +66,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
+ADS_ONLY = ("capture", "workload", "delta")
+
+
+def _check_shape(args: argparse.Namespace, settings: Settings) -> None:
+    if settings["ads"]:
+        for given, flag in ((args.inbound, "--inbound"), (args.outbound, "--outbound")):
+            if given is not None:
+                raise UsageError(
+                    f"{flag} does not apply to --ads: meshca sends the listeners and clusters"
+                )
+        return
+    for name in ADS_ONLY:
+        flag = option(name).flag_name
+        if settings.source(name) == flag:  # from the environment or a file: not for this run
+            raise UsageError(f"{flag} applies to --ads")
+
+
 def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
+    _check_shape(args, settings)
     identity = SpiffeId.parse(args.identity)
     if settings.is_explicit("trust_domain") and settings["trust_domain"] != identity.trust_domain:
         raise ConfigError(
@@ -101,9 +123,23 @@ def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
     )
 
 
+def _render(args: argparse.Namespace, settings: Settings) -> str:
+    spec = _spec(args, settings)
+    if not settings["ads"]:
+        return render_bootstrap(spec)
+    from meshca.envoy.ads_bootstrap import render_ads_bootstrap  # loads the Envoy API
+
+    return render_ads_bootstrap(
+        spec,
+        capture=settings["capture"],
+        workload=settings["workload"],
+        delta=settings["delta"],
+    )
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        text = render_bootstrap(_spec(args, settings))
+        text = _render(args, settings)
     except BootstrapError as exc:
         raise ConfigError(str(exc)) from None
     if args.out is None:

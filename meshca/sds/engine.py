@@ -32,6 +32,13 @@ and Envoy retries with backoff. A resource that disappears later is removed (Del
 or left as the proxy last received it (SotW cannot express removal for SDS); a
 transient failure keeps the last resource sent.
 
+On ADS one stream carries every type, so ending it for one name would drop the proxy's
+whole configuration: a mesh change racing with Envoy's first request for an endpoint or
+route name would restart the stream. Types listed in ``absent_types`` treat NOT_FOUND
+as "does not exist (yet)": the name is omitted (SotW) or not sent (Delta) until it
+exists, and removed like any resource that disappears. Every other refusal, above all
+PERMISSION_DENIED, still ends the stream.
+
 Each stream runs in its own task: change notifications only set the stream's wake-up
 event, so a proxy that never reads (``write`` blocks on flow control) delays nobody.
 """
@@ -377,17 +384,21 @@ class _Stream:
         self._dirty.add(type_url)
 
     def _resolved(
-        self, state: _TypeState, resolution: Resolution
+        self, type_url: str, state: _TypeState, resolution: Resolution
     ) -> tuple[dict[str, Resource], list[str]]:
-        """(resources to hold now, names that are gone); refuses names never served."""
+        """(resources to hold now, names that are gone); refuses names never served
+        (except NOT_FOUND for a type whose missing names are absent)."""
         names: Iterable[str] = state.names if state.names is not None else resolution
         missing = [n for n in names if n not in resolution]
         if missing:
             raise StreamRefused(grpc.StatusCode.INTERNAL, f"no answer for resource {missing[0]!r}")
+        absent_ok = type_url in self.engine.absent_types
         refused = [
             r
             for n in names
-            if n in state.unserved and isinstance(r := resolution[n], ResourceError)
+            if n in state.unserved
+            and isinstance(r := resolution[n], ResourceError)
+            and not (absent_ok and r.code == grpc.StatusCode.NOT_FOUND)
         ]
         if refused:
             error = min(refused, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
@@ -400,6 +411,14 @@ class _Stream:
                 current[name] = result
                 state.unserved.discard(name)
             elif result.code == grpc.StatusCode.NOT_FOUND:
+                if name in state.unserved:
+                    log.debug(
+                        "%s stream %d: caller %s: %s (absent until it exists)",
+                        self.kind,
+                        self.id,
+                        self.caller,
+                        result.message,
+                    )
                 gone.append(name)
             elif name in state.sent:
                 current[name] = state.sent[name]  # transient: keep what the proxy has
@@ -458,7 +477,7 @@ class _SotwStream(_Stream):
             state.sent = {n: r for n, r in state.sent.items() if n in state.names}
 
     async def _push(self, type_url: str, state: _TypeState) -> None:
-        current, gone = self._resolved(state, await self._resolve(state))
+        current, gone = self._resolved(type_url, state, await self._resolve(state))
         for name in gone:  # SotW cannot remove an SDS/EDS/RDS resource: keep the last one
             if name in state.sent:
                 current[name] = state.sent[name]
@@ -522,7 +541,7 @@ class _DeltaStream(_Stream):
 
     async def _push(self, type_url: str, state: _TypeState) -> None:
         resolution = await self._resolve(state)
-        current, gone = self._resolved(state, resolution)
+        current, gone = self._resolved(type_url, state, resolution)
         updates = [r for name, r in sorted(current.items()) if state.client.get(name) != r.version]
         removed = sorted(name for name in gone if name in state.client)
         if state.names is None:  # wildcard: whatever the proxy holds that no longer exists
@@ -551,7 +570,11 @@ class _DeltaStream(_Stream):
 
 
 class XdsEngine:
-    """Serves the resource types of ``sources`` over SotW, Delta and unary fetch."""
+    """Serves the resource types of ``sources`` over SotW, Delta and unary fetch.
+
+    ``absent_types``: type URLs whose NOT_FOUND names are absent rather than refused
+    (see the module's notes on errors); ADS passes its generated types.
+    """
 
     def __init__(
         self,
@@ -559,8 +582,13 @@ class XdsEngine:
         stats: XdsStats | None = None,
         *,
         max_names: int = DEFAULT_MAX_NAMES,
+        absent_types: Iterable[str] = (),
     ) -> None:
         self.sources: dict[str, ResourceSource] = {s.type_url: s for s in sources}
+        self.absent_types = frozenset(absent_types)
+        unknown = sorted(self.absent_types - set(self.sources))
+        if unknown:
+            raise ValueError(f"absent_types names types that are not served: {unknown}")
         self._type_order = [s.type_url for s in sources]  # ADS: make before break
         self.stats = stats or XdsStats()
         self.max_names = max_names
@@ -622,7 +650,12 @@ class XdsEngine:
             resolution = await source.resolve(
                 caller, node, None if source.wildcard and not names else names
             )
-            errors = [r for r in resolution.values() if isinstance(r, ResourceError)]
+            errors = [
+                r
+                for r in resolution.values()
+                if isinstance(r, ResourceError)
+                and not (type_url in self.absent_types and r.code == grpc.StatusCode.NOT_FOUND)
+            ]
             if errors:
                 error = min(errors, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
                 raise StreamRefused(error.code, error.message)

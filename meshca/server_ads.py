@@ -1,4 +1,8 @@
-"""The generated resource types as sources of the xDS engine, for ADS.
+"""Serving the mesh over ADS: the generated resource types as sources of the xDS engine.
+
+Wiring, next to :mod:`meshca.server`: it joins :mod:`meshca.envoy` (the mesh model and
+the resources generated from it) to :mod:`meshca.sds` (the xDS engine and the Secret
+source), which know nothing of each other.
 
 Each stream's clusters, endpoints, listeners and routes come from the snapshot
 generated for the caller's *authenticated* identity
@@ -8,11 +12,13 @@ it fronts. Secrets on the same stream come from the
 :class:`~meshca.sds.secrets.SecretSource`, so a caller receives only its own private
 key on ADS exactly as on SDS.
 
-:func:`ads_engine` lists the sources in the order Envoy needs them (the engine pushes
+:func:`ads_sources` lists the sources in the order Envoy needs them (the engine pushes
 in that order): clusters before their endpoints, listeners before their routes,
 secrets last (Envoy holds a cluster or listener warming until its secrets arrive). A
 mesh change wakes every stream; each sends only the types whose content changed for
-its proxy.
+its proxy. A cluster, endpoint, listener or route name that is not in the proxy's
+configuration is absent, not an error that ends the stream: a mesh change can race
+with Envoy's request for a name the previous configuration gave it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from meshca.sds.stats import XdsStats
 from meshca.spiffe import SpiffeId
 
 ProxyKey = tuple[SpiffeId, str, str | None]
+# The types generated from the mesh, in the order Envoy needs them; secrets come last.
+GENERATED_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
 
 
 def _metadata(node: Any, key: str) -> str | None:
@@ -128,7 +136,8 @@ class SnapshotSource:
 
     Clusters and listeners are wildcard subscriptions (Envoy asks for all of them);
     endpoints and routes are asked for by name. A name that is not in the proxy's
-    configuration is NOT_FOUND: a proxy gets only what its identity may reach.
+    configuration is NOT_FOUND (absent on the ADS engine): a proxy gets only what its
+    identity may reach.
     """
 
     def __init__(self, type_url: str, wildcard: bool, snapshots: ProxySnapshots) -> None:
@@ -174,7 +183,9 @@ class MeshAds:
         self, mesh: Callable[[], Mesh], secrets: SecretSource, stats: XdsStats | None = None
     ) -> None:
         self.snapshots = ProxySnapshots(mesh)
-        self.engine = XdsEngine(ads_sources(self.snapshots, secrets), stats)
+        self.engine = XdsEngine(
+            ads_sources(self.snapshots, secrets), stats, absent_types=GENERATED_TYPES
+        )
 
     def mesh_changed(self) -> None:
         self.snapshots.forget_stale()

@@ -1,0 +1,318 @@
+"""Intercept capture for real: iptables redirects an app's connection to a service's
+ClusterIP into Envoy's outbound listener on 15001, whose ``original_dst`` filter
+recovers the address the app dialled and picks that service's filter chain.
+
+Everything runs in a network namespace the test creates (so the rules touch nothing
+else, and the bookstore's fixed ports are free): its loopback interface carries the
+service and workload addresses (127.0.0.0/8). bookbuyer's Envoy runs in intercept mode;
+the two bookstore versions' Envoys in explicit mode next to it. meshca runs outside
+the namespace and serves every Envoy over its Unix socket (a path in the file system,
+reachable from any network namespace); all bootstraps come from
+``meshca bootstrap --ads``.
+
+Needs root, ``ip netns`` and a working ``iptables`` (or ``iptables-nft`` /
+``iptables-legacy``) with the nat table; otherwise the test is skipped and says which
+of these is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.envoy_harness import EnvoyProcess
+from tests.serve_harness import short_tempdir
+
+pytestmark = pytest.mark.timeout(120)
+
+MESHCA = [sys.executable, "-m", "meshca"]
+MESH = Path(__file__).resolve().parent.parent / "examples" / "bookstore" / "mesh.yaml"
+CLONE_NEWNET = 0x40000000
+IPTABLES = ("iptables", "iptables-nft", "iptables-legacy")
+SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin", os.environ.get("PATH", "")))
+BOOKSTORE_IP, BOOKSTORE_PORT = "127.0.0.101", 14001
+PROXIES = {  # workload -> capture mode
+    "bookbuyer": "intercept",
+    "bookstore-v1": "explicit",
+    "bookstore-v2": "explicit",
+}
+APPS = {"bookstore-v1": "127.0.0.33", "bookstore-v2": "127.0.0.34"}  # app_address in MESH
+T = TypeVar("T")
+
+
+def identity(workload: str) -> str:
+    namespace = workload.split("-")[0]
+    return f"spiffe://cluster.local/ns/{namespace}/sa/{workload}"
+
+
+# --- what the machine must offer --------------------------------------------------------------
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "PATH": SBIN},
+    )
+
+
+def _first_line(result: subprocess.CompletedProcess[str]) -> str:
+    text = (result.stderr or result.stdout).strip()
+    return text.splitlines()[0] if text else f"exit status {result.returncode}"
+
+
+def requirements() -> tuple[str, str]:
+    """(ip, iptables) commands, or the test is skipped with what is missing."""
+    if os.geteuid() != 0:
+        pytest.skip(
+            f"intercept mode needs root for a network namespace and iptables rules "
+            f"(running as uid {os.geteuid()})"
+        )
+    ip = shutil.which("ip", path=SBIN)
+    if ip is None:
+        pytest.skip("no 'ip' command (iproute2): cannot create a network namespace")
+    iptables = next((found for name in IPTABLES if (found := shutil.which(name, path=SBIN))), None)
+    if iptables is None:
+        pytest.skip(
+            "no iptables, iptables-nft or iptables-legacy on PATH: intercept mode needs "
+            "iptables to redirect the app's connections to Envoy's port 15001"
+        )
+    return ip, iptables
+
+
+# --- a network namespace, and threads that work inside it ---------------------------------------
+
+
+class Netns:
+    """``ip netns add``; ``run(fn)`` calls ``fn`` on a thread inside the namespace: its
+    sockets are the namespace's, and processes it starts are born there."""
+
+    def __init__(self, ip: str, iptables: str) -> None:
+        self.ip, self.iptables = ip, iptables
+        self.name = f"meshca-test-{os.getpid()}"
+        added = _run(ip, "netns", "add", self.name)
+        if added.returncode != 0:
+            pytest.skip(f"'ip netns add' failed: {_first_line(added)}")
+        self._pool: ThreadPoolExecutor | None = None
+        try:
+            self.exec(ip, "link", "set", "lo", "up")
+            probe = _run(
+                ip, "netns", "exec", self.name, iptables, "-t", "nat", "-n", "-L", "OUTPUT"
+            )
+            if probe.returncode != 0:
+                pytest.skip(
+                    f"{Path(iptables).name} cannot use the nat table in a network namespace: "
+                    f"{_first_line(probe)}"
+                )
+            self._pool = ThreadPoolExecutor(4, initializer=self._enter)
+        except BaseException:
+            self.delete()
+            raise
+
+    def exec(self, *argv: str) -> None:
+        result = _run(self.ip, "netns", "exec", self.name, *argv)
+        assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr.strip()}"
+
+    def _enter(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, f"setns {self.name}: {os.strerror(error)}")
+        finally:
+            os.close(fd)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._pool is not None
+        return self._pool.submit(fn, *args).result(timeout=90)
+
+    def delete(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        _run(self.ip, "netns", "delete", self.name)
+
+
+# --- the pieces -------------------------------------------------------------------------------
+
+
+class App:
+    """A bookstore app: answers with its name and its caller's SPIFFE ID."""
+
+    def __init__(self, name: str, address: str) -> None:
+        app = self
+        self.name = name
+        self.callers: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                xfcc = self.headers.get("x-forwarded-client-cert", "")
+                match = re.search(r"(?:^|;)URI=([^;,]+)", xfcc)
+                app.callers.append(match.group(1) if match else "")
+                body = app.name.encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((address, BOOKSTORE_PORT), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def dial(address: str, port: int) -> tuple[int, str]:
+    """What bookbuyer's app gets when it dials ``address:port`` (run inside the namespace)."""
+    connection = http.client.HTTPConnection(address, port, timeout=5)
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, str(exc)
+    finally:
+        connection.close()
+
+
+def meshca(*args: str) -> str:
+    result = subprocess.run(
+        [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@contextlib.contextmanager
+def meshca_serve(root: Path) -> Iterator[Path]:
+    """``meshca serve`` on a Unix socket; every Envoy here runs as root (uid 0), which
+    may hold the three identities (each bootstrap's node.id picks its own)."""
+    socket_path = root / "meshca.sock"
+    args = ["--data-dir", str(root / "data"), "serve", "--uds", str(socket_path)]
+    args += ["--mesh", str(MESH), "--log-level", "warning"]
+    for workload in PROXIES:
+        args += ["--uds-identity", f"0={identity(workload)}"]
+    out, log = root / "meshca.out", root / "meshca.log"
+    with out.open("wb") as stdout, log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*MESHCA, *args], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on unix://" not in out.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "meshca serve did not start"
+            time.sleep(0.05)
+        yield socket_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@dataclass
+class Intercepted:
+    netns: Netns
+    apps: dict[str, App]
+    envoys: dict[str, EnvoyProcess]
+
+    def dial(self, address: str = BOOKSTORE_IP, port: int = BOOKSTORE_PORT) -> tuple[int, str]:
+        return self.netns.run(dial, address, port)
+
+
+@pytest.fixture(scope="module")
+def intercepted() -> Iterator[Intercepted]:
+    ip, iptables = requirements()
+    netns = Netns(ip, iptables)
+    apps: dict[str, App] = {}
+    envoys: dict[str, EnvoyProcess] = {}
+    try:
+        with short_tempdir("mca-netns-") as root:
+            meshca("init", "--data-dir", str(root / "data"))
+            with meshca_serve(root) as socket_path:
+                for name, address in APPS.items():
+                    apps[name] = netns.run(App, name, address)
+                for name, capture in PROXIES.items():
+                    bootstrap = meshca(
+                        *("bootstrap", identity(name), "--server", f"unix://{socket_path}"),
+                        *("--ads", "--capture", capture, "--workload", name),
+                    )
+                    envoys[name] = EnvoyProcess(bootstrap, root, name)
+                    netns.run(envoys[name].start)
+                # the app's connections to bookstore's ClusterIP go to Envoy's 15001
+                netns.exec(
+                    *(iptables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp"),
+                    *("-d", f"{BOOKSTORE_IP}/32", "--dport", str(BOOKSTORE_PORT)),
+                    *("-j", "REDIRECT", "--to-ports", "15001"),
+                )
+                yield Intercepted(netns, apps, envoys)
+                for envoy in envoys.values():
+                    envoy.stop()
+    finally:
+        for envoy in envoys.values():
+            envoy.stop()
+        for app in apps.values():
+            app.close()
+        netns.delete()
+
+
+def eventually(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}")
+        time.sleep(0.1)
+    return result
+
+
+def test_a_connection_to_the_cluster_ip_is_intercepted_split_and_mtls(
+    intercepted: Intercepted,
+) -> None:
+    eventually(lambda: intercepted.dial()[0] == 200, "bookbuyer -> 127.0.0.101:14001 answers")
+    seen: Counter[str] = Counter()
+    for _ in range(40):
+        status, body = intercepted.dial()
+        assert status == 200, body
+        seen[body] += 1
+    assert set(seen) == {"bookstore-v1", "bookstore-v2"}, seen
+    for app in intercepted.apps.values():
+        assert set(app.callers) == {identity("bookbuyer")}
+
+
+def test_only_mesh_services_are_intercepted(intercepted: Intercepted) -> None:
+    """Without a rule for it, a connection goes where it was dialled (here: nowhere), and
+    the outbound listener itself, dialled directly, matches no service: blackhole."""
+    assert intercepted.dial(BOOKSTORE_IP, 14002)[0] == 0
+    before = sum(len(app.callers) for app in intercepted.apps.values())
+    assert intercepted.dial("127.0.0.1", 15001)[0] != 200
+    assert sum(len(app.callers) for app in intercepted.apps.values()) == before
