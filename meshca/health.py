@@ -17,7 +17,10 @@ certificate renewed, the bundle changed, an issuance succeeded or failed) and se
 status of the overall service ``""`` and of the SDS service on the shared gRPC
 ``HealthServicer``. The main server and the plaintext health listener
 (``--health-listen``, for the kubelet's gRPC probe, which presents no client
-certificate) serve that same servicer, so they always agree.
+certificate) serve that same servicer, so they always agree. With ``backend_service``
+it also publishes the signing backend's own state under that name (``meshca.backend``):
+SERVING while the backend can sign (reachable, its signing CA valid), NOT_SERVING
+during an outage, while the server as a whole may stay SERVING on what it holds.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,10 +56,16 @@ class Verdict:
     reason: str
 
 
-def life_left(svid: X509Svid, now: datetime, skew: timedelta = DEFAULT_SKEW) -> float:
-    """The fraction (0..1) of ``svid``'s life still ahead. Its life starts at issuance
-    (NotBefore plus the backdating skew), as for the renewal schedule."""
-    issued = min(svid.not_before + skew, svid.not_after)
+def life_left(
+    svid: X509Svid,
+    now: datetime,
+    skew: timedelta = DEFAULT_SKEW,
+    issued: datetime | None = None,
+) -> float:
+    """The fraction (0..1) of ``svid``'s life still ahead. Its life starts at issuance:
+    ``issued`` when known (the store records it), else NotBefore plus the skew."""
+    if issued is None:
+        issued = min(svid.not_before + skew, svid.not_after)
     life = (svid.not_after - issued).total_seconds()
     if life <= 0:
         return 0.0 if now >= svid.not_after else 1.0
@@ -91,9 +100,11 @@ def evaluate(
     skew: timedelta = DEFAULT_SKEW,
     comfort: float = COMFORT_FRACTION,
     own: tuple[SpiffeId, X509Svid | None] | None = None,
+    issued: Mapping[SpiffeId, datetime] | None = None,
 ) -> Verdict:
     """The policy. ``backend`` is the backend's problem (None: reachable); ``own`` is
-    meshca's serving identity and certificate, when it serves TLS."""
+    meshca's serving identity and certificate, when it serves TLS; ``issued`` when each
+    served certificate was issued, where known."""
     if not ca_loaded:
         return Verdict(False, "no CA is loaded")
     if own is not None:
@@ -102,7 +113,10 @@ def evaluate(
             return Verdict(False, f"meshca's own serving certificate ({own_id}) is not valid")
     if backend is None:
         return Verdict(True, "the signing backend is reachable")
-    short = sorted(str(sid) for sid, svid in served if life_left(svid, now, skew) <= comfort)
+    issued = issued or {}
+    short = sorted(
+        str(sid) for sid, svid in served if life_left(svid, now, skew, issued.get(sid)) <= comfort
+    )
     if not short:
         return Verdict(
             True,
@@ -132,6 +146,7 @@ class HealthMonitor:
         store: SecretStore,
         *,
         services: Sequence[str] = (),
+        backend_service: str | None = None,
         serving_id: SpiffeId | None = None,
         interval: float = DEFAULT_HEALTH_INTERVAL,
         comfort: float = COMFORT_FRACTION,
@@ -141,6 +156,7 @@ class HealthMonitor:
         self.authority = authority
         self.store = store
         self.services = ("", *services)
+        self.backend_service = backend_service
         self.serving_id = serving_id  # meshca's own TLS identity, when it listens on TCP
         self.interval = interval
         self.comfort = comfort
@@ -153,6 +169,7 @@ class HealthMonitor:
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._published: bool | None = None
+        self._backend_published: bool | None = None
 
     @property
     def serving(self) -> bool:
@@ -187,6 +204,7 @@ class HealthMonitor:
         own = None
         if self.serving_id is not None:
             own = (self.serving_id, self.store.cached(self.serving_id))
+        issued = {sid: schedule[0] for sid, _ in served if (schedule := self.store.renewal(sid))}
         return evaluate(
             ca_loaded=ca_is_loaded(self.authority),
             backend=backend_problem(self.authority, now, last_failure),
@@ -195,6 +213,7 @@ class HealthMonitor:
             skew=self.store.issuer.policy.skew,
             comfort=self.comfort,
             own=own,
+            issued=issued,
         )
 
     async def evaluate(self) -> Verdict:
@@ -215,6 +234,11 @@ class HealthMonitor:
                     extra={"health": "serving" if verdict.serving else "not_serving"},
                 )
             self._published = verdict.serving
+        if self.backend_service is not None:
+            reachable = backend_problem(self.authority, self.clock()) is None
+            if reachable != self._backend_published:
+                await self.servicer.set(self.backend_service, SERVING if reachable else NOT_SERVING)
+                self._backend_published = reachable
         return verdict
 
     # lifecycle --------------------------------------------------------------------------

@@ -5,6 +5,13 @@ Serving code (``meshca.sds``) reads from here and subscribes to changes; it neve
 signs. Listeners are plain callbacks run on the event loop and must not block: a
 stream sets its own wake-up event and sends in its own task, so one slow or stuck
 stream cannot hold up a push to the others.
+
+Renewal is scheduled from the moment an SVID was requested (the wall clock, recorded
+here), not from its NotBefore: backends backdate differently (meshca by its skew, a
+Vault role by its ``not_before_duration``), and a schedule that guessed the backdating
+would renew a short-lived SVID at once or only at expiry. A failed renewal is retried
+with exponential backoff and jitter, logged once per failure streak; the current SVID
+is served meanwhile, never past its NotAfter.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from meshca.issuer import Issuer, TrustBundle, X509Svid
+from meshca.issuer import Issuer, IssuerError, TrustBundle, X509Svid
 from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, renewal_time
+from meshca.retry import Backoff
 from meshca.spiffe import SpiffeId
 
 log = logging.getLogger("meshca.store")
 
 DEFAULT_IDLE_TTL = timedelta(minutes=10)
+# Renewal retries: 1 s doubling to 60 s, each delay randomised over its upper half.
+DEFAULT_RENEW_BACKOFF = Backoff(initial=1.0, maximum=60.0)
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,21 @@ Listener = Callable[[StoreEvent], None]
 @dataclass
 class _Entry:
     svid: X509Svid
+    issued: datetime  # wall clock when it was requested: its life starts here
     renew_at: datetime
     users: int = 0
     idle_since: datetime | None = None
+    failures: int = 0  # consecutive failed renewals (the current streak)
+    expiry_reported: bool = False
+
+
+class SvidExpiredError(IssuerError):
+    """The SVID expired and could not be renewed: it is not served."""
 
 
 class SecretStore:
-    """Issues on first use, renews at ``fraction`` of life (+/- jitter), drops idle identities."""
+    """Issues on first use, renews at ``fraction`` of life (+/- jitter), retries failed
+    renewals with ``backoff``, drops idle identities."""
 
     def __init__(
         self,
@@ -66,6 +84,7 @@ class SecretStore:
         renew_fraction: float = RENEW_FRACTION,
         renew_jitter: float = RENEW_JITTER,
         rng: random.Random | None = None,
+        backoff: Backoff = DEFAULT_RENEW_BACKOFF,
     ) -> None:
         self.issuer = issuer
         self.ttl = ttl
@@ -73,6 +92,7 @@ class SecretStore:
         self.idle_ttl = idle_ttl
         self.renew_fraction = renew_fraction
         self.renew_jitter = renew_jitter
+        self.backoff = backoff
         self._rng = rng or random.Random()
         self._entries: dict[SpiffeId, _Entry] = {}
         self._locks: dict[SpiffeId, asyncio.Lock] = {}
@@ -114,26 +134,51 @@ class SecretStore:
     def identities(self) -> list[SpiffeId]:
         return sorted(self._entries)
 
-    async def svid(self, spiffe_id: SpiffeId) -> X509Svid:
-        """The current SVID for ``spiffe_id``, issued now if absent, expired or due."""
+    def renewal(self, spiffe_id: SpiffeId) -> tuple[datetime, datetime] | None:
+        """When the current SVID of ``spiffe_id`` was requested and when it is due for
+        renewal (wall clock); None when the store holds none."""
         entry = self._entries.get(spiffe_id)
-        now = datetime.now(UTC)
-        if entry is not None and now < entry.renew_at and now < entry.svid.not_after:
+        return (entry.issued, entry.renew_at) if entry else None
+
+    def failing(self) -> list[SpiffeId]:
+        """Identities whose renewal is failing (being retried with backoff)."""
+        return sorted(sid for sid, entry in self._entries.items() if entry.failures)
+
+    def _fresh(self, entry: _Entry | None, now: datetime) -> bool:
+        """Whether ``entry`` is served as it is: not yet due, or due while the timers retry
+        its renewal with backoff (reads do not add attempts); never once expired."""
+        if entry is None or now >= entry.svid.not_after:
+            return False
+        return now < entry.renew_at or (entry.failures > 0 and self._scheduler is not None)
+
+    async def svid(self, spiffe_id: SpiffeId) -> X509Svid:
+        """The current SVID for ``spiffe_id``, issued now if absent, expired or due.
+
+        An expired SVID is never returned: if it cannot be renewed, the issuing error
+        is raised (:class:`SvidExpiredError` when the renewal is already being retried).
+        """
+        entry = self._entries.get(spiffe_id)
+        if self._fresh(entry, datetime.now(UTC)):
+            assert entry is not None
             return entry.svid
         lock = self._locks.setdefault(spiffe_id, asyncio.Lock())
         async with lock:
             entry = self._entries.get(spiffe_id)
-            now = datetime.now(UTC)
-            if entry is not None and now < entry.renew_at and now < entry.svid.not_after:
+            if self._fresh(entry, datetime.now(UTC)):
+                assert entry is not None
                 return entry.svid
             try:
                 return await self._issue(spiffe_id)
             except Exception as exc:
-                # due but unexpired: keep serving it through a backend outage, never past expiry
-                if entry is None or datetime.now(UTC) >= entry.svid.not_after:
+                if entry is None:
                     raise
-                log.warning("re-issuing %s failed (%s); serving the current SVID", spiffe_id, exc)
-                return entry.svid
+                self._renewal_failed(spiffe_id, entry, exc)
+                if datetime.now(UTC) >= entry.svid.not_after:
+                    raise SvidExpiredError(
+                        f"the SVID of {spiffe_id} expired at {entry.svid.not_after.isoformat()} "
+                        f"and cannot be renewed: {exc}"
+                    ) from exc
+                return entry.svid  # due, unexpired: served through a backend outage
 
     # usage tracking (bounded memory) ---------------------------------------
     def retain(self, spiffe_id: SpiffeId) -> None:
@@ -220,6 +265,7 @@ class SecretStore:
 
     async def _issue(self, spiffe_id: SpiffeId) -> X509Svid:
         dns = self.dns_names.get(spiffe_id, ())
+        requested = datetime.now(UTC)
         try:
             svid = await asyncio.to_thread(
                 self.issuer.issue, spiffe_id, ttl=self.ttl, dns_names=dns
@@ -227,10 +273,13 @@ class SecretStore:
         except Exception:
             self.issue_failures += 1
             raise
+        # The life the schedule divides starts when the SVID was asked for, whatever
+        # NotBefore the backend wrote (clamped to the certificate's own validity).
+        issued = max(svid.not_before, min(requested, svid.not_after))
         renew_at = renewal_time(
-            svid.not_before,
+            issued,
             svid.not_after,
-            skew=self.issuer.policy.skew,
+            skew=timedelta(0),
             fraction=self.renew_fraction,
             jitter=self.renew_jitter,
             rng=self._rng,
@@ -238,10 +287,16 @@ class SecretStore:
         previous = self._entries.get(spiffe_id)
         users = previous.users if previous else self._pending_users.pop(spiffe_id, 0)
         idle_since = None if users else (previous.idle_since if previous else datetime.now(UTC))
-        self._entries[spiffe_id] = _Entry(svid, renew_at, users, idle_since)
+        self._entries[spiffe_id] = _Entry(svid, issued, renew_at, users, idle_since)
         self._schedule(spiffe_id, renew_at)
         if previous is not None:
             self.renewals += 1
+            if previous.failures:
+                log.info(
+                    "renewal of %s succeeded after %d failed attempt(s)",
+                    spiffe_id,
+                    previous.failures,
+                )
             log.info("renewed %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
             self._notify(SvidChanged(spiffe_id, svid))
         else:
@@ -260,11 +315,44 @@ class SecretStore:
         await asyncio.gather(*(self.renew(sid) for sid in list(self._entries)))
 
     async def _renew_job(self, spiffe_id: SpiffeId) -> None:
-        if spiffe_id not in self._entries:
+        entry = self._entries.get(spiffe_id)
+        if entry is None:
             return
         try:
             await self.renew(spiffe_id)
         except Exception as exc:
-            retry = datetime.now(UTC) + timedelta(seconds=self._rng.uniform(1.0, 5.0))
-            log.warning("renewal of %s failed (%s); retrying at %s", spiffe_id, exc, retry)
-            self._schedule(spiffe_id, retry)
+            if self._entries.get(spiffe_id) is entry:  # not replaced or dropped meanwhile
+                self._renewal_failed(spiffe_id, entry, exc)
+
+    def _renewal_failed(self, spiffe_id: SpiffeId, entry: _Entry, exc: Exception) -> None:
+        """Count a failed renewal and schedule the next attempt with backoff and jitter.
+        Logged at WARNING once per streak (and once more if the SVID expires meanwhile);
+        each further attempt at DEBUG."""
+        now = datetime.now(UTC)
+        delay = timedelta(seconds=self.backoff.delay(entry.failures, self._rng))
+        entry.failures += 1
+        retry = now + delay
+        if now < entry.svid.not_after:
+            retry = min(retry, entry.svid.not_after)  # at its expiry at the latest
+        self._schedule(spiffe_id, retry)
+        expired = now >= entry.svid.not_after
+        if entry.failures == 1 and not expired:
+            log.warning(
+                "renewal of %s failed (%s); serving the current SVID until %s and retrying "
+                "with backoff",
+                spiffe_id,
+                exc,
+                entry.svid.not_after.isoformat(),
+            )
+        elif expired and not entry.expiry_reported:
+            entry.expiry_reported = True
+            log.error(
+                "the SVID of %s expired at %s and is no longer served; renewal keeps failing "
+                "(%d attempts, last: %s)",
+                spiffe_id,
+                entry.svid.not_after.isoformat(),
+                entry.failures,
+                exc,
+            )
+        else:
+            log.debug("renewal of %s failed again (attempt %d): %s", spiffe_id, entry.failures, exc)

@@ -28,7 +28,6 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshca.backends.retry import Backoff
 from meshca.backends.vault import open_vault_authority
 from meshca.backends.vault_settings import VaultSettings
 from meshca.health import evaluate, life_left
@@ -36,6 +35,7 @@ from meshca.issuer import Issuer, Signer, SignerAuthority, TrustBundle
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca
 from meshca.metrics import Metrics
+from meshca.retry import Backoff
 from meshca.server import SDS_SERVICE, MeshcaServer, ServeError
 from tests.bao_harness import (
     TRUST_DOMAIN,

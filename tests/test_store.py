@@ -1,17 +1,24 @@
-"""The secret store: issue on first use, scheduled renewal with notifications, idle sweep."""
+"""The secret store: issue on first use, scheduled renewal with notifications, idle sweep,
+renewal from the issue time, retries with backoff, and no expired SVID ever served."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from meshca.backends.errors import BackendUnavailable
+from meshca.health import life_left
 from meshca.issuer import Issuer, LeafRequest, SignerAuthority, TrustBundle, TtlPolicy
 from meshca.issuer.authority import SigningAuthority
+from meshca.retry import Backoff
 from meshca.spiffe import SpiffeId, TrustDomain
-from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged, SvidExpiredError
 from tests.ca_factory import TRUST_DOMAIN, InMemoryCa, make_ca
 
 WEB = SpiffeId.from_kubernetes("default", "web", TRUST_DOMAIN)
@@ -203,3 +210,105 @@ async def test_bundle_change_is_notified_once(ca: InMemoryCa) -> None:
     assert store.bundle() == both
     svid = await store.svid(WEB)
     assert svid.intermediates == (new.signer.certificate,)
+
+
+# renewal from the issue time; retries with backoff; never an expired SVID ----------------
+class BackdatingAuthority(CountingAuthority):
+    """Signs with NotBefore an hour back, as a backend with its own backdating might."""
+
+    def sign(self, request: LeafRequest) -> tuple[object, ...]:
+        return super().sign(replace(request, skew=timedelta(hours=1)))
+
+
+class FlakyAuthority(CountingAuthority):
+    """Refuses to sign while ``failing`` (a backend outage)."""
+
+    failing = False
+
+    def sign(self, request: LeafRequest) -> tuple[object, ...]:
+        self.signed += 1
+        if self.failing:
+            raise BackendUnavailable("vault: cannot reach http://127.0.0.1:1: connection refused")
+        return self.inner.sign(request)
+
+
+@dataclass(frozen=True)
+class RecordingBackoff(Backoff):
+    """Short delays; remembers which retry each delay was for."""
+
+    attempts: list[int] = field(default_factory=list)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        self.attempts.append(attempt)
+        return super().delay(attempt, rng)
+
+
+async def test_renewal_is_scheduled_from_the_issue_time_not_the_backdated_not_before() -> None:
+    ca = make_ca(now=datetime.now(UTC) - timedelta(days=1))  # lets leaves backdate an hour
+    authority = BackdatingAuthority(SignerAuthority(ca.signer, ca.bundle))
+    ttl = timedelta(seconds=20)
+    store = SecretStore(Issuer(authority, TtlPolicy(default=ttl)), ttl=ttl)  # type: ignore[arg-type]
+    svid = await store.svid(WEB)
+    schedule = store.renewal(WEB)
+    assert schedule is not None
+    issued, renew_at = schedule
+    assert svid.not_before <= issued - timedelta(minutes=59)  # the backend's backdating
+    assert ttl * 0.45 <= renew_at - issued <= ttl * 0.55  # about half-way, +/- 5 % jitter
+    assert await store.svid(WEB) is svid  # not due: no re-issue on read
+    assert authority.signed == 1
+    # the health policy measures the life left from the same moment
+    assert life_left(svid, issued + ttl / 2, issued=issued) == pytest.approx(0.5, abs=0.05)
+
+
+async def test_failed_renewals_back_off_and_are_logged_once_per_streak(
+    ca: InMemoryCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    authority = FlakyAuthority(SignerAuthority(ca.signer, ca.bundle))
+    backoff = RecordingBackoff(initial=0.05, maximum=0.2)
+    issuer = Issuer(authority, TtlPolicy(skew=timedelta(seconds=1)))  # type: ignore[arg-type]
+    store = SecretStore(
+        issuer, ttl=timedelta(hours=1), renew_fraction=0.0, renew_jitter=0.0, backoff=backoff
+    )
+    events, _ = collect(store)
+    first = await store.svid(WEB)  # due at once (0 % of its life) once the timers run
+    authority.failing = True
+    with caplog.at_level(logging.DEBUG, logger="meshca.store"):
+        store.start()
+        try:
+            await until(lambda: len(backoff.attempts) >= 4)
+            assert backoff.attempts[:4] == [0, 1, 2, 3]  # exponential: one step per failure
+            assert store.failing() == [WEB]
+            signed = authority.signed
+            assert await store.svid(WEB) is first  # served while retried, unexpired
+            assert authority.signed == signed  # a read does not add an attempt
+            store.renew_fraction = 0.5  # the renewed one is not due at once again
+            authority.failing = False
+            await until(lambda: any(isinstance(e, SvidChanged) for e in events))
+        finally:
+            store.stop()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "renewal of" in warnings[0].getMessage()
+    assert any("succeeded after" in r.getMessage() for r in caplog.records)
+    assert store.failing() == []
+    renewed = store.cached(WEB)
+    assert renewed is not None and renewed.serial != first.serial
+
+
+async def test_an_expired_svid_is_never_served(
+    ca: InMemoryCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    authority = FlakyAuthority(SignerAuthority(ca.signer, ca.bundle))
+    policy = TtlPolicy(default=timedelta(seconds=1), skew=timedelta(0))
+    store = SecretStore(Issuer(authority, policy), ttl=timedelta(seconds=1))  # type: ignore[arg-type]
+    first = await store.svid(WEB)
+    authority.failing = True
+    while datetime.now(UTC) < first.not_after:
+        await asyncio.sleep(0.05)
+    with caplog.at_level(logging.ERROR, logger="meshca.store"):
+        for _ in range(3):
+            with pytest.raises(SvidExpiredError, match="expired"):
+                await store.svid(WEB)
+    assert len([r for r in caplog.records if "no longer served" in r.getMessage()]) == 1
+    authority.failing = False
+    fresh = await store.svid(WEB)  # renewed on demand once the backend is back
+    assert fresh.serial != first.serial and datetime.now(UTC) < fresh.not_after

@@ -7,7 +7,8 @@ Layout of ``<data-dir>/ca/`` (Istio's ``cacerts`` names, so operators recognise 
 ``ca-cert.pem``     the signing (intermediate) CA
 ``ca-key.pem``      its key, 0600
 ``cert-chain.pem``  the signing CA and any intermediates above it, root excluded
-``meta.json``       trust domain, origin, creation time
+``meta.json``       trust domain, origin, creation time (and, for a replica's own
+                    intermediate, the cacerts directory it was minted from)
 
 The whole directory is built under a temporary name and renamed into place, so a
 crash never leaves half a CA. An existing CA is never replaced unless forced, and then
@@ -60,6 +61,7 @@ CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
 CERT_CHAIN = "cert-chain.pem"
 META = "meta.json"
+OWN_INTERMEDIATE = "own intermediate"  # how an own intermediate's origin starts
 
 
 class CaError(IssuerError):
@@ -106,6 +108,7 @@ def _write_ca_files(
     ca_key: PrivateKey,
     intermediates: tuple[x509.Certificate, ...],
     origin: str,
+    cacerts: Path | None = None,
 ) -> None:
     atomic_write(target / ROOT_CERT, certificates_pem([root]), PUBLIC)
     if root_key is not None:
@@ -119,6 +122,8 @@ def _write_ca_files(
         "created": utcnow().isoformat(),
         "key_type": key_type_of(ca_key).value,
     }
+    if cacerts is not None:
+        meta["cacerts"] = str(cacerts)
     atomic_write(target / META, (json.dumps(meta, indent=2) + "\n").encode(), PUBLIC)
 
 
@@ -222,21 +227,10 @@ def _is_ca_cert(cert: x509.Certificate) -> bool:
     return bool(basic.ca and usage.key_cert_sign)
 
 
-def import_cacerts(
-    data_dir: Path,
-    source: Path,
-    trust_domain: TrustDomain,
-    *,
-    force: bool = False,
-    own_intermediate_ttl: timedelta | None = None,
-    own_key_type: KeyType = KeyType.EC_P256,
-) -> LocalCa:
-    """Adopt an existing signing CA (Istio ``cacerts`` or ``kubernetes.io/tls`` layout).
-
-    With ``own_intermediate_ttl``, the adopted CA signs nothing but a new signing CA for
-    this data directory alone (see :func:`mint_own_intermediate`); its key is not kept.
-    """
-    _check_not_present(data_dir, force)
+def read_cacerts(source: Path, trust_domain: TrustDomain) -> tuple[Signer, TrustBundle, str]:
+    """The CA in a cacerts directory (Istio ``cacerts`` or ``kubernetes.io/tls`` layout),
+    checked: its key matches, it is a CA valid now, it chains to the roots beside it.
+    Returns it, those roots and the layout's name."""
     source = Path(source)
     if not source.is_dir():
         raise CaError(f"{source} is not a directory")
@@ -277,10 +271,32 @@ def import_cacerts(
         raise CaError(f"{cert_file} does not chain to {root_file}: {exc}") from None
     signer = Signer(key, ca_cert, intermediates)
     self_check(signer, bundle)
+    return signer, bundle, name
+
+
+def import_cacerts(
+    data_dir: Path,
+    source: Path,
+    trust_domain: TrustDomain,
+    *,
+    force: bool = False,
+    own_intermediate_ttl: timedelta | None = None,
+    own_key_type: KeyType = KeyType.EC_P256,
+) -> LocalCa:
+    """Adopt an existing signing CA (Istio ``cacerts`` or ``kubernetes.io/tls`` layout).
+
+    With ``own_intermediate_ttl``, the adopted CA signs nothing but a new signing CA for
+    this data directory alone (see :func:`mint_own_intermediate`); its key is not kept,
+    and ``meta.json`` records ``source`` so its successor can be minted the same way.
+    """
+    _check_not_present(data_dir, force)
+    signer, bundle, name = read_cacerts(source, trust_domain)
     origin = f"imported ({name})"
+    cacerts = None
     if own_intermediate_ttl is not None:
         signer = mint_own_intermediate(signer, bundle, own_intermediate_ttl, own_key_type)
-        origin = f"own intermediate under a CA imported ({name})"
+        origin = f"{OWN_INTERMEDIATE} under a CA imported ({name})"
+        cacerts = Path(source).absolute()
     staged = _stage(data_dir)
     try:
         _write_ca_files(
@@ -292,6 +308,7 @@ def import_cacerts(
             ca_key=signer.key,
             intermediates=signer.intermediates,
             origin=origin,
+            cacerts=cacerts,
         )
         if len(bundle) > 1:
             atomic_write(staged / ROOT_CERT, bundle.pem(), PUBLIC)

@@ -5,17 +5,19 @@ Two modes (``VaultSettings.mode``):
 ``intermediate`` (default)
     meshca generates a signing key, Vault signs it as an intermediate CA (path length
     0, URI SAN ``spiffe://<td>``), and leaves are signed here at local speed. Vault is
-    needed only to obtain or rotate the intermediate and to read the roots, so an
-    outage costs nothing until the intermediate itself is due.
+    needed only to obtain the intermediate and to read the roots, so an outage costs
+    nothing until the intermediate itself is due. When the next intermediate is
+    obtained and when it starts signing is the signing-CA rotation machinery's
+    business (``meshca.rotation.vault_ca``); this module only obtains, keeps and
+    reloads intermediates.
 ``per-workload``
     Vault signs every SVID (``sign/<role>`` or ``sign-verbatim``); meshca never holds
     a signing key. TTLs are sent in seconds, exactly as the policy resolves them.
 
 The trust bundle is every root of the mount's issuers, so a root rotated in inside
-Vault (a new issuer) reaches the bundle through :meth:`refresh_bundle`, which the
-server polls. Errors are :class:`BackendUnavailable` when Vault cannot be reached
-(transient: keep serving, it recovers by itself) or :class:`BackendError` naming the
-setting to fix.
+Vault (a new issuer) reaches the bundle when the server polls the roots. Errors are
+:class:`BackendUnavailable` when Vault cannot be reached (transient: keep serving, it
+recovers by itself) or :class:`BackendError` naming the setting to fix.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from pathlib import Path
 from cryptography import x509
 
 from meshca.backends.errors import BackendError, BackendUnavailable
-from meshca.backends.retry import Backoff
 from meshca.backends.vault_client import VaultClient
 from meshca.backends.vault_pki import VaultPki
 from meshca.backends.vault_settings import VaultMode, VaultSettings
@@ -56,6 +57,7 @@ from meshca.issuer.policy import check_ca_covers_leaves
 from meshca.issuer.profile import ca_subject, hash_for, utcnow
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.issuer.verify import verify_chain
+from meshca.retry import Backoff
 from meshca.spiffe import TrustDomain
 
 log = logging.getLogger("meshca.backends.vault")
@@ -90,6 +92,13 @@ class _VaultAuthority:
     @property
     def last_error(self) -> str | None:
         return self.client.last_error
+
+    def describe(self) -> str:
+        """Which Vault and mount, for messages."""
+        s = self.settings
+        where = f"mount '{s.mount}' at {s.addr}"
+        where += f" (namespace {s.namespace})" if s.namespace else ""
+        return where + (f", issuer '{s.issuer}'" if s.issuer else "")
 
     def start(self) -> None:
         """Token renewal and outage recovery in background threads."""
@@ -232,35 +241,35 @@ class VaultIntermediateAuthority(_VaultAuthority):
                 self._state.save(self._authority.signer, bundle)
             return bundle
 
-    def rotate_if_due(self) -> Signer | None:
-        """Replace the intermediate once past 2/3 of its life (a server calls this on its
-        poll); None when not due. Leaves of the old one stay valid: same roots."""
-        if not intermediate_due(self.signer):
-            return None
-        return self.rotate_intermediate()
+    # what the signing-CA rotation machinery uses (meshca.rotation.vault_ca) ------------
+    @property
+    def signer_authority(self) -> SignerAuthority:
+        """The in-process authority that signs leaves: rotation switches its signer."""
+        return self._authority
 
-    def rotate_intermediate(self) -> Signer:
-        """Obtain a new intermediate from Vault and switch to it (after its self-check).
+    def roots(self) -> TrustBundle:
+        """Vault's roots now (BackendUnavailable during an outage)."""
+        return self.pki.roots()
 
-        The roots are re-read first, so a root rotated in inside Vault is trusted before
-        the intermediate it signed is used.
-        """
-        with self._refresh_lock:
-            bundle = self.pki.roots()
-            signer = obtain_intermediate(self.pki)
-            self._authority.activate(signer, bundle)
-            if self._state is not None:
-                self._state.save(signer, bundle)
-            log.info(
-                "vault: new intermediate serial=%x not_after=%s",
-                signer.certificate.serial_number,
-                signer.not_after.isoformat(),
-            )
-            return signer
+    def obtain_intermediate(self, ttl: timedelta | None = None) -> Signer:
+        """A new intermediate signed by Vault (not yet in use)."""
+        signer = obtain_intermediate(self.pki, ttl)
+        log.info(
+            "vault: obtained intermediate serial=%x not_after=%s",
+            signer.certificate.serial_number,
+            signer.not_after.isoformat(),
+        )
+        return signer
+
+    def save_state(self, signer: Signer, bundle: TrustBundle) -> None:
+        """Keep ``signer`` and ``bundle`` for the next start (no-op without a state dir)."""
+        if self._state is not None:
+            self._state.save(signer, bundle)
 
 
-def obtain_intermediate(pki: VaultPki) -> Signer:
-    """A fresh key, a CSR for ``spiffe://<td>``, Vault's signature: a Signer."""
+def obtain_intermediate(pki: VaultPki, ttl: timedelta | None = None) -> Signer:
+    """A fresh key, a CSR for ``spiffe://<td>``, Vault's signature: a Signer that lives
+    ``ttl`` (default: the settings' intermediate TTL)."""
     settings = pki.settings
     key = generate_private_key(settings.key_type)
     csr = (
@@ -273,7 +282,7 @@ def obtain_intermediate(pki: VaultPki) -> Signer:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hash_for(key))
     )
-    cert, chain = pki.sign_intermediate(csr, settings.intermediate_ttl)
+    cert, chain = pki.sign_intermediate(csr, ttl or settings.intermediate_ttl)
     return Signer(key, cert, chain)
 
 
@@ -282,7 +291,6 @@ KEY_FILE = "ca-key.pem"
 CHAIN_FILE = "cert-chain.pem"
 ROOTS_FILE = "root-cert.pem"
 META_FILE = "meta.json"
-REUSE_FRACTION = 2 / 3  # an intermediate past 2/3 of its life is replaced
 
 
 @dataclass(frozen=True)
@@ -325,13 +333,6 @@ class IntermediateState:
         return Signer(key, chain[0], tuple(chain[1:])), TrustBundle.of(trust_domain, roots)
 
 
-def intermediate_due(signer: Signer) -> bool:
-    """Past 2/3 of its life: time to obtain the next intermediate."""
-    cert = signer.certificate
-    life = cert.not_valid_after_utc - cert.not_valid_before_utc
-    return utcnow() >= cert.not_valid_before_utc + life * REUSE_FRACTION
-
-
 def _origin(settings: VaultSettings, trust_domain: TrustDomain) -> dict[str, str]:
     return {
         "addr": settings.addr,
@@ -355,11 +356,13 @@ def open_vault_authority(
     backoff: Backoff | None = None,
     start: bool = True,
 ) -> VaultAuthority:
-    """Connect, authenticate, read the roots and (intermediate mode) obtain or reload the
+    """Connect, authenticate, read the roots and (intermediate mode) reload or obtain the
     intermediate. ``state_dir`` keeps the intermediate across restarts (so meshca starts
-    during a Vault outage); ``leaf_ttl`` is checked against its lifetime (CA >= 6 x leaf).
-    ``start`` runs token renewal and outage recovery in the background (a server wants
-    it; a one-shot command does not)."""
+    during a Vault outage): a stored one is used while it is valid and chains to Vault's
+    roots; replacing it on schedule is the rotation machinery's job. ``leaf_ttl`` is
+    checked against a newly obtained one's lifetime (CA >= 6 x leaf). ``start`` runs
+    token renewal and outage recovery in the background (a server wants it; a one-shot
+    command does not)."""
     client = VaultClient(settings, backoff=backoff)
     try:
         pki = VaultPki(client, trust_domain)
@@ -385,9 +388,7 @@ def _open_intermediate(
         else None
     )
     stored = state.load(pki.trust_domain) if state is not None else None
-    authority = None
-    if stored is not None and _covers(stored[0], leaf_ttl) and not intermediate_due(stored[0]):
-        authority = _reuse(pki, *stored)
+    authority = _reuse(pki, *stored) if stored is not None else None
     if authority is None:
         authority = _obtain(pki, stored, leaf_ttl)
     if state is not None and (
@@ -430,16 +431,6 @@ def _obtain(
 
 def _remaining(signer: Signer) -> timedelta:
     return signer.not_after - utcnow()
-
-
-def _covers(signer: Signer, leaf_ttl: timedelta | None) -> bool:
-    if leaf_ttl is None:
-        return True
-    try:
-        check_ca_covers_leaves(_remaining(signer), leaf_ttl)
-    except TtlError:
-        return False
-    return True
 
 
 def _check_lifetime(signer: Signer, leaf_ttl: timedelta | None) -> None:

@@ -20,13 +20,13 @@ from typing import Any, Protocol
 import hvac.exceptions
 
 from meshca.backends.errors import BackendError
-from meshca.backends.retry import Backoff
 from meshca.backends.vault_settings import (
     AuthMethod,
     VaultSettings,
     VaultSettingsError,
     hint,
 )
+from meshca.retry import Backoff
 
 log = logging.getLogger("meshca.backends.vault")
 

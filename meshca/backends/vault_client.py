@@ -23,9 +23,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from meshca.backends.errors import BackendError, BackendUnavailable
-from meshca.backends.retry import Backoff, Breaker
 from meshca.backends.vault_auth import TokenKeeper, login_method
 from meshca.backends.vault_settings import VaultSettings, hint
+from meshca.retry import Backoff, Breaker
 
 log = logging.getLogger("meshca.backends.vault")
 

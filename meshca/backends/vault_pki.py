@@ -23,6 +23,7 @@ from meshca.backends.vault_settings import hint
 from meshca.issuer import LeafRequest, TrustBundle
 from meshca.issuer.errors import CsrError, SvidError
 from meshca.issuer.keys import public_keys_equal
+from meshca.issuer.profile import DEFAULT_SKEW
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import TrustDomain
 
@@ -200,6 +201,9 @@ class VaultPki:
             "uri_sans": self.trust_domain.id,
             "exclude_cn_from_sans": True,
             "max_path_length": 0,
+            # backdated like meshca's own CAs, so the rotation schedule (life from
+            # NotBefore + skew) is exact (Vault's default is 30 s)
+            "not_before_duration": _seconds(DEFAULT_SKEW),
             "format": "pem",
         }
         data = self._call("signing the intermediate", "post", path, body).get("data") or {}

@@ -21,7 +21,7 @@ from meshca.durations import parse_duration
 from meshca.rotation.admin import ADMIN_SOCKET, AdminUnavailable, CaOperations, admin_request
 from meshca.rotation.journal import JournalLockedError, RotationError
 from meshca.rotation.local_ca import LocalCaSource, open_local_ca
-from meshca.rotation.manager import RotationManager
+from meshca.rotation.manager import RotationManager, RotationPolicy
 from meshca.rotation.root import LAST_STEP, RootRotation
 
 NAME = "ca"
@@ -92,13 +92,27 @@ def _direct(
     data_dir: Path, settings: Settings, action: Callable[[CaOperations], Coroutine[Any, Any, Any]]
 ) -> Any:
     """Run ``action`` on the data directory itself (no server, so no proxies to wait for)."""
+    if settings["backend"] == "vault":
+        raise RotationError(
+            f"with --backend vault, 'meshca ca' talks to the running 'meshca serve' through "
+            f"{data_dir / ADMIN_SOCKET}, and none answers: start the server first"
+        )
     ca = open_local_ca(data_dir)
     if settings.is_explicit("trust_domain") and settings["trust_domain"] != ca.trust_domain:
         raise ConfigError(
             f"the CA in {ca.directory} is for trust domain {ca.trust_domain}, but "
             f"{settings.source('trust_domain')} names {settings['trust_domain']}"
         )
-    manager = RotationManager(data_dir, ca.authority(), LocalCaSource(data_dir, ca.trust_domain))
+    try:
+        policy = RotationPolicy(
+            prepare_fraction=settings["rotation_prepare_at"],
+            activate_fraction=settings["rotation_activate_at"],
+            leaf_ttl=settings["leaf_ttl"],
+        )
+    except RotationError as exc:
+        raise ConfigError(f"rotation_prepare_at / rotation_activate_at: {exc}") from None
+    source = LocalCaSource(data_dir, ca.trust_domain, ca_ttl=settings["rotation_ca_ttl"])
+    manager = RotationManager(data_dir, ca.authority(), source, policy=policy)
     try:
         manager.open()
     except JournalLockedError:
@@ -185,6 +199,8 @@ def format_status(status: dict[str, Any], *, server: bool) -> str:
     )
     if status.get("problem"):
         lines.append(f"problem: {status['problem']}")
+    elif status.get("renewal"):
+        lines.append(f"renewal: {status['renewal']}")
     return "\n".join(lines) + "\n"
 
 

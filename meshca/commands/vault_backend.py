@@ -1,5 +1,6 @@
-"""``--backend vault`` for the commands: settings from the option table, the authority,
-``meshca init``'s check, and the server's trust-bundle poll and health report.
+"""``--backend vault`` for the commands: settings from the option table, the authority
+and ``meshca init``'s check. Serving from Vault (the roots' poll, the backend's health,
+rotation of the intermediate) is the server's, as for the local CA.
 
 Options set as flags, ``MESHCA_VAULT_*`` variables or config keys win; the standard
 Vault variables (``VAULT_ADDR``, ``VAULT_TOKEN``, ``VAULT_CACERT``, ...) fill in the rest.
@@ -8,26 +9,20 @@ The Vault modules (hvac, requests) are imported only when the Vault backend is c
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from meshca.commands.common import open_ca, write_out
 from meshca.config import Settings
 from meshca.issuer import IssuerError, SigningAuthority
 
 if TYPE_CHECKING:
-    from meshca.backends.vault import VaultAuthority
     from meshca.backends.vault_settings import VaultSettings
-    from meshca.store import SecretStore
 
 VAULT = "vault"
 STATE_DIR = "vault"  # <data-dir>/vault keeps the intermediate across restarts
-BUNDLE_POLL_SECONDS = 60.0
-OUTAGE_POLL_SECONDS = 5.0
-HEALTH_SERVICE = "meshca.backend"  # gRPC health: NOT_SERVING while Vault is unreachable
 
 
 def uses_vault(settings: Settings) -> bool:
@@ -96,43 +91,3 @@ def init_vault(settings: Settings) -> int:
         missing = ", ".join(item.name for item in report.failures)
         raise IssuerError(f"the Vault backend is not ready: fix {missing} (see above)")
     return 0
-
-
-async def watch_vault(authority: VaultAuthority, store: SecretStore, health: Any) -> None:
-    """Poll Vault's roots (a root rotated in inside Vault reaches every proxy), replace
-    the intermediate when due, and report the backend's state as gRPC health service
-    ``meshca.backend``."""
-    from grpc_health.v1 import health_pb2
-
-    while True:
-        with contextlib.suppress(IssuerError):  # an outage: logged by the backend, retried
-            await asyncio.to_thread(authority.refresh_bundle)
-            store.refresh_bundle()
-            rotate = getattr(authority, "rotate_if_due", None)  # intermediate mode
-            if rotate is not None:
-                await asyncio.to_thread(rotate)
-        healthy = authority.healthy
-        status = health_pb2.HealthCheckResponse.SERVING
-        if not healthy:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-        await health.set(HEALTH_SERVICE, status)
-        await asyncio.sleep(BUNDLE_POLL_SECONDS if healthy else OUTAGE_POLL_SECONDS)
-
-
-async def run_server(server: Any, authority: SigningAuthority, on_ready: Any) -> None:
-    """``MeshcaServer.run``, plus :func:`watch_vault` while it serves from Vault."""
-    watcher: asyncio.Task[None] | None = None
-
-    def ready(running: Any) -> None:
-        nonlocal watcher
-        if hasattr(authority, "refresh_bundle"):
-            watcher = asyncio.create_task(watch_vault(authority, running.store, running.health))  # type: ignore[arg-type]
-        on_ready(running)
-
-    try:
-        await server.run(on_ready=ready)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher

@@ -12,6 +12,13 @@ atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``), so a reader never sees a
 from one CA beside the certificate of another. Keys of roots that are in the bundle
 but not the active one (during a root rotation, and to roll back) wait in
 ``rotation/root-keys/``; the active root's key lives only in ``ca/root-key.pem``.
+
+A replica's own intermediate (``meshca init --from-cacerts DIR --own-intermediate``)
+has no root key here: its parent is the CA in the cacerts directory every replica
+shares, whose key is not kept. Its successor is minted the same way, from that
+directory (recorded in ``ca/meta.json``) when ``meshca serve`` can read the CA key
+there; otherwise it is renewed by running that init step again. A new root never
+comes from one replica: it is the shared directory's to change.
 """
 
 from __future__ import annotations
@@ -33,15 +40,18 @@ from meshca.backends.local import (
     CA_KEY,
     CERT_CHAIN,
     META,
+    OWN_INTERMEDIATE,
     ROOT_CERT,
     ROOT_KEY,
     CaError,
     LocalCa,
     ca_directory,
     load_local_ca,
+    mint_own_intermediate,
+    read_cacerts,
 )
 from meshca.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
-from meshca.issuer import KeyType, KeyTypeError, Signer, TrustBundle
+from meshca.issuer import IssuerError, KeyType, KeyTypeError, Signer, TrustBundle
 from meshca.issuer.keys import (
     PrivateKey,
     generate_private_key,
@@ -72,6 +82,9 @@ _AT_FDCWD = -100
 
 class RootKeyOfflineError(RotationError):
     """A signing CA under the current root needs the root key, which is not here."""
+
+
+_REINIT = "meshca init --from-cacerts {dir} --own-intermediate --force"
 
 
 def _life(cert: x509.Certificate, skew: timedelta) -> timedelta:
@@ -131,8 +144,84 @@ class LocalCaSource:
                 return key
         return None
 
+    # where this CA came from (ca/meta.json) -------------------------------------------
+    def _meta_values(self) -> dict[str, str]:
+        try:
+            meta = json.loads((self.ca_dir / META).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return {k: str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+    @property
+    def own_intermediate(self) -> bool:
+        """Whether the signing CA is this replica's own, under a shared cacerts CA."""
+        return self._meta_values().get("origin", "").startswith(OWN_INTERMEDIATE)
+
+    @property
+    def cacerts(self) -> Path | None:
+        """The cacerts directory an own intermediate was minted from, if recorded."""
+        recorded = self._meta_values().get("cacerts")
+        return Path(recorded) if recorded else None
+
+    def _reinit_step(self) -> str:
+        return _REINIT.format(dir=self.cacerts or "DIR")
+
+    def _cacerts_parent(self, active: SigningCa) -> tuple[Signer | None, str]:
+        """The shared CA to mint this replica's next intermediate under, or None and why."""
+        directory = self.cacerts
+        if directory is None:
+            return None, "meta.json does not record the cacerts directory"
+        if not directory.is_dir():
+            return None, f"{directory} is not present here"
+        try:
+            parent, roots, _ = read_cacerts(directory, self.trust_domain)
+        except IssuerError as exc:
+            return None, str(exc)
+        if active.root not in roots:
+            return None, f"the CA in {directory} chains to another root"
+        return parent, ""
+
+    def describe(self, active: SigningCa) -> str:
+        """How this data directory's signing CA is renewed (``meshca ca status``)."""
+        if self.own_intermediate:
+            parent, _ = self._cacerts_parent(active)
+            if parent is not None:
+                return (
+                    "this replica's own intermediate: each successor is minted under the CA "
+                    f"in {self.cacerts}, whose key meshca can read there"
+                )
+            return (
+                "this replica's own intermediate, minted under a shared CA whose key meshca "
+                f"does not keep: renew it by running '{self._reinit_step()}' again (in "
+                "Kubernetes, restart the pod: its init container does)"
+            )
+        if active.is_self_signed:
+            return "the signing CA is the root itself: a successor is a new root"
+        if self.root_key(active.root) is not None:
+            return f"new signing CAs are signed with the root key in {self.ca_dir / ROOT_KEY}"
+        return f"new signing CAs need the root key in {self.ca_dir / ROOT_KEY}, which is absent"
+
+    def _own_problem(self, active: SigningCa, *, new_root: bool) -> str | None:
+        if new_root:
+            return (
+                "this replica's root comes from the cacerts directory every replica shares: "
+                "a new root is made there, not by one replica; put the new root beside the "
+                f"old one there and run '{self._reinit_step()}' on every replica"
+            )
+        parent, why = self._cacerts_parent(active)
+        if parent is not None:
+            return None
+        return (
+            "this replica's signing CA is its own intermediate under the CA in "
+            f"{self.cacerts or 'the cacerts directory'}, whose key meshca cannot read there "
+            f"({why}); it is renewed by running '{self._reinit_step()}' again before it "
+            "expires (in Kubernetes, restart the pod: its init container does)"
+        )
+
     # CaSource -------------------------------------------------------------------------
     def problem(self, active: SigningCa, *, new_root: bool) -> str | None:
+        if self.own_intermediate:
+            return self._own_problem(active, new_root=new_root)
         if new_root:
             return None
         if active.is_self_signed:
@@ -141,6 +230,14 @@ class LocalCaSource:
                 "use 'meshca ca rotate-root'"
             )
         if self.root_key(active.root) is None:
+            if self._meta_values().get("origin", "").startswith("imported"):
+                return (
+                    "this signing CA was imported ('meshca init --from-cacerts') without its "
+                    f"root key, so meshca cannot sign its successor under root "
+                    f"{fingerprint(active.root)}: import the successor with 'meshca init "
+                    "--from-cacerts DIR --force' before it expires, or replace the root with "
+                    "'meshca ca rotate-root'"
+                )
             return (
                 f"the root key is offline: {self.ca_dir / ROOT_KEY} is missing or belongs to "
                 f"another root, and a signing CA under root {fingerprint(active.root)} needs "
@@ -155,6 +252,16 @@ class LocalCaSource:
         key_type = self.key_type or key_type_of(active.signer.key)
         ca_ttl = self.ca_ttl or _life(active.signer.certificate, self.skew)
         td = self.trust_domain
+        if self.own_intermediate:
+            parent, why = self._cacerts_parent(active)
+            if parent is None:
+                raise RootKeyOfflineError(why)
+            bundle = TrustBundle.of(td, [active.root])
+            try:
+                signer = mint_own_intermediate(parent, bundle, ca_ttl, key_type)
+            except IssuerError as exc:
+                raise RotationError(f"cannot mint the next own intermediate: {exc}") from None
+            return self._checked(SigningCa(signer, active.root))
         if new_root and active.is_self_signed:
             key = generate_private_key(key_type)
             cert = build_ca(td, key, ca_ttl, role="root", skew=self.skew)

@@ -10,7 +10,9 @@ it signed, so no leaf is cut short. The old slot stays until nothing served chai
 it, then its root (if it had its own) leaves the bundle.
 
 Where a new CA comes from is the :class:`CaSource`'s business (the local root key,
-Vault); this module only decides when, and keeps the journal.
+Vault); this module only decides when, and keeps the journal. A backend that holds
+roots of its own (Vault's issuers) reports them through :meth:`RotationManager.follow_roots`:
+they join the bundle, and stay in it while the backend has them.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ class CaSource(Protocol):
         """Make ``active`` and ``bundle`` what the backend's own readers see (the local CA
         directory), and drop material of roots that left the bundle."""
         ...
+
+
+def describe_source(source: CaSource, active: SigningCa) -> str | None:
+    """How a source renews the signing CA, for ``meshca ca status`` (optional method
+    ``describe(active)``)."""
+    describe = getattr(source, "describe", None)
+    return str(describe(active)) if callable(describe) else None
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,10 @@ class RotationManager:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.journals = JournalStore(self.data_dir)
         self.problem: str | None = None  # why the next CA cannot be prepared, if so
+        self.root_notice: str | None = None  # why a due new root is not prepared, if so
+        # Roots the backend itself holds (Vault's issuers): kept in the bundle even when
+        # no slot chains to them. Empty for the local CA.
+        self.external_roots: tuple[x509.Certificate, ...] = ()
         self.lock = asyncio.Lock()  # one change at a time (schedule, operators, root rotation)
         self._journal: Journal | None = None
         self._cas: dict[str, SigningCa] = {}
@@ -252,15 +265,35 @@ class RotationManager:
             log.info("resuming: adopting slot %s written before a restart", pending.slot)
         else:
             active = self._cas[journal.active.id]
-            ca = self.source.create(active, new_root=pending.kind is SlotKind.ROOT)
+            try:
+                ca = self.source.create(active, new_root=pending.kind is SlotKind.ROOT)
+            except RotationError as exc:
+                # It was never created; the schedule (or the operator) prepares one later.
+                log.warning(
+                    "resuming: slot %s, whose creation was interrupted, cannot be created "
+                    "now (%s); it is dropped",
+                    pending.slot,
+                    exc,
+                )
+                return self.journals.save(replace(journal, pending=None))
             self.journals.write_slot(pending.slot, ca)
             log.info("resuming: created slot %s whose creation was interrupted", pending.slot)
         return self._record_prepared(journal, pending, ca)
 
     def _record_prepared(self, journal: Journal, pending: PendingCa, ca: SigningCa) -> Journal:
-        record = slot_record(pending.slot, SlotStatus.PREPARED, pending.kind, ca, self.clock())
+        # The kind follows the CA that was made: a backend holding the roots (Vault) may
+        # sign under a root other than the active one even when none was asked for.
+        active_root = journal.active.root
+        kind = SlotKind.INTERMEDIATE if cert_id(ca.root) == active_root else SlotKind.ROOT
+        if kind is not pending.kind:
+            log.info(
+                "slot %s: the CA the backend made chains to %s",
+                pending.slot,
+                f"a new root {fingerprint(ca.root)}" if kind is SlotKind.ROOT else "the same root",
+            )
+        record = slot_record(pending.slot, SlotStatus.PREPARED, kind, ca, self.clock())
         journal = journal.with_slot(record)
-        if pending.kind is SlotKind.ROOT:
+        if kind is SlotKind.ROOT:
             journal = replace(journal, bundle=journal.bundle.with_root(ca.root))
         self._cas[pending.slot] = ca
         return self.journals.save(replace(journal, pending=None))
@@ -348,18 +381,27 @@ class RotationManager:
             self.journals.write_slot(slot_id, ca)
             return ca
 
-        ca = await asyncio.to_thread(create)
+        try:
+            ca = await asyncio.to_thread(create)
+        except RotationError:
+            # The source refused (e.g. Vault unreachable): nothing was made, no intent is
+            # left for a restart to finish. Any other failure leaves the intent in place.
+            if not self.journals.slot_exists(slot_id):
+                self._save(replace(self.journal, pending=None))
+            raise
         self._journal = self._record_prepared(journal, pending, ca)
         self._apply()
-        what = "a new root" if new_root else "a new signing CA under the same root"
+        record = self.journal.slot(slot_id)
+        under_new_root = record.kind is SlotKind.ROOT
+        what = "a new root" if under_new_root else "a new signing CA under the same root"
         log.info(
             "prepared %s in slot %s (not after %s)%s",
             what,
             slot_id,
             ca.signer.not_after.isoformat(),
-            f"; root {fingerprint(ca.root)} added to the trust bundle" if new_root else "",
+            f"; root {fingerprint(ca.root)} added to the trust bundle" if under_new_root else "",
         )
-        return self.journal.slot(slot_id)
+        return record
 
     async def activate(self, slot_id: str | None = None, *, renew: bool = False) -> SlotRecord:
         """Make the prepared slot (or ``slot_id``, prepared or old) the signer; the previous
@@ -415,8 +457,42 @@ class RotationManager:
         root_id = cert_id(root)
         if any(record.root == root_id for record in journal.slots):
             return journal
+        if root in self.external_roots:
+            log.info(
+                "root %s stays in the trust bundle: the backend still holds it",
+                fingerprint(root),
+            )
+            return journal
         log.info("root %s leaves the trust bundle", fingerprint(root))
         return replace(journal, bundle=journal.bundle.without_root(root))
+
+    # roots the backend holds (Vault's issuers) ----------------------------------------
+    async def follow_roots(self, roots: TrustBundle) -> bool:
+        """Make the bundle hold exactly the backend's ``roots`` plus the roots of every
+        slot (a root still signing, or still chained to by served certificates, stays).
+        A new root is pushed at once; returns whether the bundle changed."""
+        async with self.lock:
+            return self.follow_roots_now(roots)
+
+    def follow_roots_now(self, roots: TrustBundle) -> bool:
+        """:meth:`follow_roots` for callers that hold the lock or run before the schedule
+        starts."""
+        self.external_roots = tuple(roots)
+        journal = self.journal
+        in_use = {record.root for record in journal.slots}
+        kept = [r for r in journal.bundle if r in roots or cert_id(r) in in_use]
+        bundle = TrustBundle.of(journal.trust_domain, [*kept, *roots])
+        if bundle == journal.bundle:
+            return False
+        for root in bundle:
+            if root not in journal.bundle:
+                log.info("root %s (the backend's) joins the trust bundle", fingerprint(root))
+        for root in journal.bundle:
+            if root not in bundle:
+                log.info("root %s left the backend: it leaves the trust bundle", fingerprint(root))
+        self._save(replace(journal, bundle=bundle))
+        self._apply()
+        return True
 
     async def set_root_rotation(self, state: RootRotationState | None) -> None:
         if state is not None:
@@ -444,6 +520,15 @@ class RotationManager:
                     "ACK it; it activates on schedule (or use 'meshca ca rotate-root')"
                 )
             record = await self.prepare(SlotKind.INTERMEDIATE)
+            if record.kind is SlotKind.ROOT:
+                # The backend signed under a root of its own (Vault's default issuer
+                # changed): proxies must trust that root before it signs anything.
+                raise RotationError(
+                    f"the new signing CA in slot {record.id} chains to another root "
+                    f"({fingerprint(self.ca(record.id).root)}), the backend's new one; it "
+                    "activates on schedule once every proxy has ACKed that root (or use "
+                    "'meshca ca rotate-root' to switch now, step by step)"
+                )
             return await self.activate(record.id, renew=True)
 
     # the automatic schedule -----------------------------------------------------------------
@@ -469,7 +554,7 @@ class RotationManager:
         due: list[datetime] = []
         if journal.prepared is None and now >= schedule.prepare_at:
             try:
-                await self.prepare(self.next_kind(now))
+                await self.prepare(self._due_kind(now))
                 self.problem = None
             except RotationError as exc:
                 if self.problem != str(exc):
@@ -492,6 +577,29 @@ class RotationManager:
             if later is not None:
                 due.append(later)
         return self._next_look(now, due)
+
+    def _due_kind(self, now: datetime) -> SlotKind:
+        """The kind to prepare on schedule: :meth:`next_kind`, except that when a new root
+        is due but the source cannot make one (a backend whose roots are created by its
+        operator), a CA under the current root keeps certificates renewed meanwhile."""
+        kind = self.next_kind(now)
+        active = self.active
+        if kind is SlotKind.ROOT and not active.is_self_signed:
+            notice = self.source.problem(active, new_root=True)
+            if notice is not None and self.source.problem(active, new_root=False) is None:
+                if notice != self.root_notice:
+                    log.warning(
+                        "root %s ends %s, too soon for the next signing CA's full life, and "
+                        "no new root can be prepared (%s): preparing a signing CA under the "
+                        "current root meanwhile (it ends with the root)",
+                        fingerprint(active.root),
+                        active.root.not_valid_after_utc.isoformat(),
+                        notice,
+                    )
+                self.root_notice = notice
+                return SlotKind.INTERMEDIATE
+        self.root_notice = None
+        return kind
 
     def _next_look(self, now: datetime, due: list[datetime]) -> datetime:
         """The earliest future moment in ``due`` (past ones mean "retry soon"), capped so
@@ -613,4 +721,5 @@ class RotationManager:
             "pending": journal.pending.to_json() if journal.pending else None,
             "problem": self.problem
             or self.source.problem(self.active, new_root=self.next_kind() is SlotKind.ROOT),
+            "renewal": describe_source(self.source, self.active),
         }

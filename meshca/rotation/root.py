@@ -254,6 +254,12 @@ class RootRotation:
                         await manager.retire(record.id)
             await manager.set_root_rotation(None)
         manager.replan()
+        if old_root is not None and old_root in manager.journal.bundle:
+            return (
+                f"nothing chains to the old root {fingerprint(old_root)} any more; it stays in "
+                "the trust bundle while the backend holds it (in Vault: delete its issuer); "
+                "the rotation is complete"
+            )
         shown = fingerprint(old_root) if old_root is not None else "(already removed)"
         return f"old root {shown} left the trust bundle; the rotation is complete"
 

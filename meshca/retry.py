@@ -1,7 +1,8 @@
 """Exponential backoff with jitter, and a small circuit breaker built on it.
 
 Jitter spreads the retries of many replicas (or many identities) so that a backend
-coming back is not hit by all of them in the same instant.
+coming back is not hit by all of them in the same instant. Used by the Vault client
+(its breaker and outage probes) and by the secret store (renewal retries).
 """
 
 from __future__ import annotations
