@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench soak clean
+.PHONY: run bookstore test lint typecheck unit bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python examples/serve_defaults.py
+
+# The bookstore mesh with real Envoys configured over ADS (docs/mesh.md, walkthrough).
+bookstore: $(STAMP)
+	$(BIN)/python examples/bookstore/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check meshca tests bench examples
@@ -27,8 +31,12 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Benchmarks (not tests): each prints ratios against a baseline measured in the same run.
 bench: $(STAMP)
 	$(BIN)/python bench/issue_throughput.py
+	$(BIN)/python bench/sds_fanout.py
+	$(BIN)/python bench/xds_scale.py
+	$(BIN)/python bench/vault_issue.py
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak_rotation.py

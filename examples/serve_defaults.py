@@ -1,9 +1,10 @@
 """What ``make run`` does: ``meshca serve`` on embedded defaults, ready for an Envoy.
 
-Creates the CA in ./.meshca if there is none (an existing CA is always kept), writes an
-example mesh file if there is none, then runs ``meshca serve`` on a Unix socket in
-./.meshca and on 127.0.0.1:15012 (set MESHCA_LISTEN to change it), and prints the
-exact commands that point an Envoy at it. Ctrl-C stops the server cleanly.
+Creates the CA in ./.meshca if there is none (an existing CA is always kept), copies
+the bookstore mesh file (examples/bookstore/mesh.yaml) there if there is none, then
+runs ``meshca serve`` on a Unix socket in ./.meshca and on 127.0.0.1:15012 (set
+MESHCA_LISTEN to change it), and prints the exact commands that point an Envoy at it.
+Ctrl-C stops the server cleanly.
 """
 
 from __future__ import annotations
@@ -20,16 +21,9 @@ DATA_DIR = Path(".meshca").absolute()
 SOCKET = DATA_DIR / "sds.sock"
 MESH_FILE = DATA_DIR / "mesh.yaml"
 LISTEN = os.environ.get("MESHCA_LISTEN", "127.0.0.1:15012")
-EXAMPLE_ID = "spiffe://cluster.local/ns/default/sa/example"
-EXAMPLE_MESH = """\
-# Services and the service accounts (identities) behind them. meshca reloads this file
-# when it changes; OSM's root-cert-for-mtls-outbound:<ns>/<svc> secrets use it.
-services:
-  - name: example
-    namespace: default
-    ports: [{port: 8080, protocol: http}]
-    service_accounts: [example]
-"""
+EXAMPLE_ID = "spiffe://cluster.local/ns/bookbuyer/sa/bookbuyer"
+# The bookstore mesh (docs/mesh.md): services, workloads, a 50/50 split and policies.
+EXAMPLE_MESH = Path(__file__).resolve().parent / "bookstore" / "mesh.yaml"
 
 
 def meshca_command(*args: str) -> list[str]:
@@ -61,7 +55,13 @@ Point an Envoy at it (run Envoy as this user, uid {os.getuid()}, which is mapped
         --out {rel}/envoy-tcp.yaml --admin-port 15001
     {envoy} -c {rel}/envoy-tcp.yaml --base-id 2
 
+  bookbuyer's whole configuration (listeners, routes, clusters, endpoints, secrets) over ADS:
+    .venv/bin/meshca bootstrap {EXAMPLE_ID} --server unix://{SOCKET} --ads \\
+        --capture explicit --out {rel}/envoy-ads.yaml --admin-port 15002
+    {envoy} -c {rel}/envoy-ads.yaml --base-id 3
+
 Envoy's admin API then shows the certificate meshca served: curl -s localhost:15000/certs
+For the whole bookstore mesh with real Envoys and apps: make bookstore
 For two Envoys talking mTLS with both SPIFFE IDs shown: .venv/bin/python examples/mtls_demo.py
 Stop the server with Ctrl-C.
 """
@@ -73,8 +73,8 @@ def main() -> None:
     else:
         run("init")
     if not MESH_FILE.exists():
-        MESH_FILE.write_text(EXAMPLE_MESH)
-        print(f"Wrote an example mesh file: {MESH_FILE}", flush=True)
+        shutil.copyfile(EXAMPLE_MESH, MESH_FILE)
+        print(f"Copied the bookstore mesh file to {MESH_FILE} (edit it: meshca reloads it)")
     command = meshca_command(
         "serve",
         "--uds",

@@ -25,7 +25,9 @@ from meshca.issuer.errors import IssuerError
 from meshca.issuer.keys import KeyType
 from meshca.logs import parse_log_format
 from meshca.serve_config import (
+    parse_delay,
     parse_dns_names,
+    parse_fraction,
     parse_listen,
     parse_log_level,
     parse_namespace,
@@ -48,6 +50,33 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE + _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{text!r} is not a boolean: use true or false")
+
+
+def parse_capture(text: str) -> str:
+    from meshca.envoy.generate import CAPTURE_MODES  # the Envoy API loads only when read
+
+    capture = text.strip().lower()
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"{text!r} is not a capture mode: choose {' or '.join(CAPTURE_MODES)}")
+    return capture
+
+
+def parse_workload(text: str) -> str:
+    """NAME or NAMESPACE/NAME as in the mesh file (checked when the bootstrap is built)."""
+    if not text.strip():
+        raise ValueError("the workload name is empty")
+    return text.strip()
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting. ``default`` is text, parsed like any other source, so the reference shows
@@ -65,6 +94,7 @@ class Option:
     is_path: bool = False
     aliases: tuple[str, ...] = ()  # more flag spellings, e.g. --leaf-ttl for --ttl
     repeatable: bool = False  # the flag may be repeated; values join with commas
+    switch: bool = False  # a flag without a value that means "true" (parse: parse_bool)
 
     @property
     def flag_name(self) -> str:
@@ -211,7 +241,7 @@ OPTIONS: tuple[Option, ...] = (
         "listen",
         parse_listen,
         None,
-        "serve SDS over mutual TLS on HOST:PORT (port 0 picks a free port)",
+        "serve SDS and ADS over mutual TLS on HOST:PORT (port 0 picks a free port)",
         ("serve",),
         metavar="HOST:PORT",
     ),
@@ -219,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
         "uds",
         _path,
         None,
-        "serve SDS on this Unix socket; callers are known by uid (see --uds-identity)",
+        "serve SDS and ADS on this Unix socket; callers are known by uid (see --uds-identity)",
         ("serve",),
         metavar="PATH",
         is_path=True,
@@ -310,12 +340,58 @@ OPTIONS: tuple[Option, ...] = (
         ("serve",),
         metavar="HOST:PORT",
     ),
+    # signing-CA rotation (docs/rotation.md)
+    Option(
+        "rotation_prepare_at",
+        parse_fraction,
+        "1/2",
+        "when the next signing CA is prepared, as a fraction of the active one's life "
+        "(0.5, 1/2, or a percentage)",
+        ("serve",),
+        metavar="F",
+    ),
+    Option(
+        "rotation_activate_at",
+        parse_fraction,
+        "5/6",
+        "when the prepared signing CA starts signing, as a fraction of the active one's "
+        "life (later than rotation_prepare_at)",
+        ("serve",),
+        metavar="F",
+    ),
+    Option(
+        "rotation_ca_ttl",
+        parse_duration,
+        None,
+        "lifetime of each new signing CA rotation creates, at least 6 x the leaf TTL "
+        "(default: that of the CA it replaces; Vault: --vault-intermediate-ttl)",
+        ("serve",),
+        metavar="D",
+    ),
+    Option(
+        "rotation_ack_timeout",
+        parse_duration,
+        "5m",
+        "longest wait for proxies' ACKs in a root rotation resumed after a restart "
+        "('meshca ca rotate-root --timeout' sets it for one command)",
+        ("serve",),
+        metavar="D",
+    ),
+    Option(
+        "rotation_resume_grace",
+        parse_delay,
+        "15s",
+        "after a restart, how long proxies get to reconnect before an interrupted root "
+        "rotation judges who has ACKed (0s: at once)",
+        ("serve",),
+        metavar="D",
+    ),
     # meshca bootstrap
     Option(
         "server",
         parse_server_address,
         None,
-        "meshca's SDS address: unix:///path/to/socket or HOST:PORT",
+        "meshca's SDS and ADS address: unix:///path/to/socket or HOST:PORT",
         ("bootstrap",),
         metavar="ADDR",
     ),
@@ -335,6 +411,43 @@ OPTIONS: tuple[Option, ...] = (
         "the Envoy admin port (on 127.0.0.1)",
         ("bootstrap",),
         metavar="N",
+    ),
+    Option(
+        "ads",
+        parse_bool,
+        "false",
+        "a bootstrap whose only static piece is the cluster to meshca: clusters, endpoints, "
+        "listeners, routes and secrets come over ADS, generated from the mesh file for "
+        "the identity (docs/mesh.md)",
+        ("bootstrap",),
+        switch=True,
+    ),
+    Option(
+        "capture",
+        parse_capture,
+        "intercept",
+        "with --ads: how traffic reaches the proxy: intercept (iptables redirects to "
+        "15001 and 15003) or explicit (listeners bound to the service and workload "
+        "addresses; no iptables)",
+        ("bootstrap",),
+        metavar="MODE",
+    ),
+    Option(
+        "workload",
+        parse_workload,
+        None,
+        "with --ads: the mesh file workload (NAME or NAMESPACE/NAME) this proxy fronts, "
+        "when its identity runs several",
+        ("bootstrap",),
+        metavar="NAME",
+    ),
+    Option(
+        "delta",
+        parse_bool,
+        "false",
+        "with --ads: incremental (delta) xDS instead of state of the world",
+        ("bootstrap",),
+        switch=True,
     ),
     Option(
         "backend",
@@ -369,6 +482,18 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             sources.insert(0, f"default {opt.default}")
         if opt.config_key:
             sources.append(f"config key {opt.config_key}")
+        help_text = f"{opt.help} ({'; '.join(sources)})"
+        if opt.switch:
+            group.add_argument(
+                opt.flag_name,
+                *opt.aliases,
+                dest=opt.name,
+                action="store_const",
+                const="true",
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
         group.add_argument(
             opt.flag_name,
             *opt.aliases,
@@ -376,7 +501,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             metavar=opt.metavar,
             default=argparse.SUPPRESS,
             action=_JoinRepeats if opt.repeatable else "store",
-            help=f"{opt.help} ({'; '.join(sources)})",
+            help=help_text,
         )
 
 
@@ -480,6 +605,8 @@ def _load_file(path: Path) -> dict[str, _Raw]:
         opt = known[key]
         if opt.repeatable:
             value = _joined(value)
+        if opt.switch and isinstance(value, bool):
+            value = "true" if value else "false"
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ConfigError(f"config file {path}: {key}: expected a single value")
         base = path.parent if opt.is_path else None

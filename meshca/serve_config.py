@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from meshca.durations import parse_duration
 from meshca.envoy.bootstrap import DEFAULT_SERVER_NAMESPACE, parse_host_port
 from meshca.issuer.policy import DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL
 from meshca.spiffe import SpiffeId, SpiffeIdError
@@ -20,6 +21,7 @@ DEFAULT_GRACE = 5.0
 DEFAULT_IDLE_TTL = timedelta(minutes=10)
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEALTH_INTERVAL = 5.0
+DEFAULT_BACKEND_POLL_INTERVAL = 60.0
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -43,6 +45,14 @@ class ServeConfig:
     metrics_listen: tuple[str, int] | None = None  # plain HTTP /metrics
     health_listen: tuple[str, int] | None = None  # plaintext gRPC health service only
     health_interval: float = DEFAULT_HEALTH_INTERVAL  # seconds between health evaluations
+    # seconds between reads of a backend's roots (Vault); 5 s while it is unreachable
+    backend_poll_interval: float = DEFAULT_BACKEND_POLL_INTERVAL
+    # signing-CA rotation (docs/rotation.md); None: the rotation service's default
+    rotation_prepare_at: float | None = None  # fraction of the signing CA's life (1/2)
+    rotation_activate_at: float | None = None  # (5/6)
+    rotation_ca_ttl: timedelta | None = None  # new signing CAs (as long as the one replaced)
+    rotation_ack_timeout: timedelta | None = None  # waits for proxies' ACKs (5 min)
+    rotation_resume_grace: timedelta | None = None  # before resuming after a restart (15 s)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -52,6 +62,31 @@ def parse_listen(text: str) -> tuple[str, int]:
         return server.host, 0
     server = parse_host_port(text)
     return server.host, server.port
+
+
+def parse_fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1: ``0.5``, ``50%`` or ``1/2``."""
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            number = float(value[:-1]) / 100
+        elif "/" in value:
+            numerator, _, denominator = value.partition("/")
+            number = float(numerator) / float(denominator)
+        else:
+            number = float(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{text!r} is not a fraction like 0.5, 50% or 1/2") from None
+    if not 0 < number < 1:
+        raise ValueError(f"{text!r} is not between 0 and 1 (exclusive)")
+    return number
+
+
+def parse_delay(text: str) -> timedelta:
+    """A duration that may be zero (``0s``): how long to wait, if at all."""
+    if text.strip() in ("0", "0s", "0m", "0h", "0d"):
+        return timedelta(0)
+    return parse_duration(text)
 
 
 def parse_socket_mode(text: str) -> int:

@@ -1,7 +1,9 @@
-"""``meshca serve`` wiring: CA -> issuer -> secret store -> SDS servicer -> gRPC server.
+"""``meshca serve`` wiring: CA -> issuer -> secret store -> SDS and ADS -> gRPC server.
 
-One asyncio process: the gRPC server (SDS, health, reflection) listens on TCP with
-mutual TLS and/or, behind the Unix-socket front door, on a private socket. meshca's
+One asyncio process: the gRPC server (SDS, ADS, health, reflection) listens on TCP with
+mutual TLS and/or, behind the Unix-socket front door, on a private socket. ADS serves
+each proxy the clusters, endpoints, listeners and routes generated from the mesh file
+for its identity, with the same secrets as SDS (one Secret source for both). meshca's
 serving certificate is an SVID from its own store, renewed like any other; new
 handshakes pick up the renewed certificate and the current bundle.
 """
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -20,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshca.backends.local import load_local_ca
+from meshca.bundle_poll import bundle_poll
 from meshca.durations import format_duration
 from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import Mesh
@@ -28,12 +31,15 @@ from meshca.issuer import IssuerError, SignerAuthority, SigningAuthority, TtlPol
 from meshca.issuer.policy import check_ca_covers_leaves
 from meshca.mesh_reload import MeshFile
 from meshca.metrics import InstrumentedIssuer, Metrics, MetricsServer, backend_name
-from meshca.rotation.service import local_rotation
+from meshca.rotation.service import RotationOptions, open_rotation
+from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.sds.auth import CallerAuthenticator
+from meshca.sds.engine import StreamStatus, XdsEngine
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.sds.stats import XdsStats
 from meshca.sds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
 from meshca.serve_config import ServeConfig
+from meshca.server_ads import MeshAds
 from meshca.serving_tls import ServingCredentials
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
@@ -41,6 +47,8 @@ from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 log = logging.getLogger("meshca.server")
 
 SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
+BACKEND_SERVICE = "meshca.backend"  # gRPC health: NOT_SERVING while the backend cannot sign
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
 class ServeError(IssuerError):
@@ -76,6 +84,20 @@ def check_ca_lifetime(authority: SigningAuthority, leaf_ttl: timedelta) -> None:
             "the signing CA expires in %s, less than one leaf TTL: leaves will be cut short",
             format_duration(max(remaining, timedelta(0))),
         )
+
+
+class EveryStream:
+    """The streams of several engines seen as one (what root rotation waits on): a
+    proxy on ADS holds the trust bundle as surely as one on SDS."""
+
+    def __init__(self, engines: Sequence[XdsEngine]) -> None:
+        self.engines = tuple(engines)
+
+    def streams(self) -> list[StreamStatus]:
+        return [stream for engine in self.engines for stream in engine.streams()]
+
+    def unsettled(self) -> list[StreamStatus]:
+        return [stream for engine in self.engines for stream in engine.unsettled()]
 
 
 class MeshcaServer:
@@ -134,8 +156,19 @@ class MeshcaServer:
         self.servicer = SecretDiscoveryServicer(
             self.store, self.authenticator, self._service_identities, self.stats
         )
-        self.rotation = local_rotation(
-            config.data_dir, authority, self.store, self.servicer.engine, config.leaf_ttl
+        # ADS: the generated types plus the SDS servicer's Secret source, one mesh.
+        self.ads = MeshAds(lambda: self._mesh, self.servicer.secrets, self.stats)
+        self.ads_servicer = AggregatedDiscoveryServicer(self.ads.engine, self.authenticator)
+        self.rotation = open_rotation(  # the local CA's, or Vault's intermediate's
+            config.data_dir,
+            authority,
+            self.store,
+            EveryStream((self.servicer.engine, self.ads.engine)),
+            config.leaf_ttl,
+            RotationOptions.of(config),
+        )
+        self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
+            authority, self.store, self.rotation, interval=config.backend_poll_interval
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
         # One health state for the main server and the plaintext health listener.
@@ -143,14 +176,15 @@ class MeshcaServer:
             self.health,
             authority,
             self.store,
-            services=(SDS_SERVICE,),
+            services=(SDS_SERVICE, ADS_SERVICE),
+            backend_service=BACKEND_SERVICE,
             serving_id=self.server_id if config.listen is not None else None,
             interval=config.health_interval,
         )
         self.issuer.observers.append(self.health_monitor.issue_result)
         self.metrics.watch(
             stats=self.stats,
-            engines={"sds": self.servicer.engine},
+            engines={"sds": self.servicer.engine, "ads": self.ads.engine},
             store=self.store,
             authority=authority,
             health=self.health_monitor,
@@ -194,6 +228,7 @@ class MeshcaServer:
     def _mesh_changed(self, mesh: Mesh) -> None:
         self._mesh = mesh
         self.servicer.resources_changed()
+        self.ads.mesh_changed()
 
     # serving certificate ----------------------------------------------------------------
     def _store_event(self, event: StoreEvent) -> None:
@@ -214,10 +249,12 @@ class MeshcaServer:
         self._unsubscribe = self.store.subscribe(self._store_event)
         server = grpc.aio.server()
         add_sds_to_server(self.servicer, server)
+        add_ads_to_server(self.ads_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SDS_SERVICE,
+                ADS_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -251,6 +288,8 @@ class MeshcaServer:
             self.mesh_file.start()
         if self.rotation is not None:
             await self.rotation.start()
+        if self.bundle_poll is not None:
+            self.bundle_poll.start()
         await self.health_monitor.start()
         await self._start_side_listeners()
         log.info(
@@ -279,6 +318,8 @@ class MeshcaServer:
             await self.mesh_file.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self.bundle_poll is not None:
+            await self.bundle_poll.stop()
         if self.rotation is not None:
             await self.rotation.close()
         self.servicer.close()

@@ -8,7 +8,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 
 from meshca.backends.local import ROOT_KEY, CaError, LocalCa, import_cacerts, init_local_ca
 from meshca.commands.common import UsageError, add_command, name_text, rfc3339, write_out
@@ -21,7 +20,7 @@ from meshca.issuer.policy import (
     DEFAULT_INTERMEDIATE_TTL,
     check_ca_covers_leaves,
 )
-from meshca.issuer.svid import fingerprint
+from meshca.issuer.svid import MALFORMED_CERTIFICATE, fingerprint
 
 NAME = "init"
 
@@ -135,13 +134,7 @@ def _adopt(
             own_intermediate_ttl=own_ttl,
             own_key_type=settings["key_type"],
         )
-    except (
-        ValueError,
-        UnsupportedAlgorithm,
-        x509.InvalidVersion,
-        x509.DuplicateExtension,
-        x509.UnsupportedGeneralNameType,
-    ) as exc:
+    except MALFORMED_CERTIFICATE as exc:
         # cryptography parses certificate fields lazily: a damaged field surfaces here.
         raise CaError(f"cannot adopt the CA in {source}: a malformed certificate: {exc}") from None
 

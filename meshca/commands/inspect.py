@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 
 from meshca.backends.local import CaError, ca_exists, load_local_ca
 from meshca.commands.common import add_command, name_text, rfc3339, write_out
@@ -24,7 +23,12 @@ from meshca.durations import format_duration
 from meshca.issuer.errors import ChainError, KeyTypeError, SvidError
 from meshca.issuer.keys import key_type_of
 from meshca.issuer.profile import utcnow
-from meshca.issuer.svid import fingerprint, load_certificates_pem, spiffe_id_of
+from meshca.issuer.svid import (
+    MALFORMED_CERTIFICATE,
+    fingerprint,
+    load_certificates_pem,
+    spiffe_id_of,
+)
 from meshca.issuer.verify import verify_chain
 from meshca.spiffe import SpiffeId
 
@@ -84,13 +88,7 @@ def _parse_fully(cert: x509.Certificate, path: Path) -> None:
         _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
         cert.public_key()
         list(cert.extensions)
-    except (
-        ValueError,
-        UnsupportedAlgorithm,
-        x509.InvalidVersion,
-        x509.DuplicateExtension,
-        x509.UnsupportedGeneralNameType,
-    ) as exc:
+    except MALFORMED_CERTIFICATE as exc:
         raise SvidError("format", f"{path} holds a malformed certificate: {exc}") from None
 
 

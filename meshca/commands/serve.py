@@ -7,8 +7,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from meshca.commands.common import UsageError, add_command
-from meshca.commands.vault_backend import close_authority, open_authority, run_server
-from meshca.config import Settings
+from meshca.commands.vault_backend import close_authority, open_authority
+from meshca.config import ConfigError, Settings
 from meshca.logs import configure_logging
 from meshca.serve_config import ServeConfig
 
@@ -23,12 +23,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         subparsers,
         NAME,
         run,
-        summary="serve certificates to Envoy over SDS",
+        summary="serve certificates (SDS) and mesh configuration (ADS) to Envoy",
         description=(
             "Serve X.509-SVIDs and the trust bundle to Envoy over the Secret Discovery "
             "Service: on TCP with mutual TLS (--listen) and/or on a Unix socket (--uds) "
             "whose callers are identified by uid (--uds-identity). Certificates are issued "
-            "on first request, renewed at half their lifetime and pushed at once. Stops "
+            "on first request, renewed at half their lifetime and pushed at once. The same "
+            "server speaks ADS: clusters, endpoints, listeners, routes and secrets generated "
+            "from --mesh for each proxy's identity ('meshca bootstrap --ads'). Stops "
             "gracefully on SIGTERM or SIGINT."
         ),
     )
@@ -41,6 +43,14 @@ def config_from(settings: Settings) -> ServeConfig:
         raise UsageError(
             "nothing to listen on: give --listen HOST:PORT and/or --uds PATH "
             f"(see 'meshca {NAME} --help')"
+        )
+    prepare, activate = settings["rotation_prepare_at"], settings["rotation_activate_at"]
+    if prepare >= activate:
+        raise ConfigError(
+            f"the signing CA's successor must be prepared before it is activated: "
+            f"rotation_prepare_at {prepare:g} ({settings.source('rotation_prepare_at')}) is "
+            f"not earlier than rotation_activate_at {activate:g} "
+            f"({settings.source('rotation_activate_at')})"
         )
     return ServeConfig(
         data_dir=settings["data_dir"],
@@ -56,6 +66,11 @@ def config_from(settings: Settings) -> ServeConfig:
         server_dns=settings["server_dns"],
         metrics_listen=settings["metrics_listen"],
         health_listen=settings["health_listen"],
+        rotation_prepare_at=settings["rotation_prepare_at"],
+        rotation_activate_at=settings["rotation_activate_at"],
+        rotation_ca_ttl=settings["rotation_ca_ttl"],
+        rotation_ack_timeout=settings["rotation_ack_timeout"],
+        rotation_resume_grace=settings["rotation_resume_grace"],
     )
 
 
@@ -94,7 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         server = MeshcaServer(config, authority=authority)
-        asyncio.run(run_server(server, authority, _announce))
+        asyncio.run(server.run(on_ready=_announce))
     finally:
         close_authority(authority)
     return 0

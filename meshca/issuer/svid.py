@@ -7,12 +7,23 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshca.issuer.errors import PemError, SvidError
 from meshca.issuer.keys import PrivateKey, key_type_of, private_key_pem
 from meshca.spiffe import SpiffeId, SpiffeIdError
+
+# cryptography parses certificate fields lazily: a damaged field raises one of these
+# when it is first read, long after the PEM loaded.
+MALFORMED_CERTIFICATE = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 
 
 def certificates_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:
