@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from meshca.backends.vault_settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
 from meshca.durations import parse_duration
 from meshca.envoy.bootstrap import parse_admin_port, parse_server_address
 from meshca.issuer.errors import IssuerError
@@ -141,14 +142,6 @@ _VAULT_OPTIONS = (
     ("intermediate_ttl", "D", "intermediate: lifetime of meshca's CA (default 30d)"),
     ("key_type", "T", "intermediate: key type of meshca's CA (default ec-p256)"),
 )
-_VAULT_PATHS = {
-    "token_file",
-    "secret_id_file",
-    "k8s_jwt_file",
-    "client_cert",
-    "client_key",
-    "ca_cert",
-}
 
 
 def parse_backend(text: str) -> str:
@@ -159,7 +152,7 @@ def parse_backend(text: str) -> str:
 
 
 def _vault_option(field: str, metavar: str, help: str) -> Option:
-    is_path = field in _VAULT_PATHS
+    is_path = field in VAULT_PATH_SETTINGS
     return Option(
         f"vault_{field}",
         _path if is_path else str,

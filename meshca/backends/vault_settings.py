@@ -228,7 +228,8 @@ class VaultSettings:
         return cls.from_mapping(values)
 
 
-_PATHS = {
+# Settings that name files (relative paths in a config file are taken from its folder).
+PATH_SETTINGS = {
     "token_file",
     "secret_id_file",
     "k8s_jwt_file",
@@ -238,7 +239,15 @@ _PATHS = {
 }
 
 
-_TYPED = (*sorted(_PATHS), "mode", "auth", "verbatim", "timeout", "intermediate_ttl", "key_type")
+_TYPED = (
+    *sorted(PATH_SETTINGS),
+    "mode",
+    "auth",
+    "verbatim",
+    "timeout",
+    "intermediate_ttl",
+    "key_type",
+)
 
 
 def _convert(name: str, raw: object) -> object:
@@ -246,7 +255,7 @@ def _convert(name: str, raw: object) -> object:
         return raw
     value = raw.strip()
     try:
-        if name in _PATHS:
+        if name in PATH_SETTINGS:
             return Path(value).expanduser()
         if name == "mode":
             return VaultMode(value.lower())

@@ -11,12 +11,13 @@ from collections.abc import Iterable
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from meshca.envoy.endpoints import addresses_assignment
 from meshca.envoy.model import Service
 from meshca.envoy.tls import upstream_tls
-from meshca.envoy.xds import CONNECT_TIMEOUT, ads_source, pack, socket_address
+from meshca.envoy.xds import CONNECT_TIMEOUT, ads_source, pack
 from meshca.spiffe import SpiffeId
 
 BLACKHOLE = "blackhole"
@@ -71,20 +72,7 @@ def local_cluster(port: int, address: str, protocol: str) -> cluster_pb2.Cluster
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=CONNECT_TIMEOUT,
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=socket_address(address, port)
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
+        load_assignment=addresses_assignment(name, [address], port),
     )
     if protocol == "grpc":
         _http2(cluster)

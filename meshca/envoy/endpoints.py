@@ -14,7 +14,13 @@ def load_assignment(
     cluster_name: str, workloads: Iterable[Workload], port: int
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """Workload addresses sorted, so the bytes (and the version) depend only on the set."""
-    addresses = sorted({w.address for w in workloads})
+    return addresses_assignment(cluster_name, sorted({w.address for w in workloads}), port)
+
+
+def addresses_assignment(
+    cluster_name: str, addresses: Iterable[str], port: int
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """Every address at ``port``, in the order given."""
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster_name,
         endpoints=[
