@@ -185,6 +185,36 @@ async def test_no_rollback_once_the_old_root_is_gone(tmp_path: Path) -> None:
             await m.rotation.rollback()
 
 
+async def test_after_a_restart_a_step_waits_for_proxies_that_reconnect(tmp_path: Path) -> None:
+    """A restart mid-rotation forgets who was connected: within the reconnect grace, a
+    step does not complete just because the proxies back so far have ACKed."""
+    async with mesh(tmp_path) as m:
+        # node-b's next stream; its channel is made while the server's certificate is
+        # still under the old root, which this test client trusts.
+        back = Proxy(m.harness, k8s("shop", "db"), "node-b")
+        await m.rotation.run(through=3)
+        await m.b.stop()  # node-b has not reconnected yet after the restart
+        grace = 2.0
+        m.rotation.hold_for_reconnects(grace)
+        started = asyncio.get_running_loop().time()
+        step4 = asyncio.create_task(m.rotation.step(4, timeout=timedelta(seconds=30)))
+        await asyncio.sleep(0.2)
+        assert not step4.done()  # node-a has ACKed; the grace is not over
+        back.holding = True  # reconnected within the grace, not ACKed yet
+        await back.start()
+        try:
+            await wait_until(lambda: back.held, what="node-b's first response")
+            await asyncio.sleep(grace)
+            assert not step4.done()  # the grace is over, but node-b has not ACKed
+            await back.release()
+            await asyncio.wait_for(step4, 10)
+            assert asyncio.get_running_loop().time() - started >= grace
+            new_root = m.manager.active.root
+            assert chain_root(back.chain(), m.store.bundle()) == new_root
+        finally:
+            await back.stop()
+
+
 async def test_operator_commands_reach_the_running_server(tmp_path: Path) -> None:
     """The real ``meshca ca`` command against the admin socket of a running manager:
     status shows who still has to ACK, and rotate-root steps act on live proxies."""

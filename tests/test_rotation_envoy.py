@@ -63,7 +63,16 @@ def test_rotations_and_a_crash_under_load_fail_no_request() -> None:
         mesh.restart()
         status = mesh.status()
         assert status["root_rotation"]["done"] == 3  # resumed exactly where it was
-        wait_for(lambda: len(mesh.status()["connected"]) == 2, 60, "both Envoys reconnected")
+        # Envoy opens one SDS stream per secret and retries each with its own backoff:
+        # both Envoys back (by name) is not yet both identities' certificate streams.
+        wait_for(
+            lambda: (
+                len((now := mesh.status())["connected"]) == 2
+                and sum(root["served_under"] for root in now["bundle"]) == 2
+            ),
+            60,
+            "both Envoys and both identities reconnected",
+        )
         result = mesh.ca("rotate-root", "--timeout", "60s")
         assert result.returncode == 0, result.stderr
         [third_root] = mesh.bundle()

@@ -126,6 +126,34 @@ async def test_nack_is_counted_and_the_same_payload_is_not_sent_again(h: SdsHarn
     assert total(h.stats.acks) == 0
 
 
+async def test_a_stream_whose_request_is_being_answered_is_not_settled(
+    h: SdsHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rotation waits judge "every connected proxy has ACKed" by the unsettled streams: a
+    # proxy that (re)connected and whose first answer is still being resolved (its
+    # certificate being issued) has ACKed nothing yet and must be waited for.
+    resolving, release = asyncio.Event(), asyncio.Event()
+    svid = h.store.svid
+
+    async def slow_svid(identity: Any) -> Any:
+        resolving.set()
+        await release.wait()
+        return await svid(identity)
+
+    monkeypatch.setattr(h.store, "svid", slow_svid)
+    engine = h.servicer.engine
+    stub = h.stub(h.mtls_channel(BUYER))
+    stream = await open_sotw(stub, sotw([BUYER_CERT]))
+    await asyncio.wait_for(resolving.wait(), 10)
+    assert [s.id for s in engine.unsettled()] == [s.id for s in engine.streams()]
+    assert len(engine.streams()) == 1
+    release.set()
+    first = await stream.recv()
+    assert len(engine.unsettled()) == 1  # sent, not yet ACKed
+    await stream.send(sotw([BUYER_CERT], nonce=first.nonce, version=first.version_info))
+    assert await engine.wait_settled(timeout=10) == []
+
+
 async def test_stale_nonce_is_ignored(h: SdsHarness) -> None:
     stub = h.stub(h.mtls_channel(BUYER))
     stream = await open_sotw(stub, sotw([BUYER_CERT]))

@@ -91,6 +91,9 @@ class RootRotation:
         self.ack_timeout = ack_timeout
         self.poll_interval = poll_interval
         self._operation = asyncio.Lock()  # one operator action at a time
+        # Until then (monotonic), no wait is judged complete: after a restart, proxies
+        # connected before it may not have reconnected yet, and would not be counted.
+        self._reconnect_until = 0.0
 
     @property
     def state(self) -> RootRotationState | None:
@@ -142,6 +145,14 @@ class RootRotation:
         the ACKs) if step 3 ran, then the new root leaves the bundle."""
         async with self._operation:
             return await self._rollback(timeout or self.ack_timeout)
+
+    def hold_for_reconnects(self, grace: float) -> None:
+        """After a restart in the middle of a root rotation: for ``grace`` seconds, every
+        wait (the resumed one or an operator's step) holds even when every connected proxy
+        has acknowledged, so that proxies connected before the restart are back and
+        counted; a proxy not yet reconnected may still present a certificate under the old
+        root, or trust only the old root."""
+        self._reconnect_until = max(self._reconnect_until, time.monotonic() + grace)
 
     async def resume(self, *, grace: float = 0.0) -> None:
         """After a restart: carry on with what was running when the process stopped.
@@ -308,14 +319,24 @@ class RootRotation:
         *,
         also: Callable[[], list[str]] | None = None,
     ) -> None:
-        deadline = time.monotonic() + timeout.total_seconds()
+        # The timeout never ends a wait before the reconnect grace does.
+        deadline = max(time.monotonic() + timeout.total_seconds(), self._reconnect_until)
+        held = False
         while True:
             waiting = self.manager.unacked(predicate)
             if also is not None:
                 waiting += also()
             if not waiting:
-                return
-            if time.monotonic() >= deadline:
+                if time.monotonic() >= self._reconnect_until:
+                    return
+                if not held:
+                    held = True
+                    log.info(
+                        "%s: holding %.1fs more for proxies to reconnect after the restart",
+                        what,
+                        self._reconnect_until - time.monotonic(),
+                    )
+            elif time.monotonic() >= deadline:
                 state = self.state
                 if state is not None and not state.rolling_back:
                     async with self.manager.lock:

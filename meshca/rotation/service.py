@@ -119,6 +119,8 @@ class RotationService:
 
     async def start(self) -> None:
         self.manager.start()
+        if self.manager.journal.root_rotation is not None:
+            self.rotation.hold_for_reconnects(self.resume_grace)
         await self.admin.start()
         self._resume = asyncio.get_running_loop().create_task(
             self.rotation.resume(grace=self.resume_grace)

@@ -298,6 +298,9 @@ class _Stream:
         try:
             async for request in requests:
                 await self._inbox.put(request)
+                # Unsettled from now until handled and answered: a first request (or a
+                # new subscription) being resolved is not yet ACKed content.
+                self.engine._mark(self, settled=False)
                 self._event.set()
         finally:
             self._reader_done = True
