@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run bookstore test lint typecheck unit bench soak clean
+.PHONY: run bookstore test lint typecheck unit system-tools bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict meshca
 
-unit: $(STAMP)
+# System tools some tests use: iptables for the intercept-mode test (run as root in a
+# network namespace the test creates). Installed when this is a Debian machine and we
+# are root; otherwise that test says it is skipped and why.
+system-tools:
+	@if ! command -v iptables >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing iptables (for the intercept-mode test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables) >/dev/null 2>&1 \
+			|| echo "could not install iptables: the intercept-mode test will be skipped"; \
+	fi
+
+unit: $(STAMP) system-tools
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
