@@ -198,16 +198,22 @@ class HealthMonitor:
         now = self.clock()
         with self._lock:
             last_failure = self._last_failure
-        served = [
-            (sid, svid) for sid in self.store.identities() if (svid := self.store.cached(sid))
-        ]
+        backend = backend_problem(self.authority, now, last_failure)
+        served: list[tuple[SpiffeId, X509Svid]] = []
+        issued: dict[SpiffeId, datetime] = {}
+        if backend is not None:  # served certificates matter only while nothing can be signed
+            served = [
+                (sid, svid) for sid in self.store.identities() if (svid := self.store.cached(sid))
+            ]
+            issued = {
+                sid: schedule[0] for sid, _ in served if (schedule := self.store.renewal(sid))
+            }
         own = None
         if self.serving_id is not None:
             own = (self.serving_id, self.store.cached(self.serving_id))
-        issued = {sid: schedule[0] for sid, _ in served if (schedule := self.store.renewal(sid))}
         return evaluate(
             ca_loaded=ca_is_loaded(self.authority),
-            backend=backend_problem(self.authority, now, last_failure),
+            backend=backend,
             served=served,
             now=now,
             skew=self.store.issuer.policy.skew,

@@ -32,10 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import timedelta
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -47,18 +45,13 @@ from meshca import __version__
 from meshca.backends.errors import BackendError, BackendUnavailable
 from meshca.issuer import (
     CsrError,
-    Issuer,
     IssuerError,
-    KeyType,
     SignerError,
     SigningAuthority,
     TtlError,
-    TtlPolicy,
-    X509Svid,
 )
 from meshca.issuer.profile import Signer
 from meshca.sds.stats import XdsStats
-from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore
 
 log = logging.getLogger("meshca.metrics")
@@ -73,8 +66,6 @@ POLICY_ERRORS: tuple[type[Exception], ...] = (TtlError, CsrError)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_READ_TIMEOUT = 10.0
 HTTP_MAX_HEAD = 16 * 1024
-
-IssueObserver = Callable[[float, BaseException | None], None]
 
 
 def backend_name(authority: SigningAuthority) -> str:
@@ -99,58 +90,6 @@ def error_kind(error: BaseException) -> str:
     if isinstance(error, IssuerError):
         return "invalid"
     return "internal"
-
-
-class InstrumentedIssuer(Issuer):
-    """An :class:`Issuer` that tells ``observers`` how long each issuance took and how it
-    ended. Observers run in the issuing thread and must be thread-safe and quick."""
-
-    def __init__(
-        self,
-        authority: SigningAuthority,
-        policy: TtlPolicy | None = None,
-        *,
-        observers: Sequence[IssueObserver] = (),
-    ) -> None:
-        super().__init__(authority, policy)
-        self.observers: list[IssueObserver] = list(observers)
-
-    def _observe(self, started: float, error: BaseException | None) -> None:
-        elapsed = time.perf_counter() - started
-        for observe in list(self.observers):
-            try:
-                observe(elapsed, error)
-            except Exception:
-                log.exception("an issuance observer failed")
-
-    def issue(
-        self,
-        spiffe_id: SpiffeId,
-        *,
-        ttl: timedelta | None = None,
-        key_type: KeyType | None = None,
-        dns_names: Sequence[str] = (),
-    ) -> X509Svid:
-        started = time.perf_counter()
-        try:
-            svid = super().issue(spiffe_id, ttl=ttl, key_type=key_type, dns_names=dns_names)
-        except Exception as exc:
-            self._observe(started, exc)
-            raise
-        self._observe(started, None)
-        return svid
-
-    def sign_csr(
-        self, spiffe_id: SpiffeId, csr: bytes, *, ttl: timedelta | None = None
-    ) -> X509Svid:
-        started = time.perf_counter()
-        try:
-            svid = super().sign_csr(spiffe_id, csr, ttl=ttl)
-        except Exception as exc:
-            self._observe(started, exc)
-            raise
-        self._observe(started, None)
-        return svid
 
 
 class StatusView(Protocol):
@@ -349,7 +288,7 @@ class Metrics:
         self.issue_seconds.labels(backend)
 
     def observe_issue(self, seconds: float, error: BaseException | None) -> None:
-        """An issuance ended (thread-safe; an :data:`IssueObserver`)."""
+        """An issuance ended (thread-safe; an :data:`meshca.issuer.authority.IssueObserver`)."""
         self.issued.labels(self.backend, "success" if error is None else "failure").inc()
         self.issue_seconds.labels(self.backend).observe(seconds)
         if error is not None and not isinstance(error, POLICY_ERRORS):

@@ -27,10 +27,10 @@ from meshca.durations import format_duration
 from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import Mesh
 from meshca.health import HealthMonitor, start_health_listener
-from meshca.issuer import IssuerError, SignerAuthority, SigningAuthority, TtlPolicy
+from meshca.issuer import Issuer, IssuerError, SignerAuthority, SigningAuthority, TtlPolicy
 from meshca.issuer.policy import check_ca_covers_leaves
 from meshca.mesh_reload import MeshFile
-from meshca.metrics import InstrumentedIssuer, Metrics, MetricsServer, backend_name
+from meshca.metrics import Metrics, MetricsServer, backend_name
 from meshca.rotation.service import RotationOptions, open_rotation
 from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.sds.auth import CallerAuthenticator
@@ -117,7 +117,7 @@ class MeshcaServer:
         except IssuerError as exc:
             raise ServeError(f"--leaf-ttl: {exc}") from None
         self.metrics = Metrics(backend_name(authority))
-        self.issuer = InstrumentedIssuer(authority, policy, observers=[self.metrics.observe_issue])
+        self.issuer = Issuer(authority, policy, issue_observers=[self.metrics.observe_issue])
         self.server_id = config.server_id or default_server_id(
             self.trust_domain, config.server_namespace
         )
@@ -181,7 +181,7 @@ class MeshcaServer:
             serving_id=self.server_id if config.listen is not None else None,
             interval=config.health_interval,
         )
-        self.issuer.observers.append(self.health_monitor.issue_result)
+        self.issuer.issue_observers.append(self.health_monitor.issue_result)
         self.metrics.watch(
             stats=self.stats,
             engines={"sds": self.servicer.engine, "ads": self.ads.engine},

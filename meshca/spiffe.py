@@ -148,11 +148,8 @@ class SpiffeId:
     @classmethod
     def parse(cls, value: str) -> SpiffeId:
         td, path = _split(value)
-        _check_trust_domain(td, value)
-        if not path:
-            raise SpiffeIdError("path-empty", value, "a workload ID needs a non-empty path")
-        _check_path(path, value)
-        return cls(TrustDomain(td), path)
+        _check_trust_domain(td, value)  # here, so that its errors show the whole ID
+        return cls(TrustDomain(td), path)  # the path is checked by __post_init__
 
     @classmethod
     def from_kubernetes(

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from meshca.issuer import Issuer, IssuerError, TrustBundle, X509Svid
-from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, renewal_time
+from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, issued_at, renewal_time
 from meshca.retry import Backoff
 from meshca.spiffe import SpiffeId
 
@@ -40,10 +40,13 @@ DEFAULT_RENEW_BACKOFF = Backoff(initial=1.0, maximum=60.0)
 
 @dataclass(frozen=True)
 class SvidChanged:
-    """A new SVID for ``spiffe_id`` replaced the previous one (renewal or re-issue)."""
+    """A new SVID replaced the previous one of its identity (renewal or re-issue)."""
 
-    spiffe_id: SpiffeId
     svid: X509Svid
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        return self.svid.spiffe_id
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,7 @@ class SecretStore:
         if self._fresh(entry, datetime.now(UTC)):
             assert entry is not None
             return entry.svid
-        lock = self._locks.setdefault(spiffe_id, asyncio.Lock())
-        async with lock:
+        async with self._lock(spiffe_id):
             entry = self._entries.get(spiffe_id)
             if self._fresh(entry, datetime.now(UTC)):
                 assert entry is not None
@@ -246,6 +248,13 @@ class SecretStore:
         return True
 
     # issuance and renewal ------------------------------------------------------
+    def _lock(self, spiffe_id: SpiffeId) -> asyncio.Lock:
+        """One issuance at a time per identity."""
+        lock = self._locks.get(spiffe_id)
+        if lock is None:
+            lock = self._locks[spiffe_id] = asyncio.Lock()
+        return lock
+
     def _job_id(self, spiffe_id: SpiffeId) -> str:
         return f"renew:{spiffe_id}"
 
@@ -274,12 +283,11 @@ class SecretStore:
             self.issue_failures += 1
             raise
         # The life the schedule divides starts when the SVID was asked for, whatever
-        # NotBefore the backend wrote (clamped to the certificate's own validity).
-        issued = max(svid.not_before, min(requested, svid.not_after))
+        # NotBefore the backend wrote.
+        issued = issued_at(svid.not_before, svid.not_after, requested=requested)
         renew_at = renewal_time(
             issued,
             svid.not_after,
-            skew=timedelta(0),
             fraction=self.renew_fraction,
             jitter=self.renew_jitter,
             rng=self._rng,
@@ -298,7 +306,7 @@ class SecretStore:
                     previous.failures,
                 )
             log.info("renewed %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
-            self._notify(SvidChanged(spiffe_id, svid))
+            self._notify(SvidChanged(svid))
         else:
             log.info("issued %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
         self.refresh_bundle()
@@ -306,8 +314,7 @@ class SecretStore:
 
     async def renew(self, spiffe_id: SpiffeId) -> X509Svid:
         """Re-issue now (and push), whatever the schedule says."""
-        lock = self._locks.setdefault(spiffe_id, asyncio.Lock())
-        async with lock:
+        async with self._lock(spiffe_id):
             return await self._issue(spiffe_id)
 
     async def renew_all(self) -> None:

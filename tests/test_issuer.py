@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshca.durations import DurationError, format_duration, parse_duration
 from meshca.issuer import (
     ChainError,
     CsrError,
@@ -36,8 +37,9 @@ from meshca.issuer import (
     TtlPolicy,
     X509Svid,
 )
+from meshca.issuer import authority as authority_module
 from meshca.issuer.keys import PrivateKey, PublicKey, generate_private_key
-from meshca.issuer.policy import check_ca_covers_leaves, renewal_time
+from meshca.issuer.policy import check_ca_covers_leaves, issued_at, renewal_time
 from meshca.issuer.profile import DEFAULT_SKEW, build_leaf, utcnow
 from meshca.issuer.svid import spiffe_id_of
 from meshca.issuer.verify import self_check, verify_chain
@@ -654,6 +656,61 @@ def test_policy_with_default_over_maximum_is_refused() -> None:
         TtlPolicy(default=timedelta(days=2), maximum=timedelta(days=1))
 
 
+def test_a_refused_request_makes_no_key(issuer: Issuer, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[KeyType] = []
+    monkeypatch.setattr(authority_module, "generate_private_key", made.append)
+    with pytest.raises(TtlError):
+        issuer.issue(WORKLOAD, ttl=timedelta(days=365), key_type=KeyType.RSA_4096)
+    with pytest.raises(IssuerError, match="is not a DNS name"):
+        issuer.issue(WORKLOAD, dns_names=("a b",))
+    assert made == []
+
+
+def test_durations_parse_compound_forms_and_format_the_shortest() -> None:
+    assert parse_duration(" 1h30m ") == timedelta(minutes=90)
+    assert parse_duration("1d12h") == timedelta(hours=36)
+    for text in ("90d", "1h30m", "1d1s", "45s"):
+        assert format_duration(parse_duration(text)) == text
+    assert format_duration(timedelta(seconds=86400)) == "1d"
+    for bad in ("1h 30m", "h", "30m1", "0s"):
+        with pytest.raises(DurationError, match="invalid duration"):
+            parse_duration(bad)
+
+
+# Observing issuance ----------------------------------------------------------------------
+
+
+def test_observers_see_every_issuance_and_how_it_ended(ca: InMemoryCa) -> None:
+    seen: list[tuple[float, BaseException | None]] = []
+    issuer = Issuer(
+        SignerAuthority(ca.signer, ca.bundle),
+        TtlPolicy(maximum=timedelta(days=1)),
+        issue_observers=[lambda seconds, error: seen.append((seconds, error))],
+    )
+    issuer.issue(WORKLOAD)
+    issuer.sign_csr(WORKLOAD, make_csr(key_of(KeyType.EC_P256)))
+    with pytest.raises(TtlError) as refused:
+        issuer.issue(WORKLOAD, ttl=timedelta(days=2))
+    with pytest.raises(CsrError) as unreadable:
+        issuer.sign_csr(WORKLOAD, b"not a csr")
+    assert [error for _, error in seen] == [None, None, refused.value, unreadable.value]
+    assert all(seconds >= 0 for seconds, _ in seen)
+
+
+def test_a_failing_observer_neither_fails_the_issuance_nor_stops_the_others(
+    ca: InMemoryCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(seconds: float, error: BaseException | None) -> None:
+        raise RuntimeError("observer bug")
+
+    later: list[BaseException | None] = []
+    issuer = Issuer(SignerAuthority(ca.signer, ca.bundle), issue_observers=[broken])
+    issuer.issue_observers.append(lambda seconds, error: later.append(error))
+    assert issuer.issue(WORKLOAD).spiffe_id == WORKLOAD
+    assert later == [None]
+    assert "an issuance observer failed" in caplog.text
+
+
 # Self-check and chain verification -------------------------------------------------------
 
 
@@ -672,6 +729,22 @@ def test_self_check_catches_a_key_that_does_not_match_the_certificate(ca: InMemo
     with pytest.raises(SignerError):
         authority.activate(impostor)
     assert authority.signer is ca.signer  # a failed switch keeps the old signer
+
+
+def test_activate_switches_signer_and_bundle_together(ca: InMemoryCa) -> None:
+    authority = SignerAuthority(ca.signer, ca.bundle)
+    new = make_ca()
+    both = ca.bundle.with_root(new.root.certificate)
+    authority.activate(bundle=both)  # the new root first: the signer stays
+    assert authority.signer is ca.signer and authority.bundle() == both
+    authority.activate(new.signer)  # then the new signer: the bundle stays
+    assert authority.signer is new.signer and authority.bundle() == both
+    svid = Issuer(authority).issue(WORKLOAD)
+    assert svid.intermediates == (new.signer.certificate,)
+    verify_chain(svid.leaf, svid.intermediates, authority.bundle())
+    with pytest.raises(SignerError):  # a bundle without the signer's root
+        authority.activate(bundle=ca.bundle)
+    assert authority.signer is new.signer and authority.bundle() == both
 
 
 def test_self_check_catches_a_chain_that_does_not_reach_the_bundle(ca: InMemoryCa) -> None:
@@ -710,8 +783,9 @@ def test_renewal_is_at_half_life_plus_minus_five_percent() -> None:
     rng = random.Random(7)
     issued = datetime(2026, 1, 1, tzinfo=UTC)
     not_before, not_after = issued - DEFAULT_SKEW, issued + timedelta(hours=24)
+    assert issued_at(not_before, not_after) == issued  # NotBefore plus the skew
     fractions = [
-        (renewal_time(not_before, not_after, rng=rng) - issued) / timedelta(hours=24)
+        (renewal_time(issued, not_after, rng=rng) - issued) / timedelta(hours=24)
         for _ in range(2000)
     ]
     assert all(0.45 <= f <= 0.55 for f in fractions)
@@ -724,17 +798,27 @@ def test_renewal_of_a_short_ttl_is_not_immediate(ca: InMemoryCa) -> None:
     leaf = build_leaf(
         ca.signer, key_of(KeyType.EC_P256).public_key(), WORKLOAD, timedelta(seconds=4), now=now
     )
+    issued = issued_at(leaf.not_valid_before_utc, leaf.not_valid_after_utc)
     for seed in range(50):
-        renew = renewal_time(
-            leaf.not_valid_before_utc, leaf.not_valid_after_utc, rng=random.Random(seed)
-        )
+        renew = renewal_time(issued, leaf.not_valid_after_utc, rng=random.Random(seed))
         assert now + timedelta(seconds=1.8) <= renew <= now + timedelta(seconds=2.2)
+
+
+def test_life_starts_when_requested_within_the_certificates_validity() -> None:
+    not_before = datetime(2026, 1, 1, tzinfo=UTC)
+    not_after = not_before + timedelta(hours=1)
+    inside = not_before + timedelta(minutes=5)
+    assert issued_at(not_before, not_after, requested=inside) == inside
+    assert issued_at(not_before, not_after, requested=not_before - timedelta(1)) == not_before
+    assert issued_at(not_before, not_after, requested=not_after + timedelta(1)) == not_after
+    assert issued_at(not_before, not_after, skew=timedelta(hours=2)) == not_after
 
 
 def test_renewal_follows_the_certificates_own_not_after() -> None:
     ca = make_ca(signer_ttl=timedelta(hours=2))
     svid = Issuer(SignerAuthority(ca.signer, ca.bundle)).issue(WORKLOAD)  # clipped to 2 h
-    renew = renewal_time(svid.not_before, svid.not_after, rng=random.Random(1))
+    issued = issued_at(svid.not_before, svid.not_after)
+    renew = renewal_time(issued, svid.not_after, rng=random.Random(1))
     life = svid.not_after - (svid.not_before + DEFAULT_SKEW)
     assert life <= timedelta(hours=2)
     assert svid.not_before + DEFAULT_SKEW + 0.45 * life <= renew <= svid.not_after - 0.45 * life

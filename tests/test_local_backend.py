@@ -218,6 +218,17 @@ def test_import_kubernetes_tls_layout(tmp_path: Path, source_ca: InMemoryCa) -> 
     assert_independently_valid(svid, ca.bundle, tmp_path / "check")
 
 
+def test_import_keeps_every_root_beside_the_ca(tmp_path: Path, source_ca: InMemoryCa) -> None:
+    """A cacerts root file that holds the next root too (a root rotation under way)."""
+    source = source_ca.write_istio_layout(tmp_path / "cacerts")
+    roots = source_ca.bundle.with_root(make_ca().root.certificate)
+    _replace(source, "root-cert.pem", roots.pem())
+    data_dir = tmp_path / "data"
+    ca = import_cacerts(data_dir, source, TRUST_DOMAIN)
+    assert ca.bundle == roots
+    assert (data_dir / "ca" / "root-cert.pem").read_bytes() == roots.pem()
+
+
 def test_import_a_root_directly(tmp_path: Path) -> None:
     """A self-signed CA plugged in as both signing CA and root."""
     ca = make_ca()

@@ -15,7 +15,7 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from tests.bao_harness import (
     setup_pki,
     workload_role,
 )
+from tests.sds_harness import wait_until
 from tests.serve_harness import (
     TD,
     client_svid,
@@ -95,20 +96,6 @@ async def scrape(server: MeshcaServer) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
@@ -229,7 +216,7 @@ async def test_streams_pushes_nacks_and_push_to_ack_latency(server: MeshcaServer
                 and value(now, "meshca_xds_acks_total", **secret) == 1
             )
 
-        await eventually(answered, "the NACK and the ACK to be counted")
+        await wait_until(answered, timeout=20, what="the NACK and the ACK to be counted")
         counted = await scrape(server)
         assert value(counted, "meshca_xds_push_to_ack_seconds_count") == 1  # ACKs only
         assert value(counted, "meshca_xds_push_to_ack_seconds_sum") > 0
@@ -241,7 +228,7 @@ async def test_streams_pushes_nacks_and_push_to_ack_latency(server: MeshcaServer
             now = await scrape(server)
             return value(now, "meshca_xds_streams", service="sds", kind="sotw") == 0
 
-        await eventually(closed, "the streams gauge to drop to 0")
+        await wait_until(closed, timeout=20, what="the streams gauge to drop to 0")
     final = await scrape(server)
     assert value(final, "meshca_xds_streams_opened_total") == 2
 
@@ -368,7 +355,7 @@ async def test_health_flips_when_the_signing_ca_expires_and_recovers_with_a_new_
         async def down() -> bool:
             return await health_of(probe) == NOT_SERVING
 
-        await eventually(down, "the health port to report NOT_SERVING")
+        await wait_until(down, timeout=20, what="the health port to report NOT_SERVING")
         for service in ("", SDS_SERVICE):
             assert await health_of(main, service) == NOT_SERVING
         assert await health_of(probe, SDS_SERVICE) == NOT_SERVING
@@ -385,7 +372,7 @@ async def test_health_flips_when_the_signing_ca_expires_and_recovers_with_a_new_
         async def up() -> bool:
             return await health_of(probe) == SERVING
 
-        await eventually(up, "the health port to report SERVING again")
+        await wait_until(up, timeout=20, what="the health port to report SERVING again")
         assert await health_of(main) == SERVING
         (renewed,) = await fetch(main, [str(A)])
         assert chain_of(renewed)[1] == cert
@@ -471,7 +458,7 @@ async def test_health_and_metrics_follow_a_real_vault_outage(root: Path) -> None
                     async def down() -> bool:
                         return await health_of(probe) == NOT_SERVING
 
-                    await eventually(down, "NOT_SERVING during the Vault outage")
+                    await wait_until(down, timeout=20, what="NOT_SERVING during the Vault outage")
                     assert await health_of(main) == NOT_SERVING
                     outage = await scrape(server)
                     assert value(outage, "meshca_backend_healthy", backend="vault") == 0
@@ -484,7 +471,7 @@ async def test_health_and_metrics_follow_a_real_vault_outage(root: Path) -> None
                 async def up() -> bool:
                     return await health_of(probe) == SERVING
 
-                await eventually(up, "SERVING once Vault answers again")
+                await wait_until(up, timeout=20, what="SERVING once Vault answers again")
                 assert await health_of(main) == SERVING
                 (renewed,) = await fetch(main, [str(A)])
                 assert leaf_of(renewed).serial_number != leaf_of(secret).serial_number

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,10 +43,10 @@ from meshca.issuer import (
 from meshca.issuer.keys import (
     PrivateKey,
     generate_private_key,
+    key_matches,
     key_type_of,
     load_private_key_pem,
     private_key_pem,
-    public_keys_equal,
 )
 from meshca.issuer.policy import DEFAULT_INTERMEDIATE_TTL, DEFAULT_ROOT_TTL
 from meshca.issuer.profile import build_ca, utcnow
@@ -98,63 +99,64 @@ def ca_exists(data_dir: Path) -> bool:
     return (ca_directory(data_dir) / CA_CERT).exists()
 
 
-def _write_ca_files(
-    target: Path,
-    *,
-    trust_domain: TrustDomain,
-    root: x509.Certificate,
+def ca_files(
+    signer: Signer,
+    bundle: TrustBundle,
     root_key: PrivateKey | None,
-    ca_cert: x509.Certificate,
-    ca_key: PrivateKey,
-    intermediates: tuple[x509.Certificate, ...],
-    origin: str,
-    cacerts: Path | None = None,
-) -> None:
-    atomic_write(target / ROOT_CERT, certificates_pem([root]), PUBLIC)
-    if root_key is not None:
-        atomic_write(target / ROOT_KEY, private_key_pem(root_key), PRIVATE)
-    atomic_write(target / CA_CERT, certificates_pem([ca_cert]), PUBLIC)
-    atomic_write(target / CA_KEY, private_key_pem(ca_key), PRIVATE)
-    atomic_write(target / CERT_CHAIN, certificates_pem([ca_cert, *intermediates]), PUBLIC)
-    meta = {
-        "trust_domain": trust_domain.name,
-        "origin": origin,
-        "created": utcnow().isoformat(),
-        "key_type": key_type_of(ca_key).value,
+    meta: Mapping[str, object],
+) -> dict[str, tuple[bytes, int]]:
+    """The files of ``ca/`` (name: bytes and mode) for ``signer`` under ``bundle``, with
+    the root key when it is kept here; ``meta.json`` holds ``meta`` and the key type."""
+    meta_json = json.dumps({**meta, "key_type": key_type_of(signer.key).value}, indent=2)
+    files = {
+        ROOT_CERT: (bundle.pem(), PUBLIC),
+        CA_CERT: (certificates_pem([signer.certificate]), PUBLIC),
+        CA_KEY: (private_key_pem(signer.key), PRIVATE),
+        CERT_CHAIN: (certificates_pem([signer.certificate, *signer.intermediates]), PUBLIC),
+        META: ((meta_json + "\n").encode(), PUBLIC),
     }
-    if cacerts is not None:
-        meta["cacerts"] = str(cacerts)
-    atomic_write(target / META, (json.dumps(meta, indent=2) + "\n").encode(), PUBLIC)
+    if root_key is not None:
+        files[ROOT_KEY] = (private_key_pem(root_key), PRIVATE)
+    return files
 
 
-def _install(data_dir: Path, staged: Path, force: bool) -> None:
-    """Rename the staged CA directory into place, backing up any existing CA when forced."""
-    target = ca_directory(data_dir)
-    if target.exists():
-        if not force:
-            raise CaExistsError(
-                f"a CA already exists in {target}; it was left unchanged "
-                "(use --force to replace it; the old one is kept in a backup)"
-            )
-        backups = ensure_private_dir(Path(data_dir) / BACKUP_DIR)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        os.rename(target, backups / f"ca-{stamp}")
-        fsync_directory(backups)
-    os.rename(staged, target)
-    fsync_directory(Path(data_dir))
+def _new_meta(trust_domain: TrustDomain, origin: str) -> dict[str, str]:
+    return {"trust_domain": trust_domain.name, "origin": origin, "created": utcnow().isoformat()}
 
 
-def _stage(data_dir: Path) -> Path:
-    ensure_private_dir(Path(data_dir))
-    return Path(tempfile.mkdtemp(prefix=".ca-new-", dir=data_dir))
+def _exists_error(target: Path) -> CaExistsError:
+    return CaExistsError(
+        f"a CA already exists in {target}; it was left unchanged "
+        "(use --force to replace it; the old one is kept in a backup)"
+    )
 
 
 def _check_not_present(data_dir: Path, force: bool) -> None:
     if ca_exists(data_dir) and not force:
-        raise CaExistsError(
-            f"a CA already exists in {ca_directory(data_dir)}; it was left unchanged "
-            "(use --force to replace it; the old one is kept in a backup)"
-        )
+        raise _exists_error(ca_directory(data_dir))
+
+
+def _install(data_dir: Path, files: dict[str, tuple[bytes, int]], force: bool) -> LocalCa:
+    """Write ``files`` into a staging directory and rename it into place, backing up any
+    existing CA when forced; returns the CA as loaded back."""
+    ensure_private_dir(Path(data_dir))
+    staged = Path(tempfile.mkdtemp(prefix=".ca-new-", dir=data_dir))
+    try:
+        for name, (data, mode) in files.items():
+            atomic_write(staged / name, data, mode)
+        target = ca_directory(data_dir)
+        if target.exists():
+            if not force:
+                raise _exists_error(target)
+            backups = ensure_private_dir(Path(data_dir) / BACKUP_DIR)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            os.rename(target, backups / f"ca-{stamp}")
+            fsync_directory(backups)
+        os.rename(staged, target)
+        fsync_directory(Path(data_dir))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return load_local_ca(data_dir)
 
 
 def init_local_ca(
@@ -186,22 +188,8 @@ def init_local_ca(
     signer = Signer(ca_key, ca_cert)
     bundle = TrustBundle.of(trust_domain, [root])
     self_check(signer, bundle)
-    staged = _stage(data_dir)
-    try:
-        _write_ca_files(
-            staged,
-            trust_domain=trust_domain,
-            root=root,
-            root_key=root_key,
-            ca_cert=ca_cert,
-            ca_key=ca_key,
-            intermediates=(),
-            origin="generated",
-        )
-        _install(data_dir, staged, force)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    return load_local_ca(data_dir)
+    files = ca_files(signer, bundle, root_key, _new_meta(trust_domain, "generated"))
+    return _install(data_dir, files, force)
 
 
 # Plugged-in CAs: Istio's cacerts layout and the kubernetes.io/tls layout.
@@ -251,7 +239,7 @@ def read_cacerts(source: Path, trust_domain: TrustDomain) -> tuple[Signer, Trust
     except (SvidError, KeyTypeError) as exc:
         raise CaError(f"{name} layout in {source}: {exc}") from None
     ca_cert = certs[0]
-    if not public_keys_equal(ca_cert.public_key(), key.public_key()):  # type: ignore[arg-type]
+    if not key_matches(key, ca_cert):
         raise CaError(f"{key_file} does not match the certificate in {cert_file}")
     if not _is_ca_cert(ca_cert):
         raise CaError(f"{cert_file} is not a CA certificate (needs CA=true and keyCertSign)")
@@ -291,31 +279,12 @@ def import_cacerts(
     """
     _check_not_present(data_dir, force)
     signer, bundle, name = read_cacerts(source, trust_domain)
-    origin = f"imported ({name})"
-    cacerts = None
+    meta = _new_meta(trust_domain, f"imported ({name})")
     if own_intermediate_ttl is not None:
         signer = mint_own_intermediate(signer, bundle, own_intermediate_ttl, own_key_type)
-        origin = f"{OWN_INTERMEDIATE} under a CA imported ({name})"
-        cacerts = Path(source).absolute()
-    staged = _stage(data_dir)
-    try:
-        _write_ca_files(
-            staged,
-            trust_domain=trust_domain,
-            root=bundle.roots[0],
-            root_key=None,
-            ca_cert=signer.certificate,
-            ca_key=signer.key,
-            intermediates=signer.intermediates,
-            origin=origin,
-            cacerts=cacerts,
-        )
-        if len(bundle) > 1:
-            atomic_write(staged / ROOT_CERT, bundle.pem(), PUBLIC)
-        _install(data_dir, staged, force)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    return load_local_ca(data_dir)
+        meta["origin"] = f"{OWN_INTERMEDIATE} under a CA imported ({name})"
+        meta["cacerts"] = str(Path(source).absolute())
+    return _install(data_dir, ca_files(signer, bundle, None, meta), force)
 
 
 def _path_length(cert: x509.Certificate) -> int | None:
@@ -379,7 +348,7 @@ def load_local_ca(data_dir: Path) -> LocalCa:
     except (SvidError, KeyTypeError) as exc:
         raise CaError(f"CA in {directory}: {exc}") from None
     ca_cert = chain[0]
-    if not public_keys_equal(ca_cert.public_key(), key.public_key()):  # type: ignore[arg-type]
+    if not key_matches(key, ca_cert):
         raise CaError(f"{directory / CA_KEY} does not match {directory / CERT_CHAIN}")
     signer = Signer(key, ca_cert, tuple(chain[1:]))
     bundle = TrustBundle.of(trust_domain, roots)

@@ -7,9 +7,12 @@ root of trust and the act of signing. ``backends`` implement :class:`SigningAuth
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -30,6 +33,12 @@ from meshca.issuer.profile import DEFAULT_SKEW, Signer, build_leaf, check_dns_na
 from meshca.issuer.svid import X509Svid
 from meshca.issuer.verify import self_check
 from meshca.spiffe import SpiffeId, TrustDomain
+
+log = logging.getLogger("meshca.issuer")
+
+IssueObserver = Callable[[float, BaseException | None], None]
+"""Told, in the issuing thread, how long one issuance took (seconds) and how it ended
+(None when an SVID was issued). Must be thread-safe and quick."""
 
 
 @dataclass(frozen=True)
@@ -63,23 +72,29 @@ class SigningAuthority(Protocol):
     def bundle(self) -> TrustBundle: ...
 
 
-@dataclass
 class SignerAuthority:
-    """An authority whose signing key is held in this process (local CA, Vault intermediate)."""
+    """An authority whose signing key is held in this process (local CA, Vault intermediate).
 
-    signer: Signer
-    trust_bundle: TrustBundle
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    The signer and the bundle are held as one pair, replaced at once, so a leaf is never
+    signed by a CA whose root is missing from the bundle served beside it. Readers take
+    no lock; :meth:`activate` serialises switches.
+    """
 
-    def __post_init__(self) -> None:
-        self_check(self.signer, self.trust_bundle)
+    def __init__(self, signer: Signer, trust_bundle: TrustBundle) -> None:
+        self_check(signer, trust_bundle)
+        self._current = (signer, trust_bundle)
+        self._lock = threading.Lock()
+
+    @property
+    def signer(self) -> Signer:
+        return self._current[0]
 
     @property
     def trust_domain(self) -> TrustDomain:
-        return self.trust_bundle.trust_domain
+        return self._current[1].trust_domain
 
     def sign(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
-        signer = self.signer
+        signer = self._current[0]
         leaf = build_leaf(
             signer,
             request.public_key,
@@ -91,29 +106,54 @@ class SignerAuthority:
         return (leaf, *signer.chain)
 
     def bundle(self) -> TrustBundle:
-        return self.trust_bundle
+        return self._current[1]
 
-    def activate(self, signer: Signer, bundle: TrustBundle | None = None) -> None:
-        """Switch to a new signer (after its self-check against the bundle it will use)."""
-        bundle = bundle or self.trust_bundle
-        self_check(signer, bundle)
+    def activate(self, signer: Signer | None = None, bundle: TrustBundle | None = None) -> None:
+        """Switch to a new signer and/or bundle (None keeps the current one), after the
+        self-check of the pair; a failed check changes nothing."""
         with self._lock:
-            self.signer = signer
-            self.trust_bundle = bundle
+            current_signer, current_bundle = self._current
+            pair = (
+                current_signer if signer is None else signer,
+                current_bundle if bundle is None else bundle,  # an empty bundle is falsy
+            )
+            self_check(*pair)
+            self._current = pair
 
 
 class Issuer:
-    """Issues X.509-SVIDs for one trust domain under a TTL policy."""
+    """Issues X.509-SVIDs for one trust domain under a TTL policy; every issuance and CSR
+    signing, successful or not, is reported to ``issue_observers``."""
 
     def __init__(
         self,
         authority: SigningAuthority,
         policy: TtlPolicy | None = None,
         default_key_type: KeyType = DEFAULT_KEY_TYPE,
+        *,
+        issue_observers: Sequence[IssueObserver] = (),
     ) -> None:
         self.authority = authority
         self.policy = policy or TtlPolicy()
         self.default_key_type = default_key_type
+        self.issue_observers: list[IssueObserver] = list(issue_observers)
+
+    @contextlib.contextmanager
+    def _observed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            for observe in list(self.issue_observers):
+                try:
+                    observe(elapsed, error)
+                except Exception:
+                    log.exception("an issuance observer failed")
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -122,24 +162,14 @@ class Issuer:
     def bundle(self) -> TrustBundle:
         return self.authority.bundle()
 
-    def _request(
-        self,
-        spiffe_id: SpiffeId,
-        public_key: PublicKey,
-        ttl: timedelta | None,
-        dns_names: Sequence[str],
-        csr: x509.CertificateSigningRequest | None = None,
-    ) -> LeafRequest:
+    def _checked(
+        self, spiffe_id: SpiffeId, ttl: timedelta | None, dns_names: Sequence[str]
+    ) -> tuple[timedelta, tuple[str, ...]]:
+        """The policy's verdict on a request, before any key is made or CSR parsed:
+        the TTL to sign with and the DNS names."""
         if spiffe_id.trust_domain != self.trust_domain:
             raise IssuerError(f"{spiffe_id} is outside this CA's trust domain {self.trust_domain}")
-        return LeafRequest(
-            spiffe_id,
-            public_key,
-            self.policy.resolve(ttl),
-            check_dns_names(dns_names),
-            self.policy.skew,
-            csr,
-        )
+        return self.policy.resolve(ttl), check_dns_names(dns_names)
 
     def issue(
         self,
@@ -150,21 +180,28 @@ class Issuer:
         dns_names: Sequence[str] = (),
     ) -> X509Svid:
         """Generate a key and sign an SVID for it."""
-        key = generate_private_key(key_type or self.default_key_type)
-        csr = None
-        if getattr(self.authority, "requires_csr", False):
-            csr = workload_csr(key, spiffe_id, dns_names)
-        request = self._request(spiffe_id, key.public_key(), ttl, dns_names, csr)
-        return X509Svid(spiffe_id, self.authority.sign(request), key)
+        with self._observed():
+            resolved, names = self._checked(spiffe_id, ttl, dns_names)
+            key = generate_private_key(key_type or self.default_key_type)
+            csr = None
+            if getattr(self.authority, "requires_csr", False):
+                csr = workload_csr(key, spiffe_id, names)
+            request = LeafRequest(
+                spiffe_id, key.public_key(), resolved, names, self.policy.skew, csr
+            )
+            return X509Svid(spiffe_id, self.authority.sign(request), key)
 
     def sign_csr(
         self, spiffe_id: SpiffeId, csr: bytes, *, ttl: timedelta | None = None
     ) -> X509Svid:
         """Sign the public key of ``csr`` for ``spiffe_id`` (the CSR's own claims are ignored)."""
-        loaded = load_csr(csr)
-        public_key = csr_public_key(loaded)
-        request = self._request(spiffe_id, public_key, ttl, (), loaded)
-        return X509Svid(spiffe_id, self.authority.sign(request), None)
+        with self._observed():
+            resolved, _ = self._checked(spiffe_id, ttl, ())
+            loaded = load_csr(csr)
+            request = LeafRequest(
+                spiffe_id, csr_public_key(loaded), resolved, (), self.policy.skew, loaded
+            )
+            return X509Svid(spiffe_id, self.authority.sign(request), None)
 
 
 def workload_csr(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -91,3 +92,10 @@ def public_keys_equal(a: PublicKey, b: PublicKey) -> bool:
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     return a.public_bytes(der, fmt) == b.public_bytes(der, fmt)
+
+
+def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
+    """Whether ``key`` is the private key of ``cert``."""
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return key.public_key().public_bytes(der, fmt) == cert.public_key().public_bytes(der, fmt)

@@ -58,22 +58,37 @@ def check_ca_covers_leaves(ca_ttl: timedelta, leaf_ttl: timedelta) -> None:
         )
 
 
-def renewal_time(
+def issued_at(
     not_before: datetime,
     not_after: datetime,
     *,
+    requested: datetime | None = None,
     skew: timedelta = DEFAULT_SKEW,
+) -> datetime:
+    """When a certificate's life began: the start of what renewal and health divide.
+
+    The wall-clock moment it was ``requested`` when known (backends backdate NotBefore
+    differently: meshca by its skew, a Vault role by its ``not_before_duration``), else
+    NotBefore plus meshca's backdating ``skew``; clamped to the certificate's validity.
+    """
+    start = requested if requested is not None else not_before + skew
+    return max(not_before, min(start, not_after))
+
+
+def renewal_time(
+    issued: datetime,
+    not_after: datetime,
+    *,
     fraction: float = RENEW_FRACTION,
     jitter: float = RENEW_JITTER,
     rng: random.Random | None = None,
 ) -> datetime:
-    """When to renew a certificate: at ``fraction`` of its life, +/- ``jitter`` of the life.
+    """When to renew a certificate issued at ``issued`` (see :func:`issued_at`): at
+    ``fraction`` of its life, +/- ``jitter`` of the life.
 
     Wall-clock datetimes from the certificate itself, never a monotonic clock, so a
-    suspended or restarted process still renews on time. The life starts at issuance
-    (NotBefore plus the backdating skew), so a short TTL is not renewed at once.
+    suspended or restarted process still renews on time.
     """
-    issued = min(not_before + skew, not_after)
     life = not_after - issued
     spread = (rng or random).uniform(-jitter, jitter)
     return issued + life * max(0.0, min(1.0, fraction + spread))

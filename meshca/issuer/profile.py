@@ -170,10 +170,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def leaf_validity(
+def validity_under(
     signer: Signer, ttl: timedelta, now: datetime, skew: timedelta = DEFAULT_SKEW
 ) -> tuple[datetime, datetime]:
-    """(NotBefore, NotAfter): backdated by ``skew``, never past the signer's NotAfter."""
+    """(NotBefore, NotAfter) of a certificate ``signer`` signs now: backdated by ``skew``,
+    within the signer's own validity; SignerError when the signer cannot sign now."""
     signer.check_can_sign(now)
     not_before = max(now - skew, signer.certificate.not_valid_before_utc)
     not_after = min(now + ttl, signer.not_after)
@@ -198,7 +199,7 @@ def build_leaf(
     template; equal in its TBS to the same certificate made with CertificateBuilder.
     """
     now = now or utcnow()
-    not_before, not_after = leaf_validity(signer, ttl, now, skew)
+    not_before, not_after = validity_under(signer, ttl, now, skew)
     template = signer.leaf_template
     tbs = template.tbs(
         public_key, str(spiffe_id), dns_names, random_serial(), not_before, not_after
@@ -236,20 +237,15 @@ def build_ca(
     now = now or utcnow()
     public_key = key.public_key()
     subject = ca_subject(trust_domain, role)
-    not_before = now - skew
-    not_after = now + ttl
-    if parent is not None:
-        parent.check_can_sign(now)
-        not_after = min(not_after, parent.not_after)
-        not_before = max(not_before, parent.certificate.not_valid_before_utc)
-    issuer = parent.certificate.subject if parent is not None else subject
-    signing_key = parent.key if parent is not None else key
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
-    aki = (
-        parent.authority_key_identifier
-        if parent is not None
-        else x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-    )
+    if parent is None:
+        not_before, not_after = now - skew, now + ttl
+        issuer, signing_key = subject, key
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    else:
+        not_before, not_after = validity_under(parent, ttl, now, skew)
+        issuer, signing_key = parent.certificate.subject, parent.key
+        aki = parent.authority_key_identifier
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
