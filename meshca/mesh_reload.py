@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from meshca.envoy.mesh import Mesh, MeshError, load_mesh
+from meshca.serve_config import DEFAULT_POLL_INTERVAL
 from meshca.spiffe import TrustDomain
 
 log = logging.getLogger("meshca.mesh")
 
-DEFAULT_POLL_INTERVAL = 1.0
 _Signature = tuple[int, int, int] | None
 
 

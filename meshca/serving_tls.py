@@ -35,15 +35,6 @@ class ServingCredentials:
         self._config = _certificate_config(svid, bundle)
         self._version = 0
         self._fetched_version = 0
-        self.handshake_fetches = 0
-
-    @property
-    def svid(self) -> X509Svid:
-        return self._svid
-
-    @property
-    def bundle(self) -> TrustBundle:
-        return self._bundle
 
     def update(self, *, svid: X509Svid | None = None, bundle: TrustBundle | None = None) -> None:
         """Use a renewed serving SVID and/or a changed bundle for handshakes from now on."""
@@ -55,7 +46,6 @@ class ServingCredentials:
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:
-            self.handshake_fetches += 1
             if self._fetched_version == self._version:
                 return None
             self._fetched_version = self._version

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -121,14 +122,15 @@ class SdsHarness:
             private_key=private_key_pem(svid.private_key),
             certificate_chain=svid.chain_pem(),
         )
-        return self._tls(credentials, options)
+        return self.tls_channel(credentials, options)
 
     def tls_channel_without_certificate(self) -> Any:
-        return self._tls(grpc.ssl_channel_credentials(root_certificates=self.bundle_pem))
+        return self.tls_channel(grpc.ssl_channel_credentials(root_certificates=self.bundle_pem))
 
-    def _tls(
+    def tls_channel(
         self, credentials: grpc.ChannelCredentials, options: Sequence[tuple[str, Any]] = ()
     ) -> Any:
+        """A channel to the mutual-TLS port with any ``credentials``."""
         every = [("grpc.ssl_target_name_override", SERVER_NAME), *options]
         return self._track(
             grpc.aio.secure_channel(f"127.0.0.1:{self.port}", credentials, options=every)
@@ -281,14 +283,18 @@ def delta(
     return request
 
 
+def bodies(response: Any) -> list[Any]:
+    """The packed resources (``Any``) of a DiscoveryResponse or DeltaDiscoveryResponse."""
+    return [
+        item.resource if isinstance(item, discovery_pb2.Resource) else item
+        for item in response.resources
+    ]
+
+
 def secrets_of(response: Any) -> dict[str, Any]:
     """``name -> Secret`` of a DiscoveryResponse or DeltaDiscoveryResponse."""
-    found: dict[str, Any] = {}
-    for item in response.resources:
-        body = item.resource if isinstance(item, discovery_pb2.Resource) else item
-        secret = secret_pb2.Secret.FromString(body.value)
-        found[secret.name] = secret
-    return found
+    secrets = [secret_pb2.Secret.FromString(body.value) for body in bodies(response)]
+    return {secret.name: secret for secret in secrets}
 
 
 class Stream:
@@ -350,9 +356,15 @@ async def open_delta(stub: Any, *requests: Any) -> Stream:
 
 
 async def wait_until(predicate: Any, timeout: float = TIMEOUT, what: str = "condition") -> None:
-    """Poll ``predicate`` on the loop until it holds (bounded, never a timing assertion)."""
+    """Poll ``predicate`` (plain or async) on the loop until it holds (bounded, never a
+    timing assertion)."""
+
+    async def holds() -> bool:
+        result = predicate()
+        return bool(await result if inspect.isawaitable(result) else result)
+
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
-            while not predicate():
+            while not await holds():
                 await asyncio.sleep(0.01)
-    assert predicate(), f"timed out waiting for {what}"
+    assert await holds(), f"timed out waiting for {what}"

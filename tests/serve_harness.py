@@ -1,16 +1,23 @@
-"""An in-process ``meshca serve`` for tests, and small SDS client helpers.
+"""An in-process ``meshca serve`` for tests, a real ``meshca serve`` process, and small
+SDS client helpers.
 
 ``served(...)`` starts a :class:`meshca.server.MeshcaServer` on loopback TCP (port 0)
 and/or a Unix socket in a short temp directory, with a fresh local CA, and stops it.
+``serving(...)`` runs ``meshca serve`` as a process until it listens, and stops it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from meshca.spiffe import SpiffeId, TrustDomain
 
 TD = TrustDomain("cluster.local")
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+MESHCA = [sys.executable, "-m", "meshca"]
 
 
 def kube_id(namespace: str, account: str) -> SpiffeId:
@@ -121,3 +129,72 @@ async def fetch(
     stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
     response = await stub.FetchSecrets(request(names, node_id, meta=meta), timeout=10)
     return secrets_of(response.resources)
+
+
+# --- a real `meshca serve` process ----------------------------------------------------------
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    uds: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without meshca's, Vault's or gRPC's settings of the caller's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MESHCA_", "VAULT_", "GRPC_"))}
+
+
+def meshca(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*MESHCA, *args], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@contextlib.contextmanager
+def serving(
+    root: Path,
+    data_dir: Path,
+    *args: str,
+    name: str = "meshca",
+    env: dict[str, str] | None = None,
+) -> Iterator[ServeProcess]:
+    """``meshca serve --uds <root>/<name>.sock ARGS`` (in ``env``, else a clean
+    environment), until it says it listens; stopped by PID (SIGTERM) on the way out."""
+    uds = root / f"{name}.sock"
+    stdout, stderr = root / f"{name}.out", root / f"{name}.log"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [*MESHCA, "serve", "--data-dir", str(data_dir), "--uds", str(uds), *args],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=clean_env() if env is None else env,
+        )
+    running = ServeProcess(process, stdout, stderr, uds)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on unix://" not in stdout.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"meshca serve did not start:\n{running.log()}")
+            time.sleep(0.05)
+        yield running
+    finally:
+        running.stop()

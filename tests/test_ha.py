@@ -24,8 +24,16 @@ from cryptography.hazmat.primitives import serialization
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from tests.envoy_harness import EnvoyProcess, RecordingApp, free_port, http_get
-from tests.serve_harness import kube_id, request, secrets_of, short_tempdir
-from tests.test_logs import MESHCA, clean_env, meshca, serving
+from tests.serve_harness import (
+    MESHCA,
+    clean_env,
+    kube_id,
+    meshca,
+    request,
+    secrets_of,
+    serving,
+    short_tempdir,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,14 +12,10 @@ import logging
 import os
 import queue
 import re
-import signal
 import socket
 import ssl
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,77 +28,27 @@ from google.rpc import status_pb2
 
 from meshca.issuer.keys import KeyType, generate_private_key, private_key_pem
 from meshca.logs import WITHHELD, bind, bound, make_handler, parse_log_format
-from tests.serve_harness import SECRET_TYPE, kube_id, node, secrets_of, short_tempdir
+from tests.serve_harness import (
+    MESHCA,
+    SECRET_TYPE,
+    ServeProcess,
+    clean_env,
+    kube_id,
+    meshca,
+    node,
+    secrets_of,
+    serving,
+    short_tempdir,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-MESHCA = [sys.executable, "-m", "meshca"]
 WEB = kube_id("shop", "web")
 OTHER = kube_id("shop", "other")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 # --- a real `meshca serve` process ----------------------------------------------------------
-
-
-@dataclass
-class ServeProcess:
-    process: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-    uds: Path
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without meshca's, Vault's or gRPC's settings of the caller's."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MESHCA_", "VAULT_", "GRPC_"))}
-
-
-def meshca(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*MESHCA, *args], capture_output=True, text=True, timeout=60, env=clean_env()
-    )
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-@contextlib.contextmanager
-def serving(root: Path, data_dir: Path, *args: str, name: str = "meshca") -> Iterator[ServeProcess]:
-    """``meshca serve --uds <root>/<name>.sock ARGS``, until it says it listens; stopped
-    by PID (SIGTERM) on the way out."""
-    uds = root / f"{name}.sock"
-    stdout, stderr = root / f"{name}.out", root / f"{name}.log"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(
-            [*MESHCA, "serve", "--data-dir", str(data_dir), "--uds", str(uds), *args],
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=clean_env(),
-        )
-    served = ServeProcess(process, stdout, stderr, uds)
-    try:
-        deadline = time.monotonic() + 30
-        while "listening on unix://" not in stdout.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"meshca serve did not start:\n{served.log()}")
-            time.sleep(0.05)
-        yield served
-    finally:
-        served.stop()
 
 
 def sds_request(names: list[str], **fields: Any) -> discovery_pb2.DiscoveryRequest:

@@ -9,16 +9,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from meshca.envoy.mesh import Service
 from meshca.issuer import X509Svid
+from meshca.issuer.keys import private_key_pem
 from meshca.issuer.profile import build_leaf
 from meshca.spiffe import SpiffeId
 from tests.sds_harness import (
@@ -38,6 +42,7 @@ A = k8s("bookbuyer", "bookbuyer")
 A2 = k8s("bookbuyer", "bookbuyer-batch")
 B = k8s("bookstore", "bookstore-v1")
 B_ISTIO_NODE = "sidecar~10.0.0.7~bookstore-v1-5d9f.bookstore~bookstore.svc.cluster.local"
+A_ISTIO_NODE = "sidecar~10.0.0.8~bookbuyer-77.bookbuyer~bookbuyer.svc.cluster.local"
 
 # (secret name, node.id): each asks for B's private key
 ROUTES_TO_B_KEY = [
@@ -145,8 +150,17 @@ async def test_adding_anothers_key_to_a_running_stream_ends_it(h: SdsHarness, rp
         lambda: node("envoy-1", SERVICE_ACCOUNT="bookstore-v1"),
         lambda: node("spiffe://cluster.local/ns/a b"),
         lambda: node("sidecar~10.0.0.7~pod.bookbuyer~bookstore.svc.cluster.local"),
+        lambda: node(A_ISTIO_NODE, NAMESPACE="bookstore"),
     ],
-    ids=["spiffe", "istio", "meta-ns", "meta-sa", "bad-spiffe", "istio-inconsistent"],
+    ids=[
+        "spiffe",
+        "istio",
+        "meta-ns",
+        "meta-sa",
+        "bad-spiffe",
+        "istio-inconsistent",
+        "istio-meta-ns",
+    ],
 )
 async def test_node_claiming_another_identity_is_refused_even_for_public_secrets(
     h: SdsHarness, rpc: str, node_factory: Callable[[], Any]
@@ -166,10 +180,7 @@ async def test_node_claiming_another_identity_is_refused_even_for_public_secrets
     assert_refused(result, grpc.StatusCode.PERMISSION_DENIED, str(A), "'ROOTCA'")
 
 
-@pytest.mark.parametrize(
-    "node_id",
-    [str(A), "envoy-1", "sidecar~10.0.0.8~bookbuyer-77.bookbuyer~bookbuyer.svc.cluster.local"],
-)
+@pytest.mark.parametrize("node_id", [str(A), "envoy-1", A_ISTIO_NODE])
 async def test_nodes_consistent_with_the_caller_are_served(h: SdsHarness, node_id: str) -> None:
     stub = h.stub(h.mtls_channel(A))
     response = await (await open_sotw(stub, sotw(["default"], node_id=node_id))).recv()
@@ -207,6 +218,30 @@ async def test_client_certificate_of_another_trust_domain_is_refused(h: SdsHarne
     stub = h.stub(h.mtls_channel(svid=svid))
     result = await call(stub, "fetch", [str(foreign)])
     assert_refused(result, grpc.StatusCode.UNAUTHENTICATED, "outside the trust domain")
+
+
+async def test_client_certificate_without_a_spiffe_id_is_refused(h: SdsHarness) -> None:
+    """Signed by our CA (so TLS accepts it) but not an X.509-SVID: no URI SAN."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    signer = h.ca.signer
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bookstore-v1")]))
+        .issuer_name(signer.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(signer.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, *signer.chain))
+    credentials = grpc.ssl_channel_credentials(h.bundle_pem, private_key_pem(key), chain)
+    for rpc in RPCS:
+        result = await call(h.stub(h.tls_channel(credentials)), rpc, ["ROOTCA"])
+        assert_refused(result, grpc.StatusCode.UNAUTHENTICATED, "not an X.509-SVID")
+    assert h.stats.auth_failures == len(RPCS)
 
 
 async def test_unmapped_unix_socket_uid_gets_nothing(tmp_path: Path) -> None:

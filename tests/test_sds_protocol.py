@@ -16,14 +16,15 @@ from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2
-from envoy.service.discovery.v3 import discovery_pb2
 
 from meshca.envoy.mesh import Mesh, Service
+from meshca.issuer import IssuerError
 from meshca.sds.engine import Resource, ResourceError
 from tests.sds_harness import (
     NO_WINDOW_GROWTH,
     TRUST_DOMAIN,
     SdsHarness,
+    bodies,
     delta,
     k8s,
     open_delta,
@@ -361,20 +362,62 @@ async def test_streams_retain_their_identities_in_the_store(h: SdsHarness) -> No
     assert h.store.sweep_idle() == [BUYER]
 
 
-@pytest.mark.parametrize("variant", ["sotw", "delta"])
-async def test_unknown_type_url_ends_the_stream(h: SdsHarness, variant: str) -> None:
+async def refusal(
+    h: SdsHarness, variant: str, names: list[str], type_url: str | None = None
+) -> grpc.aio.AioRpcError:
+    """The error that ends one ``variant`` call (sotw, delta or fetch) asking for ``names``."""
     stub = h.stub(h.mtls_channel(BUYER))
-    if variant == "sotw":
-        request = sotw([BUYER_CERT])
-        stream = await open_sotw(stub)
-    else:
-        request = delta([BUYER_CERT])
-        stream = await open_delta(stub)
-    request.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-    await stream.send(request)
-    error = await stream.error()
+    request = delta(names) if variant == "delta" else sotw(names)
+    if type_url is not None:
+        request.type_url = type_url
+    if variant == "fetch":
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.FetchSecrets(request, timeout=10)
+        return caught.value
+    stream = await (open_sotw if variant == "sotw" else open_delta)(stub, request)
+    return await stream.error()
+
+
+VARIANTS = ["sotw", "delta", "fetch"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_unknown_type_url_ends_the_stream(h: SdsHarness, variant: str) -> None:
+    cluster_type = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    error = await refusal(h, variant, [BUYER_CERT], type_url=cluster_type)
     assert error.code().name == "INVALID_ARGUMENT"
     assert "envoy.config.cluster.v3.Cluster" in (error.details() or "")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_more_names_than_allowed_are_refused_before_anything_is_issued(
+    h: SdsHarness, variant: str
+) -> None:
+    h.servicer.engine.max_names = 2
+    error = await refusal(h, variant, [BUYER_CERT, "ROOTCA", OUTBOUND])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "2" in (error.details() or "")
+    assert h.store.cached(BUYER) is None
+    assert h.stats.refusals["RESOURCE_EXHAUSTED"] == 1
+
+
+async def test_a_fetch_must_name_its_secrets(h: SdsHarness) -> None:
+    error = await refusal(h, "fetch", [])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resource_names" in (error.details() or "")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_a_certificate_that_cannot_be_issued_is_unavailable(
+    h: SdsHarness, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing(identity: Any) -> Any:
+        raise IssuerError("the backend is down")
+
+    monkeypatch.setattr(h.store, "svid", failing)
+    error = await refusal(h, variant, [BUYER_CERT])
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"cannot issue a certificate for {BUYER}: the backend is down" in (error.details() or "")
 
 
 async def test_a_stream_serves_many_concurrent_pushes_in_order(h: SdsHarness) -> None:
@@ -394,11 +437,11 @@ async def test_a_stream_serves_many_concurrent_pushes_in_order(h: SdsHarness) ->
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 
-class ClusterSource:
-    """A wildcard type whose resources a test sets: what CDS will look like to the engine."""
+class NamedSource:
+    """A resource type whose names a test sets; a change wakes the streams that watch it."""
 
-    type_url = CLUSTER_TYPE
-    wildcard = True
+    type_url = ""
+    wildcard = False
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
@@ -408,17 +451,24 @@ class ClusterSource:
         self.names = names
         if wake:
             for stream in self.watchers.values():
-                stream.wake(CLUSTER_TYPE)
-
-    async def resolve(self, caller: Any, node: Any, names: frozenset[str] | None) -> Any:
-        wanted = self.names if names is None else [n for n in self.names if n in names]
-        return {n: Resource.of(n, cluster_pb2.Cluster(name=n)) for n in wanted}
+                stream.wake(self.type_url)
 
     def watch(self, stream: Any, names: frozenset[str] | None) -> None:
         self.watchers[stream.id] = stream
 
     def unwatch(self, stream: Any) -> None:
         self.watchers.pop(stream.id, None)
+
+
+class ClusterSource(NamedSource):
+    """A wildcard type: what CDS looks like to the engine."""
+
+    type_url = CLUSTER_TYPE
+    wildcard = True
+
+    async def resolve(self, caller: Any, node: Any, names: frozenset[str] | None) -> Any:
+        wanted = self.names if names is None else [n for n in self.names if n in names]
+        return {n: Resource.of(n, cluster_pb2.Cluster(name=n)) for n in wanted}
 
 
 @pytest.fixture
@@ -429,11 +479,7 @@ async def ads(tmp_path: Path) -> AsyncIterator[tuple[SdsHarness, ClusterSource]]
 
 
 def cluster_names(response: Any) -> list[str]:
-    found = []
-    for item in response.resources:
-        body = item.resource if isinstance(item, discovery_pb2.Resource) else item
-        found.append(cluster_pb2.Cluster.FromString(body.value).name)
-    return sorted(found)
+    return sorted(cluster_pb2.Cluster.FromString(body.value).name for body in bodies(response))
 
 
 async def test_ads_sotw_serves_several_types_on_one_stream(
@@ -485,21 +531,11 @@ ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignm
 FORBIDDEN = "bookwarehouse|forbidden"
 
 
-class EndpointSource:
-    """A named type whose resources a test sets; FORBIDDEN is PERMISSION_DENIED and any
-    other unknown name NOT_FOUND (what EDS looks like to the engine)."""
+class EndpointSource(NamedSource):
+    """A named type: FORBIDDEN is PERMISSION_DENIED and any other unknown name NOT_FOUND
+    (what EDS looks like to the engine)."""
 
     type_url = ENDPOINT_TYPE
-    wildcard = False
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.watchers: dict[int, Any] = {}
-
-    def set(self, names: list[str]) -> None:
-        self.names = names
-        for stream in self.watchers.values():
-            stream.wake(ENDPOINT_TYPE)
 
     async def resolve(self, caller: Any, node: Any, names: frozenset[str] | None) -> Any:
         found: dict[str, Resource | ResourceError] = {}
@@ -514,19 +550,12 @@ class EndpointSource:
                 found[name] = ResourceError(grpc.StatusCode.NOT_FOUND, f"no {name!r}")
         return found
 
-    def watch(self, stream: Any, names: frozenset[str] | None) -> None:
-        self.watchers[stream.id] = stream
-
-    def unwatch(self, stream: Any) -> None:
-        self.watchers.pop(stream.id, None)
-
 
 def assignment_names(response: Any) -> list[str]:
-    found = []
-    for item in response.resources:
-        body = item.resource if isinstance(item, discovery_pb2.Resource) else item
-        found.append(endpoint_pb2.ClusterLoadAssignment.FromString(body.value).cluster_name)
-    return sorted(found)
+    return sorted(
+        endpoint_pb2.ClusterLoadAssignment.FromString(body.value).cluster_name
+        for body in bodies(response)
+    )
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from meshca.sds.uds import UdsError
 from meshca.serve_config import ServeConfig
 from meshca.server import SDS_SERVICE, MeshcaServer, ServeError
 from meshca.spiffe import SpiffeId
+from tests.sds_harness import wait_until
 from tests.serve_harness import (
     SECRET_TYPE,
     TD,
@@ -47,6 +48,7 @@ from tests.serve_harness import (
     request,
     secrets_of,
     served,
+    serving,
     short_tempdir,
     uds_channel,
 )
@@ -70,14 +72,6 @@ async def server(root: Path) -> AsyncIterator[MeshcaServer]:
     config = default_config(root, uds_identities={os.getuid(): (A,)})
     async with served(config) as running:
         yield running
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def serving_certificate(port: int, client: tuple[Path, Path], bundle: Path) -> x509.Certificate:
@@ -310,7 +304,10 @@ async def test_the_mesh_file_is_reloaded_and_a_bad_version_keeps_the_last_good_o
         assert server.mesh_file is not None
         reloads = server.mesh_file.reloads
         mesh.write_text("services: [ {name: broken")
-        await eventually(lambda: server.mesh_file is not None and server.mesh_file.failed_reloads)
+        await wait_until(
+            lambda: server.mesh_file is not None and server.mesh_file.failed_reloads,
+            what="the failed reload",
+        )
         assert server.mesh_file.reloads == reloads
         [api] = await fetch(channel, ["root-cert-for-mtls-outbound:shop/api"])
         assert outbound_peers(api) == [str(kube_id("shop", "api"))]
@@ -509,35 +506,17 @@ def test_bad_serve_options_are_one_clear_line(root: Path, argv: list[str], messa
     assert line.startswith("meshca: error:") and message in line
 
 
-async def test_meshca_serve_stops_cleanly_on_sigint(root: Path) -> None:
-    out = root / "out.txt"
-    with out.open("wb") as stdout:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "meshca",
-            "serve",
-            "--data-dir",
-            str(root / "data"),
-            "--uds",
-            str(root / "m.sock"),
-            "--uds-identity",
-            f"{os.getuid()}={A}",
-            stdout=stdout,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    try:
-        await eventually(lambda: "listening on unix://" in out.read_text(), timeout=30)
-        async with grpc.aio.insecure_channel(f"unix:{root / 'm.sock'}") as channel:
-            [secret] = await fetch(channel, ["default"])
+def test_meshca_serve_stops_cleanly_on_sigint(root: Path) -> None:
+    with serving(root, root / "data", "--uds-identity", f"{os.getuid()}={A}") as process:
+        with grpc.insecure_channel(f"unix:{process.uds}") as channel:
+            response = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).FetchSecrets(
+                request(["default"]), timeout=10
+            )
+        [secret] = secrets_of(response.resources)
         assert secret.tls_certificate.private_key.inline_bytes
-        process.send_signal(signal.SIGINT)
-        _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0
-    assert b"Traceback" not in stderr
-    assert b"PRIVATE KEY" not in stderr  # keys are never logged
-    assert not (root / "m.sock").exists()
+        process.process.send_signal(signal.SIGINT)
+        assert process.process.wait(timeout=30) == 0
+        stderr = process.log()
+    assert "Traceback" not in stderr
+    assert "PRIVATE KEY" not in stderr  # keys are never logged
+    assert not process.uds.exists()

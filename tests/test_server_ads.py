@@ -4,9 +4,8 @@ health, counted by the metrics, and waited for by root rotation."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from meshca.server import ADS_SERVICE, MeshcaServer
-from tests.sds_harness import open_sotw, sotw
+from tests.sds_harness import open_sotw, sotw, wait_until
 from tests.serve_harness import (
     client_svid,
     default_config,
@@ -64,13 +63,6 @@ def cluster_names(response: Any) -> set[str]:
     return {cluster_pb2.Cluster.FromString(r.value).name for r in response.resources}
 
 
-async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_ads_serves_the_mesh_and_follows_the_file(server: MeshcaServer) -> None:
     assert server.mesh_file is not None
     async with mtls_channel(server, client_svid(server, BUYER)) as channel:
@@ -82,7 +74,7 @@ async def test_ads_serves_the_mesh_and_follows_the_file(server: MeshcaServer) ->
             sotw(type_url=CLUSTER_TYPE, nonce=first.nonce, version=first.version_info)
         )
         # the proxy counts for metrics and for root rotation's ACK waits
-        await eventually(lambda: server.ads.engine.streams())
+        await wait_until(lambda: server.ads.engine.streams(), what="the ADS stream")
         exposition = server.metrics.exposition().decode()
         assert 'meshca_xds_streams{kind="sotw",service="ads"} 1.0' in exposition
         assert server.rotation is not None

@@ -8,8 +8,7 @@ import os
 import socket
 import stat
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshca.sds.auth import PeerCred
 from meshca.sds.uds import PeerCredTable, UdsError, UdsFrontDoor
+from tests.serve_harness import short_tempdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,16 +38,9 @@ class _RecordingHealth(health_pb2_grpc.HealthServicer):
 
 
 @pytest.fixture
-def short_dir() -> Path:
-    """A short directory path (Unix socket paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="mca-"))
-    yield path
-    for child in sorted(path.rglob("*"), reverse=True):
-        if child.is_dir() and not child.is_symlink():
-            child.rmdir()
-        else:
-            child.unlink()
-    path.rmdir()
+def short_dir() -> Iterator[Path]:
+    with short_tempdir() as path:
+        yield path
 
 
 class _Served:
@@ -151,6 +144,34 @@ def test_a_mode_looser_than_0660_is_refused(short_dir: Path) -> None:
     for mode in (0o666, 0o662, 0o770, 0o664):
         with pytest.raises(UdsError, match="too open"):
             UdsFrontDoor(short_dir / "s.sock", mode=mode)
+
+
+def test_a_mode_that_shuts_out_meshcas_own_user_is_refused(short_dir: Path) -> None:
+    with pytest.raises(UdsError, match="would stop meshca's own user"):
+        UdsFrontDoor(short_dir / "s.sock", mode=0o460)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    assert condition()
+
+
+async def test_connections_beyond_the_limit_are_closed_at_once(served: _Served) -> None:
+    door = served.door
+    door.max_connections = 1
+    _, first = await asyncio.open_unix_connection(str(door.public_path))
+    await _until(lambda: door.connections == 1)
+    reader, second = await asyncio.open_unix_connection(str(door.public_path))
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed without a relay
+    second.close()
+    assert door.connections == 1
+    first.close()
+    await _until(lambda: door.connections == 0)
+    response = await _check(f"unix:{door.public_path}")  # room again
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_a_tighter_mode_is_honoured(short_dir: Path) -> None:

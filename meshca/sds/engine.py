@@ -395,17 +395,7 @@ class _Stream:
         missing = [n for n in names if n not in resolution]
         if missing:
             raise StreamRefused(grpc.StatusCode.INTERNAL, f"no answer for resource {missing[0]!r}")
-        absent_ok = type_url in self.engine.absent_types
-        refused = [
-            r
-            for n in names
-            if n in state.unserved
-            and isinstance(r := resolution[n], ResourceError)
-            and not (absent_ok and r.code == grpc.StatusCode.NOT_FOUND)
-        ]
-        if refused:
-            error = min(refused, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
-            raise StreamRefused(error.code, error.message)
+        self.engine._refuse_first(type_url, [resolution[n] for n in names if n in state.unserved])
         current: dict[str, Resource] = {}
         gone: list[str] = []
         for name in names:
@@ -653,15 +643,7 @@ class XdsEngine:
             resolution = await source.resolve(
                 caller, node, None if source.wildcard and not names else names
             )
-            errors = [
-                r
-                for r in resolution.values()
-                if isinstance(r, ResourceError)
-                and not (type_url in self.absent_types and r.code == grpc.StatusCode.NOT_FOUND)
-            ]
-            if errors:
-                error = min(errors, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
-                raise StreamRefused(error.code, error.message)
+            self._refuse_first(type_url, resolution.values())
         except StreamRefused as refusal:
             self.stats.refusals[refusal.code.name] += 1
             log.warning(
@@ -674,6 +656,20 @@ class XdsEngine:
             resources=[current[n].body for n in sorted(current)],
             type_url=type_url,
         )
+
+    def _refuse_first(self, type_url: str, results: Iterable[Resource | ResourceError]) -> None:
+        """Refuse with the most telling error among ``results``, if any (NOT_FOUND of a
+        type whose missing names are absent is no refusal)."""
+        absent_ok = type_url in self.absent_types
+        errors = [
+            r
+            for r in results
+            if isinstance(r, ResourceError)
+            and not (absent_ok and r.code == grpc.StatusCode.NOT_FOUND)
+        ]
+        if errors:
+            error = min(errors, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
+            raise StreamRefused(error.code, error.message)
 
     async def _run(self, stream: _Stream, requests: AsyncIterator[Any]) -> None:
         self._streams[stream.id] = stream

@@ -95,6 +95,8 @@ class SecretSource:
         self._cert_watchers: dict[SpiffeId, set[int]] = {}
         self._bundle_watchers: set[int] = set()
         self._name_refs: Counter[str] = Counter()
+        # Kept while a stream watches the name, so a push neither parses nor builds again:
+        self._requests: dict[str, SecretRequest] = {}
         # name -> {identity for 'default' (else None): (inputs, Resource)}
         self._cache: dict[str, dict[SpiffeId | None, tuple[tuple[object, ...], Resource]]] = {}
         self._unsubscribe = store.subscribe(self._on_store_event)
@@ -106,9 +108,17 @@ class SecretSource:
     async def resolve(self, caller: Caller, node: Any, names: frozenset[str] | None) -> Resolution:
         return {name: await self._resolve_one(caller, node, name) for name in names or ()}
 
+    def _parse(self, name: str) -> SecretRequest:
+        request = self._requests.get(name)
+        if request is None:
+            request = parse_secret_name(name, self.trust_domain)
+            if self._name_refs[name] > 0:
+                self._requests[name] = request
+        return request
+
     async def _resolve_one(self, caller: Caller, node: Any, name: str) -> Resource | ResourceError:
         try:
-            request = parse_secret_name(name, self.trust_domain)
+            request = self._parse(name)
         except SecretNameError as exc:
             code = (
                 grpc.StatusCode.INVALID_ARGUMENT
@@ -212,7 +222,7 @@ class SecretSource:
         bundle = False
         for name in names:
             try:
-                request: SecretRequest = parse_secret_name(name, self.trust_domain)
+                request = self._parse(name)
                 if isinstance(request, CertificateRequest):
                     identities.add(self.authorized_identity(caller, node, request))
                 else:
@@ -225,18 +235,29 @@ class SecretSource:
         watch = self._watches.get(stream.id)
         if watch is None:
             watch = self._watches[stream.id] = _Watch(stream)
-        names = names or frozenset()
-        identities, bundle = self._watched_by(stream.caller, stream.node, names)
-        self._update(watch, identities, bundle, names)
+        self._count_names(watch, names or frozenset())
+        identities, bundle = self._watched_by(stream.caller, stream.node, watch.names)
+        self._update(watch, identities, bundle)
 
     def unwatch(self, stream: StreamHandle) -> None:
         watch = self._watches.pop(stream.id, None)
         if watch is not None:
-            self._update(watch, frozenset(), False, frozenset())
+            self._count_names(watch, frozenset())
+            self._update(watch, frozenset(), False)
 
-    def _update(
-        self, watch: _Watch, identities: frozenset[SpiffeId], bundle: bool, names: frozenset[str]
-    ) -> None:
+    def _count_names(self, watch: _Watch, names: frozenset[str]) -> None:
+        """Count who watches each name; a name nobody watches is forgotten."""
+        for name in names - watch.names:
+            self._name_refs[name] += 1
+        for name in watch.names - names:
+            self._name_refs[name] -= 1
+            if self._name_refs[name] <= 0:
+                del self._name_refs[name]
+                self._requests.pop(name, None)
+                self._cache.pop(name, None)
+        watch.names = names
+
+    def _update(self, watch: _Watch, identities: frozenset[SpiffeId], bundle: bool) -> None:
         stream_id = watch.stream.id
         for identity in identities - watch.identities:
             self._cert_watchers.setdefault(identity, set()).add(stream_id)
@@ -251,14 +272,7 @@ class SecretSource:
             self._bundle_watchers.add(stream_id)
         else:
             self._bundle_watchers.discard(stream_id)
-        for name in names - watch.names:
-            self._name_refs[name] += 1
-        for name in watch.names - names:
-            self._name_refs[name] -= 1
-            if self._name_refs[name] <= 0:
-                del self._name_refs[name]
-                self._cache.pop(name, None)
-        watch.identities, watch.bundle, watch.names = identities, bundle, names
+        watch.identities, watch.bundle = identities, bundle
 
     def _on_store_event(self, event: StoreEvent) -> None:
         if isinstance(event, SvidChanged):
