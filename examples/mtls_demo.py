@@ -16,6 +16,7 @@ Everything runs on loopback in a temporary directory and is stopped at the end:
 
 from __future__ import annotations
 
+import functools
 import http.server
 import os
 import re
@@ -29,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 WEB = "spiffe://cluster.local/ns/shop/sa/web"
@@ -83,10 +85,10 @@ class App(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def wait_until(check: object, what: str, timeout: float = 30.0) -> None:
+def wait_until(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(check) and check():
+        if check():
             return
         time.sleep(0.05)
     sys.exit(f"timed out waiting for {what}")
@@ -157,7 +159,7 @@ def main() -> int:
             print("$ " + " ".join(command[:5]), flush=True)
             log = (root / f"{name}.log").open("wb")
             processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
-            wait_until(lambda admin=admin: envoy_ready(admin), f"{name}'s Envoy")
+            wait_until(functools.partial(envoy_ready, admin), f"{name}'s Envoy")
 
         print(f"$ curl http://127.0.0.1:{buyer_port}/", flush=True)
         with _OPENER.open(f"http://127.0.0.1:{buyer_port}/", timeout=10) as response:

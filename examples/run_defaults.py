@@ -1,5 +1,6 @@
-"""What `make run` does until `meshca serve` exists: make sure there is a CA, issue an
-example SVID with it and inspect the result, all through the `meshca` command line.
+"""The one-shot commands on embedded defaults: make sure there is a CA, issue an example
+SVID with it and inspect the result, all through the `meshca` command line (`make run`
+serves instead: examples/serve_defaults.py).
 
 An existing CA is always kept: restarting never changes the trust bundle.
 """

@@ -5,12 +5,18 @@
 through ``--admin-address-path``), waits for ``/ready`` to say LIVE, and reads
 ``/certs``, ``/stats``, ``/config_dump`` and ``/listeners``. ``RecordingApp`` is the
 small HTTP app behind an Envoy: it records the headers of every request it serves.
+
+The process and network helpers every test with real processes needs live here too:
+``stop_process`` (SIGTERM by PID, then SIGKILL), ``free_port``, ``free_port_on``,
+``http_get`` and ``eventually``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import http.client
 import http.server
 import itertools
 import json
@@ -24,15 +30,38 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 ENVOY = Path(sys.executable).parent / "envoy"
+BOOKSTORE_MESH = Path(__file__).resolve().parent.parent / "examples" / "bookstore" / "mesh.yaml"
 _BASE_IDS = itertools.count((os.getpid() % 5000) * 20 + 1000)
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+T = TypeVar("T")
+
+
+@functools.cache
+def _bookstore() -> dict[str, Any]:
+    document = yaml.safe_load(BOOKSTORE_MESH.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def bookstore_document() -> dict[str, Any]:
+    """The example bookstore mesh file, parsed once: a fresh copy each call (edit it)."""
+    return copy.deepcopy(_bookstore())
+
+
+def reserve_base_ids(count: int) -> int:
+    """The first of ``count`` consecutive Envoy base ids no other Envoy here will use
+    (for Envoys started outside :class:`EnvoyProcess`)."""
+    first = next(_BASE_IDS)
+    for _ in range(count - 1):
+        next(_BASE_IDS)
+    return first
 
 
 def envoy_binary() -> str:
@@ -46,6 +75,45 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_on(addresses: Iterable[str]) -> int:
+    """A port free on every one of ``addresses`` at the moment of asking."""
+    addresses = list(addresses)
+    for _ in range(50):
+        port = free_port()
+        try:
+            for address in addresses:
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on every one of {', '.join(addresses)}")
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> int:
+    """SIGTERM ``process`` (by its PID), SIGKILL it if it has not exited within
+    ``timeout`` seconds; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode
+
+
+def eventually(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Call ``check`` every 0.1 s until it returns something true, and return that;
+    AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}")
+        time.sleep(0.1)
+    return result
 
 
 def validate_config(path: Path) -> subprocess.CompletedProcess[str]:
@@ -196,14 +264,8 @@ class EnvoyProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        if process is not None:
+            stop_process(process, timeout=10)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -211,7 +273,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append({k.lower(): v for k, v in self.headers.items()})
-        body = b"hello from the app\n"
+        body = self.server.body
         self.send_response(200)
         self.send_header("content-type", "text/plain")
         self.send_header("content-length", str(len(body)))
@@ -225,40 +287,68 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _AppServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     requests: list[dict[str, str]]
+    body: bytes
 
 
 class RecordingApp:
-    """A plain HTTP app on 127.0.0.1 that answers 200 and records each request's headers."""
+    """A plain HTTP app that answers 200 with ``body`` and records each request's headers
+    (names in lowercase). Serves from construction; ``close()`` (or the ``with`` block's
+    end) stops it."""
 
-    def __init__(self) -> None:
-        self._server = _AppServer(("127.0.0.1", 0), _Handler)
+    def __init__(
+        self, address: str = "127.0.0.1", port: int = 0, body: bytes = b"hello from the app\n"
+    ) -> None:
+        self._server = _AppServer((address, port), _Handler)
         self._server.requests = []
+        self._server.body = body
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
 
     @property
     def requests(self) -> list[dict[str, str]]:
         return self._server.requests
 
+    def callers(self) -> list[str]:
+        """The caller's SPIFFE ID per request: the ``URI`` its proxy put in
+        ``x-forwarded-client-cert`` ("" when there is none)."""
+        found = []
+        for headers in self.requests:
+            fields = headers.get("x-forwarded-client-cert", "").split(";")
+            found.append(next((f[4:] for f in fields if f.startswith("URI=")), ""))
+        return found
+
     def __enter__(self) -> RecordingApp:
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
 
 
-def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
-    """GET http://127.0.0.1:port/path; (status, body), or (0, error) when it cannot connect."""
+def http_get(
+    port: int,
+    path: str = "/",
+    timeout: float = 5.0,
+    *,
+    address: str = "127.0.0.1",
+    host: str | None = None,
+) -> tuple[int, str]:
+    """GET http://address:port/path (with ``host`` in Host when given); (status, body),
+    or (0, error) when nothing answers."""
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
-        with _OPENER.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (OSError, urllib.error.URLError) as exc:
+        connection.request("GET", path, headers={"Host": host} if host else {})
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException) as exc:
         return 0, str(exc)
+    finally:
+        connection.close()
 
 
 @contextlib.contextmanager

@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import http.client
-import http.server
-import socket
 import ssl
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -46,13 +43,17 @@ from meshca.sds.secrets import SecretSource
 from meshca.server_ads import MeshAds
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
-from tests.envoy_harness import EnvoyProcess, free_port
+from tests.envoy_harness import (
+    EnvoyProcess,
+    RecordingApp,
+    bookstore_document,
+    eventually,
+    free_port_on,
+    http_get,
+)
 
 TD = TrustDomain("cluster.local")
 SERVER_ID = SpiffeId.from_kubernetes("meshca", "meshca", TD)
-BOOKSTORE = Path(__file__).resolve().parent.parent / "examples" / "bookstore" / "mesh.yaml"
-DEADLINE = 30.0
-T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,49 +127,12 @@ class AdsServer:
         self.loop.close()
 
 
-# --- the apps: they answer with their name and record who called ------------------------
+# --- straight to a proxy, bypassing the caller's own ------------------------------------
 
 
-class App:
-    def __init__(self, name: str, address: str, port: int) -> None:
-        self.name = name
-        self.callers: list[str] = []
-        app = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                app.callers.append(self.headers.get("x-forwarded-client-cert", ""))
-                body = app.name.encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((address, port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-def get(address: str, port: int, host: str, timeout: float = 5.0) -> tuple[int, str]:
-    """GET / through a proxy's outbound listener, naming the service in Host."""
-    connection = http.client.HTTPConnection(address, port, timeout=timeout)
-    try:
-        connection.request("GET", "/", headers={"Host": host})
-        response = connection.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    except OSError as exc:
-        return 0, str(exc)
-    finally:
-        connection.close()
+def last_xfcc(app: RecordingApp) -> str:
+    """The ``x-forwarded-client-cert`` header of the last request ``app`` served."""
+    return app.requests[-1].get("x-forwarded-client-cert", "")
 
 
 def mtls_get(address: str, port: int, svid: X509Svid | None, bundle: Path, tmp: Path) -> int:
@@ -193,35 +157,7 @@ def mtls_get(address: str, port: int, svid: X509Svid | None, bundle: Path, tmp: 
         connection.close()
 
 
-def eventually(check: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.1)
-
-
 # --- the mesh ------------------------------------------------------------------------------
-
-
-def free_tcp_port_on(addresses: list[str]) -> int:
-    """A port free on every one of ``addresses`` at the moment of asking."""
-    for _ in range(50):
-        port = free_port()
-        ok = True
-        for address in addresses:
-            with socket.socket() as probe:
-                try:
-                    probe.bind((address, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return port
-    raise RuntimeError("no common free port on the bookstore addresses")
 
 
 def _with_ports(document: dict[str, Any], http_port: int, tcp_port: int) -> dict[str, Any]:
@@ -234,14 +170,12 @@ def _with_ports(document: dict[str, Any], http_port: int, tcp_port: int) -> dict
 @pytest.fixture(scope="module")
 def ports() -> tuple[int, int]:
     addresses = [f"127.0.0.{n}" for n in (*range(21, 27), *range(31, 37), *range(41, 46))]
-    http_port = free_tcp_port_on(addresses)
-    tcp_port = free_tcp_port_on(addresses)
-    return http_port, tcp_port
+    return free_port_on(addresses), free_port_on(addresses)
 
 
 @pytest.fixture(scope="module")
 def document(ports: tuple[int, int]) -> dict[str, Any]:
-    return _with_ports(yaml.safe_load(BOOKSTORE.read_text()), *ports)
+    return _with_ports(bookstore_document(), *ports)
 
 
 PROXIES = {  # workload -> (identity, delta ADS)
@@ -253,15 +187,17 @@ PROXIES = {  # workload -> (identity, delta ADS)
 
 
 class Bookstore:
-    def __init__(self, server: AdsServer, envoys: dict[str, EnvoyProcess], apps: dict[str, App],
-                 document: dict[str, Any], port: int, root: Path) -> None:  # fmt: skip
+    def __init__(self, server: AdsServer, envoys: dict[str, EnvoyProcess],
+                 apps: dict[str, RecordingApp], document: dict[str, Any], port: int,
+                 root: Path) -> None:  # fmt: skip
         self.server, self.envoys, self.apps = server, envoys, apps
         self.document, self.port, self.root = document, port, root
         self.bundle = root / "bundle.pem"
 
     def via(self, workload: str, host: str) -> tuple[int, str]:
         outbound = next(w for w in self.document["workloads"] if w["name"] == workload)
-        return get(outbound["outbound_address"], self.port, f"{host}:{self.port}")
+        address = outbound["outbound_address"]
+        return http_get(self.port, address=address, host=f"{host}:{self.port}")
 
     def change(self, edit: Callable[[dict[str, Any]], None]) -> None:
         edit(self.document)
@@ -275,12 +211,13 @@ def bookstore(
     root = tmp_path_factory.mktemp("bookstore")
     server = AdsServer(root, parse_mesh(document, TD))
     atomic_write(root / "bundle.pem", server.bundle_pem)
-    apps: dict[str, App] = {}
+    apps: dict[str, RecordingApp] = {}
     envoys: dict[str, EnvoyProcess] = {}
     try:
         for workload in document["workloads"]:
             if workload["name"] in PROXIES and workload.get("ports"):
-                apps[workload["name"]] = App(workload["name"], workload["app_address"], ports[0])
+                name, address = workload["name"], workload["app_address"]
+                apps[name] = RecordingApp(address, ports[0], body=name.encode())
         for name, (identity, delta) in PROXIES.items():
             certs = root / name / "certs"
             svid = server.issuer.issue(identity)
@@ -323,10 +260,9 @@ def test_bookbuyer_reaches_both_bookstores_near_the_split(bookstore: Bookstore) 
     assert set(seen) == {"bookstore-v1", "bookstore-v2"}
     assert 60 <= seen["bookstore-v1"] <= 140, seen  # 50 % of 200, far outside binomial noise
     for name in ("bookstore-v1", "bookstore-v2"):
-        assert bookstore.apps[name].callers[-1].count("URI=") == 1
-        assert (
-            "URI=spiffe://cluster.local/ns/bookbuyer/sa/bookbuyer"
-            in (bookstore.apps[name].callers[-1])
+        assert last_xfcc(bookstore.apps[name]).count("URI=") == 1
+        assert "URI=spiffe://cluster.local/ns/bookbuyer/sa/bookbuyer" in last_xfcc(
+            bookstore.apps[name]
         )
 
 
@@ -337,16 +273,16 @@ def test_bookstore_reaches_bookwarehouse_as_itself(bookstore: Bookstore, store: 
         f"{store} -> bookwarehouse answers",
     )
     assert body == "bookwarehouse"
-    xfcc = bookstore.apps["bookwarehouse"].callers[-1]
+    xfcc = last_xfcc(bookstore.apps["bookwarehouse"])
     assert f"URI=spiffe://cluster.local/ns/bookstore/sa/{store}" in xfcc
 
 
 def test_bookbuyer_cannot_reach_bookwarehouse(bookstore: Bookstore) -> None:
     """Not in its configuration: no route, so its proxy answers 404 and sends nothing."""
-    before = len(bookstore.apps["bookwarehouse"].callers)
+    before = len(bookstore.apps["bookwarehouse"].requests)
     status, _ = bookstore.via("bookbuyer", "bookwarehouse.bookwarehouse")
     assert status == 404
-    assert len(bookstore.apps["bookwarehouse"].callers) == before
+    assert len(bookstore.apps["bookwarehouse"].requests) == before
 
 
 def test_bookthief_is_refused_by_rbac(bookstore: Bookstore, tmp_path: Path) -> None:
@@ -358,10 +294,10 @@ def test_bookthief_is_refused_by_rbac(bookstore: Bookstore, tmp_path: Path) -> N
     thief = issuer.issue(sid("bookthief", "bookthief"))
     eventually(lambda: mtls_get(address, port, store_v1, bookstore.bundle, tmp_path) == 200,
                "bookstore-v1 SVID admitted")  # fmt: skip
-    before = len(bookstore.apps["bookwarehouse"].callers)
+    before = len(bookstore.apps["bookwarehouse"].requests)
     assert mtls_get(address, port, thief, bookstore.bundle, tmp_path) == 403
     assert mtls_get(address, port, None, bookstore.bundle, tmp_path) == 0  # no certificate
-    assert len(bookstore.apps["bookwarehouse"].callers) == before
+    assert len(bookstore.apps["bookwarehouse"].requests) == before
 
 
 def test_mesh_changes_apply_to_running_envoys(bookstore: Bookstore) -> None:

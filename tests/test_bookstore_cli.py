@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.envoy_harness import _BASE_IDS, free_port
+from tests.envoy_harness import free_port_on, http_get, reserve_base_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,27 +43,14 @@ def load_example() -> ModuleType:
 example = load_example()
 
 
-def port_free_on_all(addresses: list[str]) -> int:
-    for _ in range(50):
-        port = free_port()
-        try:
-            for address in addresses:
-                with socket.socket() as probe:
-                    probe.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every bookstore address")
-
-
 def mesh_copy(directory: Path) -> Path:
     """The example's mesh file with free ports for 14001 (HTTP) and 3306 (TCP)."""
     text = (EXAMPLE / "mesh.yaml").read_text()
     document = yaml.safe_load(text)
     keys = ("address", "app_address", "outbound_address")
     addresses = sorted({w[k] for w in document["workloads"] for k in keys if k in w})
-    http_port = port_free_on_all(addresses)
-    tcp_port = port_free_on_all(addresses)
+    http_port = free_port_on(addresses)
+    tcp_port = free_port_on(addresses)
     path = directory / "mesh.yaml"
     path.write_text(text.replace("14001", str(http_port)).replace("3306", str(tcp_port)))
     return path
@@ -73,9 +59,7 @@ def mesh_copy(directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def bookstore(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     root = tmp_path_factory.mktemp("bookstore-cli")
-    base_id = next(_BASE_IDS)
-    for _ in range(len(example.PROXIES) - 1):  # reserve one base id per Envoy
-        next(_BASE_IDS)
+    base_id = reserve_base_ids(len(example.PROXIES))
     mesh = mesh_copy(root)
     with example.Bookstore(mesh, root / "run", base_id=base_id, say=lambda _: None) as running:
         example.wait_for(
@@ -90,7 +74,7 @@ def bookstore(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def rejected_updates(bookstore: Any, name: str) -> dict[str, int]:
     """Envoy's own count of xDS updates it rejected (NACKed), by subscription."""
     port = bookstore.admin_ports[name]
-    status, body = example.http_get("127.0.0.1", port, "localhost", "/stats?filter=update_rejected")
+    status, body = http_get(port, "/stats?filter=update_rejected")
     assert status == 200, body
     found = {}
     for line in body.splitlines():
@@ -106,7 +90,7 @@ def test_each_hop_is_mtls_and_tells_the_app_its_callers_spiffe_id(bookstore: Any
     )
     assert purchase["app"] in ("bookstore-v1", "bookstore-v2")
     assert purchase["caller"] == BOOKBUYER
-    store_id = bookstore.workloads[purchase["app"]].identity
+    store_id = bookstore.identities[purchase["app"]]
     assert purchase["restock"] == {"app": "bookwarehouse", "caller": store_id}
 
 

@@ -9,13 +9,13 @@ references and every secret name the resources use are checked as well.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -44,16 +44,16 @@ from meshca.envoy.xds import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     LISTENER_TYPE,
+    RESOURCE_TYPES,
     ROUTE_TYPE,
     GenerationError,
 )
 from meshca.files import PRIVATE, atomic_write
 from meshca.issuer import Issuer
 from meshca.spiffe import SpiffeId, TrustDomain
-from tests.envoy_harness import validate_config
+from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document, validate_config
 
 TD = TrustDomain("cluster.local")
-BOOKSTORE = Path(__file__).resolve().parent.parent / "examples" / "bookstore" / "mesh.yaml"
 MODES = ("intercept", "explicit")
 
 
@@ -70,15 +70,9 @@ MYSQL = sid("bookwarehouse", "mysql")
 EVERYONE = (BUYER, THIEF, STORE_V1, STORE_V2, WAREHOUSE, MYSQL)
 
 
-def bookstore_document() -> dict[str, Any]:
-    document = yaml.safe_load(BOOKSTORE.read_text())
-    assert isinstance(document, dict)
-    return document
-
-
 @pytest.fixture(scope="module")
 def mesh() -> Mesh:
-    return load_mesh(BOOKSTORE, TD)
+    return load_mesh(BOOKSTORE_MESH, TD)
 
 
 def unpack(packed: any_pb2.Any) -> Any:
@@ -440,6 +434,32 @@ def test_generation_is_deterministic(mesh: Mesh) -> None:
             assert first.encoded == second.encoded
 
 
+def test_a_snapshot_on_its_identitys_shared_part_equals_one_built_whole(mesh: Mesh) -> None:
+    """Each proxy's snapshot extends the outbound resources its identity shares (encoded
+    once); the result is what encoding every resource anew would give."""
+    for proxy in EVERYONE:
+        for capture in MODES:
+            snapshot = generate(mesh, proxy, capture=capture)
+            whole = Snapshot.of(dict(snapshot.resources), snapshot.secret_names)
+            assert whole.versions == snapshot.versions
+            assert whole.encoded == snapshot.encoded
+            assert whole.resource_versions == snapshot.resource_versions
+    snapshot = generate(mesh, BUYER)
+    name = "bookstore/bookstore|14001|v1"
+    raw = snapshot.encoded[ENDPOINT_TYPE][name]
+    assert snapshot.resource_version(ENDPOINT_TYPE, name) == hashlib.sha256(raw).hexdigest()[:16]
+    assert snapshot.resource_version(ENDPOINT_TYPE, "nope") is None
+    # a name given on top of a base replaces the base's resource, and only its type moves
+    replaced = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC)
+    extended = Snapshot.of({CLUSTER_TYPE: {name: replaced}}, ("extra",), base=snapshot)
+    assert extended.get(CLUSTER_TYPE)[name] is replaced
+    assert set(extended.get(CLUSTER_TYPE)) == set(snapshot.get(CLUSTER_TYPE))
+    assert {t for t in RESOURCE_TYPES if extended.versions[t] != snapshot.versions[t]} == {
+        CLUSTER_TYPE
+    }
+    assert extended.secret_names == tuple(sorted((*snapshot.secret_names, "extra")))
+
+
 def _versions(mesh: Mesh) -> dict[SpiffeId, dict[str, str]]:
     return {p: dict(generate(mesh, p).versions) for p in EVERYONE}
 
@@ -630,7 +650,7 @@ def _kitchen_sink() -> Mesh:
 
 def _cases() -> Iterator[tuple[str, Callable[[], Mesh], SpiffeId, str | None]]:
     for proxy in EVERYONE:
-        yield "bookstore", lambda: load_mesh(BOOKSTORE, TD), proxy, None
+        yield "bookstore", lambda: load_mesh(BOOKSTORE_MESH, TD), proxy, None
     ledger = sid("bookstore", "ledger")
     yield "kitchen-sink", _kitchen_sink, ledger, "ledger-a"
     yield "kitchen-sink", _kitchen_sink, STORE_V1, None

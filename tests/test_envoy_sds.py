@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ from tests.envoy_harness import (
     RecordingApp,
     free_port,
     http_get,
+    stop_process,
     validate_config,
 )
 from tests.serve_harness import short_tempdir
@@ -119,17 +119,6 @@ def start_meshca(root: Path) -> MeshcaProcess:
         time.sleep(0.05)
     stop_process(process)
     raise RuntimeError(f"meshca serve did not start: {log.read_text()}")
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    return process.returncode
 
 
 def client_config(

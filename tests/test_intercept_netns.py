@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import http.client
-import http.server
 import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,13 +33,19 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.envoy_harness import EnvoyProcess
+from tests.envoy_harness import (
+    BOOKSTORE_MESH,
+    EnvoyProcess,
+    RecordingApp,
+    eventually,
+    http_get,
+    stop_process,
+)
 from tests.serve_harness import short_tempdir
 
 pytestmark = pytest.mark.timeout(120)
 
 MESHCA = [sys.executable, "-m", "meshca"]
-MESH = Path(__file__).resolve().parent.parent / "examples" / "bookstore" / "mesh.yaml"
 CLONE_NEWNET = 0x40000000
 IPTABLES = ("iptables", "iptables-nft", "iptables-legacy")
 SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin", os.environ.get("PATH", "")))
@@ -53,7 +55,7 @@ PROXIES = {  # workload -> capture mode
     "bookstore-v1": "explicit",
     "bookstore-v2": "explicit",
 }
-APPS = {"bookstore-v1": "127.0.0.33", "bookstore-v2": "127.0.0.34"}  # app_address in MESH
+APPS = {"bookstore-v1": "127.0.0.33", "bookstore-v2": "127.0.0.34"}  # app_address in BOOKSTORE_MESH
 T = TypeVar("T")
 
 
@@ -156,52 +158,6 @@ class Netns:
 # --- the pieces -------------------------------------------------------------------------------
 
 
-class App:
-    """A bookstore app: answers with its name and its caller's SPIFFE ID."""
-
-    def __init__(self, name: str, address: str) -> None:
-        app = self
-        self.name = name
-        self.callers: list[str] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                xfcc = self.headers.get("x-forwarded-client-cert", "")
-                match = re.search(r"(?:^|;)URI=([^;,]+)", xfcc)
-                app.callers.append(match.group(1) if match else "")
-                body = app.name.encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((address, BOOKSTORE_PORT), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-def dial(address: str, port: int) -> tuple[int, str]:
-    """What bookbuyer's app gets when it dials ``address:port`` (run inside the namespace)."""
-    connection = http.client.HTTPConnection(address, port, timeout=5)
-    try:
-        connection.request("GET", "/")
-        response = connection.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    except OSError as exc:
-        return 0, str(exc)
-    finally:
-        connection.close()
-
-
 def meshca(*args: str) -> str:
     result = subprocess.run(
         [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
@@ -216,7 +172,7 @@ def meshca_serve(root: Path) -> Iterator[Path]:
     may hold the three identities (each bootstrap's node.id picks its own)."""
     socket_path = root / "meshca.sock"
     args = ["--data-dir", str(root / "data"), "serve", "--uds", str(socket_path)]
-    args += ["--mesh", str(MESH), "--log-level", "warning"]
+    args += ["--mesh", str(BOOKSTORE_MESH), "--log-level", "warning"]
     for workload in PROXIES:
         args += ["--uds-identity", f"0={identity(workload)}"]
     out, log = root / "meshca.out", root / "meshca.log"
@@ -232,36 +188,32 @@ def meshca_serve(root: Path) -> Iterator[Path]:
             time.sleep(0.05)
         yield socket_path
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 @dataclass
 class Intercepted:
     netns: Netns
-    apps: dict[str, App]
+    apps: dict[str, RecordingApp]
     envoys: dict[str, EnvoyProcess]
 
     def dial(self, address: str = BOOKSTORE_IP, port: int = BOOKSTORE_PORT) -> tuple[int, str]:
-        return self.netns.run(dial, address, port)
+        """What bookbuyer's app gets when it dials ``address:port`` (inside the namespace)."""
+        return self.netns.run(lambda: http_get(port, address=address))
 
 
 @pytest.fixture(scope="module")
 def intercepted() -> Iterator[Intercepted]:
     ip, iptables = requirements()
     netns = Netns(ip, iptables)
-    apps: dict[str, App] = {}
+    apps: dict[str, RecordingApp] = {}
     envoys: dict[str, EnvoyProcess] = {}
     try:
         with short_tempdir("mca-netns-") as root:
             meshca("init", "--data-dir", str(root / "data"))
             with meshca_serve(root) as socket_path:
                 for name, address in APPS.items():
-                    apps[name] = netns.run(App, name, address)
+                    apps[name] = netns.run(RecordingApp, address, BOOKSTORE_PORT, name.encode())
                 for name, capture in PROXIES.items():
                     bootstrap = meshca(
                         *("bootstrap", identity(name), "--server", f"unix://{socket_path}"),
@@ -286,15 +238,6 @@ def intercepted() -> Iterator[Intercepted]:
         netns.delete()
 
 
-def eventually(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.1)
-    return result
-
-
 def test_a_connection_to_the_cluster_ip_is_intercepted_split_and_mtls(
     intercepted: Intercepted,
 ) -> None:
@@ -306,13 +249,13 @@ def test_a_connection_to_the_cluster_ip_is_intercepted_split_and_mtls(
         seen[body] += 1
     assert set(seen) == {"bookstore-v1", "bookstore-v2"}, seen
     for app in intercepted.apps.values():
-        assert set(app.callers) == {identity("bookbuyer")}
+        assert set(app.callers()) == {identity("bookbuyer")}
 
 
 def test_only_mesh_services_are_intercepted(intercepted: Intercepted) -> None:
     """Without a rule for it, a connection goes where it was dialled (here: nowhere), and
     the outbound listener itself, dialled directly, matches no service: blackhole."""
     assert intercepted.dial(BOOKSTORE_IP, 14002)[0] == 0
-    before = sum(len(app.callers) for app in intercepted.apps.values())
+    before = sum(len(app.requests) for app in intercepted.apps.values())
     assert intercepted.dial("127.0.0.1", 15001)[0] != 200
-    assert sum(len(app.callers) for app in intercepted.apps.values()) == before
+    assert sum(len(app.requests) for app in intercepted.apps.values()) == before

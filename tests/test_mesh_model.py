@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from meshca.envoy.mesh import Mesh, MeshError, Service, ServicePort, load_mesh, parse_mesh
 from meshca.spiffe import SpiffeId, TrustDomain
+from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document
 
 TD = TrustDomain("cluster.local")
-BOOKSTORE = Path(__file__).resolve().parent.parent / "examples" / "bookstore" / "mesh.yaml"
 
 
 def sid(namespace: str, account: str) -> SpiffeId:
@@ -27,15 +27,9 @@ def parse(text: str) -> Mesh:
     return parse_mesh(yaml.safe_load(textwrap.dedent(text)), TD)
 
 
-def bookstore_document() -> dict[str, Any]:
-    document = yaml.safe_load(BOOKSTORE.read_text())
-    assert isinstance(document, dict)
-    return document
-
-
 @pytest.fixture(scope="module")
 def bookstore() -> Mesh:
-    return load_mesh(BOOKSTORE, TD)
+    return load_mesh(BOOKSTORE_MESH, TD)
 
 
 # --- the example ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import http.server
 import json
@@ -44,11 +45,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from meshca.envoy.mesh import Mesh, MeshError, Service, Workload, load_mesh
+from meshca.spiffe import TrustDomain
 
 HERE = Path(__file__).resolve().parent
 MESH = HERE / "mesh.yaml"
@@ -63,65 +66,24 @@ PROXIES = {
 }
 APPS = ("bookstore-v1", "bookstore-v2", "bookwarehouse")
 TIMEOUT = 30.0
+TRUST_DOMAIN = TrustDomain("cluster.local")  # what 'meshca init' creates by default
 
 
 class DemoError(RuntimeError):
     """Something did not start or answer; the message says what (and the log tail)."""
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    namespace: str
-    service_account: str
-    address: str
-    app_address: str
-    outbound_address: str | None
-    ports: tuple[int, ...]
-    trust_domain: str
-
-    @property
-    def identity(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+def read_mesh(path: Path) -> Mesh:
+    """The mesh file, checked as ``meshca serve`` checks it (one clear line if it is wrong)."""
+    try:
+        return load_mesh(path, TRUST_DOMAIN)
+    except MeshError as exc:
+        raise DemoError(str(exc)) from None
 
 
-@dataclass(frozen=True)
-class Service:
-    name: str
-    namespace: str
-    port: int
-
-    @property
-    def host(self) -> str:
-        """The Host header an app uses for the service (explicit capture)."""
-        return f"{self.name}.{self.namespace}:{self.port}"
-
-
-def _port(entry: Any) -> int:
-    return int(entry["port"] if isinstance(entry, dict) else entry)
-
-
-def read_mesh(path: Path) -> tuple[dict[str, Workload], dict[str, Service]]:
-    document = yaml.safe_load(path.read_text())
-    trust_domain = str(document.get("trust_domain", "cluster.local"))
-    workloads = {
-        w["name"]: Workload(
-            w["name"],
-            w["namespace"],
-            w["service_account"],
-            w["address"],
-            w.get("app_address", "127.0.0.1"),
-            w.get("outbound_address"),
-            tuple(_port(p) for p in w.get("ports", ())),
-            trust_domain,
-        )
-        for w in document.get("workloads", ())
-    }
-    services = {
-        s["name"]: Service(s["name"], s["namespace"], _port(s["ports"][0]))
-        for s in document.get("services", ())
-    }
-    return workloads, services
+def host(service: Service) -> str:
+    """The Host header an app uses for the service (explicit capture)."""
+    return f"{service.name}.{service.namespace}:{service.ports[0].port}"
 
 
 def caller_of(xfcc: str) -> str:
@@ -204,7 +166,7 @@ class App:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        address = (workload.app_address, workload.ports[0])
+        address = (workload.app_address, workload.ports[0].port)
         try:
             self.server = http.server.ThreadingHTTPServer(address, Handler)
         except OSError as exc:
@@ -238,7 +200,10 @@ class Bookstore:
     ) -> None:
         self.mesh = Path(mesh).resolve()
         self.workdir = Path(workdir)
-        self.workloads, self.services = read_mesh(self.mesh)
+        model = read_mesh(self.mesh)
+        self.workloads = {w.name: w for w in model.workloads}
+        self.services = {s.name: s for s in model.services}
+        self.identities = {w.name: str(model.identity_of(w)) for w in model.workloads}
         self.base_id = base_id if base_id is not None else 20_000 + os.getpid() % 2000 * 8
         self.say = say
         self.data_dir = self.workdir / "data"
@@ -292,7 +257,7 @@ class Bookstore:
             self._start_envoy(name)
         for name in PROXIES:
             try:
-                wait_for(lambda name=name: self._ready(name), f"{name}'s Envoy ready")
+                wait_for(functools.partial(self._ready, name), f"{name}'s Envoy ready")
             except DemoError as exc:
                 raise DemoError(
                     f"{exc}\n{self.log_tail(self.workdir / name / 'envoy.log')}"
@@ -323,12 +288,12 @@ class Bookstore:
         self.port = wait_for(port, "meshca serve listening")
 
     def _bootstrap(self, name: str) -> None:
-        workload = self.workloads[name]
+        identity = self.identities[name]
         certs = self.workdir / name / "certs"
-        self.cli("issue", workload.identity, "--data-dir", str(self.data_dir), "--out", str(certs))
+        self.cli("issue", identity, "--data-dir", str(self.data_dir), "--out", str(certs))
         self.admin_ports[name] = free_port()
         self.cli(
-            *("bootstrap", workload.identity, "--ads", "--capture", "explicit"),
+            *("bootstrap", identity, "--ads", "--capture", "explicit"),
             *("--workload", name, *PROXIES[name]),
             *("--server", f"127.0.0.1:{self.port}", "--cert-dir", str(certs)),
             *("--admin-port", str(self.admin_ports[name])),
@@ -384,7 +349,7 @@ class Bookstore:
         outbound = self.workloads[workload].outbound_address
         target = self.services[service]
         assert outbound is not None, f"{workload} has no outbound_address"
-        return http_get(outbound, target.port, target.host)
+        return http_get(outbound, target.ports[0].port, host(target))
 
     def buy(self) -> dict[str, Any]:
         """One purchase: bookbuyer -> bookstore (-> bookwarehouse)."""
@@ -404,10 +369,10 @@ class Bookstore:
         context.load_cert_chain(certs / "cert.pem", certs / "key.pem")
         target = self.workloads[server]
         connection = http.client.HTTPSConnection(
-            target.address, target.ports[0], context=context, timeout=5
+            target.address, target.ports[0].port, context=context, timeout=5
         )
         try:
-            connection.request("GET", "/", headers={"Host": self.services[server].host})
+            connection.request("GET", "/", headers={"Host": host(self.services[server])})
             response = connection.getresponse()
             response.read()
             return response.status
@@ -438,7 +403,7 @@ def walkthrough(
     bookstore: Bookstore, requests: int = 40, say: Callable[[str], None] = print
 ) -> bool:
     """Prints what happens; True when the mesh behaved as the mesh file says."""
-    ids = {name: w.identity for name, w in bookstore.workloads.items()}
+    ids = bookstore.identities
 
     def restocked() -> bool:
         status, body = bookstore.via("bookbuyer", "bookstore")
@@ -511,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                     buyer = bookstore.workloads["bookbuyer"].outbound_address
                     store = bookstore.services["bookstore"]
                     print(f"\nmeshca serves {bookstore.mesh}; edit it and the Envoys follow. Try:")
-                    print(f"  curl -H 'Host: {store.host}' http://{buyer}:{store.port}/")
+                    port = store.ports[0].port
+                    print(f"  curl -H 'Host: {host(store)}' http://{buyer}:{port}/")
                     print("Ctrl-C stops everything.", flush=True)
                     with contextlib.suppress(KeyboardInterrupt):
                         signal.pause()

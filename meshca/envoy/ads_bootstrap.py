@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import yaml
 
-from meshca.envoy.bootstrap import SDS_CLUSTER, BootstrapError, BootstrapSpec, Json, build_bootstrap
+from meshca.envoy.bootstrap import (
+    BootstrapError,
+    BootstrapSpec,
+    Json,
+    api_config_source,
+    build_bootstrap,
+)
 from meshca.envoy.generate import CAPTURE_MODES
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 
 CAPTURE_METADATA = "meshca.capture"
 WORKLOAD_METADATA = "meshca.workload"
-ADS_CLUSTER = SDS_CLUSTER  # one gRPC server serves SDS and ADS
-
-
-def ads_config(*, delta: bool = False) -> Json:
-    """State-of-the-world by default; ``delta`` selects incremental xDS."""
-    return {
-        "api_type": "DELTA_GRPC" if delta else "GRPC",
-        "transport_api_version": "V3",
-        "set_node_on_first_message_only": True,
-        "grpc_services": [{"envoy_grpc": {"cluster_name": ADS_CLUSTER}}],
-    }
 
 
 def _check_workload(workload: str) -> None:
@@ -68,7 +63,7 @@ def build_ads_bootstrap(
     bootstrap = build_bootstrap(spec)
     bootstrap["node"]["metadata"] = metadata
     bootstrap["dynamic_resources"] = {
-        "ads_config": ads_config(delta=delta),
+        "ads_config": api_config_source(delta=delta),
         "cds_config": {"ads": {}, "resource_api_version": "V3"},
         "lds_config": {"ads": {}, "resource_api_version": "V3"},
     }

@@ -171,16 +171,19 @@ class BootstrapSpec:
 # --- building blocks (also used by tests that write their own listeners) -------------
 
 
-def sds_config() -> Json:
+def api_config_source(*, delta: bool = False) -> Json:
+    """meshca's gRPC server (one serves SDS and ADS) as an xDS source: state of the world,
+    or incremental with ``delta``."""
     return {
-        "resource_api_version": "V3",
-        "api_config_source": {
-            "api_type": "GRPC",
-            "transport_api_version": "V3",
-            "set_node_on_first_message_only": True,
-            "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
-        },
+        "api_type": "DELTA_GRPC" if delta else "GRPC",
+        "transport_api_version": "V3",
+        "set_node_on_first_message_only": True,
+        "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
     }
+
+
+def sds_config() -> Json:
+    return {"resource_api_version": "V3", "api_config_source": api_config_source()}
 
 
 def sds_secret(name: str) -> Json:

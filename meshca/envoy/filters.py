@@ -1,5 +1,5 @@
-"""Network and HTTP filters of the generated listeners: HTTP connection manager,
-TCP proxy and RBAC (HTTP and network), packed as typed configs."""
+"""Listener, network and HTTP filters of the generated listeners: original destination,
+HTTP connection manager, TCP proxy and RBAC (HTTP and network), packed as typed configs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -21,12 +22,20 @@ from google.protobuf import duration_pb2
 from meshca.envoy.xds import ads_source, pack
 from meshca.spiffe import SpiffeId, TrustDomain
 
+ORIGINAL_DST = "envoy.filters.listener.original_dst"
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 NETWORK_RBAC = "envoy.filters.network.rbac"
 HTTP_RBAC = "envoy.filters.http.rbac"
 ROUTER = "envoy.filters.http.router"
 ALLOWED_POLICY = "allowed-callers"
+
+
+def original_dst() -> listener_components_pb2.ListenerFilter:
+    """Restores the address a connection redirected by iptables was dialled to."""
+    return listener_components_pb2.ListenerFilter(
+        name=ORIGINAL_DST, typed_config=pack(original_dst_pb2.OriginalDst())
+    )
 
 
 def _router() -> hcm_pb2.HttpFilter:

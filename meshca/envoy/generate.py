@@ -107,11 +107,13 @@ def _inbound_ports(mesh: Mesh, workload: Workload) -> list[InboundPort]:
 
 @dataclass(frozen=True)
 class _Outbound:
-    """What a proxy needs to call out; the same for every workload of one identity."""
+    """What a proxy needs to call out, the same for every workload of one identity (in one
+    capture mode): the clusters, endpoints and routes, in intercept mode the outbound
+    listener and its fallback cluster too, encoded once in ``shared``."""
 
-    resources: dict[str, dict[str, Message]]
+    shared: Snapshot
     upstreams: tuple[Upstream, ...]
-    secrets: tuple[str, ...]
+    listeners: tuple[listener_pb2.Listener, ...]
 
 
 def _endpoints(
@@ -125,8 +127,8 @@ def _endpoints(
     return cached
 
 
-def _outbound(mesh: Mesh, proxy: SpiffeId, namespace: str) -> _Outbound:
-    key = ("outbound", proxy)
+def _outbound(mesh: Mesh, proxy: SpiffeId, capture: str) -> _Outbound:
+    key = ("outbound", proxy, capture)
     cached = mesh.derived.get(key)
     if isinstance(cached, _Outbound):
         return cached
@@ -148,10 +150,22 @@ def _outbound(mesh: Mesh, proxy: SpiffeId, namespace: str) -> _Outbound:
     for upstream in upstreams:
         if upstream.port.protocol != "tcp":
             http_by_port[upstream.port.port].append(upstream)
+    namespace, _ = kubernetes_identity(proxy)
     for port_number, sharing in http_by_port.items():
         config = outbound_route_config(port_number, sharing, namespace)
         by_type[ROUTE_TYPE][config.name] = config
-    result = _Outbound(dict(by_type), tuple(upstreams), tuple(secrets))
+    listeners = []
+    if capture == "intercept":
+        listeners.append(outbound.intercept_listener(upstreams, mesh.egress))
+        fallback = (
+            clusters.passthrough_cluster()
+            if mesh.egress == "passthrough"
+            else clusters.blackhole_cluster()
+        )
+        by_type[CLUSTER_TYPE][fallback.name] = fallback
+    by_type[LISTENER_TYPE] = {listener.name: listener for listener in listeners}
+    shared = Snapshot.of(by_type, tuple(secrets))
+    result = _Outbound(shared, tuple(upstreams), tuple(listeners))
     mesh.derived[key] = result
     return result
 
@@ -171,23 +185,12 @@ def generate(
         raise GenerationError(f"capture mode {capture!r} is not one of {', '.join(CAPTURE_MODES)}")
     if proxy.trust_domain != mesh.trust_domain:
         raise GenerationError(f"{proxy} is outside the mesh's trust domain {mesh.trust_domain}")
-    namespace, _ = kubernetes_identity(proxy)
     local = local_workload(mesh, proxy, workload, capture)
-    out = _outbound(mesh, proxy, namespace)
-    by_type = {type_url: dict(by_name) for type_url, by_name in out.resources.items()}
-    by_type.setdefault(CLUSTER_TYPE, {})
-    secrets = [service_cert_secret(proxy), *out.secrets]
-
+    out = _outbound(mesh, proxy, capture)
+    secrets = [service_cert_secret(proxy)]
+    local_clusters: dict[str, Message] = {}
     listeners: list[listener_pb2.Listener] = []
-    if capture == "intercept":
-        listeners.append(outbound.intercept_listener(out.upstreams, mesh.egress))
-        fallback = (
-            clusters.passthrough_cluster()
-            if mesh.egress == "passthrough"
-            else clusters.blackhole_cluster()
-        )
-        by_type[CLUSTER_TYPE][fallback.name] = fallback
-    else:
+    if capture == "explicit":
         bind = local.outbound_address if local is not None else None
         listeners.extend(outbound.explicit_listeners(out.upstreams, bind))
 
@@ -201,12 +204,12 @@ def generate(
             cluster = clusters.local_cluster(
                 local_port.port, local.app_address, local_port.protocol
             )
-            by_type[CLUSTER_TYPE][cluster.name] = cluster
+            local_clusters[cluster.name] = cluster
         secrets.append(inbound_validation_secret(proxy))
 
-    _check_unique_binds(listeners)
-    by_type[LISTENER_TYPE] = {listener.name: listener for listener in listeners}
-    return Snapshot.of(by_type, tuple(secrets))
+    _check_unique_binds([*out.listeners, *listeners])
+    own = {CLUSTER_TYPE: local_clusters, LISTENER_TYPE: {li.name: li for li in listeners}}
+    return Snapshot.of(own, tuple(secrets), base=out.shared)
 
 
 def _check_unique_binds(listeners: list[listener_pb2.Listener]) -> None:

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from google.protobuf import wrappers_pb2
 
 from meshca.envoy.clusters import local_cluster_name
-from meshca.envoy.filters import inbound_http, network_rbac, rbac_rules, tcp_proxy
-from meshca.envoy.outbound import ORIGINAL_DST
+from meshca.envoy.filters import inbound_http, network_rbac, original_dst, rbac_rules, tcp_proxy
 from meshca.envoy.tls import downstream_tls
-from meshca.envoy.xds import pack, socket_address
+from meshca.envoy.xds import socket_address
 from meshca.spiffe import SpiffeId
 
 INBOUND_PORT = 15003
@@ -63,11 +61,7 @@ def intercept_listener(proxy: SpiffeId, ports: Iterable[InboundPort]) -> listene
         name=INBOUND_LISTENER,
         address=socket_address("0.0.0.0", INBOUND_PORT),
         traffic_direction=base_pb2.INBOUND,
-        listener_filters=[
-            listener_components_pb2.ListenerFilter(
-                name=ORIGINAL_DST, typed_config=pack(original_dst_pb2.OriginalDst())
-            )
-        ],
+        listener_filters=[original_dst()],
         filter_chains=chains,
     )
 

@@ -11,31 +11,28 @@ dials the service address and reaches its proxy.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
 from meshca.envoy.clusters import BLACKHOLE, PASSTHROUGH
-from meshca.envoy.filters import TCP_PROXY, outbound_http, tcp_proxy
+from meshca.envoy.filters import TCP_PROXY, original_dst, outbound_http, tcp_proxy
 from meshca.envoy.routes import Upstream, route_config_name
 from meshca.envoy.xds import GenerationError, pack, socket_address
 
 OUTBOUND_PORT = 15001
 OUTBOUND_LISTENER = "outbound-listener"
-ORIGINAL_DST = "envoy.filters.listener.original_dst"
 
 
 def _filters(upstream: Upstream) -> list[listener_components_pb2.Filter]:
     stat_prefix = f"outbound|{upstream.name}"
     if upstream.port.protocol != "tcp":
         return [outbound_http(stat_prefix, route_config_name(upstream.port.port))]
-    live = [(name, weight) for name, weight in upstream.clusters if weight > 0]
+    live = upstream.live
     if len(live) == 1:
         return [tcp_proxy(stat_prefix, live[0][0])]
     config = tcp_proxy_pb2.TcpProxy(
@@ -51,7 +48,7 @@ def _filters(upstream: Upstream) -> list[listener_components_pb2.Filter]:
 
 
 def _prefix(address: str) -> address_pb2.CidrRange:
-    length = 32 if ipaddress.ip_address(address).version == 4 else 128
+    length = 128 if ":" in address else 32  # the mesh file's addresses are validated IPs
     return address_pb2.CidrRange(
         address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=length)
     )
@@ -76,11 +73,7 @@ def intercept_listener(upstreams: Iterable[Upstream], egress: str) -> listener_p
         name=OUTBOUND_LISTENER,
         address=socket_address("0.0.0.0", OUTBOUND_PORT),
         traffic_direction=base_pb2.OUTBOUND,
-        listener_filters=[
-            listener_components_pb2.ListenerFilter(
-                name=ORIGINAL_DST, typed_config=pack(original_dst_pb2.OriginalDst())
-            )
-        ],
+        listener_filters=[original_dst()],
         filter_chains=chains,
         default_filter_chain=listener_components_pb2.FilterChain(
             name=fallback, filters=[tcp_proxy(f"outbound|{fallback}", fallback)]

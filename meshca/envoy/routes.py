@@ -35,6 +35,11 @@ class Upstream:
     def name(self) -> str:
         return f"{self.service.namespace}/{self.service.name}|{self.port.port}"
 
+    @property
+    def live(self) -> list[tuple[str, int]]:
+        """The clusters that take traffic (a split backend may weigh 0)."""
+        return [(name, weight) for name, weight in self.clusters if weight > 0]
+
 
 def domains(service: Service, port: int, *, same_namespace: bool) -> list[str]:
     """Every name a client may put in Host: the DNS forms and the ClusterIP, each also
@@ -49,7 +54,7 @@ def domains(service: Service, port: int, *, same_namespace: bool) -> list[str]:
 
 
 def _action(upstream: Upstream) -> route_components_pb2.RouteAction:
-    live = [(name, weight) for name, weight in upstream.clusters if weight > 0]
+    live = upstream.live
     if len(live) == 1:
         action = route_components_pb2.RouteAction(cluster=live[0][0])
     else:
