@@ -37,18 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import hvac
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshca.backends.local import init_local_ca
 from meshca.backends.vault import open_vault_authority
 from meshca.backends.vault_settings import VaultSettings
-from meshca.issuer import Issuer, TtlPolicy
+from meshca.issuer import Issuer, KeyType, TtlPolicy
+from meshca.issuer.authority import workload_csr
+from meshca.issuer.keys import generate_private_key
 from meshca.spiffe import SpiffeId, TrustDomain
-from tests.bao_harness import WORKLOAD_ROLE, BaoServer, add_policy, running, setup_pki
+from tests.bao_harness import WORKLOAD_ROLE, BaoServer, prepared, running
 
 TD = TrustDomain("cluster.local")
 WEB = SpiffeId.from_kubernetes("bench", "web", TD)
@@ -70,17 +70,8 @@ def rate(count: int, work: Callable[[int], Any], threads: int) -> float:
 
 
 def the_csr() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WEB))]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-    )
+    key = generate_private_key(KeyType.EC_P256)
+    return workload_csr(key, WEB, ()).public_bytes(serialization.Encoding.PEM)
 
 
 def per_workload(server: BaoServer, args: argparse.Namespace) -> dict[str, float]:
@@ -168,9 +159,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="pool size for Vault calls")
     args = parser.parse_args()
     with running(BaoServer.dev) as server:
-        setup_pki(server)
-        add_policy(server, "meshca-intermediate")
-        add_policy(server, "meshca-per-workload")
+        prepared(server)
         figures = per_workload(server, args)
         figures.update(intermediate_vs_local(server, args))
     print(f"per-workload, {args.threads} threads, {args.requests} calls x {args.rounds} rounds:")

@@ -262,21 +262,32 @@ def running(server_factory: Any, *args: Any, **kwargs: Any) -> Iterator[BaoServe
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def prepared(server: BaoServer) -> BaoServer:
+    """``server`` with the PKI mount ``pki`` and both mode policies of docs/vault.md."""
+    setup_pki(server)
+    add_policy(server, "meshca-intermediate")
+    add_policy(server, "meshca-per-workload")
+    return server
+
+
 @pytest.fixture(scope="module")
 def bao() -> Iterator[BaoServer]:
     """A dev server (plain HTTP) with the PKI mount ``pki`` and both mode policies."""
     with running(BaoServer.dev) as server:
-        setup_pki(server)
-        add_policy(server, "meshca-intermediate")
-        add_policy(server, "meshca-per-workload")
-        yield server
+        yield prepared(server)
 
 
 @pytest.fixture(scope="module")
 def bao_tls() -> Iterator[BaoServer]:
     """A dev server over TLS (its own CA in ``ca_cert``), for certificate login."""
     with running(BaoServer.dev, tls=True) as server:
-        setup_pki(server)
-        add_policy(server, "meshca-intermediate")
-        add_policy(server, "meshca-per-workload")
-        yield server
+        yield prepared(server)
+
+
+@pytest.fixture
+def mount(bao: BaoServer) -> Iterator[str]:
+    """A PKI mount of its own on ``bao`` for one test (roots get rotated and deleted)."""
+    name = f"pki-{os.urandom(3).hex()}"
+    setup_pki(bao, name)
+    yield name
+    bao.client().sys.disable_secrets_engine(name)

@@ -31,7 +31,7 @@ import yaml
 from cryptography import x509
 
 from meshca.spiffe import SpiffeId
-from tests.envoy_harness import EnvoyProcess, RecordingApp, free_port, http_get
+from tests.envoy_harness import EnvoyProcess, RecordingApp, free_port, http_get, stop_process
 from tests.serve_harness import short_tempdir
 
 MESHCA = [sys.executable, "-m", "meshca"]
@@ -154,16 +154,7 @@ class RotationMesh:
 
     def stop_meshca(self) -> int:
         process, self.process = self.process, None
-        if process is None:
-            return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        return process.returncode
+        return 0 if process is None else stop_process(process)
 
     def log_tail(self, lines: int = 60) -> str:
         with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@ import json
 import logging
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from meshca.issuer import Issuer, TrustBundle, TtlError, TtlPolicy
 from meshca.issuer.verify import verify_chain
 from meshca.rotation.acks import AckedSecret, SecretPredicate, issued_by
 from meshca.rotation.checks import check_lifetimes, expiry_warnings, startup_checks
-from meshca.rotation.journal import RotationError, SlotKind, SlotStatus
+from meshca.rotation.journal import RootRotationState, RotationError, SlotKind, SlotStatus
 from meshca.rotation.manager import RotationManager, RotationPolicy
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
@@ -359,4 +359,31 @@ async def test_concurrent_operators_are_serialised(tmp_path: Path) -> None:
     assert {r.id for r in results} == {"ca-0002", "ca-0003"}
     assert manager.journal.active.id == "ca-0003"
     assert manager.source.created == 2  # type: ignore[attr-defined]
+    manager.close()
+
+
+async def test_root_rotation_stage_is_written_only_when_it_changes(tmp_path: Path) -> None:
+    data_dir = init_ca(tmp_path / "data")
+    manager = manager_for(data_dir)
+    journals = manager.journals
+    sequence = manager.journal.sequence
+    await manager.set_root_rotation(None)  # no rotation, none recorded: nothing to write
+    assert manager.journal.sequence == sequence
+
+    state = RootRotationState(new_slot=None, old_slot=manager.journal.active.id, running=1)
+    await manager.set_root_rotation(state)
+    recorded = manager.journal.root_rotation
+    assert recorded is not None and recorded.running == 1
+    assert manager.journal.sequence == sequence + 1
+    await manager.set_root_rotation(replace(recorded, updated=datetime.now(UTC)))
+    assert manager.journal.sequence == sequence + 1  # the same stage: not rewritten
+
+    await manager.set_root_rotation(replace(recorded, done=1, running=None))
+    saved = journals.load()
+    assert saved is not None and saved.root_rotation is not None
+    assert saved.root_rotation.done == 1 and saved.root_rotation.running is None
+    await manager.set_root_rotation(None)
+    saved = journals.load()
+    assert saved is not None and saved.root_rotation is None
+    assert saved.sequence == sequence + 3
     manager.close()

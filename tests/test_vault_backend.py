@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 
 from meshca.backends.errors import BackendError, BackendUnavailable
 from meshca.backends.vault import (
+    IntermediateState,
     VaultIntermediateAuthority,
     VaultWorkloadAuthority,
     open_vault_authority,
@@ -39,8 +39,9 @@ from meshca.envoy.bootstrap import (
     UnixServer,
     build_bootstrap,
 )
-from meshca.issuer import CsrError, Issuer, TrustBundle, TtlPolicy, X509Svid
-from meshca.issuer.keys import load_private_key_pem
+from meshca.issuer import CsrError, Issuer, KeyType, TrustBundle, TtlPolicy, X509Svid
+from meshca.issuer.authority import workload_csr
+from meshca.issuer.keys import PrivateKey, generate_private_key, load_private_key_pem
 from meshca.issuer.svid import spiffe_id_of
 from meshca.retry import Backoff, Breaker
 from meshca.serve_config import ServeConfig
@@ -49,19 +50,21 @@ from meshca.store import BundleChanged, SecretStore, StoreEvent
 from tests.bao_harness import (
     WORKLOAD_ROLE,
     BaoServer,
-    add_policy,
     bao,
     free_port,
+    mount,
+    prepared,
     running,
     setup_pki,
     workload_role,
 )
+from tests.ca_factory import make_ca
 from tests.envoy_harness import EnvoyProcess, RecordingApp, http_get
 from tests.envoy_harness import free_port as envoy_free_port
 from tests.serve_harness import fetch, served, short_tempdir
 from tests.svid_checks import assert_independently_valid
 
-__all__ = ["bao"]  # the module-scoped OpenBao fixture
+__all__ = ["bao", "mount"]  # the OpenBao fixtures
 
 TD = TrustDomain("cluster.local")
 WEB = SpiffeId.from_kubernetes("default", "web", TD)
@@ -102,6 +105,12 @@ def intermediate_authority(bao: BaoServer) -> Iterator[VaultIntermediateAuthorit
 
 
 # per-workload mode -------------------------------------------------------------------
+def caller_csr(spiffe_id: SpiffeId) -> tuple[PrivateKey, bytes]:
+    """A caller's key and its PEM CSR (empty subject, one URI SAN) claiming ``spiffe_id``."""
+    key = generate_private_key(KeyType.EC_P256)
+    return key, workload_csr(key, spiffe_id, ()).public_bytes(serialization.Encoding.PEM)
+
+
 def test_per_workload_svid_passes_py_spiffe_and_openssl(
     workload_authority: VaultWorkloadAuthority, tmp_path: Path
 ) -> None:
@@ -125,17 +134,7 @@ def test_per_workload_ttl_is_exact_seconds_not_hours(
 def test_per_workload_signs_a_callers_csr_for_the_entitled_id_only(
     workload_authority: VaultWorkloadAuthority, tmp_path: Path
 ) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(VICTIM))]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-    )
+    key, csr = caller_csr(VICTIM)
     svid = Issuer(workload_authority).sign_csr(WEB, csr)
     assert spiffe_id_of(svid.leaf) == WEB  # the CSR's claim of another ID was ignored
     assert_independently_valid(svid, workload_authority.bundle(), tmp_path, key)
@@ -148,17 +147,7 @@ def test_meshca_refuses_what_a_loose_role_signs_for_another_identity(bao: BaoSer
     bao.client().write_data("pki/roles/loose", data=loose)
     authority = open_vault_authority(settings(bao, mode="per-workload", role="loose"), TD)
     try:
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([]))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(VICTIM))]),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-            .public_bytes(serialization.Encoding.PEM)
-        )
+        _, csr = caller_csr(VICTIM)
         with pytest.raises(BackendError, match=f"for {VICTIM} instead of {WEB}: refused"):
             Issuer(authority).sign_csr(WEB, csr)
     finally:
@@ -174,17 +163,7 @@ def test_sign_verbatim_refuses_a_csr_naming_another_identity(bao: BaoServer) -> 
         svid = issuer.issue(WEB, ttl=timedelta(seconds=120))  # meshca's own CSR is exact
         assert spiffe_id_of(svid.leaf) == WEB
         assert svid.not_after - svid.not_before == timedelta(seconds=120 + 60)
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([]))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(VICTIM))]),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-            .public_bytes(serialization.Encoding.PEM)
-        )
+        _, csr = caller_csr(VICTIM)
         with pytest.raises(CsrError, match="sign-verbatim copies the CSR"):
             issuer.sign_csr(WEB, csr)
     finally:
@@ -262,6 +241,30 @@ def test_intermediate_is_kept_across_restarts_with_a_private_key_file(
     assert other_domain.signer.certificate != first.signer.certificate
 
 
+def test_intermediate_state_rewrites_only_what_changed(tmp_path: Path) -> None:
+    origin = {"addr": "http://127.0.0.1:8200", "mount": "pki", "trust_domain": TD.name}
+    ca = make_ca()
+    state = IntermediateState(tmp_path, origin)
+    state.save(ca.signer, ca.bundle)
+    written = {path.name: path.stat().st_ino for path in tmp_path.iterdir()}
+    assert set(written) == {"ca-key.pem", "cert-chain.pem", "root-cert.pem", "meta.json"}
+
+    state.save(ca.signer, ca.bundle)  # nothing changed: nothing is written
+    reloaded = IntermediateState(tmp_path, origin)
+    loaded = reloaded.load(TD)
+    assert loaded is not None
+    reloaded.save(*loaded)  # what was just loaded is what the files hold
+    assert {path.name: path.stat().st_ino for path in tmp_path.iterdir()} == written
+
+    new_root = make_ca().root.certificate
+    reloaded.save(loaded[0], loaded[1].with_root(new_root))  # the bundle changed
+    assert (tmp_path / "root-cert.pem").stat().st_ino != written["root-cert.pem"]
+    again = IntermediateState(tmp_path, origin).load(TD)
+    assert again is not None
+    assert again[0].certificate == ca.signer.certificate
+    assert new_root in again[1]
+
+
 def test_intermediate_refuses_leaf_ttls_it_cannot_cover(bao: BaoServer) -> None:
     with pytest.raises(BackendError, match="--vault-intermediate-ttl"):
         open_vault_authority(
@@ -279,18 +282,9 @@ def test_chain_above_drops_the_signed_certificate_roots_and_duplicates(
 
 
 # trust bundle and rotation inside Vault ------------------------------------------------
-@pytest.fixture
-def rotating_mount(bao: BaoServer) -> Iterator[str]:
-    mount = f"pki-rotate-{os.urandom(3).hex()}"
-    setup_pki(bao, mount)
-    yield mount
-    bao.client().sys.disable_secrets_engine(mount)
-
-
 async def test_new_root_issuer_reaches_the_bundle_and_the_store(
-    bao: BaoServer, rotating_mount: str, tmp_path: Path
+    bao: BaoServer, mount: str, tmp_path: Path
 ) -> None:
-    mount = rotating_mount
     authority = open_vault_authority(settings(bao, mount=mount), TD, start=False)
     assert isinstance(authority, VaultIntermediateAuthority)
     try:
@@ -325,9 +319,8 @@ async def test_new_root_issuer_reaches_the_bundle_and_the_store(
 
 
 def test_per_workload_follows_a_new_default_issuer(
-    bao: BaoServer, rotating_mount: str, tmp_path: Path
+    bao: BaoServer, mount: str, tmp_path: Path
 ) -> None:
-    mount = rotating_mount
     authority = open_vault_authority(
         settings(bao, mount=mount, mode="per-workload", role=WORKLOAD_ROLE), TD, start=False
     )
@@ -435,10 +428,7 @@ def test_breaker_fails_fast_until_the_delay_passes() -> None:
 @pytest.fixture(scope="module")
 def persistent_bao() -> Iterator[BaoServer]:
     with running(BaoServer.persistent) as server:
-        setup_pki(server)
-        add_policy(server, "meshca-intermediate")
-        add_policy(server, "meshca-per-workload")
-        yield server
+        yield prepared(server)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:

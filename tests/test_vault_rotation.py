@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,11 @@ from meshca.rotation.vault_ca import VaultCaSource
 from meshca.serve_config import ServeConfig
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
-from tests.bao_harness import BaoServer, bao, setup_pki, workload_role
+from tests.bao_harness import BaoServer, bao, mount, workload_role
 from tests.serve_harness import short_tempdir
 from tests.svid_checks import assert_independently_valid
 
-__all__ = ["bao"]  # the module-scoped OpenBao fixture
+__all__ = ["bao", "mount"]  # the OpenBao fixtures
 
 TD = TrustDomain("cluster.local")
 WEB = SpiffeId.from_kubernetes("default", "web", TD)
@@ -53,15 +53,6 @@ def settings(server: BaoServer, mount: str, **overrides: object) -> VaultSetting
     }
     values.update(overrides)
     return VaultSettings.from_mapping(values)
-
-
-@pytest.fixture
-def mount(bao: BaoServer) -> Iterator[str]:
-    """A PKI mount of its own for each test (roots get rotated and deleted)."""
-    name = f"pki-rot-{os.urandom(3).hex()}"
-    setup_pki(bao, name)
-    yield name
-    bao.client().sys.disable_secrets_engine(name)
 
 
 class Acks:

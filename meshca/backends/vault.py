@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -237,8 +236,7 @@ class VaultIntermediateAuthority(_VaultAuthority):
                     "root of meshca's intermediate: rotate the intermediate first"
                 ) from None
             log.info("vault: trust bundle now holds %d root(s)", len(bundle))
-            if self._state is not None:
-                self._state.save(self._authority.signer, bundle)
+            self.save_state(self._authority.signer, bundle)
             return bundle
 
     # what the signing-CA rotation machinery uses (meshca.rotation.vault_ca) ------------
@@ -293,22 +291,30 @@ ROOTS_FILE = "root-cert.pem"
 META_FILE = "meta.json"
 
 
-@dataclass(frozen=True)
 class IntermediateState:
     """The intermediate's key (0600), chain and roots in a private directory, tagged
-    with where they came from so another Vault or trust domain never reuses them."""
+    with where they came from so another Vault or trust domain never reuses them.
 
-    directory: Path
-    origin: dict[str, str]
+    What was last loaded or saved is remembered: saving it again writes nothing (the
+    rotation machinery publishes after every change it applies, most of which leave
+    the intermediate and the roots as they were)."""
+
+    def __init__(self, directory: Path, origin: dict[str, str]) -> None:
+        self.directory = directory
+        self.origin = origin
+        self._held: tuple[tuple[x509.Certificate, ...], TrustBundle] | None = None
 
     def save(self, signer: Signer, bundle: TrustBundle) -> None:
+        chain = (signer.certificate, *signer.intermediates)
+        if (chain, bundle) == self._held:
+            return
         ensure_private_dir(self.directory)
         atomic_write(self.directory / KEY_FILE, private_key_pem(signer.key), PRIVATE)
-        chain = [signer.certificate, *signer.intermediates]
         atomic_write(self.directory / CHAIN_FILE, certificates_pem(chain), PUBLIC)
         atomic_write(self.directory / ROOTS_FILE, bundle.pem(), PUBLIC)
         meta = json.dumps(self.origin, indent=2, sort_keys=True) + "\n"
         atomic_write(self.directory / META_FILE, meta.encode(), PUBLIC)
+        self._held = (chain, bundle)
 
     def load(self, trust_domain: TrustDomain) -> tuple[Signer, TrustBundle] | None:
         """The stored intermediate if it is whole, ours, and still valid; else None."""
@@ -330,7 +336,9 @@ class IntermediateState:
             return None
         if utcnow() >= chain[0].not_valid_after_utc:
             return None
-        return Signer(key, chain[0], tuple(chain[1:])), TrustBundle.of(trust_domain, roots)
+        bundle = TrustBundle.of(trust_domain, roots)
+        self._held = (tuple(chain), bundle)
+        return Signer(key, chain[0], tuple(chain[1:])), bundle
 
 
 def _origin(settings: VaultSettings, trust_domain: TrustDomain) -> dict[str, str]:
@@ -391,10 +399,8 @@ def _open_intermediate(
     authority = _reuse(pki, *stored) if stored is not None else None
     if authority is None:
         authority = _obtain(pki, stored, leaf_ttl)
-    if state is not None and (
-        stored is None or stored[0] is not authority.signer or stored[1] != authority.bundle()
-    ):
-        state.save(authority.signer, authority.bundle())
+    if state is not None:
+        state.save(authority.signer, authority.bundle())  # writes only what changed
     return VaultIntermediateAuthority(client, pki, authority, state)
 
 

@@ -68,14 +68,10 @@ def chain_above(
 ) -> tuple[x509.Certificate, ...]:
     """Vault's ``ca_chain`` without ``cert`` itself (newer Vault includes it), without
     roots (the bundle carries those) and without duplicates, in Vault's order."""
-    seen = {cert.public_bytes(serialization.Encoding.DER)}
     above: list[x509.Certificate] = []
-    for candidate in ca_chain:
-        der = candidate.public_bytes(serialization.Encoding.DER)
-        if der in seen or is_self_signed(candidate):
-            continue
-        seen.add(der)
-        above.append(candidate)
+    for candidate in ca_chain:  # certificates compare by their DER encoding
+        if candidate != cert and candidate not in above and not is_self_signed(candidate):
+            above.append(candidate)
     return tuple(above)
 
 

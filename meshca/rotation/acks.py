@@ -16,7 +16,6 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from meshca.issuer import TrustBundle
 
@@ -57,21 +56,15 @@ class NoProxies:
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    return _signed_by(
-        cert.public_bytes(serialization.Encoding.DER),
-        issuer.public_bytes(serialization.Encoding.DER),
-    )
+    return cert.issuer == issuer.subject and _signed_by(cert, issuer)
 
 
 @functools.lru_cache(maxsize=1024)
-def _signed_by(cert_der: bytes, issuer_der: bytes) -> bool:
-    """Signature check, remembered: waits ask it of the same few CAs for every identity."""
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Signature check, remembered (certificates hash and compare by content): waits ask
+    it of the same few CAs for every identity."""
     try:
-        x509.load_der_x509_certificate(cert_der).verify_directly_issued_by(
-            x509.load_der_x509_certificate(issuer_der)
-        )
+        cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True

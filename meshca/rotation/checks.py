@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from cryptography import x509
+
 from meshca.durations import format_duration
 from meshca.issuer import Signer, TrustBundle, TtlError
 from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, check_ca_covers_leaves
@@ -19,9 +21,8 @@ log = logging.getLogger("meshca.rotation")
 ROOT_EXPIRY_NOTICE = timedelta(days=30)
 
 
-def ca_lifetime(signer: Signer, skew: timedelta = DEFAULT_SKEW) -> timedelta:
-    """The signing CA's lifetime from issuance (NotBefore is backdated by the skew)."""
-    cert = signer.certificate
+def ca_lifetime(cert: x509.Certificate, skew: timedelta = DEFAULT_SKEW) -> timedelta:
+    """A CA certificate's lifetime from issuance (NotBefore is backdated by the skew)."""
     issued = min(cert.not_valid_before_utc + skew, cert.not_valid_after_utc)
     return cert.not_valid_after_utc - issued
 
@@ -33,7 +34,7 @@ def check_lifetimes(
     shorter than 6 leaf lifetimes: leaves would be cut short and rotation could not
     keep up."""
     try:
-        check_ca_covers_leaves(ca_lifetime(signer), leaf_ttl)
+        check_ca_covers_leaves(ca_lifetime(signer.certificate), leaf_ttl)
     except TtlError as exc:
         raise TtlError(f"the active signing CA: {exc}") from None
     if ca_ttl is not None:

@@ -63,6 +63,7 @@ from meshca.issuer.keys import (
 from meshca.issuer.profile import DEFAULT_SKEW, build_ca
 from meshca.issuer.svid import certificates_pem, fingerprint
 from meshca.issuer.verify import self_check
+from meshca.rotation.checks import ca_lifetime
 from meshca.rotation.journal import (
     ROTATION_DIR,
     JournalStore,
@@ -85,12 +86,6 @@ class RootKeyOfflineError(RotationError):
 
 
 _REINIT = "meshca init --from-cacerts {dir} --own-intermediate --force"
-
-
-def _life(cert: x509.Certificate, skew: timedelta) -> timedelta:
-    """A certificate's lifetime from issuance (NotBefore is backdated by the skew)."""
-    issued = min(cert.not_valid_before_utc + skew, cert.not_valid_after_utc)
-    return cert.not_valid_after_utc - issued
 
 
 def _key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
@@ -250,7 +245,7 @@ class LocalCaSource:
         if problem is not None:
             raise RootKeyOfflineError(problem)
         key_type = self.key_type or key_type_of(active.signer.key)
-        ca_ttl = self.ca_ttl or _life(active.signer.certificate, self.skew)
+        ca_ttl = self.ca_ttl or ca_lifetime(active.signer.certificate, self.skew)
         td = self.trust_domain
         if self.own_intermediate:
             parent, why = self._cacerts_parent(active)
@@ -269,7 +264,7 @@ class LocalCaSource:
             return self._checked(SigningCa(Signer(key, cert), cert))
         if new_root:
             root_key = generate_private_key(key_type)
-            root_ttl = self.root_ttl or _life(active.root, self.skew)
+            root_ttl = self.root_ttl or ca_lifetime(active.root, self.skew)
             root = build_ca(td, root_key, root_ttl, role="root", skew=self.skew)
             self._park_key(root, root_key)
         else:

@@ -495,7 +495,13 @@ class RotationManager:
         return True
 
     async def set_root_rotation(self, state: RootRotationState | None) -> None:
+        """Record the root rotation's stage (nothing is written when it is unchanged)."""
+        current = self.journal.root_rotation
+        if state is None and current is None:
+            return
         if state is not None:
+            if current is not None and replace(state, updated=current.updated) == current:
+                return
             state = replace(state, updated=datetime.now(UTC))
         self._save(replace(self.journal, root_rotation=state))
 
