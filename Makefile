@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run bookstore test lint typecheck unit system-tools bench soak clean
 
+# A venv whose creation failed halfway (no ensurepip) has a python but no pip: made again.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
@@ -26,14 +27,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict meshca
 
-# System tools some tests use: iptables for the intercept-mode test (run as root in a
-# network namespace the test creates). Installed when this is a Debian machine and we
-# are root; otherwise that test says it is skipped and why.
+# System tools some tests use: iptables and ip (iproute2) for the intercept-mode test
+# (run as root in a network namespace the test creates). Installed when this is a Debian
+# machine and we are root; otherwise that test says it is skipped and why. Never fails.
 system-tools:
-	@if ! command -v iptables >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing iptables (for the intercept-mode test)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables) >/dev/null 2>&1 \
-			|| echo "could not install iptables: the intercept-mode test will be skipped"; \
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	command -v iptables >/dev/null 2>&1 || missing="$$missing iptables"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing (for the intercept-mode test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+			>/dev/null 2>&1 || echo "could not install$$missing: the intercept-mode test will be skipped"; \
 	fi
 
 unit: $(STAMP) system-tools

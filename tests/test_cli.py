@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,30 +26,30 @@ from cryptography.hazmat.primitives import serialization
 from meshca.cli import main
 from meshca.config import reference_markdown
 from meshca.issuer.svid import fingerprint
+from tests.cli_harness import (
+    MESHCA,
+    Run,
+    assert_one_line_error,
+    child_environment,
+    clean_environment,
+    meshca_process,
+    runner,
+)
+from tests.svid_checks import OPENSSL, openssl_verify
 
 REPO = Path(__file__).resolve().parent.parent
 SKEW = timedelta(minutes=1)
-
-Run = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No MESHCA_* setting of the outer shell leaks in; the default data dir is per test."""
-    for name in list(os.environ):
-        if name.startswith("MESHCA_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+    clean_environment(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run_(*argv: str | Path) -> tuple[int, str, str]:
-        code = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run_
+    return runner(capsys)
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +64,22 @@ def load_chain(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
-def openssl_verify(out: Path, tmp_path: Path) -> None:
-    """`openssl verify` with the bundle as the only trust anchor and only the intermediates
-    as untrusted helpers, so the leaf must chain leaf -> intermediate -> root."""
-    chain = load_chain(out / "cert.pem")
-    intermediates = tmp_path / "intermediates.pem"
-    intermediates.write_bytes(
-        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[1:])
-    )
-    leaf = tmp_path / "leaf.pem"
-    leaf.write_bytes(chain[0].public_bytes(serialization.Encoding.PEM))
-    for untrusted in (intermediates, out / "cert.pem"):
-        result = subprocess.run(
-            ["openssl", "verify", "-CAfile", out / "bundle.pem", "-untrusted", untrusted, leaf],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stdout.strip().endswith(": OK")
-    # Without the intermediate the leaf must not verify: the bundle holds only the root.
-    alone = subprocess.run(
-        ["openssl", "verify", "-CAfile", out / "bundle.pem", leaf],
-        capture_output=True,
-        check=False,
-    )
-    assert alone.returncode != 0
+def openssl_verify_files(out: Path, tmp_path: Path) -> None:
+    """`openssl verify` with the bundle as the only trust anchor: the leaf chains leaf ->
+    intermediate -> root, also as README.md runs it (cert.pem as the untrusted helpers),
+    and does not verify without the intermediate (the bundle holds only the root)."""
+    chain, roots = load_chain(out / "cert.pem"), load_chain(out / "bundle.pem")
+    result = openssl_verify(chain[0], chain[1:], roots, tmp_path / "openssl")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(": OK")
+    as_documented = subprocess.run(
+        [OPENSSL, "verify", "-CAfile", out / "bundle.pem", "-untrusted", out / "cert.pem",
+         out / "cert.pem"],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert as_documented.returncode == 0, as_documented.stdout + as_documented.stderr
+    assert as_documented.stdout.strip().endswith(": OK")
+    assert openssl_verify(chain[0], [], roots, tmp_path / "openssl").returncode != 0
 
 
 def check_svid(out: Path, expected_id: str, tmp_path: Path, key_pem: bytes | None = None) -> None:
@@ -102,7 +91,7 @@ def check_svid(out: Path, expected_id: str, tmp_path: Path, key_pem: bytes | Non
         spiffe.TrustDomain(expected_id.split("/")[2]), (out / "bundle.pem").read_bytes()
     )
     assert len(bundle.x509_authorities) == 1
-    openssl_verify(out, tmp_path)
+    openssl_verify_files(out, tmp_path)
 
 
 # ---------------------------------------------------------------------------- init
@@ -442,30 +431,23 @@ def test_existing_ca_keeps_its_trust_domain(
 # ---------------------------------------------------------------------------- processes
 
 
-def meshca_process(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
-    return subprocess.run(
-        [sys.executable, "-m", "meshca", *map(str, argv)],
-        cwd=cwd,
-        env=env,
+def test_console_script_and_module_exit_codes(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "meshca"
+    usage = subprocess.run(
+        [script, "issue", "--out"],
+        cwd=tmp_path,
+        env=child_environment(),
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
     )
-
-
-def test_console_script_and_module_exit_codes(tmp_path: Path) -> None:
-    script = Path(sys.executable).parent / "meshca"
-    usage = subprocess.run(
-        [script, "issue", "--out"], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
     assert usage.returncode == 2
-    assert usage.stderr.count("\n") == 1 and usage.stderr.startswith("meshca: error: ")
+    assert_one_line_error(usage.stderr)
     refused = meshca_process("bundle", cwd=tmp_path)
     assert refused.returncode == 1
     assert refused.stderr.startswith("meshca: error: no CA in ")
-    assert "Traceback" not in refused.stderr + usage.stderr
+    assert_one_line_error(refused.stderr)
     ok = meshca_process("init", cwd=tmp_path)
     assert ok.returncode == 0 and ok.stderr == ""
 
@@ -474,11 +456,10 @@ def test_ctrl_c_exits_130_quietly(tmp_path: Path) -> None:
     """The process blocks reading its config from a FIFO; SIGINT arrives while it waits."""
     fifo = tmp_path / "config.fifo"
     os.mkfifo(fifo)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshca", "--config", str(fifo), "bundle"],
+        [*MESHCA, "--config", str(fifo), "bundle"],
         cwd=tmp_path,
-        env=env,
+        env=child_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,10 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import os
 import shutil
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +22,12 @@ from meshca.cli import main
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import Signer, build_ca, build_leaf
 from meshca.spiffe import SpiffeId, TrustDomain
+from tests.cli_harness import (
+    assert_one_line_error,
+    assert_refused,
+    clean_environment,
+    meshca_process,
+)
 
 TD = TrustDomain("cluster.local")
 
@@ -160,10 +163,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, workspace: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("MESHCA_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(workspace)
+    clean_environment(monkeypatch, workspace)
 
 
 ISSUE = ["--data-dir", "ca", "issue"]
@@ -315,13 +315,7 @@ def test_bad_input_is_one_line_and_an_exit_code(
 ) -> None:
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    assert main(argv) == code
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.startswith("meshca: error: ")
-    assert captured.err.count("\n") == 1 and captured.err.endswith("\n")
-    assert "Traceback" not in captured.err
-    assert needle in captured.err
+    assert_refused(capsys, argv, code, needle)
 
 
 def test_refusals_leave_no_files_behind(workspace: Path) -> None:
@@ -384,20 +378,10 @@ def test_inspect_of_an_expired_svid_describes_it_then_refuses(
     ],
 )
 def test_a_real_process_prints_no_traceback(workspace: Path, argv: list[str], code: int) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "meshca", "--data-dir", "ca", *argv],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = meshca_process("--data-dir", "ca", *argv, cwd=workspace)
     assert result.returncode == code
     assert result.stdout == ""
-    assert result.stderr.startswith("meshca: error: ") and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result.stderr)
 
 
 def _run_quietly(argv: list[str]) -> tuple[int, str]:

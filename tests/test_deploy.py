@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import functools
 import json
 import os
 import re
@@ -72,11 +73,6 @@ CREATE_SECRET = (
     "--from-file=.meshca/ca/ca-cert.pem --from-file=.meshca/ca/ca-key.pem "
     "--from-file=.meshca/ca/root-cert.pem --from-file=.meshca/ca/cert-chain.pem"
 )
-# Flags the manifests use that `meshca serve` does not offer yet, and what they are for.
-# A command line that needs one of these is reported as an expected failure naming it;
-# once the flag exists the entry must go (the test fails until it does).
-PENDING_FLAGS: dict[str, str] = {}
-
 Obj = dict[str, Any]
 
 
@@ -516,7 +512,8 @@ def _registered() -> set[str]:
     return set(action.choices)
 
 
-def _help_flags(*words: str) -> set[str]:
+@functools.cache
+def _help_flags(*words: str) -> frozenset[str]:
     result = subprocess.run(
         [str(MESHCA), *words, "--help"],
         env=_isolated_env(),
@@ -525,34 +522,24 @@ def _help_flags(*words: str) -> set[str]:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
+    return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
 
 
 def _check_command_line(where: str, argv: list[str]) -> None:
     """``argv`` runs a registered meshca subcommand with flags it offers (as ``meshca
-    <subcommand> --help`` lists them) and parses as written; pending pieces xfail."""
+    <subcommand> --help`` lists them) and parses as written."""
     assert argv[0] == "meshca", f"{where} does not run the meshca console script"
     args = argv[1:]
     sub = next(a for a in args if not a.startswith("-"))
-    if sub not in _registered():
-        pytest.xfail(f"`meshca {sub}` is not registered yet; {where} runs {shlex.join(argv)}")
+    assert sub in _registered(), f"{where} runs {shlex.join(argv)}: no `meshca {sub}`"
     split = args.index(sub)
-    missing = []
-    for words, offered in ((args[:split], _help_flags()), (args[split + 1 :], _help_flags(sub))):
-        for word in words:
-            flag = word.split("=", 1)[0]
-            if flag.startswith("--") and flag not in offered:
-                missing.append(flag)
-    unexpected = [flag for flag in missing if flag not in PENDING_FLAGS]
-    assert not unexpected, f"{where}: `meshca {sub}` offers no {', '.join(unexpected)}"
-    used = {w.split("=", 1)[0] for w in args}
-    landed = sorted((used & PENDING_FLAGS.keys()) - set(missing))
-    assert not landed, f"{landed} exist now: remove them from PENDING_FLAGS"
-    if missing:
-        pytest.xfail(
-            f"`meshca {sub}` lacks "
-            + "; ".join(f"{flag} ({PENDING_FLAGS[flag]})" for flag in missing)
-        )
+    missing = [
+        flag
+        for words, offered in ((args[:split], _help_flags()), (args[split + 1 :], _help_flags(sub)))
+        for flag in (word.split("=", 1)[0] for word in words)
+        if flag.startswith("--") and flag not in offered
+    ]
+    assert not missing, f"{where}: `meshca {sub}` offers no {', '.join(missing)}"
     build_parser().parse_args(args)  # the whole line parses as written
 
 
@@ -566,6 +553,8 @@ def test_command_line_check_refuses_a_flag_that_does_not_exist() -> None:
         _check_command_line("example", ["meshca", "init", "--from-cacert", "/etc/cacerts"])
     with pytest.raises(AssertionError, match="does not run the meshca"):
         _check_command_line("example", ["python", "-m", "meshca", "init"])
+    with pytest.raises(AssertionError, match="no `meshca sign`"):
+        _check_command_line("example", ["meshca", "sign", "--out", "x"])
 
 
 def test_image_and_deployment_agree(base: list[Obj]) -> None:
@@ -799,7 +788,7 @@ def test_serving_container_passes_the_kubelets_probe(
     """Start the pod's containers in order (import, then serve) as written, and probe the
     serving one the way the kubelet would."""
     serve = _serve_container(base)
-    _check_command_line("base:meshca", _argv(serve))  # xfails while a flag is pending
+    _check_command_line("base:meshca", _argv(serve))
     pod = _pod(base)
     secrets = {"cacerts": cacerts_secret["data"]}
     for init in pod["initContainers"]:

@@ -5,6 +5,9 @@ functions), so a stray import fails here rather than in review."""
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ def imported(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.add(node.module)
+            # ``from meshca import config`` imports meshca.config
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
 
@@ -59,3 +64,58 @@ def test_nothing_imports_the_cli() -> None:
         if "meshca.cli" in imported(path) and path != PACKAGE / "__main__.py"
     )
     assert not offenders
+
+
+COMMAND_LINE = ("meshca.cli", "meshca.commands", "meshca.config")
+
+
+def test_the_command_line_layer_is_imported_only_by_itself() -> None:
+    """The commands and the option table sit on top: the server wiring and everything
+    below it take their settings as values (``ServeConfig``), never from ``Settings``."""
+    layer = {PACKAGE / "cli.py", PACKAGE / "__main__.py", PACKAGE / "config.py"}
+    layer.update((PACKAGE / "commands").rglob("*.py"))
+    offenders = sorted(
+        f"{path.relative_to(PACKAGE.parent)} imports {name}"
+        for path in PACKAGE.rglob("*.py")
+        if path not in layer
+        for name in imported(path)
+        if any(name == c or name.startswith(c + ".") for c in COMMAND_LINE)
+    )
+    assert not offenders
+
+
+# Libraries only `meshca serve` (gRPC, the Envoy API, Prometheus), `bootstrap --ads` (the
+# Envoy API) or `--backend vault` (hvac, requests) need.
+SERVER_LIBRARIES = ("grpc", "google.protobuf", "envoy", "xds", "prometheus_client", "hvac")
+_LOADED = """
+import contextlib, io, json, sys
+from meshca.cli import main
+for argv in {argvs!r}:
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0, argv
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None:
+    """Every ``meshca`` run imports every command module and builds the whole parser; the
+    commands that work on files must not pay for the server's libraries."""
+    argvs = [
+        ["--help"],
+        ["init"],
+        ["issue", "spiffe://cluster.local/a", "--out", "o"],
+        ["inspect", "o/cert.pem"],
+        ["bundle"],
+        ["bootstrap", "spiffe://cluster.local/a", "--server", "unix:///run/meshca.sock"],
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED.format(argvs=argvs)],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert not [m for m in loaded for h in SERVER_LIBRARIES if m == h or m.startswith(h + ".")]

@@ -74,8 +74,8 @@ def config_from(settings: Settings) -> ServeConfig:
     )
 
 
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+def _address(host: str, port: int | None) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _announce(server: MeshcaServer) -> None:
@@ -83,18 +83,17 @@ def _announce(server: MeshcaServer) -> None:
     config = server.config
     lines = [f"meshca serving trust domain {server.trust_domain} as {server.server_id}"]
     if config.listen is not None:
-        host = f"[{config.listen[0]}]" if ":" in config.listen[0] else config.listen[0]
-        lines.append(f"listening on tcp {host}:{server.tcp_port} (mutual TLS)")
+        lines.append(f"listening on tcp {_address(config.listen[0], server.tcp_port)} (mutual TLS)")
     if config.uds is not None:
         lines.append(f"listening on unix://{config.uds.absolute()}")
         for uid, ids in sorted(config.uds_identities.items()):
             lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
     if server.health_port is not None and config.health_listen is not None:
-        host = _host(config.health_listen[0])
-        lines.append(f"health on {host}:{server.health_port} (gRPC health service, plaintext)")
+        address = _address(config.health_listen[0], server.health_port)
+        lines.append(f"health on {address} (gRPC health service, plaintext)")
     if server.metrics_server.port is not None and config.metrics_listen is not None:
-        host = _host(config.metrics_listen[0])
-        lines.append(f"metrics on http://{host}:{server.metrics_server.port}/metrics")
+        address = _address(config.metrics_listen[0], server.metrics_server.port)
+        lines.append(f"metrics on http://{address}/metrics")
     if server.mesh_file is not None:
         count = len(server.mesh.services)
         lines.append(f"mesh file {server.mesh_file.path}: {count} service(s), reloaded on change")
