@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from meshca.backends.vault_settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
 from meshca.durations import parse_duration
-from meshca.envoy.bootstrap import parse_admin_port, parse_server_address
+from meshca.envoy.bootstrap import parse_port, parse_server_address
+from meshca.files import YamlFileError, read_yaml
 from meshca.issuer.errors import IssuerError
 from meshca.issuer.keys import KeyType
 from meshca.logs import parse_log_format
@@ -399,7 +398,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "admin_port",
-        parse_admin_port,
+        parse_port,
         "15000",
         "the Envoy admin port (on 127.0.0.1)",
         ("bootstrap",),
@@ -570,20 +569,9 @@ def _parse(opt: Option, raw: _Raw) -> Any:
 
 def _load_file(path: Path) -> dict[str, _Raw]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        # Only the problem and line: never echo file content (it might be a key file).
-        problem = getattr(exc, "problem", None)
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        detail = f" ({problem}{where})" if problem else ""
-        raise ConfigError(f"config file {path} is not valid YAML{detail}") from None
+        document = read_yaml(path, "config file")
+    except YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     if document is None:
         return {}
     if not isinstance(document, dict):

@@ -1,4 +1,5 @@
-"""Atomic, permission-correct file writes: a reader never sees half a key or certificate."""
+"""Atomic, permission-correct file writes: a reader never sees half a key or certificate.
+And reading a YAML file whose errors never echo its content."""
 
 from __future__ import annotations
 
@@ -6,9 +7,39 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 PRIVATE = 0o600
 PUBLIC = 0o644
+
+
+class YamlFileError(ValueError):
+    """A YAML file that cannot be read or parsed; the message names the file and the
+    problem (with its line), never the file's content."""
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The document in ``path``, which the errors call ``what`` (e.g. "mesh file").
+
+    Only the problem and line are reported for invalid YAML: the text around it might
+    be a key or a token (a key file passed by mistake), and error messages reach logs.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise YamlFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise YamlFileError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None)
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        detail = f" ({problem}{where})" if problem else ""
+        raise YamlFileError(f"{what} {path} is not valid YAML{detail}") from None
 
 
 def atomic_write(path: Path, data: bytes, mode: int = PUBLIC) -> None:

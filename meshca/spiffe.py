@@ -22,9 +22,9 @@ _PATH_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
 class SpiffeIdError(ValueError):
     """A string that is not a valid SPIFFE ID or trust domain; ``rule`` says which rule."""
 
-    def __init__(self, rule: str, value: str, detail: str) -> None:
+    def __init__(self, rule: str, value: str, detail: str, what: str = "SPIFFE ID") -> None:
         shown = value if len(value) <= 120 else value[:117] + "..."
-        super().__init__(f"invalid SPIFFE ID {shown!r}: {detail} (rule: {rule})")
+        super().__init__(f"invalid {what} {shown!r}: {detail} (rule: {rule})")
         self.rule = rule
         self.value = value
         self.detail = detail
@@ -62,17 +62,39 @@ def _check_path(path: str, whole: str) -> None:
     for segment in path[1:].split("/"):
         if segment == "":
             raise SpiffeIdError("path-empty-segment", whole, "the path has an empty segment")
-        if segment in (".", ".."):
-            raise SpiffeIdError(
-                "path-dot-segment", whole, f"the path must not contain a {segment!r} segment"
-            )
-        bad = sorted({c for c in segment if c not in _PATH_CHARS})
-        if bad:
-            raise SpiffeIdError(
-                "path-chars",
-                whole,
-                f"path segments may contain only A-Z a-z 0-9 . - _, found {''.join(bad)!r}",
-            )
+        _check_segment(segment, whole)
+
+
+def _check_segment(segment: str, whole: str, what: str = "SPIFFE ID") -> None:
+    """Check a non-empty path segment (no '%': the caller checks for percent-encoding)."""
+    if segment in (".", ".."):
+        raise SpiffeIdError(
+            "path-dot-segment", whole, f"the path must not contain a {segment!r} segment", what
+        )
+    bad = sorted({c for c in segment if c not in _PATH_CHARS})
+    if bad:
+        raise SpiffeIdError(
+            "path-chars",
+            whole,
+            f"path segments may contain only A-Z a-z 0-9 . - _, found {''.join(bad)!r}",
+            what,
+        )
+
+
+def check_segment(value: str) -> str:
+    """``value`` if it is one SPIFFE ID path segment (a namespace, service account or other
+    name that can become part of an ID), else :class:`SpiffeIdError` naming the rule."""
+    what = "SPIFFE path segment"
+    if not isinstance(value, str):
+        raise SpiffeIdError("type", repr(value), "a path segment is a string", what)
+    if value == "":
+        raise SpiffeIdError("path-empty-segment", value, "the segment is empty", what)
+    if "%" in value:
+        raise SpiffeIdError("percent-encoding", value, "percent-encoding is not allowed", what)
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise SpiffeIdError("length", value, f"the segment exceeds {MAX_ID_BYTES} bytes", what)
+    _check_segment(value, value, what)
+    return value
 
 
 def _split(value: str) -> tuple[str, str]:

@@ -85,8 +85,17 @@ def test_the_command_line_layer_is_imported_only_by_itself() -> None:
 
 
 # Libraries only `meshca serve` (gRPC, the Envoy API, Prometheus), `bootstrap --ads` (the
-# Envoy API) or `--backend vault` (hvac, requests) need.
-SERVER_LIBRARIES = ("grpc", "google.protobuf", "envoy", "xds", "prometheus_client", "hvac")
+# Envoy API), `--backend vault` (hvac, requests) or rotation (`serve`, `meshca ca`: the
+# scheduler) need.
+SERVER_LIBRARIES = (
+    "grpc",
+    "google.protobuf",
+    "envoy",
+    "xds",
+    "prometheus_client",
+    "hvac",
+    "apscheduler",
+)
 _LOADED = """
 import contextlib, io, json, sys
 from meshca.cli import main
@@ -119,3 +128,13 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert not [m for m in loaded for h in SERVER_LIBRARIES if m == h or m.startswith(h + ".")]
+
+
+def test_the_ca_command_repeats_the_rotation_values_it_builds_its_parser_from() -> None:
+    """``meshca ca`` imports meshca.rotation only when it runs; the two values its parser
+    needs are repeated in it and must not drift."""
+    from meshca.commands import ca
+    from meshca.rotation.admin import ADMIN_SOCKET
+    from meshca.rotation.root import LAST_STEP
+
+    assert (ca.ADMIN_SOCKET, ca.LAST_STEP) == (ADMIN_SOCKET, LAST_STEP)

@@ -199,6 +199,18 @@ REFUSALS = [
         "workloads[0].service_account: 'a/b' is not a valid name",
     ),
     (
+        "workloads: [{name: '..', namespace: ns, service_account: sa, address: 10.0.0.1}]",
+        "workloads[0].name: '..' is not a valid name",
+    ),
+    (
+        "workloads: [{name: w, namespace: 'a b', service_account: sa, address: 10.0.0.1}]",
+        "workloads[0].namespace: 'a b' is not a valid name (A-Z a-z 0-9 . - _)",
+    ),
+    (
+        "workloads: [{name: '', namespace: ns, service_account: sa, address: 10.0.0.1}]",
+        "workloads[0].name: '' is not a valid name",
+    ),
+    (
         "workloads: [{name: w, namespace: ns, service_account: sa, address: 10.0.0.1, "
         "outbound_address: 10.0.0.1}]",
         "workloads[0].outbound_address: must differ from address",
@@ -343,6 +355,20 @@ def test_load_mesh_names_the_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(MeshError, match="not UTF-8"):
         load_mesh(binary, TD)
+
+
+def test_invalid_yaml_is_refused_without_echoing_the_file(tmp_path: Path) -> None:
+    """SECURITY.md: errors never echo file content (a token pasted in by mistake)."""
+    broken = tmp_path / "mesh.yaml"
+    broken.write_text('services: []\nvault_token: "hvs.CAESIsecretTOKENvalue\n')
+    with pytest.raises(MeshError) as caught:
+        load_mesh(broken, TD)
+    message = str(caught.value)
+    assert message == (
+        f"mesh file {broken} is not valid YAML (found unexpected end of stream, line 3)"
+    )
+    assert "secretTOKEN" not in message
+    assert "vault_token" not in message
 
 
 # --- any damage to a valid file is a MeshError, never a crash ---------------------------

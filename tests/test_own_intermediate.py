@@ -75,6 +75,34 @@ def test_the_cacerts_directory_is_recorded(replica: tuple[Path, Path]) -> None:
     assert meta["cacerts"] == str(cacerts.absolute())
 
 
+def test_meta_json_is_read_again_only_when_it_changes(
+    replica: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cacerts, data_dir = replica
+    meta_path = data_dir / "ca" / "meta.json"
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        if self == meta_path:
+            reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    source = LocalCaSource(data_dir, TD)
+    for _ in range(3):
+        assert source.own_intermediate
+        assert source.cacerts == cacerts.absolute()
+    assert len(reads) == 1
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "origin": "imported"}))
+    assert not source.own_intermediate
+    assert source.cacerts == cacerts.absolute()
+    assert len(reads) == 2
+    meta_path.unlink()
+    assert not source.own_intermediate and source.cacerts is None
+
+
 def test_without_the_cacerts_key_start_up_and_status_say_how_it_is_renewed(
     replica: tuple[Path, Path], cli: Cli
 ) -> None:

@@ -21,7 +21,13 @@ from meshca.issuer import Issuer, TrustBundle, TtlError, TtlPolicy
 from meshca.issuer.verify import verify_chain
 from meshca.rotation.acks import AckedSecret, SecretPredicate, issued_by
 from meshca.rotation.checks import check_lifetimes, expiry_warnings, startup_checks
-from meshca.rotation.journal import RootRotationState, RotationError, SlotKind, SlotStatus
+from meshca.rotation.journal import (
+    RootRotationState,
+    RotationError,
+    SigningCa,
+    SlotKind,
+    SlotStatus,
+)
 from meshca.rotation.manager import RotationManager, RotationPolicy
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
@@ -270,6 +276,25 @@ async def test_root_key_offline_refuses_clearly_and_changes_nothing(tmp_path: Pa
     result = run_cli("ca", "rotate", data_dir=data_dir)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "root key is offline" in result.stderr
+
+
+def test_publishing_the_current_ca_again_changes_nothing(tmp_path: Path) -> None:
+    """ca/ is rebuilt in the layout 'meshca init' writes: publishing what is already there
+    leaves every file in place, meta.json byte for byte."""
+    data_dir = init_ca(tmp_path / "data")
+    ca = load_local_ca(data_dir)
+    directory = ca_directory(data_dir)
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in directory.iterdir()}
+    assert set(before) == {
+        "root-cert.pem",
+        "root-key.pem",
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "meta.json",
+    }
+    CountingSource(data_dir).publish(SigningCa(ca.signer, ca.bundle.roots[0]), ca.bundle)
+    assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in directory.iterdir()} == before
 
 
 def test_start_up_checks(tmp_path: Path) -> None:

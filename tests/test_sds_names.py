@@ -55,6 +55,7 @@ def test_spire_names() -> None:
         ("service-cert:a/b/c", "expected service-cert:<ns>/<sa>"),
         ("service-cert:ns/s a", "'s a' is not a valid name"),
         ("root-cert-for-mtls-outbound:ns/..", "'..' is not a valid name"),
+        ("root-cert-for-mtls-inbound:n%2Fs/sa", "'n%2Fs' is not a valid name"),
         ("root-cert-for-mtls-inbound:ns", "expected root-cert-for-mtls-inbound:<ns>/<sa>"),
         ("spiffe://cluster.local/", "must not end with '/'"),
         ("spiffe://Cluster.local/x", "lowercase"),

@@ -16,6 +16,7 @@ from meshca.spiffe import (
     SpiffeId,
     SpiffeIdError,
     TrustDomain,
+    check_segment,
 )
 
 TD_ALPHABET = string.ascii_lowercase + string.digits + ".-_"
@@ -261,6 +262,38 @@ def test_bad_trust_domain_in_kubernetes_mapping_is_refused() -> None:
     assert refused.value.rule == "trust-domain-chars"
 
 
+@pytest.mark.parametrize("value", ["a", "ns-1", "Service_A.v2", ".a", "a..b", "-", "_"])
+def test_valid_path_segments_are_returned(value: str) -> None:
+    assert check_segment(value) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("", "path-empty-segment"),
+        (".", "path-dot-segment"),
+        ("..", "path-dot-segment"),
+        ("a/b", "path-chars"),
+        ("/", "path-chars"),
+        ("a b", "path-chars"),
+        ("caf\u00e9", "path-chars"),
+        ("a%2F", "percent-encoding"),
+        ("a" * (MAX_ID_BYTES + 1), "length"),
+    ],
+)
+def test_invalid_path_segments_are_refused_naming_the_rule(value: str, rule: str) -> None:
+    with pytest.raises(SpiffeIdError) as refused:
+        check_segment(value)
+    assert refused.value.rule == rule
+    assert str(refused.value).startswith("invalid SPIFFE path segment ")
+
+
+def test_non_string_path_segment_is_refused() -> None:
+    with pytest.raises(SpiffeIdError) as refused:
+        check_segment(3)  # type: ignore[arg-type]
+    assert refused.value.rule == "type"
+
+
 # Properties ------------------------------------------------------------------------
 
 trust_domains = st.text(TD_ALPHABET, min_size=1, max_size=40)
@@ -290,6 +323,22 @@ def test_trust_domain_accepted_exactly_when_lowercase_and_short(value: str) -> N
         assert exc.rule in {"trust-domain-chars", "trust-domain-length"}
     else:
         assert ok
+
+
+@given(st.text(PATH_ALPHABET + "/%. :\u00e9", max_size=30))
+def test_a_segment_is_accepted_exactly_when_it_is_one_segment_of_an_id(value: str) -> None:
+    try:
+        SpiffeId.parse(f"spiffe://example.org/{value}")
+    except SpiffeIdError:
+        in_an_id = False
+    else:
+        in_an_id = "/" not in value
+    try:
+        check_segment(value)
+    except SpiffeIdError:
+        assert not in_an_id
+    else:
+        assert in_an_id
 
 
 @given(k8s_names, k8s_names, trust_domains)

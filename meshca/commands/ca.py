@@ -8,21 +8,24 @@ proxies acknowledged; with no server running they act on the data directory dire
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshca.commands.common import UsageError, add_command, write_out
 from meshca.config import ConfigError, Settings, add_options
 from meshca.durations import parse_duration
-from meshca.rotation.admin import ADMIN_SOCKET, AdminUnavailable, CaOperations, admin_request
-from meshca.rotation.journal import JournalLockedError, RotationError
-from meshca.rotation.local_ca import LocalCaSource, open_local_ca
-from meshca.rotation.manager import RotationManager, RotationPolicy
-from meshca.rotation.root import LAST_STEP, RootRotation
+
+if TYPE_CHECKING:
+    from meshca.rotation.admin import CaOperations
+
+# meshca.rotation (imported by the handlers) loads the scheduler and asyncio, which every
+# other command would pay for at start-up; the parser needs only these two of its values
+# (tests/test_layers.py checks they match meshca.rotation.admin and meshca.rotation.root).
+ADMIN_SOCKET = "admin.sock"
+LAST_STEP = 5
 
 NAME = "ca"
 DEFAULT_TIMEOUT = "5m"
@@ -92,6 +95,14 @@ def _direct(
     data_dir: Path, settings: Settings, action: Callable[[CaOperations], Coroutine[Any, Any, Any]]
 ) -> Any:
     """Run ``action`` on the data directory itself (no server, so no proxies to wait for)."""
+    import asyncio
+
+    from meshca.rotation.admin import CaOperations
+    from meshca.rotation.journal import JournalLockedError, RotationError
+    from meshca.rotation.local_ca import LocalCaSource, open_local_ca
+    from meshca.rotation.manager import RotationManager, RotationPolicy
+    from meshca.rotation.root import RootRotation
+
     if settings["backend"] == "vault":
         raise RotationError(
             f"with --backend vault, 'meshca ca' talks to the running 'meshca serve' through "
@@ -127,6 +138,8 @@ def _direct(
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.rotation.admin import AdminUnavailable, admin_request
+
     try:
         timeout = parse_duration(getattr(args, "timeout", DEFAULT_TIMEOUT))
     except ValueError as exc:

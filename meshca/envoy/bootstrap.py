@@ -455,7 +455,3 @@ def _parse_id(text: str, what: str) -> SpiffeId:
         return SpiffeId.parse(text)
     except SpiffeIdError as exc:
         raise BootstrapError(f"{what}: {exc}") from None
-
-
-def parse_admin_port(text: str) -> int:
-    return parse_port(text)

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from meshca.envoy.model import (
     EGRESS_MODES,
     PROTOCOLS,
@@ -31,7 +29,8 @@ from meshca.envoy.model import (
     labels_of,
     matches,
 )
-from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
+from meshca.files import YamlFileError, read_yaml
+from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain, check_segment
 
 __all__ = [
     "PROTOCOLS",
@@ -75,13 +74,10 @@ def _field(
 
 
 def _name(value: str, where: str) -> str:
-    if not value or "/" in value:
-        raise MeshError(f"{where}: {value!r} is not a valid name")
     try:
-        SpiffeId(TrustDomain("x"), f"/{value}")
+        return check_segment(value)
     except SpiffeIdError:
         raise MeshError(f"{where}: {value!r} is not a valid name (A-Z a-z 0-9 . - _)") from None
-    return value
 
 
 def _ref(value: Any, where: str, namespace: str | None = None) -> str:
@@ -430,15 +426,9 @@ def parse_mesh(document: Any, trust_domain: TrustDomain) -> Mesh:
 
 def load_mesh(path: Path, trust_domain: TrustDomain) -> Mesh:
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise MeshError(f"cannot read mesh file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise MeshError(f"mesh file {path} is not UTF-8 text") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise MeshError(f"mesh file {path} is not valid YAML: {exc}") from None
+        document = read_yaml(path, "mesh file")
+    except YamlFileError as exc:
+        raise MeshError(str(exc)) from None
     try:
         return parse_mesh(document, trust_domain)
     except MeshError as exc:

@@ -10,7 +10,7 @@ from cryptography import x509
 
 from meshca.durations import format_duration
 from meshca.issuer import Signer, TrustBundle, TtlError
-from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, check_ca_covers_leaves
+from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, check_ca_covers_leaves, issued_at
 from meshca.issuer.profile import DEFAULT_SKEW, utcnow
 from meshca.issuer.svid import fingerprint
 from meshca.rotation.journal import SlotKind
@@ -23,8 +23,8 @@ ROOT_EXPIRY_NOTICE = timedelta(days=30)
 
 def ca_lifetime(cert: x509.Certificate, skew: timedelta = DEFAULT_SKEW) -> timedelta:
     """A CA certificate's lifetime from issuance (NotBefore is backdated by the skew)."""
-    issued = min(cert.not_valid_before_utc + skew, cert.not_valid_after_utc)
-    return cert.not_valid_after_utc - issued
+    not_after = cert.not_valid_after_utc
+    return not_after - issued_at(cert.not_valid_before_utc, not_after, skew=skew)
 
 
 def check_lifetimes(

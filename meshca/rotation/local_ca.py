@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -46,22 +47,23 @@ from meshca.backends.local import (
     CaError,
     LocalCa,
     ca_directory,
+    ca_files,
     load_local_ca,
     mint_own_intermediate,
     read_cacerts,
 )
-from meshca.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
+from meshca.files import PRIVATE, atomic_write, ensure_private_dir, fsync_directory
 from meshca.issuer import IssuerError, KeyType, KeyTypeError, Signer, TrustBundle
 from meshca.issuer.keys import (
     PrivateKey,
     generate_private_key,
+    key_matches,
     key_type_of,
     load_private_key_pem,
     private_key_pem,
-    public_keys_equal,
 )
 from meshca.issuer.profile import DEFAULT_SKEW, build_ca
-from meshca.issuer.svid import certificates_pem, fingerprint
+from meshca.issuer.svid import fingerprint
 from meshca.issuer.verify import self_check
 from meshca.rotation.checks import ca_lifetime
 from meshca.rotation.journal import (
@@ -86,10 +88,6 @@ class RootKeyOfflineError(RotationError):
 
 
 _REINIT = "meshca init --from-cacerts {dir} --own-intermediate --force"
-
-
-def _key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
-    return public_keys_equal(key.public_key(), cert.public_key())  # type: ignore[arg-type]
 
 
 class LocalCaSource:
@@ -118,6 +116,7 @@ class LocalCaSource:
         self.skew = skew
         self.ca_dir = ca_directory(self.data_dir)
         self.root_keys_dir = self.data_dir / ROTATION_DIR / ROOT_KEYS_DIR
+        self._meta_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
     # root keys ----------------------------------------------------------------------
     def _parked_key_path(self, root: x509.Certificate) -> Path:
@@ -135,17 +134,31 @@ class LocalCaSource:
         """The key of ``root`` if this data directory holds it."""
         for path in (self.ca_dir / ROOT_KEY, self._parked_key_path(root)):
             key = self._read_key(path)
-            if key is not None and _key_matches(key, root):
+            if key is not None and key_matches(key, root):
                 return key
         return None
 
     # where this CA came from (ca/meta.json) -------------------------------------------
-    def _meta_values(self) -> dict[str, str]:
+    def _read_meta(self) -> dict[str, Any]:
+        """``ca/meta.json`` ({} when absent or damaged), read again only when the file
+        changes: one rotation check or status consults it several times. Returns a copy."""
+        path = self.ca_dir / META
         try:
-            meta = json.loads((self.ca_dir / META).read_bytes())
-        except (OSError, ValueError):
+            stat = path.stat()
+        except OSError:
+            self._meta_cache = None
             return {}
-        return {k: str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._meta_cache is None or self._meta_cache[0] != key:
+            try:
+                meta = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                meta = {}
+            self._meta_cache = (key, meta if isinstance(meta, dict) else {})
+        return dict(self._meta_cache[1])
+
+    def _meta_values(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self._read_meta().items()}
 
     @property
     def own_intermediate(self) -> bool:
@@ -301,7 +314,7 @@ class LocalCaSource:
             for root in bundle:
                 if (
                     root != active.root
-                    and _key_matches(current_root_key, root)
+                    and key_matches(current_root_key, root)
                     and not self._parked_key_path(root).exists()
                 ):
                     self._park_key(root, current_root_key)
@@ -320,30 +333,10 @@ class LocalCaSource:
 
     # ca/ ---------------------------------------------------------------------------------
     def _files(self, active: SigningCa, bundle: TrustBundle) -> dict[str, tuple[bytes, int]]:
-        signer = active.signer
-        files = {
-            ROOT_CERT: (bundle.pem(), PUBLIC),
-            CA_CERT: (certificates_pem([signer.certificate]), PUBLIC),
-            CA_KEY: (private_key_pem(signer.key), PRIVATE),
-            CERT_CHAIN: (certificates_pem([signer.certificate, *signer.intermediates]), PUBLIC),
-            META: (self._meta(signer), PUBLIC),
-        }
-        root_key = self.root_key(active.root)
-        if root_key is not None:
-            files[ROOT_KEY] = (private_key_pem(root_key), PRIVATE)
-        return files
-
-    def _meta(self, signer: Signer) -> bytes:
-        try:
-            meta = json.loads((self.ca_dir / META).read_bytes())
-        except (OSError, ValueError):
-            meta = {}
-        if not isinstance(meta, dict):
-            meta = {}
+        meta = self._read_meta()  # kept as it is; ca_files records the new key type
         meta.setdefault("trust_domain", self.trust_domain.name)
         meta.setdefault("origin", "generated")
-        meta["key_type"] = key_type_of(signer.key).value
-        return (json.dumps(meta, indent=2) + "\n").encode()
+        return ca_files(active.signer, bundle, self.root_key(active.root), meta)
 
     def _current_files(self) -> dict[str, tuple[bytes, int]]:
         found: dict[str, tuple[bytes, int]] = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain
+from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain, check_segment
 
 OSM_SERVICE_CERT = "service-cert:"
 OSM_OUTBOUND = "root-cert-for-mtls-outbound:"
@@ -91,7 +91,7 @@ def _namespaced(name: str, prefix: str, second: str) -> tuple[str, str]:
         raise SecretNameError(name, NameProblem.MALFORMED, f"expected {form}")
     for part in (namespace, other):
         try:
-            SpiffeId(TrustDomain("x"), "/" + part)
+            check_segment(part)
         except SpiffeIdError:
             raise SecretNameError(
                 name,
