@@ -38,7 +38,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshca.issuer import SignerError, SigningAuthority, TrustBundle, X509Svid
+from meshca.issuer.policy import issued_at
 from meshca.issuer.profile import DEFAULT_SKEW, Signer
+from meshca.netaddr import format_address
 from meshca.serve_config import DEFAULT_HEALTH_INTERVAL
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore, StoreEvent
@@ -64,8 +66,7 @@ def life_left(
 ) -> float:
     """The fraction (0..1) of ``svid``'s life still ahead. Its life starts at issuance:
     ``issued`` when known (the store records it), else NotBefore plus the skew."""
-    if issued is None:
-        issued = min(svid.not_before + skew, svid.not_after)
+    issued = issued_at(svid.not_before, svid.not_after, requested=issued, skew=skew)
     life = (svid.not_after - issued).total_seconds()
     if life <= 0:
         return 0.0 if now >= svid.not_after else 1.0
@@ -283,7 +284,7 @@ async def start_health_listener(servicer: Any, host: str, port: int) -> tuple[gr
     OSError when the address cannot be used."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # the port is ours alone
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = format_address(host, port)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:

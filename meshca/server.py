@@ -31,6 +31,7 @@ from meshca.issuer import Issuer, IssuerError, SignerAuthority, SigningAuthority
 from meshca.issuer.policy import check_ca_covers_leaves
 from meshca.mesh_reload import MeshFile
 from meshca.metrics import Metrics, MetricsServer, backend_name
+from meshca.netaddr import format_address
 from meshca.rotation.service import RotationOptions, open_rotation
 from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.sds.auth import CallerAuthenticator
@@ -265,7 +266,7 @@ class MeshcaServer:
             svid = await self.store.svid(self.server_id)
             self.credentials = ServingCredentials(svid, self.store.bundle())
             host, port = config.listen
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            address = format_address(host, port)
             try:
                 self.tcp_port = server.add_secure_port(
                     address, self.credentials.server_credentials()
@@ -295,7 +296,11 @@ class MeshcaServer:
         log.info(
             "serving %s: tcp=%s uds=%s leaf-ttl=%s",
             self.trust_domain,
-            f"{config.listen[0]}:{self.tcp_port}" if config.listen else "-",
+            (
+                format_address(config.listen[0], self.tcp_port)
+                if config.listen is not None and self.tcp_port is not None
+                else "-"
+            ),
             config.uds or "-",
             format_duration(config.leaf_ttl),
         )

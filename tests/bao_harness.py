@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,13 @@ import hvac
 import pytest
 import requests
 
+from tests.envoy_harness import free_port, stop_process
+
 BAO = Path(sys.prefix) / "bin" / "bao"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "vault.md"
 TRUST_DOMAIN = "cluster.local"
 WORKLOAD_ROLE = "meshca-workload"
 START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _clean_env(home: Path) -> dict[str, str]:
@@ -172,12 +167,7 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-            process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout=10)
 
     def restart(self) -> None:
         """Stop and start again on the same port (a persistent server comes back sealed)."""

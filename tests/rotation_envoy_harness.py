@@ -31,7 +31,14 @@ import yaml
 from cryptography import x509
 
 from meshca.spiffe import SpiffeId
-from tests.envoy_harness import EnvoyProcess, RecordingApp, free_port, http_get, stop_process
+from tests.envoy_harness import (
+    EnvoyProcess,
+    RecordingApp,
+    eventually,
+    free_port,
+    http_get,
+    stop_process,
+)
 from tests.serve_harness import short_tempdir
 
 MESHCA = [sys.executable, "-m", "meshca"]
@@ -241,11 +248,8 @@ def rotation_mesh(*, leaf_ttl: str, interval: float = 0.01) -> Iterator[tuple[Ro
         try:
             mesh.start_meshca()
             port = mesh.start_envoys(app)
-            deadline = time.monotonic() + 30
-            while http_get(port, "/warmup")[0] != 200:  # both Envoys have their secrets
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no request got through:\n{mesh.log_tail()}")
-                time.sleep(0.1)
+            # both Envoys have their secrets (the log tails are printed below otherwise)
+            eventually(lambda: http_get(port, "/warmup")[0] == 200, "a request gets through")
             load = Load(port, interval)
             load.start()
             yield mesh, load
@@ -262,8 +266,5 @@ def rotation_mesh(*, leaf_ttl: str, interval: float = 0.01) -> Iterator[tuple[Ro
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    """``eventually`` with the arguments in the order the rotation tests give them."""
+    eventually(predicate, what, timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,7 @@ class ServeProcess:
     stdout: Path
     stderr: Path
     uds: Path
+    tcp_port: int | None = None  # with --listen: the port it says it listens on
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -153,6 +155,12 @@ class ServeProcess:
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
+
+
+def announced_tcp_port(stdout: str) -> int | None:
+    """The port of ``listening on tcp HOST:PORT`` in ``meshca serve``'s output, if any."""
+    match = re.search(r"^listening on tcp \S+:(\d+) ", stdout, re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def clean_env() -> dict[str, str]:
@@ -177,7 +185,8 @@ def serving(
     env: dict[str, str] | None = None,
 ) -> Iterator[ServeProcess]:
     """``meshca serve --uds <root>/<name>.sock ARGS`` (in ``env``, else a clean
-    environment), until it says it listens; stopped by PID (SIGTERM) on the way out."""
+    environment), until it says it listens (``tcp_port`` is where, with ``--listen``);
+    stopped by PID (SIGTERM) on the way out."""
     uds = root / f"{name}.sock"
     stdout, stderr = root / f"{name}.out", root / f"{name}.log"
     with stdout.open("wb") as out, stderr.open("wb") as err:
@@ -195,6 +204,7 @@ def serving(
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"meshca serve did not start:\n{running.log()}")
             time.sleep(0.05)
+        running.tcp_port = announced_tcp_port(stdout.read_text())
         yield running
     finally:
         running.stop()

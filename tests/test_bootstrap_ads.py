@@ -3,7 +3,6 @@ through the option table (flags, environment, config file), and its refusals."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from meshca.cli import main
+from tests.cli_harness import assert_refused, clean_environment
 from tests.envoy_harness import validate_config
 
 STORE_V1 = "spiffe://cluster.local/ns/bookstore/sa/bookstore-v1"
@@ -18,10 +18,7 @@ STORE_V1 = "spiffe://cluster.local/ns/bookstore/sa/bookstore-v1"
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("MESHCA_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+    clean_environment(monkeypatch, tmp_path)
 
 
 def bootstrap(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -115,11 +112,7 @@ def test_refusals_are_one_line(
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     argv = ["bootstrap", STORE_V1, "--server", "unix:///run/meshca.sock", *argv]
-    assert main(argv) == code
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.startswith("meshca: error: ") and captured.err.count("\n") == 1
-    assert needle in captured.err, captured.err
+    assert_refused(capsys, argv, code, needle)
 
 
 def test_ads_proxies_have_kubernetes_identities(capsys: pytest.CaptureFixture[str]) -> None:

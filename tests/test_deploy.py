@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import load_mesh
 from meshca.server import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
+from tests.envoy_harness import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -591,13 +591,6 @@ def test_dockerfile_copies_files_that_exist() -> None:
 # --- running the containers' command lines as written ---------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _map_value(value: str, mounts: dict[str, Path], ports: dict[int, int]) -> str:
     """A path under a mount point becomes the path in the laid-out volume; a wildcard
     listen address becomes a loopback one on a free port (tests stay on loopback)."""
@@ -609,7 +602,7 @@ def _map_value(value: str, mounts: dict[str, Path], ports: dict[int, int]) -> st
             return str(mounts[mount_path]) + value[len(mount_path) :]
     match = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
     if match:
-        port = ports.setdefault(int(match[1]), _free_port())
+        port = ports.setdefault(int(match[1]), free_port())
         return f"127.0.0.1:{port}"
     return value
 
@@ -812,9 +805,4 @@ def test_serving_container_passes_the_kubelets_probe(
         assert process.poll() is None, f"meshca serve exited:\n{log.read_text()}"
         assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)

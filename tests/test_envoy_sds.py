@@ -16,8 +16,6 @@ while the tests run) serves three Envoys:
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -44,14 +42,12 @@ from tests.envoy_harness import (
     RecordingApp,
     free_port,
     http_get,
-    stop_process,
     validate_config,
 )
-from tests.serve_harness import short_tempdir
+from tests.serve_harness import ServeProcess, meshca, serving, short_tempdir
 
 pytestmark = pytest.mark.timeout(120)
 
-MESHCA = [sys.executable, "-m", "meshca"]
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
 BUYER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/buyer")
 INTRUDER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/intruder")
@@ -65,69 +61,14 @@ services:
 """
 
 
-def meshca(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-@dataclass
-class MeshcaProcess:
-    process: subprocess.Popen[bytes]
-    tcp_port: int
-    uds: Path
-    log: Path
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-def start_meshca(root: Path) -> MeshcaProcess:
-    (root / "mesh.yaml").write_text(MESH)
-    out, log = root / "meshca.out", root / "meshca.log"
-    with out.open("wb") as stdout, log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [
-                *MESHCA,
-                "serve",
-                "--data-dir",
-                str(root / "data"),
-                "--listen",
-                "127.0.0.1:0",
-                "--uds",
-                str(root / "sds.sock"),
-                "--uds-identity",
-                f"{os.getuid()}={WEB}",
-                "--mesh",
-                str(root / "mesh.yaml"),
-                "--leaf-ttl",
-                LEAF_TTL,
-            ],
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"meshca serve exited: {log.read_text()}")
-        match = re.search(r"listening on tcp 127\.0\.0\.1:(\d+)", out.read_text())
-        if match and "listening on unix://" in out.read_text():
-            return MeshcaProcess(process, int(match.group(1)), root / "sds.sock", log)
-        time.sleep(0.05)
-    stop_process(process)
-    raise RuntimeError(f"meshca serve did not start: {log.read_text()}")
-
-
 def client_config(
-    root: Path, server: MeshcaProcess, identity: SpiffeId, outbound: Outbound
+    root: Path, server: ServeProcess, identity: SpiffeId, outbound: Outbound
 ) -> dict[str, object]:
     """An Envoy reaching meshca over mTLS (certificate from ``meshca issue``), with an
     outbound listener whose secrets use the OSM and SPIRE names."""
     cert_dir = root / f"certs-{identity.path.rsplit('/', 1)[-1]}"
     meshca("issue", str(identity), "--data-dir", str(root / "data"), "--out", str(cert_dir))
+    assert server.tcp_port is not None
     spec = BootstrapSpec(
         identity=identity,
         server=TcpServer("127.0.0.1", server.tcp_port),
@@ -163,7 +104,7 @@ def client_config(
 @dataclass
 class Mesh:
     root: Path
-    meshca: MeshcaProcess
+    meshca: ServeProcess
     app: RecordingApp
     web: EnvoyProcess
     buyer: EnvoyProcess
@@ -176,52 +117,59 @@ class Mesh:
 def mesh() -> Iterator[Mesh]:
     with short_tempdir("mca-envoy-") as root, RecordingApp() as app:
         meshca("init", "--data-dir", str(root / "data"))
-        server = start_meshca(root)
-        envoys: list[EnvoyProcess] = []
-        try:
-            web_port = free_port()
-            bootstrap = meshca(
-                "bootstrap",
-                str(WEB),
-                "--server",
-                f"unix://{server.uds}",
-                "--inbound",
-                f"{web_port}:{app.port}",
-                "--allow",
-                str(BUYER),
-            ).stdout
-            web = EnvoyProcess(bootstrap, root, "web")
-            envoys.append(web)
-            web.start()
-            upstream = TcpServer("127.0.0.1", web_port)
-            ports = {}
-            clients = {}
-            for identity in (BUYER, INTRUDER):
-                name = identity.path.rsplit("/", 1)[-1]
-                ports[name] = free_port()
-                outbound = Outbound(ports[name], upstream, WEB)
-                clients[name] = EnvoyProcess(
-                    client_config(root, server, identity, outbound), root, name
+        (root / "mesh.yaml").write_text(MESH)
+        with serving(
+            root,
+            root / "data",
+            *("--listen", "127.0.0.1:0", "--uds-identity", f"{os.getuid()}={WEB}"),
+            *("--mesh", str(root / "mesh.yaml"), "--leaf-ttl", LEAF_TTL),
+        ) as server:
+            assert server.tcp_port is not None, server.log()
+            envoys: list[EnvoyProcess] = []
+            try:
+                web_port = free_port()
+                bootstrap = meshca(
+                    "bootstrap",
+                    str(WEB),
+                    "--server",
+                    f"unix://{server.uds}",
+                    "--inbound",
+                    f"{web_port}:{app.port}",
+                    "--allow",
+                    str(BUYER),
+                ).stdout
+                web = EnvoyProcess(bootstrap, root, "web")
+                envoys.append(web)
+                web.start()
+                upstream = TcpServer("127.0.0.1", web_port)
+                ports = {}
+                clients = {}
+                for identity in (BUYER, INTRUDER):
+                    name = identity.path.rsplit("/", 1)[-1]
+                    ports[name] = free_port()
+                    outbound = Outbound(ports[name], upstream, WEB)
+                    clients[name] = EnvoyProcess(
+                        client_config(root, server, identity, outbound), root, name
+                    )
+                    envoys.append(clients[name])
+                    clients[name].start()
+                yield Mesh(
+                    root,
+                    server,
+                    app,
+                    web,
+                    clients["buyer"],
+                    ports["buyer"],
+                    clients["intruder"],
+                    ports["intruder"],
                 )
-                envoys.append(clients[name])
-                clients[name].start()
-            yield Mesh(
-                root,
-                server,
-                app,
-                web,
-                clients["buyer"],
-                ports["buyer"],
-                clients["intruder"],
-                ports["intruder"],
-            )
-        except BaseException:
-            print(server.log_tail(), file=sys.stderr)
-            raise
-        finally:
-            for envoy in envoys:
-                envoy.stop()
-            assert stop_process(server.process) == 0, server.log_tail()
+            except BaseException:
+                print(server.log(), file=sys.stderr)
+                raise
+            finally:
+                for envoy in envoys:
+                    envoy.stop()
+                assert server.stop() == 0, server.log()
 
 
 def uris_of(envoy: EnvoyProcess) -> set[str]:

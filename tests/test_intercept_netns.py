@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +38,8 @@ from tests.envoy_harness import (
     RecordingApp,
     eventually,
     http_get,
-    stop_process,
 )
-from tests.serve_harness import short_tempdir
+from tests.serve_harness import ServeProcess, serving, short_tempdir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -166,29 +164,13 @@ def meshca(*args: str) -> str:
     return result.stdout
 
 
-@contextlib.contextmanager
-def meshca_serve(root: Path) -> Iterator[Path]:
+def meshca_serve(root: Path) -> contextlib.AbstractContextManager[ServeProcess]:
     """``meshca serve`` on a Unix socket; every Envoy here runs as root (uid 0), which
     may hold the three identities (each bootstrap's node.id picks its own)."""
-    socket_path = root / "meshca.sock"
-    args = ["--data-dir", str(root / "data"), "serve", "--uds", str(socket_path)]
-    args += ["--mesh", str(BOOKSTORE_MESH), "--log-level", "warning"]
+    args = ["--mesh", str(BOOKSTORE_MESH), "--log-level", "warning"]
     for workload in PROXIES:
         args += ["--uds-identity", f"0={identity(workload)}"]
-    out, log = root / "meshca.out", root / "meshca.log"
-    with out.open("wb") as stdout, log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*MESHCA, *args], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "listening on unix://" not in out.read_text():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "meshca serve did not start"
-            time.sleep(0.05)
-        yield socket_path
-    finally:
-        stop_process(process)
+    return serving(root, root / "data", *args)
 
 
 @dataclass
@@ -211,12 +193,12 @@ def intercepted() -> Iterator[Intercepted]:
     try:
         with short_tempdir("mca-netns-") as root:
             meshca("init", "--data-dir", str(root / "data"))
-            with meshca_serve(root) as socket_path:
+            with meshca_serve(root) as server:
                 for name, address in APPS.items():
                     apps[name] = netns.run(RecordingApp, address, BOOKSTORE_PORT, name.encode())
                 for name, capture in PROXIES.items():
                     bootstrap = meshca(
-                        *("bootstrap", identity(name), "--server", f"unix://{socket_path}"),
+                        *("bootstrap", identity(name), "--server", f"unix://{server.uds}"),
                         *("--ads", "--capture", capture, "--workload", name),
                     )
                     envoys[name] = EnvoyProcess(bootstrap, root, name)

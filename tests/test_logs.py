@@ -91,13 +91,12 @@ def refuse_a_client_without_a_certificate(server: ServeProcess) -> None:
     """A TLS client with no certificate on the mutual-TLS port: the handshake fails
     (gRPC's C core reports that on stderr itself, outside meshca's log format, unless
     told otherwise)."""
-    match = re.search(r"listening on tcp 127\.0\.0\.1:(\d+)", server.stdout.read_text())
-    assert match, server.stdout.read_text()
+    assert server.tcp_port is not None, server.stdout.read_text()
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with (
-        socket.create_connection(("127.0.0.1", int(match[1])), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", server.tcp_port), timeout=10) as raw,
         contextlib.suppress(ssl.SSLError, ConnectionError),
         context.wrap_socket(raw) as tls,
     ):

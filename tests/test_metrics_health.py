@@ -41,9 +41,8 @@ from tests.bao_harness import (
     TRUST_DOMAIN,
     WORKLOAD_ROLE,
     BaoServer,
-    add_policy,
+    prepared,
     running,
-    setup_pki,
     workload_role,
 )
 from tests.sds_harness import wait_until
@@ -395,6 +394,12 @@ def test_served_certificate_lifetimes_are_measured_from_issuance() -> None:
     now = datetime.now(UTC)
     assert life_left(svid, now) > 0.99
     assert life_left(svid, svid.not_after) == 0.0
+    # a recorded issuance time counts when it lies within the certificate's validity;
+    # one before NotBefore (a clock step) is taken as NotBefore
+    halfway = svid.not_before + (svid.not_after - svid.not_before) / 2
+    assert life_left(svid, halfway, issued=svid.not_before) == pytest.approx(0.5, abs=0.01)
+    before = svid.not_before - timedelta(hours=1)
+    assert life_left(svid, halfway, issued=before) == pytest.approx(0.5, abs=0.01)
 
 
 async def test_health_and_metrics_follow_a_real_vault_outage(root: Path) -> None:
@@ -402,8 +407,7 @@ async def test_health_and_metrics_follow_a_real_vault_outage(root: Path) -> None
     renewal times out, the backend is unreachable and the served certificate runs low:
     NOT_SERVING on both ports. Vault resumes (SIGCONT): SERVING again."""
     with running(BaoServer.dev) as bao:
-        setup_pki(bao)
-        add_policy(bao, "meshca-per-workload")
+        prepared(bao)
         # Vault backdates NotBefore by 30 s unless told otherwise; meshca measures a
         # certificate's life from NotBefore plus its own 60 s skew, so match it here
         # (with 4 s lifetimes the difference would be all of the certificate's life).

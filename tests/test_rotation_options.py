@@ -3,7 +3,6 @@ serve``, from flags, ``MESHCA_*`` variables and the config file; bad values are 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from meshca.issuer import TtlError
 from meshca.rotation.local_ca import LocalCaSource
 from meshca.serve_config import parse_fraction
 from meshca.server import MeshcaServer
+from tests.cli_harness import assert_one_line_error, clean_environment
 from tests.serve_harness import make_data_dir, served, short_tempdir
 
 
@@ -107,11 +107,10 @@ def test_bad_rotation_options_are_one_line(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in list(os.environ):
-        if name.startswith("MESHCA_"):
-            monkeypatch.delenv(name)
+    clean_environment(monkeypatch, root)
     code = cli_main(
         ["serve", "--data-dir", str(root / "data"), "--uds", str(root / "sds.sock"), *flags]
     )
     err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and expected in err, err
+    assert code == 1, err
+    assert_one_line_error(err, expected)

@@ -9,6 +9,7 @@ endpoint on loopback answers for it (it accepts exactly the JWTs the test issued
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca.backends.errors import BackendError, BackendUnavailable
-from meshca.backends.vault import VaultWorkloadAuthority, open_vault_authority
+from meshca.backends.vault import VaultAuthority, VaultWorkloadAuthority, open_vault_authority
 from meshca.backends.vault_auth import LoginRejected, TokenKeeper
 from meshca.backends.vault_settings import VaultSettings, VaultSettingsError
 from meshca.issuer import Issuer
@@ -52,12 +53,20 @@ def per_workload(server: BaoServer, **values: object) -> VaultSettings:
     return VaultSettings.from_mapping({**base, **values})
 
 
-def issue_once(config: VaultSettings) -> None:
-    authority = open_vault_authority(config, TD, start=False)
+@contextlib.contextmanager
+def opened(config: VaultSettings, *, start: bool = False) -> Iterator[VaultAuthority]:
+    """The authority ``config`` opens (its background threads only when ``start``),
+    closed on the way out."""
+    authority = open_vault_authority(config, TD, start=start)
     try:
-        assert spiffe_id_of(Issuer(authority).issue(WEB).leaf) == WEB
+        yield authority
     finally:
         authority.close()
+
+
+def issue_once(config: VaultSettings) -> None:
+    with opened(config) as authority:
+        assert spiffe_id_of(Issuer(authority).issue(WEB).leaf) == WEB
 
 
 def keeper_of(authority: object) -> TokenKeeper:
@@ -84,8 +93,7 @@ def test_token_file_is_reread_when_vault_rejects_the_token(bao: BaoServer, tmp_p
     token_file = tmp_path / "token"
     first = bao.token([POLICY])
     token_file.write_text(first + "\n")
-    authority = open_vault_authority(per_workload(bao, token_file=token_file), TD, start=False)
-    try:
+    with opened(per_workload(bao, token_file=token_file)) as authority:
         issuer = Issuer(authority)
         issuer.issue(WEB)
         revoke(bao, first)
@@ -95,14 +103,11 @@ def test_token_file_is_reread_when_vault_rejects_the_token(bao: BaoServer, tmp_p
         with pytest.raises(BackendError, match=r"token was rejected.*--vault-token-file") as err:
             issuer.issue(WEB)
         assert "\n" not in str(err.value)
-    finally:
-        authority.close()
 
 
 def test_renewable_token_is_renewed_at_two_thirds_of_its_ttl(bao: BaoServer) -> None:
     token = bao.token([POLICY], ttl="60s", explicit_max_ttl="1h")
-    authority = open_vault_authority(per_workload(bao, token=token), TD, start=False)
-    try:
+    with opened(per_workload(bao, token=token)) as authority:
         Issuer(authority).issue(WEB)
         keeper = keeper_of(authority)
         grant = keeper.grant
@@ -114,14 +119,11 @@ def test_renewable_token_is_renewed_at_two_thirds_of_its_ttl(bao: BaoServer) -> 
         seen = bao.client().write_data("auth/token/lookup", data={"token": token})["data"]
         assert seen["last_renewal_time"] > 0  # Vault saw the renewal
         Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
 
 
 def test_background_renewal_keeps_a_short_token_alive(bao: BaoServer) -> None:
     token = bao.token([POLICY], ttl="3s", explicit_max_ttl="1h")
-    authority = open_vault_authority(per_workload(bao, token=token), TD)  # threads started
-    try:
+    with opened(per_workload(bao, token=token), start=True) as authority:  # threads started
         Issuer(authority).issue(WEB)
         keeper = keeper_of(authority)
         deadline = time.monotonic() + 20
@@ -129,14 +131,11 @@ def test_background_renewal_keeps_a_short_token_alive(bao: BaoServer) -> None:
             time.sleep(0.1)
         assert keeper.renewals >= 2  # renewed twice: past the token's original 3 s
         Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
 
 
 def test_non_renewable_static_token_is_used_until_it_expires(bao: BaoServer) -> None:
     token = bao.token([POLICY], ttl="60s", renewable=False)
-    authority = open_vault_authority(per_workload(bao, token=token), TD, start=False)
-    try:
+    with opened(per_workload(bao, token=token)) as authority:
         Issuer(authority).issue(WEB)
         keeper = keeper_of(authority)
         grant = keeper.grant
@@ -144,8 +143,6 @@ def test_non_renewable_static_token_is_used_until_it_expires(bao: BaoServer) -> 
         keeper.maintain(now=grant.obtained_at + 45)  # nothing it can do: warn, keep it
         assert keeper.grant is grant
         Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
 
 
 # AppRole ---------------------------------------------------------------------------------
@@ -175,8 +172,7 @@ def approle_settings(server: BaoServer, approle: dict[str, str], role: str) -> V
 
 
 def test_approle_token_is_renewed_in_place(bao: BaoServer, approle: dict[str, str]) -> None:
-    authority = open_vault_authority(approle_settings(bao, approle, "meshca"), TD, start=False)
-    try:
+    with opened(approle_settings(bao, approle, "meshca")) as authority:
         Issuer(authority).issue(WEB)
         keeper = keeper_of(authority)
         first = keeper.grant
@@ -184,16 +180,13 @@ def test_approle_token_is_renewed_in_place(bao: BaoServer, approle: dict[str, st
         keeper.maintain(now=first.obtained_at + 41)
         assert (keeper.logins, keeper.renewals) == (1, 1)
         assert keeper.grant is not None and keeper.grant.token == first.token
-    finally:
-        authority.close()
 
 
 def test_approle_batch_token_is_replaced_by_a_new_login(
     bao: BaoServer, approle: dict[str, str]
 ) -> None:
     config = approle_settings(bao, approle, "meshca-batch")
-    authority = open_vault_authority(config, TD, start=False)
-    try:
+    with opened(config) as authority:
         Issuer(authority).issue(WEB)
         keeper = keeper_of(authority)
         first = keeper.grant
@@ -202,16 +195,13 @@ def test_approle_batch_token_is_replaced_by_a_new_login(
         assert keeper.logins == 2
         assert keeper.grant is not None and keeper.grant.token != first.token
         Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
 
 
 def test_approle_logs_in_again_when_renewal_hits_the_max_ttl(
     bao: BaoServer, approle: dict[str, str]
 ) -> None:
     config = approle_settings(bao, approle, "meshca-capped")
-    authority = open_vault_authority(config, TD, start=False)
-    try:
+    with opened(config) as authority:
         Issuer(authority).issue(WEB)
         keeper = keeper_of(authority)
         first = keeper.grant
@@ -221,8 +211,6 @@ def test_approle_logs_in_again_when_renewal_hits_the_max_ttl(
         assert keeper.logins == 2  # renewal would have ended at max TTL: a fresh login
         assert keeper.grant is not None and keeper.grant.token != first.token
         Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
 
 
 def test_approle_logs_in_again_after_a_403(bao: BaoServer, approle: dict[str, str]) -> None:
@@ -232,8 +220,7 @@ def test_approle_logs_in_again_after_a_403(bao: BaoServer, approle: dict[str, st
         secret_id_file=None,
         secret_id=approle["meshca:secret_id"],
     )
-    authority = open_vault_authority(config, TD, start=False)
-    try:
+    with opened(config) as authority:
         issuer = Issuer(authority)
         issuer.issue(WEB)
         keeper = keeper_of(authority)
@@ -241,8 +228,6 @@ def test_approle_logs_in_again_after_a_403(bao: BaoServer, approle: dict[str, st
         revoke(bao, keeper.grant.token)
         issuer.issue(WEB)  # 403, new login, retried
         assert keeper.logins == 2
-    finally:
-        authority.close()
 
 
 def test_approle_secret_id_file_is_reread_at_login(
@@ -253,8 +238,7 @@ def test_approle_secret_id_file_is_reread_at_login(
     old = admin.write_data("auth/approle/role/meshca/secret-id", data={})["data"]["secret_id"]
     secret_file.write_text(old)
     config = per_workload(bao, role_id=approle["meshca:role_id"], secret_id_file=secret_file)
-    authority = open_vault_authority(config, TD, start=False)
-    try:
+    with opened(config) as authority:
         issuer = Issuer(authority)
         issuer.issue(WEB)
         admin.write_data("auth/approle/role/meshca/secret-id/destroy", data={"secret_id": old})
@@ -264,20 +248,17 @@ def test_approle_secret_id_file_is_reread_at_login(
         assert keeper.grant is not None
         revoke(bao, keeper.grant.token)
         issuer.issue(WEB)  # logged in with the new secret ID from the file
-    finally:
-        authority.close()
 
 
 def test_approle_wrong_secret_id_is_one_clear_error(
     bao: BaoServer, approle: dict[str, str]
 ) -> None:
     config = per_workload(bao, role_id=approle["meshca:role_id"], secret_id="wrong")
-    authority = open_vault_authority(config, TD, start=False)
-    try:
-        with pytest.raises(LoginRejected, match=r"AppRole login .* rejected.*--vault-secret-id"):
-            Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
+    with (
+        opened(config) as authority,
+        pytest.raises(LoginRejected, match=r"AppRole login .* rejected.*--vault-secret-id"),
+    ):
+        Issuer(authority).issue(WEB)
 
 
 # Kubernetes ------------------------------------------------------------------------------
@@ -377,8 +358,7 @@ def test_kubernetes_login_with_the_service_account_jwt_file(
     jwt_file.write_text(kubernetes.jwt("meshca-system", "meshca"))
     config = per_workload(bao, k8s_role="meshca", k8s_jwt_file=jwt_file)
     assert config.auth_method.value == "kubernetes"
-    authority = open_vault_authority(config, TD, start=False)
-    try:
+    with opened(config) as authority:
         issuer = Issuer(authority)
         issuer.issue(WEB)
         assert kubernetes.reviewed[-1] == jwt_file.read_text()
@@ -389,8 +369,6 @@ def test_kubernetes_login_with_the_service_account_jwt_file(
         revoke(bao, keeper.grant.token)
         issuer.issue(WEB)
         assert kubernetes.reviewed[-1] == jwt_file.read_text()
-    finally:
-        authority.close()
 
 
 def test_kubernetes_login_for_an_unbound_service_account_is_refused(
@@ -399,22 +377,20 @@ def test_kubernetes_login_for_an_unbound_service_account_is_refused(
     jwt_file = tmp_path / "token"
     jwt_file.write_text(kubernetes.jwt("default", "intruder"))
     config = per_workload(bao, k8s_role="meshca", k8s_jwt_file=jwt_file)
-    authority = open_vault_authority(config, TD, start=False)
-    try:
-        with pytest.raises(LoginRejected, match=r"Kubernetes login .*--vault-k8s-role"):
-            Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
+    with (
+        opened(config) as authority,
+        pytest.raises(LoginRejected, match=r"Kubernetes login .*--vault-k8s-role"),
+    ):
+        Issuer(authority).issue(WEB)
 
 
 def test_missing_jwt_file_names_the_setting(bao: BaoServer, tmp_path: Path) -> None:
     config = per_workload(bao, k8s_role="meshca", k8s_jwt_file=tmp_path / "absent")
-    authority = open_vault_authority(config, TD, start=False)
-    try:
-        with pytest.raises(VaultSettingsError, match=r"cannot read .*--vault-k8s-jwt-file"):
-            Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
+    with (
+        opened(config) as authority,
+        pytest.raises(VaultSettingsError, match=r"cannot read .*--vault-k8s-jwt-file"),
+    ):
+        Issuer(authority).issue(WEB)
 
 
 # TLS certificate ---------------------------------------------------------------------------
@@ -473,12 +449,11 @@ def test_unknown_client_certificate_is_refused(
 ) -> None:
     cert_file, key_file, _pem = client_certificate(tmp_path, "stranger")
     config = per_workload(bao_tls, client_cert=cert_file, client_key=key_file)
-    authority = open_vault_authority(config, TD, start=False)
-    try:
-        with pytest.raises(LoginRejected, match=r"certificate login .* rejected"):
-            Issuer(authority).issue(WEB)
-    finally:
-        authority.close()
+    with (
+        opened(config) as authority,
+        pytest.raises(LoginRejected, match=r"certificate login .* rejected"),
+    ):
+        Issuer(authority).issue(WEB)
 
 
 def test_vault_ca_certificate_is_required_to_trust_its_tls(

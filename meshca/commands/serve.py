@@ -10,6 +10,7 @@ from meshca.commands.common import UsageError, add_command
 from meshca.commands.vault_backend import close_authority, open_authority
 from meshca.config import ConfigError, Settings
 from meshca.logs import configure_logging
+from meshca.netaddr import format_address
 from meshca.serve_config import ServeConfig
 
 if TYPE_CHECKING:
@@ -74,25 +75,22 @@ def config_from(settings: Settings) -> ServeConfig:
     )
 
 
-def _address(host: str, port: int | None) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _announce(server: MeshcaServer) -> None:
     """Where meshca listens, on stdout (scripts wait for the 'listening' lines)."""
     config = server.config
     lines = [f"meshca serving trust domain {server.trust_domain} as {server.server_id}"]
-    if config.listen is not None:
-        lines.append(f"listening on tcp {_address(config.listen[0], server.tcp_port)} (mutual TLS)")
+    if config.listen is not None and server.tcp_port is not None:
+        address = format_address(config.listen[0], server.tcp_port)
+        lines.append(f"listening on tcp {address} (mutual TLS)")
     if config.uds is not None:
         lines.append(f"listening on unix://{config.uds.absolute()}")
         for uid, ids in sorted(config.uds_identities.items()):
             lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
     if server.health_port is not None and config.health_listen is not None:
-        address = _address(config.health_listen[0], server.health_port)
+        address = format_address(config.health_listen[0], server.health_port)
         lines.append(f"health on {address} (gRPC health service, plaintext)")
     if server.metrics_server.port is not None and config.metrics_listen is not None:
-        address = _address(config.metrics_listen[0], server.metrics_server.port)
+        address = format_address(config.metrics_listen[0], server.metrics_server.port)
         lines.append(f"metrics on http://{address}/metrics")
     if server.mesh_file is not None:
         count = len(server.mesh.services)

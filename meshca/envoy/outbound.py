@@ -23,6 +23,7 @@ from meshca.envoy.clusters import BLACKHOLE, PASSTHROUGH
 from meshca.envoy.filters import TCP_PROXY, original_dst, outbound_http, tcp_proxy
 from meshca.envoy.routes import Upstream, route_config_name
 from meshca.envoy.xds import GenerationError, pack, socket_address
+from meshca.netaddr import format_address
 
 OUTBOUND_PORT = 15001
 OUTBOUND_LISTENER = "outbound-listener"
@@ -102,7 +103,7 @@ def explicit_listeners(
             )
         listeners.append(
             listener_pb2.Listener(
-                name=f"outbound|{_host_port(address, port)}",
+                name=f"outbound|{format_address(address, port)}",
                 address=socket_address(address, port),
                 traffic_direction=base_pb2.OUTBOUND,
                 filter_chains=[
@@ -113,7 +114,3 @@ def explicit_listeners(
             )
         )
     return listeners
-
-
-def _host_port(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

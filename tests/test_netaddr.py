@@ -1,0 +1,39 @@
+"""``host:port`` as meshca writes it (listen addresses, its announcements, Envoy listener
+names): IPv6 hosts in brackets, so the port stays readable and the text parses back."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshca.netaddr import format_address
+from meshca.serve_config import parse_listen
+from tests.serve_harness import announced_tcp_port
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "text"),
+    [
+        ("127.0.0.1", 8443, "127.0.0.1:8443"),
+        ("0.0.0.0", 0, "0.0.0.0:0"),
+        ("::1", 8443, "[::1]:8443"),
+        ("::", 15010, "[::]:15010"),
+        ("fd00::a:1", 443, "[fd00::a:1]:443"),
+        ("meshca.meshca-system.svc", 15012, "meshca.meshca-system.svc:15012"),
+        ("localhost", 9090, "localhost:9090"),
+    ],
+    ids=["ipv4", "ipv4-any", "ipv6-loopback", "ipv6-any", "ipv6", "hostname", "localhost"],
+)
+def test_format_address(host: str, port: int, text: str) -> None:
+    assert format_address(host, port) == text
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:8443", "[::1]:8443", "localhost:0"])
+def test_a_listen_address_formats_back_to_its_text(text: str) -> None:
+    assert format_address(*parse_listen(text)) == text
+
+
+def test_the_announced_tcp_port_is_read_for_ipv4_and_ipv6() -> None:
+    lines = "meshca serving trust domain cluster.local as spiffe://cluster.local/x\n"
+    assert announced_tcp_port(lines + "listening on tcp 127.0.0.1:40123 (mutual TLS)\n") == 40123
+    assert announced_tcp_port(lines + "listening on tcp [::1]:40124 (mutual TLS)\n") == 40124
+    assert announced_tcp_port(lines + "listening on unix:///tmp/x.sock\n") is None
