@@ -745,6 +745,7 @@ def test_activate_switches_signer_and_bundle_together(ca: InMemoryCa) -> None:
     with pytest.raises(SignerError):  # a bundle without the signer's root
         authority.activate(bundle=ca.bundle)
     assert authority.signer is new.signer and authority.bundle() == both
+    assert authority.current() == (new.signer, both)  # the pair, read in one step
 
 
 def test_self_check_catches_a_chain_that_does_not_reach_the_bundle(ca: InMemoryCa) -> None:

@@ -7,28 +7,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
 
 from meshca.backends.local import load_local_ca
-from meshca.rotation.admin import AdminServer, CaOperations
+from meshca.rotation import admin
+from meshca.rotation.admin import AdminServer, CaOperations, admin_request
 from meshca.rotation.engine_acks import EngineAcks
 from meshca.rotation.journal import JournalStore, RotationError
 from meshca.rotation.local_ca import LocalCaSource
 from meshca.rotation.manager import RotationManager
+from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.root import AckTimeout, RootRotation
 from meshca.store import SecretStore
+from meshca.unix_socket import UnixSocketError, bind_listening_socket, reachable
 from tests.rotation_harness import TD, Proxy, chain_root
 from tests.sds_harness import SdsHarness, k8s, sds_harness, wait_until
 
 SHORT = timedelta(seconds=0.5)
+CLI_TIMEOUT = 60.0  # one 'meshca ca' command; a hang fails here, not at pytest's timeout
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -261,5 +269,85 @@ async def cli(root: Path, *args: str) -> tuple[int, str, str]:
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
     )
-    out, err = await process.communicate()
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        command = " ".join(args)
+        raise AssertionError(f"'meshca {command}' did not finish in {CLI_TIMEOUT:g}s") from None
     return process.returncode or 0, out.decode(), err.decode()
+
+
+class _Echo:
+    """Stands in for CaOperations behind the admin socket: answers with the request."""
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "result": {"asked": request}}
+
+
+ECHO = cast(CaOperations, _Echo())
+
+
+async def _ask(path: Path) -> dict[str, Any]:
+    return await asyncio.to_thread(admin_request, path, {"op": "status"}, timeout=5)
+
+
+async def test_the_admin_socket_is_0600_from_the_moment_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bound through the helper that chmods before the path appears (never under the
+    umask), also in a data directory too long for a Unix socket address."""
+    binds: list[tuple[Path, int]] = []
+
+    def spy(path: Path, mode: int, **options: Any) -> socket.socket:
+        binds.append((path, mode))
+        return bind_listening_socket(path, mode, **options)
+
+    monkeypatch.setattr(admin, "bind_listening_socket", spy)
+    data_dir = tmp_path / ("d" * 120)
+    data_dir.mkdir()
+    path = data_dir / ADMIN_SOCKET
+    server = AdminServer(ECHO, path)
+    umask = os.umask(0)  # a socket bound in place would be 0777
+    try:
+        await server.start()
+    finally:
+        os.umask(umask)
+    try:
+        assert binds == [(path, 0o600)]
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert sorted(p.name for p in data_dir.iterdir()) == [ADMIN_SOCKET]
+        assert await _ask(path) == {"asked": {"op": "status"}}
+    finally:
+        await server.close()
+    assert not path.exists()
+
+
+async def test_an_admin_socket_in_use_is_refused_and_a_stale_one_replaced(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / ADMIN_SOCKET
+    first = AdminServer(ECHO, path)
+    await first.start()
+    try:
+        second = AdminServer(ECHO, path)  # another server given the same path
+        with pytest.raises(UnixSocketError, match="in use"):
+            await second.start()
+        await second.close()  # removes nothing it did not create
+        assert await _ask(path) == {"asked": {"op": "status"}}
+    finally:
+        await first.close()
+
+    stale = socket.socket(socket.AF_UNIX)
+    with reachable(path) as address:
+        stale.bind(address)  # a socket nobody listens on, as a server that died leaves it
+    stale.close()
+    third = AdminServer(ECHO, path)
+    await third.start()
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert await _ask(path) == {"asked": {"op": "status"}}
+    finally:
+        await third.close()

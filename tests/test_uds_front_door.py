@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshca import unix_socket
 from meshca.sds.auth import PeerCred
 from meshca.sds.uds import PeerCredTable, UdsError, UdsFrontDoor
 from tests.serve_harness import short_tempdir
@@ -213,3 +214,50 @@ async def test_a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_not(
 def test_a_path_too_long_for_a_unix_socket_is_a_clear_error(short_dir: Path) -> None:
     with pytest.raises(UdsError, match="too long"):
         UdsFrontDoor(short_dir / ("x" * 120))
+
+
+def test_the_socket_appears_only_with_its_final_mode(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bound in a private staging directory, chmod'ed there, then renamed into place: the
+    public path never holds a socket with the umask's looser mode."""
+    path = short_dir / "s.sock"
+    seen: list[tuple[int, int, bool]] = []
+    real_rename = os.rename
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        staged = os.lstat(src)
+        staging_dir = os.stat(Path(src).parent)
+        seen.append(
+            (stat.S_IMODE(staged.st_mode), stat.S_IMODE(staging_dir.st_mode), path.exists())
+        )
+        real_rename(src, dst)
+
+    monkeypatch.setattr(unix_socket.os, "rename", rename)
+    old_umask = os.umask(0)  # a bind in place would leave the socket 0777
+    try:
+        sock = unix_socket.bind_listening_socket(path, 0o600)
+    finally:
+        os.umask(old_umask)
+    try:
+        assert seen == [(0o600, 0o700, False)]  # chmod'ed before the path existed
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert [p.name for p in short_dir.iterdir()] == ["s.sock"]  # no staging left over
+    finally:
+        sock.close()
+
+
+async def test_a_path_whose_staging_name_is_too_long_still_listens(short_dir: Path) -> None:
+    """The staging directory adds to the path; a public path that fits sun_path is enough."""
+    path = short_dir / ("x" * (unix_socket.MAX_SOCKET_PATH - len(os.fsencode(short_dir)) - 1))
+    assert len(os.fsencode(path)) == unix_socket.MAX_SOCKET_PATH
+    door = UdsFrontDoor(path, private_dir=short_dir / "private")
+    await door.start()
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+        _, writer = await asyncio.open_unix_connection(str(path))
+        writer.close()
+    finally:
+        await door.close()
+    assert not path.exists()

@@ -28,7 +28,8 @@ from meshca.backends.vault import (
     open_vault_authority,
 )
 from meshca.backends.vault_check import check_vault
-from meshca.backends.vault_pki import chain_above
+from meshca.backends.vault_client import VaultClient
+from meshca.backends.vault_pki import VaultPki, chain_above
 from meshca.backends.vault_settings import VaultSettings
 from meshca.cli import main as cli_main
 from meshca.envoy.bootstrap import (
@@ -39,7 +40,16 @@ from meshca.envoy.bootstrap import (
     UnixServer,
     build_bootstrap,
 )
-from meshca.issuer import CsrError, Issuer, KeyType, TrustBundle, TtlPolicy, X509Svid
+from meshca.issuer import (
+    CsrError,
+    Issuer,
+    KeyType,
+    Signer,
+    SignerAuthority,
+    TrustBundle,
+    TtlPolicy,
+    X509Svid,
+)
 from meshca.issuer.authority import workload_csr
 from meshca.issuer.keys import PrivateKey, generate_private_key, load_private_key_pem
 from meshca.issuer.svid import spiffe_id_of
@@ -263,6 +273,49 @@ def test_intermediate_state_rewrites_only_what_changed(tmp_path: Path) -> None:
     assert again is not None
     assert again[0].certificate == ca.signer.certificate
     assert new_root in again[1]
+
+
+class _RotatedMeanwhile(SignerAuthority):
+    """Rotation switches the signer just before the next :meth:`activate` takes the lock."""
+
+    def __init__(self, signer: Signer, bundle: TrustBundle, rotated: Signer) -> None:
+        super().__init__(signer, bundle)
+        self.rotated: Signer | None = rotated
+
+    def activate(self, signer: Signer | None = None, bundle: TrustBundle | None = None) -> None:
+        if self.rotated is not None:
+            rotated, self.rotated = self.rotated, None
+            super().activate(rotated, bundle)
+        super().activate(signer, bundle)
+
+
+class _Roots(VaultPki):
+    """The PKI mount's roots, without a Vault."""
+
+    def __init__(self, client: VaultClient, bundle: TrustBundle) -> None:
+        super().__init__(client, TD)
+        self.bundle = bundle
+
+    def roots(self) -> TrustBundle:
+        return self.bundle
+
+
+def test_bundle_refresh_keeps_a_signer_rotation_switched_to_meanwhile(tmp_path: Path) -> None:
+    old, new = make_ca(), make_ca()  # the rotation's new intermediate is under a new root
+    both = old.bundle.with_root(new.root.certificate)
+    client = VaultClient(VaultSettings.from_mapping({"addr": "http://127.0.0.1:1", "token": "t"}))
+    origin = {"addr": "http://127.0.0.1:1", "mount": "pki", "trust_domain": TD.name}
+    state = IntermediateState(tmp_path, origin)
+    authority = _RotatedMeanwhile(old.signer, old.bundle, rotated=new.signer)
+    backend = VaultIntermediateAuthority(client, _Roots(client, both), authority, state)
+
+    assert backend.refresh_bundle() == both
+    assert authority.signer is new.signer  # not put back to the one held before the refresh
+    assert authority.bundle() == both
+    saved = IntermediateState(tmp_path, origin).load(TD)  # what is saved is what is held
+    assert saved is not None
+    assert saved[0].certificate == new.signer.certificate
+    assert saved[1] == both
 
 
 def test_intermediate_refuses_leaf_ttls_it_cannot_cover(bao: BaoServer) -> None:

@@ -9,23 +9,25 @@ Vault, the journal, the store and the certificates are real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography import x509
 
-from meshca.backends.vault import VaultIntermediateAuthority, open_vault_authority
+from meshca.backends.vault import VaultAuthority, VaultIntermediateAuthority, open_vault_authority
 from meshca.backends.vault_settings import VaultSettings
 from meshca.issuer import Issuer, TrustBundle, TtlPolicy
 from meshca.retry import Backoff
-from meshca.rotation.admin import ADMIN_SOCKET, admin_request
+from meshca.rotation.admin import admin_request
 from meshca.rotation.journal import JournalStore, SlotKind, SlotStatus
 from meshca.rotation.manager import RotationManager, RotationPolicy
+from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.vault_ca import VaultCaSource
 from meshca.serve_config import ServeConfig
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -34,6 +36,9 @@ from tests.bao_harness import BaoServer, bao, mount, workload_role
 from tests.serve_harness import short_tempdir
 from tests.svid_checks import assert_independently_valid
 
+if TYPE_CHECKING:
+    from meshca.server import MeshcaServer
+
 __all__ = ["bao", "mount"]  # the OpenBao fixtures
 
 TD = TrustDomain("cluster.local")
@@ -41,6 +46,7 @@ WEB = SpiffeId.from_kubernetes("default", "web", TD)
 LEAF_TTL = timedelta(minutes=1)
 SKEW = timedelta(minutes=1)
 FAST = Backoff(initial=0.1, maximum=0.5)
+SERVE_LIMIT = 60.0  # a served test, start to stop; far above its usual 3-25 s
 
 
 def settings(server: BaoServer, mount: str, **overrides: object) -> VaultSettings:
@@ -252,11 +258,21 @@ async def test_an_outage_when_the_next_intermediate_is_due_is_retried_and_logged
 
 
 # the server: rotation, roots poll and health, one path for every backend --------------------
+@contextlib.asynccontextmanager
+async def serving(config: ServeConfig, authority: VaultAuthority) -> AsyncIterator[MeshcaServer]:
+    """``served``, bounded: a step that never ends (also in the server's shutdown, where a
+    swallowed cancellation would otherwise let it pass unnoticed) fails the test at once."""
+    from tests.serve_harness import served
+
+    async with asyncio.timeout(SERVE_LIMIT) as deadline:
+        async with served(config, authority=authority) as meshca:
+            yield meshca
+    assert not deadline.expired(), f"the server did not stop within {SERVE_LIMIT:g}s"
+
+
 async def test_serve_rotates_the_vault_intermediate_and_follows_vault_roots(
     bao: BaoServer, mount: str
 ) -> None:
-    from tests.serve_harness import served
-
     with short_tempdir("mca-vrot-") as root:
         authority = open_vault_authority(
             settings(bao, mount), TD, state_dir=root / "data" / "vault", leaf_ttl=LEAF_TTL
@@ -270,7 +286,7 @@ async def test_serve_rotates_the_vault_intermediate_and_follows_vault_roots(
             backend_poll_interval=0.2,
         )
         try:
-            async with served(config, authority=authority) as meshca:
+            async with serving(config, authority) as meshca:
                 assert meshca.rotation is not None and meshca.bundle_poll is not None
                 assert isinstance(meshca.rotation.manager.source, VaultCaSource)
                 health = await _backend_health(config.uds)  # type: ignore[arg-type]
@@ -307,8 +323,6 @@ async def test_a_short_lived_vault_intermediate_is_replaced_on_the_wall_clock(
 ) -> None:
     """The real timers: a 15 s intermediate with 2 s leaves (the 6 x minimum) is replaced
     at 5/6 of its life by a Vault-signed successor, and served SVIDs move under it."""
-    from tests.serve_harness import served
-
     leaf_ttl = timedelta(seconds=2)
     with short_tempdir("mca-vclk-") as root:
         authority = open_vault_authority(
@@ -326,7 +340,7 @@ async def test_a_short_lived_vault_intermediate_is_replaced_on_the_wall_clock(
             grace=0.0,
         )
         try:
-            async with served(config, authority=authority) as meshca:
+            async with serving(config, authority) as meshca:
                 first = authority.signer.certificate
                 await meshca.store.svid(WEB)
                 async with asyncio.timeout(30):

@@ -48,9 +48,9 @@ from meshca.issuer import (
 )
 from meshca.issuer.keys import (
     generate_private_key,
+    key_matches,
     load_private_key_pem,
     private_key_pem,
-    public_keys_equal,
 )
 from meshca.issuer.policy import check_ca_covers_leaves
 from meshca.issuer.profile import ca_subject, hash_for, utcnow
@@ -229,14 +229,16 @@ class VaultIntermediateAuthority(_VaultAuthority):
             if bundle == self._authority.bundle():
                 return bundle
             try:
-                self._authority.activate(self._authority.signer, bundle)
+                # only the bundle: the signer is whatever rotation has switched to meanwhile
+                self._authority.activate(bundle=bundle)
             except SignerError:
                 raise BackendError(
                     f"vault: the roots of mount '{self.settings.mount}' no longer include the "
                     "root of meshca's intermediate: rotate the intermediate first"
                 ) from None
             log.info("vault: trust bundle now holds %d root(s)", len(bundle))
-            self.save_state(self._authority.signer, bundle)
+            # what the authority holds now, which a concurrent rotation may have changed
+            self.save_state(*self._authority.current())
             return bundle
 
     # what the signing-CA rotation machinery uses (meshca.rotation.vault_ca) ------------
@@ -331,7 +333,7 @@ class IntermediateState:
         except (OSError, ValueError, KeyTypeError, SvidError) as exc:
             log.warning("vault: stored intermediate in %s unusable (%s)", self.directory, exc)
             return None
-        if not public_keys_equal(chain[0].public_key(), key.public_key()):  # type: ignore[arg-type]
+        if not key_matches(key, chain[0]):
             log.warning("vault: stored intermediate key does not match its certificate")
             return None
         if utcnow() >= chain[0].not_valid_after_utc:

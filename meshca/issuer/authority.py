@@ -108,6 +108,10 @@ class SignerAuthority:
     def bundle(self) -> TrustBundle:
         return self._current[1]
 
+    def current(self) -> tuple[Signer, TrustBundle]:
+        """The signer and the bundle it is served with, read together."""
+        return self._current
+
     def activate(self, signer: Signer | None = None, bundle: TrustBundle | None = None) -> None:
         """Switch to a new signer and/or bundle (None keeps the current one), after the
         self-check of the pair; a failed check changes nothing."""

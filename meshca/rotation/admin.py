@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,12 @@ from meshca.rotation.acks import bundle_holds
 from meshca.rotation.journal import RotationError, SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
+from meshca.unix_socket import bind_listening_socket, reachable
 
 log = logging.getLogger("meshca.rotation")
 
-ADMIN_SOCKET = "admin.sock"
+SOCKET_MODE = 0o600
 MAX_REQUEST = 64 * 1024
-_MAX_SUN_PATH = 100  # sockaddr_un holds 108 bytes; leave room
 
 
 class AdminUnavailable(Exception):
@@ -112,20 +111,6 @@ class CaOperations:
             return {"ok": False, "error": str(exc)}
 
 
-@contextlib.contextmanager
-def _reachable(path: Path) -> Iterator[str]:
-    """A path to bind or connect ``path`` by, short enough for a Unix socket address
-    (through ``/proc/self/fd`` when the real one is too long)."""
-    if len(os.fsencode(path)) <= _MAX_SUN_PATH:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
 class AdminServer:
     """Serves :class:`CaOperations` on a Unix socket for the server's lifetime."""
 
@@ -133,15 +118,21 @@ class AdminServer:
         self.operations = operations
         self.path = Path(path)
         self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None  # the socket file this server created
 
     async def start(self) -> None:
-        # The journal lock is held by our manager, so a socket left here is stale.
-        self.path.unlink(missing_ok=True)
-        with _reachable(self.path) as address:
+        # 0600 from the moment the socket exists; a stale one (a server that died) is
+        # replaced, a live one (another server given the same path) is an error.
+        sock = bind_listening_socket(self.path, SOCKET_MODE)
+        try:
+            self._inode = os.lstat(self.path).st_ino
             self._server = await asyncio.start_unix_server(
-                self._serve, path=address, limit=MAX_REQUEST
+                self._serve, sock=sock, limit=MAX_REQUEST
             )
-        os.chmod(self.path, 0o600)
+        except BaseException:
+            sock.close()
+            self._remove_socket()
+            raise
         log.info("admin endpoint on %s", self.path)
 
     async def close(self) -> None:
@@ -150,7 +141,15 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-        self.path.unlink(missing_ok=True)
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        """Unlink the socket this server created, never one another process put there."""
+        inode, self._inode = self._inode, None
+        if inode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(self.path).st_ino == inode:
+                    os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -182,7 +181,7 @@ def admin_request(path: Path, request: dict[str, Any], *, timeout: float) -> dic
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            with _reachable(path) as address:
+            with reachable(path) as address:
                 sock.connect(address)
         except (ConnectionRefusedError, FileNotFoundError):
             raise AdminUnavailable(f"nothing listens on {path}") from None

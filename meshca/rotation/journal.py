@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
 from meshca.issuer import IssuerError, KeyTypeError, Signer, SvidError, TrustBundle
-from meshca.issuer.keys import load_private_key_pem, private_key_pem, public_keys_equal
+from meshca.issuer.keys import key_matches, load_private_key_pem, private_key_pem
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.spiffe import SpiffeIdError, TrustDomain
 
@@ -381,7 +381,7 @@ class JournalStore:
             ) from None
         except (SvidError, KeyTypeError) as exc:
             raise JournalError(f"slot {slot_id} ({directory}): {exc}") from None
-        if not public_keys_equal(chain[0].public_key(), key.public_key()):  # type: ignore[arg-type]
+        if not key_matches(key, chain[0]):
             raise JournalError(f"slot {slot_id}: {CA_KEY} does not match {CERT_CHAIN}")
         return SigningCa(Signer(key, chain[0], tuple(chain[1:])), root)
 

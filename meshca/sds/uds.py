@@ -19,25 +19,23 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import struct
 import tempfile
 from pathlib import Path
 
 from meshca.files import ensure_private_dir
 from meshca.sds.auth import PeerCred
+from meshca.unix_socket import UnixSocketError, bind_listening_socket, check_path_length
 
 log = logging.getLogger("meshca.uds")
 
 DEFAULT_SOCKET_MODE = 0o660
-MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 DEFAULT_MAX_CONNECTIONS = 4096
 BACKEND_SOCKET = "grpc.sock"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class UdsError(OSError):
-    """The Unix socket cannot be set up as asked; the message says why."""
+UdsError = UnixSocketError  # the Unix socket cannot be set up as asked; the message says why
 
 
 def read_peer_cred(sock: socket.socket) -> PeerCred:
@@ -54,14 +52,6 @@ def check_socket_mode(mode: int) -> int:
     if not mode & 0o200:
         raise UdsError(f"socket mode {mode:04o} would stop meshca's own user from connecting")
     return mode
-
-
-def _check_length(path: Path, what: str) -> None:
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise UdsError(
-            f"{what} {path} is too long for a Unix socket "
-            f"({len(os.fsencode(path))} bytes, at most {MAX_SOCKET_PATH}): use a shorter path"
-        )
 
 
 class PeerCredTable:
@@ -220,7 +210,7 @@ class UdsFrontDoor:
         self.public_path = Path(public_path).absolute()
         self.mode = check_socket_mode(mode)
         self.max_connections = max_connections
-        _check_length(self.public_path, "socket path")
+        check_path_length(self.public_path, "socket path")
         self._owns_private_dir = private_dir is None
         self._private_dir = None if private_dir is None else Path(private_dir).absolute()
         self.peer_creds = PeerCredTable()
@@ -246,7 +236,7 @@ class UdsFrontDoor:
         ensure_private_dir(self.private_dir)
         if os.stat(self.private_dir).st_uid != os.getuid():
             raise UdsError(f"{self.private_dir} belongs to another user: it must be meshca's own")
-        _check_length(self.private_dir / "c0000000000", "private socket directory")
+        check_path_length(self.private_dir / "c0000000000", "private socket directory")
         return "unix:" + str(self.backend_path)
 
     @property
@@ -255,7 +245,7 @@ class UdsFrontDoor:
 
     async def start(self) -> None:
         self.prepare()
-        sock = _bind_listening_socket(self.public_path, self.mode)
+        sock = bind_listening_socket(self.public_path, self.mode)
         self._public_inode = os.lstat(self.public_path).st_ino
         self._server = await asyncio.get_running_loop().create_unix_server(
             self._accept, sock=sock, backlog=1024
@@ -296,52 +286,3 @@ class UdsFrontDoor:
 class _Refused(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket left by a meshca that died; refuse to touch anything else."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise UdsError(f"{path} exists and is not a socket; it was left unchanged")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise UdsError(f"{path} is in use: another server is listening on it")
-
-
-def _bind_listening_socket(path: Path, mode: int) -> socket.socket:
-    """Bind with ``mode`` from the first instant: bind inside a fresh 0700 directory,
-    chmod, then rename into place, so there is no moment with looser permissions."""
-    if not path.parent.is_dir():
-        raise UdsError(f"cannot listen on {path}: directory {path.parent} does not exist")
-    _clear_stale_socket(path)
-    staging = Path(tempfile.mkdtemp(prefix=".meshca-", dir=path.parent))
-    staged = staging / "s"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        _check_length(staged, "socket path")
-        sock.bind(str(staged))
-        os.chmod(staged, mode)
-        os.rename(staged, path)
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if isinstance(exc, UdsError):
-            raise
-        raise UdsError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
-        with contextlib.suppress(OSError):
-            staging.rmdir()
-    return sock
