@@ -13,10 +13,10 @@ CA needs no poll: its bundle changes only through rotation, in this process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from meshca.aio import cancel_and_wait
 from meshca.issuer import IssuerError, SigningAuthority, TrustBundle
 from meshca.rotation.service import RotationService
 from meshca.serve_config import DEFAULT_BACKEND_POLL_INTERVAL
@@ -77,10 +77,7 @@ class BundlePoll:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
 
 def bundle_poll(

@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshca.aio import cancel_and_wait, wait_event
 from meshca.issuer import SignerError, SigningAuthority, TrustBundle, X509Svid
 from meshca.issuer.policy import issued_at
 from meshca.issuer.profile import DEFAULT_SKEW, Signer
@@ -259,8 +260,7 @@ class HealthMonitor:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            await wait_event(self._wake, self.interval)
             self._wake.clear()
             try:
                 await self.evaluate()
@@ -272,10 +272,7 @@ class HealthMonitor:
             self._unsubscribe()
             self._unsubscribe = None
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self._loop = None
 
 

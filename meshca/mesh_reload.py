@@ -8,12 +8,12 @@ ConfigMap volumes (a symlink swap), without a platform-specific watcher.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from meshca.aio import cancel_and_wait
 from meshca.envoy.mesh import Mesh, MeshError, load_mesh
 from meshca.serve_config import DEFAULT_POLL_INTERVAL
 from meshca.spiffe import TrustDomain
@@ -76,11 +76,8 @@ class MeshFile:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _poll(self) -> None:
         while True:

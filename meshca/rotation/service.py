@@ -11,17 +11,17 @@ bundle poll reads and hands to :meth:`RotationManager.follow_roots`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+from meshca.aio import cancel_and_wait
 from meshca.backends.local import ca_exists, load_local_ca
 from meshca.issuer import SignerAuthority, SigningAuthority, TrustBundle
 from meshca.rotation.acks import AckTracker
-from meshca.rotation.admin import ADMIN_SOCKET, AdminServer, CaOperations
+from meshca.rotation.admin import AdminServer, CaOperations
 from meshca.rotation.checks import startup_checks
 from meshca.rotation.engine_acks import Engine, EngineAcks
 from meshca.rotation.journal import JournalLockedError
@@ -33,6 +33,7 @@ from meshca.rotation.manager import (
     RotationManager,
     RotationPolicy,
 )
+from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.vault_ca import IntermediateBackend, VaultCaSource
 from meshca.serve_config import ServeConfig
@@ -129,9 +130,7 @@ class RotationService:
     async def close(self) -> None:
         await self.admin.close()
         if self._resume is not None and not self._resume.done():
-            self._resume.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resume
+            await cancel_and_wait(self._resume)
         self.manager.close()
 
 

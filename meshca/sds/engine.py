@@ -61,6 +61,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from meshca.aio import wait_event
 from meshca.sds.auth import Caller, Forbidden, authorize_node
 from meshca.sds.stats import XdsStats
 
@@ -713,6 +714,5 @@ class XdsEngine:
 
     async def wait_settled(self, timeout: float) -> list[StreamStatus]:
         """Wait until every stream has ACKed what it was sent; returns who had not by then."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_settled.wait(), timeout)
+        await wait_event(self._all_settled, timeout)
         return self.unsettled()

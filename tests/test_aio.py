@@ -1,0 +1,66 @@
+"""The asyncio helpers background tasks stop with, and the health monitor's stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from grpc_health.v1.health import aio as health_aio
+
+from meshca.aio import cancel_and_wait, wait_event
+from meshca.health import HealthMonitor
+from meshca.issuer import Issuer, SignerAuthority
+from meshca.store import SecretStore
+from tests.ca_factory import make_ca
+
+
+async def test_wait_event_says_whether_the_event_was_set() -> None:
+    event = asyncio.Event()
+    assert await wait_event(event, 0.01) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_event(event, 5) is True
+
+
+async def test_cancel_and_wait_ends_the_task() -> None:
+    task = asyncio.create_task(asyncio.sleep(60))
+    await cancel_and_wait(task)
+    assert task.cancelled()
+    await cancel_and_wait(None)  # nothing to stop
+
+
+async def test_cancel_and_wait_lets_the_callers_own_cancellation_through() -> None:
+    release = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await release.wait()  # cleanup that takes a while
+
+    worker = asyncio.create_task(slow_to_stop())
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(cancel_and_wait(worker))
+    await asyncio.sleep(0)
+    stopper.cancel()  # whoever was stopping the worker is cancelled itself
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopper
+    assert worker.cancelled()
+
+
+async def test_stop_ends_the_monitor_when_woken_at_the_same_moment() -> None:
+    """A store event arriving just as the server stops used to leave the monitor looping
+    (wait_for swallowed the cancel), so shutdown hung."""
+    ca = make_ca()
+    store = SecretStore(Issuer(SignerAuthority(ca.signer, ca.bundle)))
+    monitor = HealthMonitor(health_aio.HealthServicer(), store.issuer.authority, store)
+    await monitor.start()
+    await asyncio.sleep(0)  # the monitor waits for its next wake-up
+    monitor._wake.set()  # an event arrives just as the server stops
+    running = monitor._task
+    stopping = asyncio.create_task(monitor.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    if not done:
+        stopping.cancel()
+    assert done, "HealthMonitor.stop() did not end the monitor's task"
+    assert running is not None and running.cancelled()
