@@ -17,15 +17,11 @@ from typing import TYPE_CHECKING, Any
 from meshca.commands.common import UsageError, add_command, write_out
 from meshca.config import ConfigError, Settings, add_options
 from meshca.durations import parse_duration
+from meshca.rotation.operator import ADMIN_SOCKET, LAST_STEP
 
 if TYPE_CHECKING:
     from meshca.rotation.admin import CaOperations
 
-# meshca.rotation (imported by the handlers) loads the scheduler and asyncio, which every
-# other command would pay for at start-up; the parser needs only these two of its values
-# (tests/test_layers.py checks they match meshca.rotation.admin and meshca.rotation.root).
-ADMIN_SOCKET = "admin.sock"
-LAST_STEP = 5
 
 NAME = "ca"
 DEFAULT_TIMEOUT = "5m"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import TYPE_CHECKING
 
 from meshca.commands.common import UsageError, add_command
@@ -102,7 +101,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     config = config_from(settings)
     configure_logging(settings["log_level"], settings["log_format"])
     authority = open_authority(settings, serving=True)  # the local CA, or Vault
-    from meshca.server import MeshcaServer  # gRPC loads only for the command that serves
+    # gRPC and the event loop load only for the command that serves.
+    import asyncio
+
+    from meshca.server import MeshcaServer
 
     try:
         server = MeshcaServer(config, authority=authority)

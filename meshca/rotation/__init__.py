@@ -4,25 +4,6 @@ root rotation in acknowledged steps (see docs/rotation.md).
 ``journal`` persists slots and stages; ``manager`` decides when the next CA is prepared
 and activated; ``root`` runs an operator's root rotation; ``acks`` is what rotation asks
 the SDS layer; ``local_ca`` creates CAs from the data directory's keys; ``checks`` are
-the start-up checks; ``admin`` is the local endpoint ``meshca ca`` talks to.
+the start-up checks; ``admin`` is the local endpoint ``meshca ca`` talks to; ``operator``
+holds the two facts the command line needs without loading the rest.
 """
-
-from meshca.rotation.acks import AckedSecret, AckTracker, NoProxies
-from meshca.rotation.journal import RotationError, SigningCa, SlotKind, SlotStatus
-from meshca.rotation.manager import CaSource, RotationManager, RotationPolicy
-from meshca.rotation.root import AckTimeout, RootRotation
-
-__all__ = [
-    "AckTimeout",
-    "AckTracker",
-    "AckedSecret",
-    "CaSource",
-    "NoProxies",
-    "RootRotation",
-    "RotationError",
-    "RotationManager",
-    "RotationPolicy",
-    "SigningCa",
-    "SlotKind",
-    "SlotStatus",
-]

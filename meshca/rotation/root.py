@@ -39,6 +39,7 @@ from meshca.rotation.journal import (
     cert_id,
 )
 from meshca.rotation.manager import RotationManager
+from meshca.rotation.operator import LAST_STEP
 
 log = logging.getLogger("meshca.rotation")
 
@@ -49,7 +50,6 @@ STEPS = {
     4: "wait until every connected proxy has ACKed a certificate under the new root",
     5: "remove the old root once nothing served chains to it",
 }
-LAST_STEP = 5
 DEFAULT_ACK_TIMEOUT = timedelta(minutes=5)
 
 
