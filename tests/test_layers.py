@@ -42,6 +42,11 @@ RULES = [  # (modules, packages they must not import, why)
     ("issuer", ("meshca.backends", "meshca.sds", "meshca.envoy"), "backends depend on issuer"),
     ("backends", ("meshca.sds", "meshca.envoy"), "backends know nothing of SDS"),
     ("spiffe", ("meshca",), "spiffe imports nothing of meshca"),
+    (
+        "rotation",
+        ("meshca.sds", "meshca.envoy"),
+        "rotation asks proxies' ACKs through its AckTracker protocol; the wiring adapts SDS",
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from meshca.netaddr import format_address
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 
 SDS_CLUSTER = "meshca_sds"
@@ -67,7 +68,7 @@ class TcpServer:
         return True
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
 
 ServerAddress = UnixServer | TcpServer
