@@ -210,7 +210,7 @@ class VaultPki:
     def _check_intermediate(
         self, cert: x509.Certificate, csr: x509.CertificateSigningRequest
     ) -> None:
-        if not public_keys_equal(cert.public_key(), csr.public_key()):  # type: ignore[arg-type]
+        if not public_keys_equal(cert.public_key(), csr.public_key()):
             raise BackendError("vault: the signed intermediate is not for meshca's key: refused")
         try:
             basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value

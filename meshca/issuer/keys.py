@@ -7,6 +7,7 @@ import enum
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from meshca.issuer.errors import KeyTypeError
 
@@ -88,7 +89,8 @@ def load_private_key_pem(data: bytes) -> PrivateKey:
     return key
 
 
-def public_keys_equal(a: PublicKey, b: PublicKey) -> bool:
+def public_keys_equal(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
+    """Same key, whatever holds it (certificate, CSR, private key's public half)."""
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     return a.public_bytes(der, fmt) == b.public_bytes(der, fmt)
@@ -96,6 +98,4 @@ def public_keys_equal(a: PublicKey, b: PublicKey) -> bool:
 
 def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
     """Whether ``key`` is the private key of ``cert``."""
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    return key.public_key().public_bytes(der, fmt) == cert.public_key().public_bytes(der, fmt)
+    return public_keys_equal(key.public_key(), cert.public_key())
