@@ -21,7 +21,7 @@ from typing import Any, cast
 import pytest
 from cryptography import x509
 
-from meshca.backends.local import load_local_ca
+from meshca.backends.local import init_local_ca, load_local_ca
 from meshca.rotation import admin
 from meshca.rotation.admin import AdminServer, CaOperations, admin_request
 from meshca.rotation.engine_acks import EngineAcks
@@ -30,6 +30,7 @@ from meshca.rotation.local_ca import LocalCaSource
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.root import AckTimeout, RootRotation
+from meshca.rotation.service import RotationService
 from meshca.store import SecretStore
 from meshca.unix_socket import UnixSocketError, bind_listening_socket, reachable
 from tests.rotation_harness import TD, Proxy, chain_root
@@ -351,3 +352,21 @@ async def test_an_admin_socket_in_use_is_refused_and_a_stale_one_replaced(
         assert await _ask(path) == {"asked": {"op": "status"}}
     finally:
         await third.close()
+
+
+async def test_a_service_whose_admin_socket_is_in_use_leaves_no_schedule_running(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    ca = init_local_ca(data_dir, TD)
+    occupant = AdminServer(ECHO, data_dir / ADMIN_SOCKET)  # another server holds the path
+    await occupant.start()
+    service = RotationService(data_dir, ca.authority(), None)
+    service.open(timedelta(hours=1))
+    try:
+        with pytest.raises(UnixSocketError, match="in use"):
+            await service.start()
+        assert service.manager._scheduler is None  # the CA schedule did not keep running
+    finally:
+        await occupant.close()
+        await service.close()

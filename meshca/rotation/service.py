@@ -122,7 +122,11 @@ class RotationService:
         self.manager.start()
         if self.manager.journal.root_rotation is not None:
             self.rotation.hold_for_reconnects(self.resume_grace)
-        await self.admin.start()
+        try:
+            await self.admin.start()
+        except BaseException:  # e.g. the admin socket is in use: leave nothing running
+            self.manager.stop()
+            raise
         self._resume = asyncio.get_running_loop().create_task(
             self.rotation.resume(grace=self.resume_grace)
         )
