@@ -263,8 +263,3 @@ def rotation_mesh(*, leaf_ttl: str, interval: float = 0.01) -> Iterator[tuple[Ro
                 load.stop()
             mesh.stop_envoys()
             mesh.stop_meshca()
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    """``eventually`` with the arguments in the order the rotation tests give them."""
-    eventually(predicate, what, timeout)

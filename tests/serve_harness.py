@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from meshca.issuer import Issuer, X509Svid
 from meshca.serve_config import ServeConfig
 from meshca.server import MeshcaServer
 from meshca.spiffe import SpiffeId, TrustDomain
+from tests.envoy_harness import stop_process
 
 TD = TrustDomain("cluster.local")
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -144,14 +144,7 @@ class ServeProcess:
     tcp_port: int | None = None  # with --listen: the port it says it listens on
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
+        return stop_process(self.process)
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")

@@ -5,22 +5,21 @@ itself, under the shared CA, when it can read that CA's key in the cacerts direc
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from meshca.backends.local import init_local_ca, load_local_ca
-from meshca.cli import main as cli_main
 from meshca.issuer import Issuer
 from meshca.rotation.checks import startup_checks
 from meshca.rotation.journal import SlotKind
 from meshca.rotation.local_ca import LocalCaSource
 from meshca.rotation.manager import RotationManager
 from meshca.spiffe import SpiffeId, TrustDomain
+from tests.cli_harness import clean_environment, runner
 from tests.svid_checks import assert_independently_valid
 
 TD = TrustDomain("cluster.local")
@@ -31,17 +30,9 @@ Cli = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    for name in list(os.environ):
-        if name.startswith("MESHCA_"):
-            monkeypatch.delenv(name)
-
-    def run(*argv: str | Path) -> tuple[int, str, str]:
-        code = cli_main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
+    clean_environment(monkeypatch, tmp_path)
+    return runner(capsys)
 
 
 @pytest.fixture

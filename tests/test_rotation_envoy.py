@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from meshca.rotation.journal import JournalStore
-from tests.rotation_envoy_harness import rotation_mesh, wait_for
+from tests.envoy_harness import eventually
+from tests.rotation_envoy_harness import rotation_mesh
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -28,12 +29,12 @@ def test_rotations_and_a_crash_under_load_fail_no_request() -> None:
         # Several renewals reach both Envoys.
         for _ in range(2):
             before = [web.serials(), buyer.serials()]
-            wait_for(
+            eventually(
                 lambda before=before: (
                     not (web.serials() & before[0]) and not (buyer.serials() & before[1])
                 ),
-                30,
                 "renewed certificates in both Envoys",
+                30,
             )
 
         # A signing-CA rotation: same root, new intermediate, every SVID re-issued.
@@ -65,22 +66,22 @@ def test_rotations_and_a_crash_under_load_fail_no_request() -> None:
         assert status["root_rotation"]["done"] == 3  # resumed exactly where it was
         # Envoy opens one SDS stream per secret and retries each with its own backoff:
         # both Envoys back (by name) is not yet both identities' certificate streams.
-        wait_for(
+        eventually(
             lambda: (
                 len((now := mesh.status())["connected"]) == 2
                 and sum(root["served_under"] for root in now["bundle"]) == 2
             ),
-            60,
             "both Envoys and both identities reconnected",
+            60,
         )
         result = mesh.ca("rotate-root", "--timeout", "60s")
         assert result.returncode == 0, result.stderr
         [third_root] = mesh.bundle()
         assert third_root not in (first_root, second_root)
-        wait_for(
+        eventually(
             lambda: mesh.trusted_serials() == [{third_root.serial_number}] * 2,
-            30,
             "both Envoys trusting only the newest root",
+            30,
         )
         status = mesh.status()
         assert status["root_rotation"] is None
@@ -88,6 +89,6 @@ def test_rotations_and_a_crash_under_load_fail_no_request() -> None:
         assert root["served_under"] >= 2  # web and buyer (and nothing else) chain to it
         assert len(status["slots"]) == 1
         served = load.total
-        wait_for(lambda: load.total > served + 20, 30, "requests after the last rotation")
+        eventually(lambda: load.total > served + 20, "requests after the last rotation", 30)
     assert load.failed == 0, f"{load.failed} of {load.total} failed: {load.failures}"
     assert load.total > 200

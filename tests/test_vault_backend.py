@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,7 +58,6 @@ from tests.bao_harness import (
     WORKLOAD_ROLE,
     BaoServer,
     bao,
-    free_port,
     mount,
     prepared,
     running,
@@ -69,9 +65,8 @@ from tests.bao_harness import (
     workload_role,
 )
 from tests.ca_factory import make_ca
-from tests.envoy_harness import EnvoyProcess, RecordingApp, http_get
-from tests.envoy_harness import free_port as envoy_free_port
-from tests.serve_harness import fetch, served, short_tempdir
+from tests.envoy_harness import EnvoyProcess, RecordingApp, free_port, http_get
+from tests.serve_harness import clean_env, fetch, served, serving, short_tempdir
 from tests.svid_checks import assert_independently_valid
 
 __all__ = ["bao", "mount"]  # the OpenBao fixtures
@@ -562,7 +557,7 @@ ENVOY_LEAF_TTL = timedelta(seconds=16)  # renewals fall due within the test's ou
 
 
 def _envoy_pair(root: Path, sds: Path, app_port: int) -> tuple[EnvoyProcess, EnvoyProcess, int]:
-    web_port, buyer_port = envoy_free_port(), envoy_free_port()
+    web_port, buyer_port = free_port(), free_port()
     server = UnixServer(sds)
     web = build_bootstrap(
         BootstrapSpec(SHOP, server, inbound=Inbound(web_port, app_port, (BUYER,)))
@@ -770,44 +765,23 @@ def test_bad_vault_flag_is_one_line_naming_it(cli: Callable[..., Any]) -> None:
 def test_serve_with_vault_serves_vault_signed_svids_and_reports_health(
     bao: BaoServer, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHCA_", "VAULT_"))}
-    env |= {"VAULT_ADDR": bao.url, "VAULT_TOKEN": bao.token(["meshca-per-workload"])}
-    with short_tempdir("mca-vserve-") as root:
-        out = root / "serve.out"
-        with out.open("wb") as stdout:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "meshca",
-                    "serve",
-                    "--data-dir",
-                    str(root / "data"),
-                    "--uds",
-                    str(root / "sds.sock"),
-                    "--uds-identity",
-                    f"{os.getuid()}={WEB}",
-                    *PER_WORKLOAD_FLAGS,
-                    WORKLOAD_ROLE,
-                    "--ttl",
-                    "1h",
-                ],
-                stdout=stdout,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        try:
-            deadline = time.monotonic() + 30
-            while "listening on unix://" not in out.read_text():
-                assert process.poll() is None, out.read_text()
-                assert time.monotonic() < deadline, out.read_text()
-                time.sleep(0.05)
-            secrets, health = asyncio.run(_fetch_over_uds(root / "sds.sock"))
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=20)
-    assert process.returncode == 0, out.read_text()
+    env = clean_env() | {"VAULT_ADDR": bao.url, "VAULT_TOKEN": bao.token(["meshca-per-workload"])}
+    with (
+        short_tempdir("mca-vserve-") as root,
+        serving(
+            root,
+            root / "data",
+            "--uds-identity",
+            f"{os.getuid()}={WEB}",
+            *PER_WORKLOAD_FLAGS,
+            WORKLOAD_ROLE,
+            "--ttl",
+            "1h",
+            env=env,
+        ) as server,
+    ):
+        secrets, health = asyncio.run(_fetch_over_uds(server.uds))
+        assert server.stop() == 0, server.log()
     [secret] = secrets
     chain = x509.load_pem_x509_certificates(secret.tls_certificate.certificate_chain.inline_bytes)
     assert spiffe_id_of(chain[0]) == WEB
