@@ -76,8 +76,8 @@ async def serve(data_dir: Path, socket_path: Path) -> None:
     from meshca.issuer import SignerAuthority
     from meshca.issuer.keys import generate_private_key
     from meshca.issuer.profile import build_ca
-    from meshca.serve_config import ServeConfig
-    from meshca.server import MeshcaServer
+    from meshca.serve.config import ServeConfig
+    from meshca.serve.server import MeshcaServer
     from meshca.spiffe import SpiffeId
 
     raise_fd_limit()

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives import serialization
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshca.backends.local import init_local_ca
-from meshca.backends.vault import open_vault_authority
-from meshca.backends.vault_settings import VaultSettings
+from meshca.backends.vault.backend import open_vault_authority
+from meshca.backends.vault.settings import VaultSettings
 from meshca.issuer import Issuer, KeyType, TtlPolicy
 from meshca.issuer.authority import workload_csr
 from meshca.issuer.keys import generate_private_key

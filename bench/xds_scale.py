@@ -61,12 +61,12 @@ from meshca.envoy.snapshot import Snapshot
 from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from meshca.issuer import Issuer
 from meshca.issuer.keys import private_key_pem
-from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
-from meshca.sds.auth import CallerAuthenticator
 from meshca.sds.secrets import SecretSource
-from meshca.server_ads import MeshAds
+from meshca.serve.ads import MeshAds
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
+from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
+from meshca.xds.auth import CallerAuthenticator
 
 TD = TrustDomain("cluster.local")
 T = TypeVar("T")

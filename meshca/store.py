@@ -28,8 +28,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from meshca.issuer import Issuer, IssuerError, TrustBundle, X509Svid
 from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, issued_at, renewal_time
-from meshca.retry import Backoff
 from meshca.spiffe import SpiffeId
+from meshca.util.retry import Backoff
 
 log = logging.getLogger("meshca.store")
 

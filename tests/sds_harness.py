@@ -32,14 +32,14 @@ from meshca.backends.local import LocalCa, init_local_ca
 from meshca.envoy.mesh import Mesh, Service
 from meshca.issuer import Issuer, X509Svid
 from meshca.issuer.keys import private_key_pem
-from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
-from meshca.sds.auth import CallerAuthenticator
-from meshca.sds.engine import ResourceSource, XdsEngine
 from meshca.sds.secrets import SECRET_TYPE_URL
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
-from meshca.sds.stats import XdsStats
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
+from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
+from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.engine import ResourceSource, XdsEngine
+from meshca.xds.stats import XdsStats
 
 TRUST_DOMAIN = TrustDomain("cluster.local")
 SERVER_ID = SpiffeId.from_kubernetes("meshca", "meshca", TRUST_DOMAIN)
@@ -177,7 +177,7 @@ async def sds_harness(
         cleanup.callback(store.stop)
         door: Any = None
         if uds:
-            from meshca.sds.uds import UdsFrontDoor  # the server's relay
+            from meshca.xds.uds import UdsFrontDoor  # the server's relay
 
             socket_dir = Path(tempfile.mkdtemp(prefix="sds-", dir="/tmp"))
             cleanup.callback(shutil.rmtree, socket_dir, True)

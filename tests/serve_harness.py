@@ -1,7 +1,7 @@
 """An in-process ``meshca serve`` for tests, a real ``meshca serve`` process, and small
 SDS client helpers.
 
-``served(...)`` starts a :class:`meshca.server.MeshcaServer` on loopback TCP (port 0)
+``served(...)`` starts a :class:`meshca.serve.server.MeshcaServer` on loopback TCP (port 0)
 and/or a Unix socket in a short temp directory, with a fresh local CA, and stops it.
 ``serving(...)`` runs ``meshca serve`` as a process until it listens, and stops it.
 """
@@ -31,8 +31,8 @@ from google.protobuf import struct_pb2
 
 from meshca.backends.local import init_local_ca
 from meshca.issuer import Issuer, X509Svid
-from meshca.serve_config import ServeConfig
-from meshca.server import MeshcaServer
+from meshca.serve.config import ServeConfig
+from meshca.serve.server import MeshcaServer
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import stop_process
 

@@ -34,15 +34,15 @@ from meshca.envoy.ads_bootstrap import build_ads_bootstrap
 from meshca.envoy.bootstrap import BootstrapSpec, ClientTls, TcpServer
 from meshca.envoy.mesh import Mesh, parse_mesh
 from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE
-from meshca.files import PRIVATE, atomic_write
 from meshca.issuer import Issuer, X509Svid
 from meshca.issuer.keys import private_key_pem
-from meshca.sds.ads import AggregatedDiscoveryServicer, add_ads_to_server
-from meshca.sds.auth import CallerAuthenticator
 from meshca.sds.secrets import SecretSource
-from meshca.server_ads import MeshAds
+from meshca.serve.ads import MeshAds
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
+from meshca.util.files import PRIVATE, atomic_write
+from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
+from meshca.xds.auth import CallerAuthenticator
 from tests.envoy_harness import (
     EnvoyProcess,
     RecordingApp,

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from grpc_health.v1.health import aio as health_aio
 
-from meshca.aio import cancel_and_wait, wait_event
-from meshca.health import HealthMonitor
 from meshca.issuer import Issuer, SignerAuthority
+from meshca.serve.health import HealthMonitor
 from meshca.store import SecretStore
+from meshca.util.aio import cancel_and_wait, wait_event
 from tests.ca_factory import make_ca
 
 

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.cli import main
-from meshca.config import reference_markdown
+from meshca.cli.options import reference_markdown
 from meshca.issuer.svid import fingerprint
 from tests.cli_harness import (
     MESHCA,
@@ -515,5 +515,5 @@ def test_readme_configuration_reference_matches_the_option_table() -> None:
     readme = (REPO / "README.md").read_text()
     assert reference_markdown(README_COMMANDS) in readme, (
         "README.md's configuration table is stale: regenerate it with "
-        f"meshca.config.reference_markdown({README_COMMANDS})"
+        f"meshca.cli.options.reference_markdown({README_COMMANDS})"
     )

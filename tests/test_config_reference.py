@@ -1,6 +1,6 @@
 """docs/configuration.md cannot drift from the options meshca really has.
 
-The table between the markers is ``meshca.config.reference_markdown()`` verbatim, and
+The table between the markers is ``meshca.cli.options.reference_markdown()`` verbatim, and
 that table is checked against the real command line (every configuration flag each
 command's parser offers, and no other), the real environment and config-file lookup
 (each documented variable and key is where the value comes from), and the documented
@@ -20,11 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from meshca.cli import build_parser
-from meshca.config import EVERY_COMMAND, OPTIONS, ConfigError, load_settings, reference_markdown
+from meshca.cli.main import build_parser
+from meshca.cli.options import (
+    EVERY_COMMAND,
+    OPTIONS,
+    ConfigError,
+    load_settings,
+    reference_markdown,
+)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
-BEGIN = "<!-- BEGIN GENERATED: meshca.config.reference_markdown() -->"
+BEGIN = "<!-- BEGIN GENERATED: meshca.cli.options.reference_markdown() -->"
 END = "<!-- END GENERATED -->"
 CONFIG_GROUP = "configuration (flag > MESHCA_* environment > file)"
 

@@ -42,12 +42,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshca.backends.vault_settings import SETTING_SOURCES, AuthMethod, VaultSettings
-from meshca.cli import build_parser
-from meshca.config import OPTIONS, load_settings
+from meshca.backends.vault.settings import SETTING_SOURCES, AuthMethod, VaultSettings
+from meshca.cli.main import build_parser
+from meshca.cli.options import OPTIONS, load_settings
 from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import load_mesh
-from meshca.server import default_dns_names
+from meshca.serve.server import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import free_port, stop_process
 

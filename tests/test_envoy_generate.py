@@ -48,9 +48,9 @@ from meshca.envoy.xds import (
     ROUTE_TYPE,
     GenerationError,
 )
-from meshca.files import PRIVATE, atomic_write
 from meshca.issuer import Issuer
 from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.util.files import PRIVATE, atomic_write
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document, validate_config
 
 TD = TrustDomain("cluster.local")

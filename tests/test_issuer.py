@@ -21,7 +21,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshca.durations import DurationError, format_duration, parse_duration
 from meshca.issuer import (
     ChainError,
     CsrError,
@@ -44,6 +43,7 @@ from meshca.issuer.profile import DEFAULT_SKEW, build_leaf, utcnow
 from meshca.issuer.svid import spiffe_id_of
 from meshca.issuer.verify import self_check, verify_chain
 from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.util.durations import DurationError, format_duration, parse_duration
 from tests.ca_factory import TRUST_DOMAIN, InMemoryCa, make_ca
 from tests.svid_checks import assert_independently_valid, openssl_verify
 

@@ -27,7 +27,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
 
 from meshca.issuer.keys import KeyType, generate_private_key, private_key_pem
-from meshca.logs import WITHHELD, bind, bound, make_handler, parse_log_format
+from meshca.util.logs import WITHHELD, bind, bound, make_handler, parse_log_format
 from tests.serve_harness import (
     MESHCA,
     SECRET_TYPE,

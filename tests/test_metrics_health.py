@@ -28,15 +28,15 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshca.backends.vault import open_vault_authority
-from meshca.backends.vault_settings import VaultSettings
-from meshca.health import evaluate, life_left
+from meshca.backends.vault.backend import open_vault_authority
+from meshca.backends.vault.settings import VaultSettings
 from meshca.issuer import Issuer, Signer, SignerAuthority, TrustBundle
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca
-from meshca.metrics import Metrics
-from meshca.retry import Backoff
-from meshca.server import SDS_SERVICE, MeshcaServer, ServeError
+from meshca.serve.health import evaluate, life_left
+from meshca.serve.metrics import Metrics
+from meshca.serve.server import SDS_SERVICE, MeshcaServer, ServeError
+from meshca.util.retry import Backoff
 from tests.bao_harness import (
     TRUST_DOMAIN,
     WORKLOAD_ROLE,

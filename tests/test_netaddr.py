@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshca.netaddr import format_address
-from meshca.serve_config import parse_listen
+from meshca.serve.config import parse_listen
+from meshca.util.netaddr import format_address
 from tests.serve_harness import announced_tcp_port
 
 

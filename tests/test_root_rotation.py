@@ -24,15 +24,15 @@ from cryptography import x509
 from meshca.backends.local import init_local_ca, load_local_ca
 from meshca.rotation import admin
 from meshca.rotation.admin import AdminServer, CaOperations, admin_request
-from meshca.rotation.engine_acks import EngineAcks
 from meshca.rotation.journal import JournalStore, RotationError
 from meshca.rotation.local_ca import LocalCaSource
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.root import AckTimeout, RootRotation
-from meshca.rotation.service import RotationService
+from meshca.serve.engine_acks import EngineAcks
+from meshca.serve.rotation import RotationService
 from meshca.store import SecretStore
-from meshca.unix_socket import UnixSocketError, bind_listening_socket, reachable
+from meshca.util.unix_socket import UnixSocketError, bind_listening_socket, reachable
 from tests.rotation_harness import TD, Proxy, chain_root
 from tests.sds_harness import SdsHarness, k8s, sds_harness, wait_until
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from meshca.cli import build_parser
-from meshca.cli import main as cli_main
-from meshca.commands.serve import config_from
-from meshca.config import load_settings
+from meshca.cli.commands.serve import config_from
+from meshca.cli.main import build_parser
+from meshca.cli.main import main as cli_main
+from meshca.cli.options import load_settings
 from meshca.issuer import TtlError
 from meshca.rotation.local_ca import LocalCaSource
-from meshca.serve_config import parse_fraction
-from meshca.server import MeshcaServer
+from meshca.serve.config import parse_fraction
+from meshca.serve.server import MeshcaServer
 from tests.cli_harness import assert_one_line_error, clean_environment
 from tests.serve_harness import make_data_dir, served, short_tempdir
 

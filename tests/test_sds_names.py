@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshca.sds.names import (
+from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.xds.names import (
     BundleRequest,
     CertificateRequest,
     NameProblem,
@@ -12,7 +13,6 @@ from meshca.sds.names import (
     SecretNameError,
     parse_secret_name,
 )
-from meshca.spiffe import SpiffeId, TrustDomain
 
 TD = TrustDomain("cluster.local")
 

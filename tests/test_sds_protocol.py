@@ -19,7 +19,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2
 
 from meshca.envoy.mesh import Mesh, Service
 from meshca.issuer import IssuerError
-from meshca.sds.engine import Resource, ResourceError
+from meshca.xds.engine import Resource, ResourceError
 from tests.sds_harness import (
     NO_WINDOW_GROWTH,
     TRUST_DOMAIN,

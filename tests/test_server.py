@@ -23,18 +23,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from meshca.backends.local import load_local_ca
-from meshca.cli import build_parser
-from meshca.commands.serve import config_from
-from meshca.config import load_settings
+from meshca.cli.commands.serve import config_from
+from meshca.cli.main import build_parser
+from meshca.cli.options import load_settings
 from meshca.issuer import Issuer, IssuerError, Signer, SignerAuthority, X509Svid
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca, build_leaf
 from meshca.issuer.svid import spiffe_id_of
-from meshca.mesh_reload import MeshFile
-from meshca.sds.uds import UdsError
-from meshca.serve_config import ServeConfig
-from meshca.server import SDS_SERVICE, MeshcaServer, ServeError
+from meshca.serve.config import ServeConfig
+from meshca.serve.mesh_reload import MeshFile
+from meshca.serve.server import SDS_SERVICE, MeshcaServer, ServeError
 from meshca.spiffe import SpiffeId
+from meshca.xds.uds import UdsError
 from tests.sds_harness import wait_until
 from tests.serve_harness import (
     SECRET_TYPE,

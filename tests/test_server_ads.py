@@ -14,7 +14,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from meshca.server import ADS_SERVICE, MeshcaServer
+from meshca.serve.server import ADS_SERVICE, MeshcaServer
 from tests.sds_harness import open_sotw, sotw, wait_until
 from tests.serve_harness import (
     client_svid,

@@ -13,12 +13,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from meshca.backends.errors import BackendUnavailable
-from meshca.health import life_left
 from meshca.issuer import Issuer, LeafRequest, SignerAuthority, TrustBundle, TtlPolicy
 from meshca.issuer.authority import SigningAuthority
-from meshca.retry import Backoff
+from meshca.serve.health import life_left
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged, SvidExpiredError
+from meshca.util.retry import Backoff
 from tests.ca_factory import TRUST_DOMAIN, InMemoryCa, make_ca
 
 WEB = SpiffeId.from_kubernetes("default", "web", TRUST_DOMAIN)

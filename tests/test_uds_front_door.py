@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshca import unix_socket
-from meshca.sds.auth import PeerCred
-from meshca.sds.uds import PeerCredTable, UdsError, UdsFrontDoor
+from meshca.util import unix_socket
+from meshca.xds.auth import PeerCred
+from meshca.xds.uds import PeerCredTable, UdsError, UdsFrontDoor
 from tests.serve_harness import short_tempdir
 
 pytestmark = pytest.mark.timeout(60)

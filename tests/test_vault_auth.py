@@ -26,9 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca.backends.errors import BackendError, BackendUnavailable
-from meshca.backends.vault import VaultAuthority, VaultWorkloadAuthority, open_vault_authority
-from meshca.backends.vault_auth import LoginRejected, TokenKeeper
-from meshca.backends.vault_settings import VaultSettings, VaultSettingsError
+from meshca.backends.vault.auth import LoginRejected, TokenKeeper
+from meshca.backends.vault.backend import (
+    VaultAuthority,
+    VaultWorkloadAuthority,
+    open_vault_authority,
+)
+from meshca.backends.vault.settings import VaultSettings, VaultSettingsError
 from meshca.issuer import Issuer
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, TrustDomain

@@ -18,17 +18,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.backends.errors import BackendError, BackendUnavailable
-from meshca.backends.vault import (
+from meshca.backends.vault.backend import (
     IntermediateState,
     VaultIntermediateAuthority,
     VaultWorkloadAuthority,
     open_vault_authority,
 )
-from meshca.backends.vault_check import check_vault
-from meshca.backends.vault_client import VaultClient
-from meshca.backends.vault_pki import VaultPki, chain_above
-from meshca.backends.vault_settings import VaultSettings
-from meshca.cli import main as cli_main
+from meshca.backends.vault.check import check_vault
+from meshca.backends.vault.client import VaultClient
+from meshca.backends.vault.pki import VaultPki, chain_above
+from meshca.backends.vault.settings import VaultSettings
+from meshca.cli.main import main as cli_main
 from meshca.envoy.bootstrap import (
     BootstrapSpec,
     Inbound,
@@ -50,10 +50,10 @@ from meshca.issuer import (
 from meshca.issuer.authority import workload_csr
 from meshca.issuer.keys import PrivateKey, generate_private_key, load_private_key_pem
 from meshca.issuer.svid import spiffe_id_of
-from meshca.retry import Backoff, Breaker
-from meshca.serve_config import ServeConfig
+from meshca.serve.config import ServeConfig
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent
+from meshca.util.retry import Backoff, Breaker
 from tests.bao_harness import (
     WORKLOAD_ROLE,
     BaoServer,

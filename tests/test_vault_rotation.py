@@ -20,24 +20,28 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from cryptography import x509
 
-from meshca.backends.vault import VaultAuthority, VaultIntermediateAuthority, open_vault_authority
-from meshca.backends.vault_settings import VaultSettings
+from meshca.backends.vault.backend import (
+    VaultAuthority,
+    VaultIntermediateAuthority,
+    open_vault_authority,
+)
+from meshca.backends.vault.settings import VaultSettings
 from meshca.issuer import Issuer, TrustBundle, TtlPolicy
-from meshca.retry import Backoff
 from meshca.rotation.admin import admin_request
 from meshca.rotation.journal import JournalStore, SlotKind, SlotStatus
 from meshca.rotation.manager import RotationManager, RotationPolicy
 from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.vault_ca import VaultCaSource
-from meshca.serve_config import ServeConfig
+from meshca.serve.config import ServeConfig
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.util.retry import Backoff
 from tests.bao_harness import BaoServer, bao, mount, workload_role
 from tests.serve_harness import short_tempdir
 from tests.svid_checks import assert_independently_valid
 
 if TYPE_CHECKING:
-    from meshca.server import MeshcaServer
+    from meshca.serve.server import MeshcaServer
 
 __all__ = ["bao", "mount"]  # the OpenBao fixtures
 

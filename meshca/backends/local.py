@@ -29,7 +29,6 @@ from pathlib import Path
 
 from cryptography import x509
 
-from meshca.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
 from meshca.issuer import (
     ChainError,
     IssuerError,
@@ -53,6 +52,7 @@ from meshca.issuer.profile import build_ca, utcnow
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.issuer.verify import self_check, verify_chain
 from meshca.spiffe import TrustDomain
+from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
 
 CA_DIR = "ca"
 BACKUP_DIR = "backup"

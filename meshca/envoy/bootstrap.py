@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from meshca.netaddr import format_address
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
+from meshca.util.netaddr import format_address
 
 SDS_CLUSTER = "meshca_sds"
 DEFAULT_ADMIN_PORT = 15000

@@ -29,8 +29,8 @@ from meshca.envoy.model import (
     labels_of,
     matches,
 )
-from meshca.files import YamlFileError, read_yaml
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain, check_segment
+from meshca.util.files import YamlFileError, read_yaml
 
 __all__ = [
     "PROTOCOLS",

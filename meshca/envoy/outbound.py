@@ -23,7 +23,7 @@ from meshca.envoy.clusters import BLACKHOLE, PASSTHROUGH
 from meshca.envoy.filters import TCP_PROXY, original_dst, outbound_http, tcp_proxy
 from meshca.envoy.routes import Upstream, route_config_name
 from meshca.envoy.xds import GenerationError, pack, socket_address
-from meshca.netaddr import format_address
+from meshca.util.netaddr import format_address
 
 OUTBOUND_PORT = 15001
 OUTBOUND_LISTENER = "outbound-listener"

@@ -6,9 +6,9 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from meshca.durations import format_duration
 from meshca.issuer.errors import TtlError
 from meshca.issuer.profile import DEFAULT_SKEW
+from meshca.util.durations import format_duration
 
 DEFAULT_LEAF_TTL = timedelta(hours=24)
 DEFAULT_MAX_LEAF_TTL = timedelta(days=90)

@@ -32,7 +32,7 @@ from meshca.rotation.acks import bundle_holds
 from meshca.rotation.journal import RotationError, SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
-from meshca.unix_socket import bind_listening_socket, reachable
+from meshca.util.unix_socket import bind_listening_socket, reachable
 
 log = logging.getLogger("meshca.rotation")
 

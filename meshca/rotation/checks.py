@@ -8,13 +8,13 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from meshca.durations import format_duration
 from meshca.issuer import Signer, TrustBundle, TtlError
 from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, check_ca_covers_leaves, issued_at
 from meshca.issuer.profile import DEFAULT_SKEW, utcnow
 from meshca.issuer.svid import fingerprint
 from meshca.rotation.journal import SlotKind
 from meshca.rotation.manager import RotationManager
+from meshca.util.durations import format_duration
 
 log = logging.getLogger("meshca.rotation")
 

@@ -33,11 +33,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshca.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
 from meshca.issuer import IssuerError, KeyTypeError, Signer, SvidError, TrustBundle
 from meshca.issuer.keys import key_matches, load_private_key_pem, private_key_pem
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.spiffe import SpiffeIdError, TrustDomain
+from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
 
 FORMAT = 1
 ROTATION_DIR = "rotation"

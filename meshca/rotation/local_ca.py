@@ -52,7 +52,6 @@ from meshca.backends.local import (
     mint_own_intermediate,
     read_cacerts,
 )
-from meshca.files import PRIVATE, atomic_write, ensure_private_dir, fsync_directory
 from meshca.issuer import IssuerError, KeyType, KeyTypeError, Signer, TrustBundle
 from meshca.issuer.keys import (
     PrivateKey,
@@ -74,6 +73,7 @@ from meshca.rotation.journal import (
     cert_id,
 )
 from meshca.spiffe import TrustDomain
+from meshca.util.files import PRIVATE, atomic_write, ensure_private_dir, fsync_directory
 
 log = logging.getLogger("meshca.rotation")
 

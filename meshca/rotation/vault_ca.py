@@ -33,7 +33,7 @@ log = logging.getLogger("meshca.rotation")
 @runtime_checkable
 class IntermediateBackend(Protocol):
     """What rotation uses of a backend that has a remote CA sign meshca's intermediate
-    (``meshca.backends.vault.VaultIntermediateAuthority``)."""
+    (``meshca.backends.vault.backend.VaultIntermediateAuthority``)."""
 
     @property
     def signer_authority(self) -> SignerAuthority: ...

@@ -22,9 +22,11 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.type.matcher.v3 import string_pb2
 
 from meshca.issuer import IssuerError, TrustBundle, X509Svid
-from meshca.sds.auth import Caller, Forbidden, own_identity
-from meshca.sds.engine import Resolution, Resource, ResourceError, StreamHandle
-from meshca.sds.names import (
+from meshca.spiffe import SpiffeId
+from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.xds.auth import Caller, Forbidden, own_identity
+from meshca.xds.engine import Resolution, Resource, ResourceError, StreamHandle
+from meshca.xds.names import (
     BundleRequest,
     CertificateRequest,
     NameProblem,
@@ -33,8 +35,6 @@ from meshca.sds.names import (
     SecretRequest,
     parse_secret_name,
 )
-from meshca.spiffe import SpiffeId
-from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -82,7 +82,7 @@ class _Watch:
 
 
 class SecretSource:
-    """The Secret type for :class:`meshca.sds.engine.XdsEngine`."""
+    """The Secret type for :class:`meshca.xds.engine.XdsEngine`."""
 
     type_url = SECRET_TYPE_URL
     wildcard = False

@@ -2,7 +2,7 @@
 
 A thin shell: it authenticates the caller (UNAUTHENTICATED when that fails) and hands
 the call to the xDS engine with the Secret source. Protocol rules live in
-:mod:`meshca.sds.engine`, authorization in :mod:`meshca.sds.secrets`.
+:mod:`meshca.xds.engine`, authorization in :mod:`meshca.sds.secrets`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import grpc
 import grpc.aio
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from meshca.logs import bind
-from meshca.sds.auth import AuthError, Caller, CallerAuthenticator
-from meshca.sds.engine import XdsEngine
 from meshca.sds.secrets import SECRET_TYPE_URL, SecretSource
-from meshca.sds.stats import XdsStats
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore
+from meshca.util.logs import bind
+from meshca.xds.auth import AuthError, Caller, CallerAuthenticator
+from meshca.xds.engine import XdsEngine
+from meshca.xds.stats import XdsStats
 
 log = logging.getLogger("meshca.sds")
 

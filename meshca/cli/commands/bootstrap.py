@@ -1,0 +1,151 @@
+"""``meshca bootstrap``: an Envoy bootstrap that gets its certificates (and, with ``--ads``,
+its whole configuration) from ``meshca serve``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.options import ConfigError, Settings, option
+from meshca.envoy.bootstrap import (
+    BootstrapError,
+    BootstrapSpec,
+    ClientTls,
+    TcpServer,
+    default_server_id,
+    parse_inbound,
+    parse_outbound,
+    render_bootstrap,
+)
+from meshca.spiffe import SpiffeId
+from meshca.util.files import PUBLIC, atomic_write
+
+NAME = "bootstrap"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        subparsers,
+        NAME,
+        run,
+        summary="write an Envoy bootstrap that uses meshca's SDS (or ADS)",
+        description=(
+            "Write an Envoy bootstrap (YAML) for IDENTITY whose static cluster "
+            "'meshca_sds' reaches meshca over its Unix socket (--server unix:///path) or "
+            "over mutual TLS (--server HOST:PORT with --cert-dir from 'meshca issue'; "
+            "only meshca's own SPIFFE ID is accepted from the server). --inbound and "
+            "--outbound add a minimal listener pair for trying it out. With --ads that "
+            "cluster is the only static piece: listeners, clusters, routes, endpoints and "
+            "secrets come from meshca over ADS, generated from its mesh file for IDENTITY "
+            "(--capture says how traffic reaches the proxy)."
+        ),
+    )
+    parser.add_argument("identity", metavar="IDENTITY", help="the SPIFFE ID this Envoy serves")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="write here (default stdout)")
+    parser.add_argument(
+        "--inbound",
+        metavar="PORT:APP_PORT",
+        help="add an mTLS listener on 127.0.0.1:PORT forwarding to a local app on APP_PORT",
+    )
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="with --inbound: a client identity to admit (repeatable; default any in the "
+        "trust domain)",
+    )
+    parser.add_argument(
+        "--outbound",
+        metavar="PORT:HOST:PORT",
+        help="add a plain HTTP listener on 127.0.0.1:PORT forwarding over mTLS to HOST:PORT",
+    )
+    parser.add_argument(
+        "--upstream-id", metavar="ID", help="with --outbound: the identity the upstream must have"
+    )
+
+
+ADS_ONLY = ("capture", "workload", "delta")
+
+
+def _check_shape(args: argparse.Namespace, settings: Settings) -> None:
+    if settings["ads"]:
+        for given, flag in ((args.inbound, "--inbound"), (args.outbound, "--outbound")):
+            if given is not None:
+                raise UsageError(
+                    f"{flag} does not apply to --ads: meshca sends the listeners and clusters"
+                )
+        return
+    for name in ADS_ONLY:
+        flag = option(name).flag_name
+        if settings.source(name) == flag:  # from the environment or a file: not for this run
+            raise UsageError(f"{flag} applies to --ads")
+
+
+def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
+    _check_shape(args, settings)
+    identity = SpiffeId.parse(args.identity)
+    if settings.is_explicit("trust_domain") and settings["trust_domain"] != identity.trust_domain:
+        raise ConfigError(
+            f"{identity} is not in trust domain {settings['trust_domain']} "
+            f"({settings.source('trust_domain')})"
+        )
+    server = settings["server"]
+    if server is None:
+        raise UsageError(
+            f"give --server: unix:///path/to/meshca.sock or HOST:PORT (see 'meshca {NAME} --help')"
+        )
+    if args.allow and args.inbound is None:
+        raise UsageError("--allow applies to --inbound")
+    if args.upstream_id is not None and args.outbound is None:
+        raise UsageError("--upstream-id applies to --outbound")
+    cert_dir = settings["cert_dir"]
+    client_tls = None
+    if isinstance(server, TcpServer):
+        if cert_dir is None:
+            raise UsageError(
+                f"--server {server} is TCP, where meshca requires a client certificate: "
+                "give --cert-dir with the files of 'meshca issue IDENTITY --out DIR'"
+            )
+        client_tls = ClientTls.from_dir(cert_dir)
+    server_id = settings["server_id"] or default_server_id(
+        identity.trust_domain, settings["server_namespace"]
+    )
+    return BootstrapSpec(
+        identity=identity,
+        server=server,
+        client_tls=client_tls,
+        server_id=server_id,
+        admin_port=settings["admin_port"],
+        inbound=parse_inbound(args.inbound, tuple(args.allow)) if args.inbound else None,
+        outbound=parse_outbound(args.outbound, args.upstream_id) if args.outbound else None,
+    )
+
+
+def _render(args: argparse.Namespace, settings: Settings) -> str:
+    spec = _spec(args, settings)
+    if not settings["ads"]:
+        return render_bootstrap(spec)
+    from meshca.envoy.ads_bootstrap import render_ads_bootstrap  # loads the Envoy API
+
+    return render_ads_bootstrap(
+        spec,
+        capture=settings["capture"],
+        workload=settings["workload"],
+        delta=settings["delta"],
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        text = _render(args, settings)
+    except BootstrapError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.out is None:
+        write_out(text)
+        return 0
+    atomic_write(args.out, text.encode(), PUBLIC)  # paths only: no key material inside
+    write_out(f"Wrote the Envoy bootstrap for {args.identity} to {args.out}\n")
+    write_out(f"  run: envoy -c {args.out}\n")
+    return 0

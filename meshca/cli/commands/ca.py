@@ -1,0 +1,225 @@
+"""``meshca ca``: signing-CA and root rotation for operators (docs/rotation.md).
+
+``status``, ``rotate`` and ``rotate-root`` go to a running ``meshca serve`` through its
+admin socket (``<data-dir>/admin.sock``) so that waits are driven by what connected
+proxies acknowledged; with no server running they act on the data directory directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.options import ConfigError, Settings, add_options
+from meshca.rotation.operator import ADMIN_SOCKET, LAST_STEP
+from meshca.util.durations import parse_duration
+
+if TYPE_CHECKING:
+    from meshca.rotation.admin import CaOperations
+
+
+NAME = "ca"
+DEFAULT_TIMEOUT = "5m"
+_ANSWER_MARGIN = 30.0  # seconds the client waits beyond the server's own timeout
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        subparsers,
+        NAME,
+        run,
+        summary="show and rotate the signing CA and the root",
+        description=(
+            "Inspect and rotate the CA. Talks to a running 'meshca serve' through "
+            f"<data-dir>/{ADMIN_SOCKET}; without one, acts on the data directory directly."
+        ),
+    )
+    actions = parser.add_subparsers(title="actions", dest="ca_action", metavar="ACTION")
+    actions.required = True
+    status = actions.add_parser(
+        "status", help="slots, trust bundle, rotation stage, proxies still to ACK"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    rotate = actions.add_parser("rotate", help="a new signing CA under the same root, signing now")
+    rotate_root = actions.add_parser(
+        "rotate-root",
+        help="replace the root: every step, one --step, or --rollback",
+        description=(
+            "Root rotation in five steps: 1 add the new root to the bundle; 2 wait for "
+            "every proxy to ACK it; 3 sign under the new root and re-issue every SVID; "
+            "4 wait for those ACKs; 5 remove the old root. Without --step every remaining "
+            "step runs. --rollback returns to the old root (until step 5 starts)."
+        ),
+    )
+    which = rotate_root.add_mutually_exclusive_group()
+    which.add_argument(
+        "--step", type=int, choices=range(1, LAST_STEP + 1), metavar="N", help="run step N only"
+    )
+    which.add_argument("--rollback", action="store_true", help="return to the old root")
+    for sub in (status, rotate, rotate_root):
+        add_options(sub, NAME)
+        sub.set_defaults(handler=run, command=NAME)
+    for sub in (rotate, rotate_root):
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.add_argument(
+            "--timeout",
+            default=DEFAULT_TIMEOUT,
+            metavar="D",
+            help=f"longest wait for proxies' ACKs (default {DEFAULT_TIMEOUT})",
+        )
+
+
+def _request(args: argparse.Namespace, timeout: timedelta) -> dict[str, Any]:
+    if args.ca_action == "status":
+        return {"op": "status"}
+    if args.ca_action == "rotate":
+        return {"op": "rotate"}
+    return {
+        "op": "rotate-root",
+        "step": args.step,
+        "rollback": bool(args.rollback),
+        "timeout": timeout.total_seconds(),
+    }
+
+
+def _direct(
+    data_dir: Path, settings: Settings, action: Callable[[CaOperations], Coroutine[Any, Any, Any]]
+) -> Any:
+    """Run ``action`` on the data directory itself (no server, so no proxies to wait for)."""
+    import asyncio
+
+    from meshca.rotation.admin import CaOperations
+    from meshca.rotation.journal import JournalLockedError, RotationError
+    from meshca.rotation.local_ca import LocalCaSource, open_local_ca
+    from meshca.rotation.manager import RotationManager, RotationPolicy
+    from meshca.rotation.root import RootRotation
+
+    if settings["backend"] == "vault":
+        raise RotationError(
+            f"with --backend vault, 'meshca ca' talks to the running 'meshca serve' through "
+            f"{data_dir / ADMIN_SOCKET}, and none answers: start the server first"
+        )
+    ca = open_local_ca(data_dir)
+    if settings.is_explicit("trust_domain") and settings["trust_domain"] != ca.trust_domain:
+        raise ConfigError(
+            f"the CA in {ca.directory} is for trust domain {ca.trust_domain}, but "
+            f"{settings.source('trust_domain')} names {settings['trust_domain']}"
+        )
+    try:
+        policy = RotationPolicy(
+            prepare_fraction=settings["rotation_prepare_at"],
+            activate_fraction=settings["rotation_activate_at"],
+            leaf_ttl=settings["leaf_ttl"],
+        )
+    except RotationError as exc:
+        raise ConfigError(f"rotation_prepare_at / rotation_activate_at: {exc}") from None
+    source = LocalCaSource(data_dir, ca.trust_domain, ca_ttl=settings["rotation_ca_ttl"])
+    manager = RotationManager(data_dir, ca.authority(), source, policy=policy)
+    try:
+        manager.open()
+    except JournalLockedError:
+        raise RotationError(
+            f"a meshca server holds {data_dir} but does not answer on "
+            f"{data_dir / ADMIN_SOCKET}; check that it is healthy"
+        ) from None
+    try:
+        return asyncio.run(action(CaOperations(manager, RootRotation(manager))))
+    finally:
+        manager.close()
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.rotation.admin import AdminUnavailable, admin_request
+
+    try:
+        timeout = parse_duration(getattr(args, "timeout", DEFAULT_TIMEOUT))
+    except ValueError as exc:
+        raise UsageError(f"--timeout: {exc}") from None
+    data_dir = Path(settings["data_dir"])
+    request = _request(args, timeout)
+    server = True
+    try:
+        result = admin_request(
+            data_dir / ADMIN_SOCKET,
+            request,
+            timeout=timeout.total_seconds() + _ANSWER_MARGIN,
+        )
+    except AdminUnavailable:
+        server = False
+
+        async def action(operations: CaOperations) -> dict[str, Any]:
+            return await operations.perform(request)
+
+        result = _direct(data_dir, settings, action)
+    if args.json:
+        write_out(json.dumps(result, indent=2) + "\n")
+    elif args.ca_action == "status":
+        write_out(format_status(result, server=server))
+    else:
+        write_out(format_outcome(result, server=server))
+    return 0
+
+
+def _short(fp: str) -> str:
+    return fp[:23] + "..."
+
+
+def format_status(status: dict[str, Any], *, server: bool) -> str:
+    lines = [
+        f"trust domain {status['trust_domain']} "
+        f"({'server running' if server else 'no server running: no proxies connected'})",
+        "signing CAs:",
+    ]
+    for slot in status["slots"]:
+        lines.append(
+            f"  {slot['id']}  {slot['status']:<8}  {slot['kind']:<12}  "
+            f"not after {slot['not_after']}  root {_short(slot['root'])}"
+        )
+    schedule = status["schedule"]
+    lines.append(
+        f"schedule: next CA prepared at {schedule['prepare_at']}, "
+        f"activated at {schedule['activate_at']}"
+    )
+    lines.append(f"trust bundle: {len(status['bundle'])} root(s)")
+    for root in status["bundle"]:
+        lines.append(
+            f"  {_short(root['fingerprint'])}  not after {root['not_after']}  "
+            f"({root['served_under']} served certificates chain to it)"
+        )
+    rotation = status.get("root_rotation")
+    if rotation is None:
+        lines.append("root rotation: none in progress")
+    elif rotation["rolling_back"]:
+        lines.append("root rotation: rolling back")
+    else:
+        lines.append(
+            f"root rotation: step {rotation['done']} of {LAST_STEP} done"
+            + (f", step {rotation['running']} running" if rotation["running"] else "")
+            + f"; next: step {rotation['next_step']} ({rotation['next_step_title']})"
+        )
+    waiting = status.get("waiting_on") or []
+    lines.append(
+        f"proxies still to ACK: {', '.join(waiting)}" if waiting else "proxies still to ACK: none"
+    )
+    if status.get("problem"):
+        lines.append(f"problem: {status['problem']}")
+    elif status.get("renewal"):
+        lines.append(f"renewal: {status['renewal']}")
+    return "\n".join(lines) + "\n"
+
+
+def format_outcome(result: dict[str, Any], *, server: bool) -> str:
+    lines = []
+    if "activated" in result:
+        lines.append(f"slot {result['activated']} now signs; every served SVID was re-issued")
+    for step in result.get("steps", []):
+        label = "rollback" if step["step"] == 0 else f"step {step['step']}"
+        lines.append(f"{label}: {step['detail']}")
+    lines.append("")
+    lines.append(format_status(result["status"], server=server).rstrip("\n"))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""``meshca serve``: the CA as an SDS server for Envoy (mutual TLS on TCP, a Unix socket)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from meshca.cli.commands.common import UsageError, add_command
+from meshca.cli.commands.vault_backend import close_authority, open_authority
+from meshca.cli.options import ConfigError, Settings
+from meshca.serve.config import ServeConfig
+from meshca.util.logs import configure_logging
+from meshca.util.netaddr import format_address
+
+if TYPE_CHECKING:
+    from meshca.serve.server import MeshcaServer
+
+NAME = "serve"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_command(
+        subparsers,
+        NAME,
+        run,
+        summary="serve certificates (SDS) and mesh configuration (ADS) to Envoy",
+        description=(
+            "Serve X.509-SVIDs and the trust bundle to Envoy over the Secret Discovery "
+            "Service: on TCP with mutual TLS (--listen) and/or on a Unix socket (--uds) "
+            "whose callers are identified by uid (--uds-identity). Certificates are issued "
+            "on first request, renewed at half their lifetime and pushed at once. The same "
+            "server speaks ADS: clusters, endpoints, listeners, routes and secrets generated "
+            "from --mesh for each proxy's identity ('meshca bootstrap --ads'). Stops "
+            "gracefully on SIGTERM or SIGINT."
+        ),
+    )
+
+
+def config_from(settings: Settings) -> ServeConfig:
+    listen = settings["listen"]
+    uds = settings["uds"]
+    if listen is None and uds is None:
+        raise UsageError(
+            "nothing to listen on: give --listen HOST:PORT and/or --uds PATH "
+            f"(see 'meshca {NAME} --help')"
+        )
+    prepare, activate = settings["rotation_prepare_at"], settings["rotation_activate_at"]
+    if prepare >= activate:
+        raise ConfigError(
+            f"the signing CA's successor must be prepared before it is activated: "
+            f"rotation_prepare_at {prepare:g} ({settings.source('rotation_prepare_at')}) is "
+            f"not earlier than rotation_activate_at {activate:g} "
+            f"({settings.source('rotation_activate_at')})"
+        )
+    return ServeConfig(
+        data_dir=settings["data_dir"],
+        listen=listen,
+        uds=uds,
+        uds_mode=settings["uds_mode"],
+        uds_identities=settings["uds_identity"] or {},
+        mesh_file=settings["mesh"],
+        leaf_ttl=settings["leaf_ttl"],
+        max_leaf_ttl=settings["max_leaf_ttl"],
+        server_id=settings["server_id"],
+        server_namespace=settings["server_namespace"],
+        server_dns=settings["server_dns"],
+        metrics_listen=settings["metrics_listen"],
+        health_listen=settings["health_listen"],
+        rotation_prepare_at=settings["rotation_prepare_at"],
+        rotation_activate_at=settings["rotation_activate_at"],
+        rotation_ca_ttl=settings["rotation_ca_ttl"],
+        rotation_ack_timeout=settings["rotation_ack_timeout"],
+        rotation_resume_grace=settings["rotation_resume_grace"],
+    )
+
+
+def _announce(server: MeshcaServer) -> None:
+    """Where meshca listens, on stdout (scripts wait for the 'listening' lines)."""
+    config = server.config
+    lines = [f"meshca serving trust domain {server.trust_domain} as {server.server_id}"]
+    if config.listen is not None and server.tcp_port is not None:
+        address = format_address(config.listen[0], server.tcp_port)
+        lines.append(f"listening on tcp {address} (mutual TLS)")
+    if config.uds is not None:
+        lines.append(f"listening on unix://{config.uds.absolute()}")
+        for uid, ids in sorted(config.uds_identities.items()):
+            lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
+    if server.health_port is not None and config.health_listen is not None:
+        address = format_address(config.health_listen[0], server.health_port)
+        lines.append(f"health on {address} (gRPC health service, plaintext)")
+    if server.metrics_server.port is not None and config.metrics_listen is not None:
+        address = format_address(config.metrics_listen[0], server.metrics_server.port)
+        lines.append(f"metrics on http://{address}/metrics")
+    if server.mesh_file is not None:
+        count = len(server.mesh.services)
+        lines.append(f"mesh file {server.mesh_file.path}: {count} service(s), reloaded on change")
+    print("\n".join(lines), flush=True)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    config = config_from(settings)
+    configure_logging(settings["log_level"], settings["log_format"])
+    authority = open_authority(settings, serving=True)  # the local CA, or Vault
+    # gRPC and the event loop load only for the command that serves.
+    import asyncio
+
+    from meshca.serve.server import MeshcaServer
+
+    try:
+        server = MeshcaServer(config, authority=authority)
+        asyncio.run(server.run(on_ready=_announce))
+    finally:
+        close_authority(authority)
+    return 0

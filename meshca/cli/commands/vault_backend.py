@@ -1,0 +1,93 @@
+"""``--backend vault`` for the commands: settings from the option table, the authority
+and ``meshca init``'s check. Serving from Vault (the roots' poll, the backend's health,
+rotation of the intermediate) is the server's, as for the local CA.
+
+Options set as flags, ``MESHCA_VAULT_*`` variables or config keys win; the standard
+Vault variables (``VAULT_ADDR``, ``VAULT_TOKEN``, ``VAULT_CACERT``, ...) fill in the rest.
+The Vault modules (hvac, requests) are imported only when the Vault backend is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from meshca.cli.commands.common import open_ca, write_out
+from meshca.cli.options import Settings
+from meshca.issuer import IssuerError, SigningAuthority
+
+if TYPE_CHECKING:
+    from meshca.backends.vault.settings import VaultSettings
+
+VAULT = "vault"
+STATE_DIR = "vault"  # <data-dir>/vault keeps the intermediate across restarts
+
+
+def uses_vault(settings: Settings) -> bool:
+    return bool(settings["backend"] == VAULT)
+
+
+def vault_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> VaultSettings:
+    from dataclasses import fields
+
+    from meshca.backends.vault.settings import SETTING_SOURCES, VaultSettings
+
+    environ = os.environ if environ is None else environ
+    explicit: dict[str, object] = {}
+    for field in fields(VaultSettings):
+        name = f"vault_{field.name}"
+        if not settings.is_explicit(name):
+            continue
+        standard = SETTING_SOURCES[field.name][1]  # VAULT_ADDR, ... or MESHCA_VAULT_*
+        if settings.source(name).startswith("config file") and environ.get(standard):
+            continue  # the environment beats the config file, as for every option
+        explicit[field.name] = settings[name]
+    return VaultSettings.from_env(environ, **explicit)
+
+
+def open_authority(settings: Settings, *, serving: bool = False) -> SigningAuthority:
+    """The data directory's local CA, or Vault. A server also checks the intermediate's
+    lifetime against the leaf TTL and runs token renewal and outage recovery."""
+    if not uses_vault(settings):
+        return open_ca(settings).authority()
+    from meshca.backends.vault.backend import open_vault_authority
+
+    return open_vault_authority(
+        vault_settings(settings),
+        settings["trust_domain"],
+        state_dir=settings["data_dir"] / STATE_DIR,
+        leaf_ttl=settings["leaf_ttl"] if serving else None,
+        start=serving,
+    )
+
+
+def close_authority(authority: SigningAuthority) -> None:
+    close = getattr(authority, "close", None)
+    if callable(close):
+        close()
+
+
+@contextlib.contextmanager
+def opened(settings: Settings) -> Iterator[SigningAuthority]:
+    authority = open_authority(settings)
+    try:
+        yield authority
+    finally:
+        close_authority(authority)
+
+
+def init_vault(settings: Settings) -> int:
+    """``meshca init --backend vault``: check everything, print every gap, refuse if any."""
+    from meshca.backends.vault.check import check_vault
+
+    config = vault_settings(settings)
+    report = check_vault(config, settings["trust_domain"])
+    lines = [f"Vault backend for {settings['trust_domain']} ({config.mode.value} mode):"]
+    lines += ["  " + line for line in report.lines()]
+    write_out("\n".join(lines) + "\n")
+    if not report.ok:
+        missing = ", ".join(item.name for item in report.failures)
+        raise IssuerError(f"the Vault backend is not ready: fix {missing} (see above)")
+    return 0

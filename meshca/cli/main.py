@@ -1,0 +1,91 @@
+"""The ``meshca`` command: parses the command line and hands it to a command module.
+
+Exit codes: 0 success; 1 refused (bad value, file or state: one line on stderr);
+2 usage (the command line's shape is wrong: unknown option, missing argument);
+130 interrupted. Bad input never produces a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+from typing import NoReturn, cast
+
+from meshca import __version__
+from meshca.cli.commands import COMMANDS, REFUSALS
+from meshca.cli.commands.common import UsageError
+from meshca.cli.options import EVERY_COMMAND, add_options, load_settings
+
+PROG = "meshca"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions, so ``main`` prints one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="A certificate authority for service meshes: SPIFFE X.509-SVIDs for Envoy.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_options(parser, EVERY_COMMAND)
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(title="commands", dest="command", metavar="COMMAND"),
+    )
+    subparsers.required = True
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _fail(message: str) -> None:
+    line = " ".join(message.split())  # one line, whatever the message held
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        # Library warnings about odd input (a negative serial, an over-long name attribute)
+        # are for developers; a user gets meshca's own verdict on the input, in one line.
+        warnings.simplefilter("ignore")
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args, load_settings(args)))
+    except UsageError as exc:
+        _fail(str(exc))
+        return 2
+    except REFUSALS as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _broken_pipe()
+        _fail(_describe(exc))
+        return 1
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _broken_pipe() -> int:
+    """The reader went away (``meshca bundle | head -1``): stop quietly."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1

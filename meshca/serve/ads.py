@@ -1,0 +1,192 @@
+"""Serving the mesh over ADS: the generated resource types as sources of the xDS engine.
+
+Wiring, next to :mod:`meshca.serve.server`: it joins :mod:`meshca.envoy` (the mesh model and
+the resources generated from it) to :mod:`meshca.sds` (the xDS engine and the Secret
+source), which know nothing of each other.
+
+Each stream's clusters, endpoints, listeners and routes come from the snapshot
+generated for the caller's *authenticated* identity
+(:func:`meshca.envoy.generate.generate`); the node only picks among the caller's own
+identities and says how its traffic is captured and which of the identity's workloads
+it fronts. Secrets on the same stream come from the
+:class:`~meshca.sds.secrets.SecretSource`, so a caller receives only its own private
+key on ADS exactly as on SDS.
+
+:func:`ads_sources` lists the sources in the order Envoy needs them (the engine pushes
+in that order): clusters before their endpoints, listeners before their routes,
+secrets last (Envoy holds a cluster or listener warming until its secrets arrive). A
+mesh change wakes every stream; each sends only the types whose content changed for
+its proxy. A cluster, endpoint, listener or route name that is not in the proxy's
+configuration is absent, not an error that ends the stream: a mesh change can race
+with Envoy's request for a name the previous configuration gave it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+
+from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, WORKLOAD_METADATA
+from meshca.envoy.generate import generate
+from meshca.envoy.mesh import Mesh, MeshError
+from meshca.envoy.snapshot import Snapshot
+from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from meshca.sds.secrets import SecretSource
+from meshca.spiffe import SpiffeId
+from meshca.xds.auth import Caller, Forbidden, node_identities
+from meshca.xds.engine import (
+    Resolution,
+    Resource,
+    ResourceError,
+    StreamHandle,
+    StreamRefused,
+    XdsEngine,
+)
+from meshca.xds.stats import XdsStats
+
+ProxyKey = tuple[SpiffeId, str, str | None]
+# The types generated from the mesh, in the order Envoy needs them; secrets come last.
+GENERATED_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+
+def _metadata(node: Any, key: str) -> str | None:
+    if node is None:
+        return None
+    fields = node.metadata.fields
+    if key in fields and fields[key].WhichOneof("kind") == "string_value":
+        return str(fields[key].string_value) or None
+    return None
+
+
+def proxy_key(caller: Caller, node: Any) -> ProxyKey:
+    """(identity, capture, workload) of the proxy on a stream; StreamRefused if unclear."""
+    try:
+        identities = node_identities(caller, node)
+    except Forbidden as exc:
+        raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+    if len(identities) != 1:
+        raise StreamRefused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"caller {caller} holds several identities: set node.id to the SPIFFE ID this "
+            "proxy runs as",
+        )
+    capture = _metadata(node, CAPTURE_METADATA) or "intercept"
+    return identities[0], capture, _metadata(node, WORKLOAD_METADATA)
+
+
+@dataclass
+class _Generated:
+    mesh: Mesh
+    snapshot: Snapshot
+    resources: dict[str, dict[str, Resource]] = field(default_factory=dict)
+
+    def of_type(self, type_url: str) -> dict[str, Resource]:
+        built = self.resources.get(type_url)
+        if built is None:
+            built = self.resources[type_url] = {
+                name: Resource(
+                    name,
+                    self.snapshot.resource_version(type_url, name) or "",
+                    any_pb2.Any(type_url=type_url, value=data),
+                )
+                for name, data in self.snapshot.encoded.get(type_url, {}).items()
+            }
+        return built
+
+
+class ProxySnapshots:
+    """The current snapshot per proxy, generated once per mesh version."""
+
+    def __init__(self, mesh: Callable[[], Mesh]) -> None:
+        self.mesh = mesh
+        self._generated: dict[ProxyKey, _Generated] = {}
+
+    def snapshot(self, caller: Caller, node: Any) -> Snapshot:
+        return self._current(proxy_key(caller, node)).snapshot
+
+    def resources(self, caller: Caller, node: Any, type_url: str) -> dict[str, Resource]:
+        return self._current(proxy_key(caller, node)).of_type(type_url)
+
+    def _current(self, key: ProxyKey) -> _Generated:
+        mesh = self.mesh()
+        generated = self._generated.get(key)
+        if generated is None or generated.mesh is not mesh:
+            identity, capture, workload = key
+            try:
+                snapshot = generate(mesh, identity, capture=capture, workload=workload)
+            except MeshError as exc:
+                raise StreamRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"no configuration for {identity}: {exc}"
+                ) from None
+            generated = self._generated[key] = _Generated(mesh, snapshot)
+        return generated
+
+    def forget_stale(self) -> None:
+        """Drop snapshots of older mesh versions (regenerated on next use)."""
+        mesh = self.mesh()
+        self._generated = {k: g for k, g in self._generated.items() if g.mesh is mesh}
+
+
+class SnapshotSource:
+    """One generated resource type as an engine source.
+
+    Clusters and listeners are wildcard subscriptions (Envoy asks for all of them);
+    endpoints and routes are asked for by name. A name that is not in the proxy's
+    configuration is NOT_FOUND (absent on the ADS engine): a proxy gets only what its
+    identity may reach.
+    """
+
+    def __init__(self, type_url: str, wildcard: bool, snapshots: ProxySnapshots) -> None:
+        self.type_url = type_url
+        self.wildcard = wildcard
+        self.snapshots = snapshots
+
+    async def resolve(self, caller: Caller, node: Any, names: frozenset[str] | None) -> Resolution:
+        available = self.snapshots.resources(caller, node, self.type_url)
+        if names is None:
+            return dict(available)
+        kind = self.type_url.rsplit(".", 1)[1]
+        return {
+            name: available.get(name)
+            or ResourceError(
+                grpc.StatusCode.NOT_FOUND, f"{kind} {name!r} is not in this proxy's configuration"
+            )
+            for name in names
+        }
+
+    def watch(self, stream: StreamHandle, names: frozenset[str] | None) -> None:
+        """Nothing to track per name: a mesh change wakes every stream."""
+
+    def unwatch(self, stream: StreamHandle) -> None:
+        """See :meth:`watch`."""
+
+
+def ads_sources(snapshots: ProxySnapshots, secrets: SecretSource) -> list[Any]:
+    """The five ADS types in the order Envoy needs them."""
+    return [
+        SnapshotSource(CLUSTER_TYPE, True, snapshots),
+        SnapshotSource(ENDPOINT_TYPE, False, snapshots),
+        SnapshotSource(LISTENER_TYPE, True, snapshots),
+        SnapshotSource(ROUTE_TYPE, False, snapshots),
+        secrets,
+    ]
+
+
+class MeshAds:
+    """The ADS engine over a changing mesh; ``mesh_changed`` after each reload."""
+
+    def __init__(
+        self, mesh: Callable[[], Mesh], secrets: SecretSource, stats: XdsStats | None = None
+    ) -> None:
+        self.snapshots = ProxySnapshots(mesh)
+        self.engine = XdsEngine(
+            ads_sources(self.snapshots, secrets), stats, absent_types=GENERATED_TYPES
+        )
+
+    def mesh_changed(self) -> None:
+        self.snapshots.forget_stale()
+        self.engine.wake_all()

@@ -1,0 +1,110 @@
+"""The server's poll of a backend's roots: a root added inside the backend (a new Vault
+issuer) reaches the trust bundle, and every proxy, without a restart.
+
+Backends whose bundle can change outside meshca offer ``refresh_bundle()`` (blocking:
+re-read the roots and adopt them). When the signing-CA rotation machinery manages the
+backend's CA (Vault's intermediate mode), the roots are read with the rotation
+service's ``backend_roots`` and handed to the manager, which keeps the journal, the
+authority and the store in step. Roots are read every ``interval`` seconds (60), and
+every ``outage_interval`` (5) while the backend reports itself unreachable. The local
+CA needs no poll: its bundle changes only through rotation, in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from meshca.issuer import IssuerError, SigningAuthority, TrustBundle
+from meshca.serve.config import DEFAULT_BACKEND_POLL_INTERVAL
+from meshca.serve.rotation import RotationService
+from meshca.store import SecretStore
+from meshca.util.aio import cancel_and_wait
+
+log = logging.getLogger("meshca.server")
+
+DEFAULT_INTERVAL = DEFAULT_BACKEND_POLL_INTERVAL  # 60 s
+DEFAULT_OUTAGE_INTERVAL = 5.0
+
+
+class BundlePoll:
+    def __init__(
+        self,
+        authority: SigningAuthority,
+        poll: Callable[[], Awaitable[bool]],
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        outage_interval: float = DEFAULT_OUTAGE_INTERVAL,
+    ) -> None:
+        self.authority = authority
+        self._poll = poll
+        self.interval = interval
+        self.outage_interval = outage_interval
+        self._task: asyncio.Task[None] | None = None
+        self._failing: str | None = None
+
+    async def poll(self) -> bool:
+        """Read the roots once and apply them; returns whether the bundle changed.
+        A failure (Vault unreachable) is logged once per streak and leaves the bundle
+        as it was."""
+        try:
+            changed = await self._poll()
+        except IssuerError as exc:
+            if self._failing is None:
+                log.warning("reading the backend's roots failed (%s); the bundle is unchanged", exc)
+            self._failing = str(exc)
+            return False
+        if self._failing is not None:
+            log.info("the backend's roots are readable again")
+            self._failing = None
+        return changed
+
+    def _healthy(self) -> bool:
+        return getattr(self.authority, "healthy", True) is not False and self._failing is None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval if self._healthy() else self.outage_interval)
+            try:
+                await self.poll()
+            except Exception:  # a bug must not end the poll
+                log.exception("the backend's roots could not be applied")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+
+def bundle_poll(
+    authority: SigningAuthority,
+    store: SecretStore,
+    rotation: RotationService | None,
+    *,
+    interval: float = DEFAULT_INTERVAL,
+    outage_interval: float = DEFAULT_OUTAGE_INTERVAL,
+) -> BundlePoll | None:
+    """The poll for ``authority``, or None when its bundle cannot change outside meshca."""
+    intervals = {"interval": interval, "outage_interval": outage_interval}
+    roots = rotation.backend_roots if rotation is not None else None
+    if roots is not None and rotation is not None:
+        manager = rotation.manager
+        read_roots: Callable[[], TrustBundle] = roots
+
+        async def follow() -> bool:
+            return await manager.follow_roots(await asyncio.to_thread(read_roots))
+
+        return BundlePoll(authority, follow, **intervals)
+    refresh = getattr(authority, "refresh_bundle", None)
+    if not callable(refresh):
+        return None
+
+    async def adopt() -> bool:
+        await asyncio.to_thread(refresh)
+        return store.refresh_bundle()
+
+    return BundlePoll(authority, adopt, **intervals)

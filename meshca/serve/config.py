@@ -1,0 +1,152 @@
+"""What ``meshca serve`` is configured with, and the parsers for its option values.
+
+Kept free of gRPC and scheduler imports so every command line parses options cheaply;
+:mod:`meshca.serve.server` does the serving (and the Unix-socket front door checks the mode).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from meshca.envoy.bootstrap import DEFAULT_SERVER_NAMESPACE, parse_host_port
+from meshca.issuer.policy import DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL
+from meshca.spiffe import SpiffeId, SpiffeIdError
+from meshca.util.durations import parse_duration
+
+DEFAULT_GRACE = 5.0
+DEFAULT_IDLE_TTL = timedelta(minutes=10)
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_HEALTH_INTERVAL = 5.0
+DEFAULT_BACKEND_POLL_INTERVAL = 60.0
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data_dir: Path
+    listen: tuple[str, int] | None = None
+    uds: Path | None = None
+    uds_mode: int | None = None  # None: the front door's default, 0660
+    uds_identities: Mapping[int, tuple[SpiffeId, ...]] = field(default_factory=dict)
+    uds_private_dir: Path | None = None
+    mesh_file: Path | None = None
+    mesh_poll_interval: float = DEFAULT_POLL_INTERVAL
+    leaf_ttl: timedelta = DEFAULT_LEAF_TTL
+    max_leaf_ttl: timedelta = DEFAULT_MAX_LEAF_TTL
+    server_id: SpiffeId | None = None
+    server_namespace: str = DEFAULT_SERVER_NAMESPACE
+    server_dns: tuple[str, ...] | None = None
+    idle_ttl: timedelta = DEFAULT_IDLE_TTL
+    grace: float = DEFAULT_GRACE
+    metrics_listen: tuple[str, int] | None = None  # plain HTTP /metrics
+    health_listen: tuple[str, int] | None = None  # plaintext gRPC health service only
+    health_interval: float = DEFAULT_HEALTH_INTERVAL  # seconds between health evaluations
+    # seconds between reads of a backend's roots (Vault); 5 s while it is unreachable
+    backend_poll_interval: float = DEFAULT_BACKEND_POLL_INTERVAL
+    # signing-CA rotation (docs/rotation.md); None: the rotation service's default
+    rotation_prepare_at: float | None = None  # fraction of the signing CA's life (1/2)
+    rotation_activate_at: float | None = None  # (5/6)
+    rotation_ca_ttl: timedelta | None = None  # new signing CAs (as long as the one replaced)
+    rotation_ack_timeout: timedelta | None = None  # waits for proxies' ACKs (5 min)
+    rotation_resume_grace: timedelta | None = None  # before resuming after a restart (15 s)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 lets the system pick one."""
+    if text.endswith(":0"):
+        server = parse_host_port(text[:-1] + "1")
+        return server.host, 0
+    server = parse_host_port(text)
+    return server.host, server.port
+
+
+def parse_fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1: ``0.5``, ``50%`` or ``1/2``."""
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            number = float(value[:-1]) / 100
+        elif "/" in value:
+            numerator, _, denominator = value.partition("/")
+            number = float(numerator) / float(denominator)
+        else:
+            number = float(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{text!r} is not a fraction like 0.5, 50% or 1/2") from None
+    if not 0 < number < 1:
+        raise ValueError(f"{text!r} is not between 0 and 1 (exclusive)")
+    return number
+
+
+def parse_delay(text: str) -> timedelta:
+    """A duration that may be zero (``0s``): how long to wait, if at all."""
+    if text.strip() in ("0", "0s", "0m", "0h", "0d"):
+        return timedelta(0)
+    return parse_duration(text)
+
+
+def parse_socket_mode(text: str) -> int:
+    """An octal mode such as ``0660`` or ``600`` (the front door refuses anything looser)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal mode like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{text!r} is not a file mode (000-777)")
+    return mode
+
+
+def parse_uds_identities(text: str) -> dict[int, tuple[SpiffeId, ...]]:
+    """``UID=SPIFFE_ID`` pairs separated by commas; a uid may appear more than once."""
+    mapping: dict[int, tuple[SpiffeId, ...]] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        uid_text, sep, id_text = item.partition("=")
+        if not sep or not uid_text.strip().isdigit():
+            raise ValueError(f"{item!r} is not UID=SPIFFE_ID (e.g. 1337=spiffe://td/ns/a/sa/a)")
+        try:
+            spiffe_id = SpiffeId.parse(id_text.strip())
+        except SpiffeIdError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+        uid = int(uid_text)
+        if spiffe_id not in mapping.get(uid, ()):
+            mapping[uid] = (*mapping.get(uid, ()), spiffe_id)
+    if not mapping:
+        raise ValueError("expected at least one UID=SPIFFE_ID")
+    return mapping
+
+
+def parse_dns_names(text: str) -> tuple[str, ...]:
+    """Comma-separated DNS names for meshca's serving certificate."""
+    names: list[str] = []
+    for name in (part.strip().lower() for part in text.split(",")):
+        if not name:
+            continue
+        if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+            raise ValueError(f"{name!r} is not a DNS name")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("expected at least one DNS name")
+    return tuple(names)
+
+
+def parse_namespace(text: str) -> str:
+    if not _DNS_LABEL.match(text):
+        raise ValueError(f"{text!r} is not a Kubernetes namespace name")
+    return text
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{text!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return level

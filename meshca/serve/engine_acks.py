@@ -1,0 +1,62 @@
+"""An :class:`~meshca.rotation.acks.AckTracker` over the xDS engine's public view.
+
+The engine marks a stream unsettled the moment a store event wakes it, and settled
+again only when the proxy has ACKed what was pushed after that. So once the store's
+current secrets satisfy a predicate, the proxies that have not acknowledged it are
+exactly the unsettled streams; while the store itself does not satisfy it, every
+stream is still waited for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from meshca.rotation.acks import AckedSecret, SecretPredicate
+from meshca.store import SecretStore
+
+
+class _Stream(Protocol):
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def caller(self) -> str: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+
+class Engine(Protocol):
+    """What is read of :class:`meshca.xds.engine.XdsEngine`."""
+
+    def streams(self) -> Sequence[_Stream]: ...
+
+    def unsettled(self) -> Sequence[_Stream]: ...
+
+
+def describe(stream: _Stream) -> str:
+    """A proxy as an operator knows it; Envoy opens one stream per secret, so a proxy's
+    streams share this name."""
+    return f"{stream.node_id or '(no node id)'} ({stream.caller})"
+
+
+class EngineAcks:
+    def __init__(self, engine: Engine, store: SecretStore) -> None:
+        self.engine = engine
+        self.store = store
+
+    def _store_satisfies(self, predicate: SecretPredicate) -> bool:
+        if not predicate(AckedSecret("trust bundle", bundle=self.store.bundle())):
+            return False
+        for spiffe_id in self.store.identities():
+            svid = self.store.cached(spiffe_id)
+            if svid is not None and not predicate(AckedSecret(str(spiffe_id), chain=svid.chain)):
+                return False
+        return True
+
+    def unacked(self, predicate: SecretPredicate) -> list[str]:
+        streams = (
+            self.engine.unsettled() if self._store_satisfies(predicate) else self.engine.streams()
+        )
+        return sorted({describe(stream) for stream in streams})

@@ -1,0 +1,88 @@
+"""Keeps the mesh file current: re-read it when it changes, keep the last good one on error.
+
+Polling the file's (mtime, size, inode) once a second works the same for editors that
+rewrite in place, tools that rename a new file over the old one, and Kubernetes
+ConfigMap volumes (a symlink swap), without a platform-specific watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from meshca.envoy.mesh import Mesh, MeshError, load_mesh
+from meshca.serve.config import DEFAULT_POLL_INTERVAL
+from meshca.spiffe import TrustDomain
+from meshca.util.aio import cancel_and_wait
+
+log = logging.getLogger("meshca.mesh")
+
+_Signature = tuple[int, int, int] | None
+
+
+def _signature(path: Path) -> _Signature:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class MeshFile:
+    """The current mesh from ``path``; ``on_change`` runs after each successful reload."""
+
+    def __init__(
+        self,
+        path: Path,
+        trust_domain: TrustDomain,
+        on_change: Callable[[Mesh], None] | None = None,
+        *,
+        interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        self.path = Path(path)
+        self.trust_domain = trust_domain
+        self.on_change = on_change
+        self.interval = interval
+        self._signature = _signature(self.path)
+        self.mesh = load_mesh(self.path, trust_domain)  # a bad file at start-up is fatal
+        self.reloads = 0
+        self.failed_reloads = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> bool:
+        """Reload if the file changed since the last look; True when a new mesh is in use."""
+        signature = _signature(self.path)
+        if signature == self._signature:
+            return False
+        self._signature = signature  # a bad version is reported once, not every poll
+        try:
+            mesh = load_mesh(self.path, self.trust_domain)
+        except MeshError as exc:
+            self.failed_reloads += 1
+            log.error("mesh file not reloaded, still using the previous one: %s", exc)
+            return False
+        self.mesh = mesh
+        self.reloads += 1
+        log.info("mesh file %s reloaded: %d services", self.path, len(mesh.services))
+        if self.on_change is not None:
+            self.on_change(mesh)
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("mesh file check failed")

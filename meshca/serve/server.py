@@ -1,0 +1,367 @@
+"""``meshca serve`` wiring: CA -> issuer -> secret store -> SDS and ADS -> gRPC server.
+
+One asyncio process: the gRPC server (SDS, ADS, health, reflection) listens on TCP with
+mutual TLS and/or, behind the Unix-socket front door, on a private socket. ADS serves
+each proxy the clusters, endpoints, listeners and routes generated from the mesh file
+for its identity, with the same secrets as SDS (one Secret source for both). meshca's
+serving certificate is an SVID from its own store, renewed like any other; new
+handshakes pick up the renewed certificate and the current bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meshca.backends.local import load_local_ca
+from meshca.envoy.bootstrap import default_server_id
+from meshca.envoy.mesh import Mesh
+from meshca.issuer import Issuer, IssuerError, SignerAuthority, SigningAuthority, TtlPolicy
+from meshca.issuer.policy import check_ca_covers_leaves
+from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
+from meshca.serve.ads import MeshAds
+from meshca.serve.bundle_poll import bundle_poll
+from meshca.serve.config import ServeConfig
+from meshca.serve.health import HealthMonitor, start_health_listener
+from meshca.serve.mesh_reload import MeshFile
+from meshca.serve.metrics import Metrics, MetricsServer, backend_name
+from meshca.serve.rotation import RotationOptions, open_rotation
+from meshca.serve.tls import ServingCredentials
+from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.util.durations import format_duration
+from meshca.util.netaddr import format_address
+from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
+from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.engine import StreamStatus, XdsEngine
+from meshca.xds.stats import XdsStats
+from meshca.xds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
+
+log = logging.getLogger("meshca.server")
+
+SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
+BACKEND_SERVICE = "meshca.backend"  # gRPC health: NOT_SERVING while the backend cannot sign
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+class ServeError(IssuerError):
+    """meshca serve cannot start as configured; the message says what to change."""
+
+
+def default_dns_names(namespace: str) -> tuple[str, ...]:
+    """``localhost`` and the in-cluster names of a ``meshca`` Service in ``namespace``."""
+    return (
+        "localhost",
+        "meshca",
+        f"meshca.{namespace}",
+        f"meshca.{namespace}.svc",
+        f"meshca.{namespace}.svc.cluster.local",
+    )
+
+
+def check_ca_lifetime(authority: SigningAuthority, leaf_ttl: timedelta) -> None:
+    """Refuse a signing CA that cannot cover the leaf rotation schedule (CA >= 6 x leaf)."""
+    if not isinstance(authority, SignerAuthority):
+        return
+    cert = authority.signer.certificate
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    try:
+        check_ca_covers_leaves(lifetime, leaf_ttl)
+    except IssuerError as exc:
+        raise ServeError(
+            f"refusing to serve with --leaf-ttl {format_duration(leaf_ttl)}: {exc}"
+        ) from None
+    remaining = cert.not_valid_after_utc - datetime.now(UTC)
+    if remaining < leaf_ttl:
+        log.warning(
+            "the signing CA expires in %s, less than one leaf TTL: leaves will be cut short",
+            format_duration(max(remaining, timedelta(0))),
+        )
+
+
+class EveryStream:
+    """The streams of several engines seen as one (what root rotation waits on): a
+    proxy on ADS holds the trust bundle as surely as one on SDS."""
+
+    def __init__(self, engines: Sequence[XdsEngine]) -> None:
+        self.engines = tuple(engines)
+
+    def streams(self) -> list[StreamStatus]:
+        return [stream for engine in self.engines for stream in engine.streams()]
+
+    def unsettled(self) -> list[StreamStatus]:
+        return [stream for engine in self.engines for stream in engine.unsettled()]
+
+
+class MeshcaServer:
+    """The running server. ``start()`` then ``stop()``; ``run()`` does both around signals."""
+
+    def __init__(self, config: ServeConfig, *, authority: SigningAuthority | None = None) -> None:
+        if config.listen is None and config.uds is None:
+            raise ServeError("nothing to listen on: give --listen HOST:PORT and/or --uds PATH")
+        self.config = config
+        if authority is None:
+            authority = load_local_ca(config.data_dir).authority()
+        self.authority = authority
+        self.trust_domain: TrustDomain = authority.trust_domain
+        check_ca_lifetime(authority, config.leaf_ttl)
+        try:
+            policy = TtlPolicy(default=config.leaf_ttl, maximum=config.max_leaf_ttl)
+        except IssuerError as exc:
+            raise ServeError(f"--leaf-ttl: {exc}") from None
+        self.metrics = Metrics(backend_name(authority))
+        self.issuer = Issuer(authority, policy, issue_observers=[self.metrics.observe_issue])
+        self.server_id = config.server_id or default_server_id(
+            self.trust_domain, config.server_namespace
+        )
+        self._check_identities()
+        dns = config.server_dns
+        if dns is None:
+            dns = default_dns_names(config.server_namespace)
+        self.store = SecretStore(
+            self.issuer,
+            ttl=config.leaf_ttl,
+            dns_names={self.server_id: tuple(dns)},
+            idle_ttl=config.idle_ttl,
+        )
+        self.mesh_file: MeshFile | None = None
+        self._mesh = Mesh.empty(self.trust_domain)
+        if config.mesh_file is not None:
+            self.mesh_file = MeshFile(
+                config.mesh_file,
+                self.trust_domain,
+                self._mesh_changed,
+                interval=config.mesh_poll_interval,
+            )
+            self._mesh = self.mesh_file.mesh
+        self.stats = XdsStats()
+        self.front_door: UdsFrontDoor | None = None
+        if config.uds is not None:
+            mode = DEFAULT_SOCKET_MODE if config.uds_mode is None else config.uds_mode
+            self.front_door = UdsFrontDoor(
+                config.uds, mode=mode, private_dir=config.uds_private_dir
+            )
+        self.authenticator = CallerAuthenticator(
+            self.trust_domain,
+            peer_creds=self.front_door.peer_creds if self.front_door else None,
+            uid_identities=dict(config.uds_identities),
+        )
+        self.servicer = SecretDiscoveryServicer(
+            self.store, self.authenticator, self._service_identities, self.stats
+        )
+        # ADS: the generated types plus the SDS servicer's Secret source, one mesh.
+        self.ads = MeshAds(lambda: self._mesh, self.servicer.secrets, self.stats)
+        self.ads_servicer = AggregatedDiscoveryServicer(self.ads.engine, self.authenticator)
+        self.rotation = open_rotation(  # the local CA's, or Vault's intermediate's
+            config.data_dir,
+            authority,
+            self.store,
+            EveryStream((self.servicer.engine, self.ads.engine)),
+            config.leaf_ttl,
+            RotationOptions.of(config),
+        )
+        self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
+            authority, self.store, self.rotation, interval=config.backend_poll_interval
+        )
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
+        # One health state for the main server and the plaintext health listener.
+        self.health_monitor = HealthMonitor(
+            self.health,
+            authority,
+            self.store,
+            services=(SDS_SERVICE, ADS_SERVICE),
+            backend_service=BACKEND_SERVICE,
+            serving_id=self.server_id if config.listen is not None else None,
+            interval=config.health_interval,
+        )
+        self.issuer.issue_observers.append(self.health_monitor.issue_result)
+        self.metrics.watch(
+            stats=self.stats,
+            engines={"sds": self.servicer.engine, "ads": self.ads.engine},
+            store=self.store,
+            authority=authority,
+            health=self.health_monitor,
+        )
+        self.metrics_server = MetricsServer(self.metrics)
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.credentials: ServingCredentials | None = None
+        self.tcp_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopped = asyncio.Event()
+
+    def _check_identities(self) -> None:
+        if not self.server_id.is_member_of(self.trust_domain):
+            raise ServeError(
+                f"--server-id {self.server_id} is outside this CA's trust domain "
+                f"{self.trust_domain}"
+            )
+        for uid, ids in self.config.uds_identities.items():
+            for spiffe_id in ids:
+                if not spiffe_id.is_member_of(self.trust_domain):
+                    raise ServeError(
+                        f"--uds-identity {uid}={spiffe_id}: outside this CA's trust domain "
+                        f"{self.trust_domain}"
+                    )
+                if spiffe_id == self.server_id:  # its key would let a workload pose as meshca
+                    raise ServeError(
+                        f"--uds-identity {uid}={spiffe_id}: that is meshca's own identity; "
+                        "no workload may hold its key"
+                    )
+
+    # mesh ---------------------------------------------------------------------------
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    def _service_identities(self, namespace: str, service: str) -> tuple[SpiffeId, ...] | None:
+        return self._mesh.service_identities(namespace, service)
+
+    def _mesh_changed(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self.servicer.resources_changed()
+        self.ads.mesh_changed()
+
+    # serving certificate ----------------------------------------------------------------
+    def _store_event(self, event: StoreEvent) -> None:
+        if self.credentials is None:
+            return
+        if isinstance(event, SvidChanged) and event.spiffe_id == self.server_id:
+            self.credentials.update(svid=event.svid)
+            log.info("serving certificate renewed: serial=%x", event.svid.serial)
+        elif isinstance(event, BundleChanged):
+            self.credentials.update(bundle=event.bundle)
+            log.info("trust bundle changed: %d roots", len(event.bundle))
+
+    # lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until judged
+        self.store.start()
+        self._unsubscribe = self.store.subscribe(self._store_event)
+        server = grpc.aio.server()
+        add_sds_to_server(self.servicer, server)
+        add_ads_to_server(self.ads_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SDS_SERVICE,
+                ADS_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        if config.listen is not None:
+            self.store.retain(self.server_id)  # never swept as idle
+            svid = await self.store.svid(self.server_id)
+            self.credentials = ServingCredentials(svid, self.store.bundle())
+            host, port = config.listen
+            address = format_address(host, port)
+            try:
+                self.tcp_port = server.add_secure_port(
+                    address, self.credentials.server_credentials()
+                )
+            except RuntimeError:
+                raise ServeError(
+                    f"cannot listen on {address}: the address is in use or not available"
+                ) from None
+        if self.front_door is not None:
+            server.add_insecure_port(self.front_door.prepare())
+        await server.start()
+        self._server = server
+        if self.front_door is not None:
+            try:
+                await self.front_door.start()
+            except OSError:
+                await self.stop(0)
+                raise
+        if self.mesh_file is not None:
+            self.mesh_file.start()
+        if self.rotation is not None:
+            await self.rotation.start()
+        if self.bundle_poll is not None:
+            self.bundle_poll.start()
+        await self.health_monitor.start()
+        await self._start_side_listeners()
+        log.info(
+            "serving %s: tcp=%s uds=%s leaf-ttl=%s",
+            self.trust_domain,
+            (
+                format_address(config.listen[0], self.tcp_port)
+                if config.listen is not None and self.tcp_port is not None
+                else "-"
+            ),
+            config.uds or "-",
+            format_duration(config.leaf_ttl),
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let streams finish for ``grace`` seconds, then close everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health_monitor.stop()
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace if grace is None else grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        await self.metrics_server.close()
+        if self.front_door is not None:
+            await self.front_door.close()
+        if self.mesh_file is not None:
+            await self.mesh_file.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self.bundle_poll is not None:
+            await self.bundle_poll.stop()
+        if self.rotation is not None:
+            await self.rotation.close()
+        self.servicer.close()
+        self.store.stop()
+        log.info("stopped")
+
+    async def _start_side_listeners(self) -> None:
+        """The plaintext health listener and /metrics, when configured."""
+        config = self.config
+        flag = ""
+        try:
+            if config.health_listen is not None:
+                flag = "--health-listen"
+                self._health_server, self.health_port = await start_health_listener(
+                    self.health, *config.health_listen
+                )
+            if config.metrics_listen is not None:
+                flag = "--metrics-listen"
+                await self.metrics_server.start(*config.metrics_listen)
+        except OSError as exc:
+            await self.stop(0)
+            raise ServeError(f"{flag}: {exc.strerror or exc}") from None
+
+    async def run(self, on_ready: Callable[[MeshcaServer], None] | None = None) -> None:
+        """Start, then serve until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready(self)
+            await stop.wait()
+            log.info("signal received: shutting down")
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signum)
+            await self.stop()

@@ -1,0 +1,42 @@
+"""The Aggregated Discovery Service: the same engine, several resource types on one stream.
+
+Give it an engine built with one source per type, in the order Envoy needs them
+(clusters, endpoints, listeners, routes, secrets); each request names its type URL.
+The Secret source of the SDS servicer can be shared (``SecretDiscoveryServicer.secrets``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from meshca.sds.service import Context, authenticate_or_abort
+from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.engine import XdsEngine
+
+
+class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """StreamAggregatedResources (SotW) and DeltaAggregatedResources over ``engine``."""
+
+    def __init__(self, engine: XdsEngine, authenticator: CallerAuthenticator) -> None:
+        self.engine = engine
+        self.authenticator = authenticator
+
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[Any], context: Context
+    ) -> None:
+        caller = await authenticate_or_abort(self.authenticator, self.engine.stats, context)
+        await self.engine.run_sotw(caller, request_iterator, context)
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[Any], context: Context
+    ) -> None:
+        caller = await authenticate_or_abort(self.authenticator, self.engine.stats, context)
+        await self.engine.run_delta(caller, request_iterator, context)
+
+
+def add_ads_to_server(servicer: AggregatedDiscoveryServicer, server: grpc.aio.Server) -> None:
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)

@@ -1,0 +1,718 @@
+"""The one xDS protocol engine: state of the world and delta, over any resource type.
+
+Resources come from a :class:`ResourceSource` per type URL, which turns a caller's
+subscribed names into ``name -> Resource | ResourceError``. The engine owns the
+protocol: versions, nonces, ACK/NACK, subscriptions, pushes. SDS is this engine with
+one source; ADS is the same engine with several sources on one stream.
+
+Rules (each stream keeps them per type URL):
+
+* every response has a fresh nonce; a resource's version is a hash of its content,
+  so unchanged content keeps its version and a push happens only when content differs
+  from what was last sent: an ACKed or NACKed payload is never sent again as is;
+* an ACK (the latest nonce, no ``error_detail``) records what the proxy applied and the
+  push-to-ACK latency; a NACK is logged and counted, and nothing is resent until the
+  content changes;
+* SotW: a request carrying a nonce that is not the latest is stale and ignored (its
+  ``resource_names`` are repeated by the proxy's next ACK); a changed name set is
+  answered with every subscribed resource; a first request whose ``version_info``
+  equals the current version (a reconnecting proxy) gets no redundant response;
+* Delta: a stale nonce does not count as ACK/NACK, but its subscribe/unsubscribe
+  lists are applied (they are never repeated); ``initial_resource_versions`` is
+  honoured; a subscribed resource that disappears is sent in ``removed_resources``;
+  an unsubscribed name is forgotten (the proxy already dropped it), so subscribing
+  again sends it again;
+* the node of the first request that carries one is kept for the stream and checked
+  against the caller (:func:`meshca.xds.auth.authorize_node`).
+
+Errors: a name that cannot be served when it is first subscribed (malformed, unknown,
+forbidden) ends the stream with that status code and a message naming the caller and
+the name. Envoy opens one SDS stream per secret, so this fails only that secret, loudly,
+and Envoy retries with backoff. A resource that disappears later is removed (Delta)
+or left as the proxy last received it (SotW cannot express removal for SDS); a
+transient failure keeps the last resource sent.
+
+On ADS one stream carries every type, so ending it for one name would drop the proxy's
+whole configuration: a mesh change racing with Envoy's first request for an endpoint or
+route name would restart the stream. Types listed in ``absent_types`` treat NOT_FOUND
+as "does not exist (yet)": the name is omitted (SotW) or not sent (Delta) until it
+exists, and removed like any resource that disappears. Every other refusal, above all
+PERMISSION_DENIED, still ends the stream.
+
+Each stream runs in its own task: change notifications only set the stream's wake-up
+event, so a proxy that never reads (``write`` blocks on flow control) delays nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from meshca.util.aio import wait_event
+from meshca.xds.auth import Caller, Forbidden, authorize_node
+from meshca.xds.stats import XdsStats
+
+log = logging.getLogger("meshca.xds")
+
+TYPE_PREFIX = "type.googleapis.com/"
+WILDCARD = "*"
+DEFAULT_MAX_NAMES = 10_000
+INBOX_SIZE = 64
+# Stream ids are unique in the process, so one source can serve several engines (SDS, ADS).
+_stream_ids = itertools.count(1)
+
+# Which refusal ends a stream when several names fail at once: the security signal first.
+_CODE_PRIORITY = {
+    grpc.StatusCode.PERMISSION_DENIED: 0,
+    grpc.StatusCode.UNAUTHENTICATED: 1,
+    grpc.StatusCode.INVALID_ARGUMENT: 2,
+    grpc.StatusCode.NOT_FOUND: 3,
+    grpc.StatusCode.FAILED_PRECONDITION: 4,
+}
+
+
+def content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def set_version(versions: Mapping[str, str]) -> str:
+    """The version of a set of resources: changes when any member or version changes."""
+    digest = hashlib.sha256()
+    for name in sorted(versions):
+        digest.update(name.encode() + b"\0" + versions[name].encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One named, versioned resource, already packed as the ``Any`` sent on the wire."""
+
+    name: str
+    version: str
+    body: any_pb2.Any = field(repr=False)
+
+    @classmethod
+    def of(cls, name: str, message: Message) -> Resource:
+        data = message.SerializeToString(deterministic=True)
+        body = any_pb2.Any(type_url=TYPE_PREFIX + message.DESCRIPTOR.full_name, value=data)
+        return cls(name, content_version(data), body)
+
+
+@dataclass(frozen=True)
+class ResourceError:
+    """Why one name cannot be served: a gRPC status code and a message for the proxy."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+Resolution = Mapping[str, Resource | ResourceError]
+
+
+class StreamHandle(Protocol):
+    """What a source sees of a stream: who is on it, and how to wake it after a change."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def caller(self) -> Caller: ...
+
+    @property
+    def node(self) -> Any: ...
+
+    def wake(self, type_url: str | None = None) -> None: ...
+
+
+class ResourceSource(Protocol):
+    """Resources of one type URL, resolved per caller.
+
+    ``resolve`` must answer every name it is given (``names`` None: a wildcard
+    subscription, answer every resource the caller may see). ``watch`` is told the
+    stream's full name set whenever it changes (before the matching ``resolve``), so
+    the source can wake the stream when one of them changes; ``unwatch`` when the
+    stream ends.
+    """
+
+    type_url: str
+    wildcard: bool
+
+    async def resolve(
+        self, caller: Caller, node: Any, names: frozenset[str] | None
+    ) -> Resolution: ...
+
+    def watch(self, stream: StreamHandle, names: frozenset[str] | None) -> None: ...
+
+    def unwatch(self, stream: StreamHandle) -> None: ...
+
+
+class StreamRefused(Exception):
+    """End the stream with ``code``; the message goes to the proxy and to the log."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    names: frozenset[str] | None
+    sent_version: str | None
+    acked_version: str | None
+    awaiting_ack: bool
+    nacked: bool
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """A read-only view of one stream, for operators and for waiting on ACKs."""
+
+    id: int
+    kind: str
+    caller: str
+    node_id: str
+    writing: bool
+    types: Mapping[str, TypeStatus]
+
+
+@dataclass
+class _TypeState:
+    source: ResourceSource
+    names: frozenset[str] | None = frozenset()
+    unserved: set[str] = field(default_factory=set)  # subscribed, never resolved yet
+    nonce: str | None = None
+    sent_at: float = 0.0
+    awaiting_ack: bool = False
+    nacked: bool = False
+    # SotW: resources of the last response; Delta: what the proxy holds, name -> Resource
+    sent: dict[str, Resource] = field(default_factory=dict)
+    sent_version: str | None = None
+    acked_version: str | None = None
+    client_version: str | None = None  # SotW: version_info of a reconnecting proxy
+    client: dict[str, str] = field(default_factory=dict)  # Delta: name -> version held
+    requested: bool = False  # a request for this type arrived (the first one is answered)
+
+    def status(self) -> TypeStatus:
+        return TypeStatus(
+            self.names, self.sent_version, self.acked_version, self.awaiting_ack, self.nacked
+        )
+
+
+def _check_node(caller: Caller, node: Any, names: Iterable[str]) -> None:
+    """Refuse a node that claims another identity; the message says what was asked for."""
+    try:
+        authorize_node(caller, node)
+    except Forbidden as exc:
+        asked = ", ".join(repr(n) for n in sorted(names)) or "nothing yet"
+        raise StreamRefused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"caller {caller}: {exc}; refused request for {asked}",
+        ) from None
+
+
+class _Stream:
+    """Shared machinery of a stream: inbox, wake-up event, writes, ACK bookkeeping."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        engine: XdsEngine,
+        caller: Caller,
+        context: grpc.aio.ServicerContext[Any, Any],
+        default_type_url: str | None,
+    ) -> None:
+        self.engine = engine
+        self.id = next(_stream_ids)
+        self.caller = caller
+        self.context = context
+        self.default_type_url = default_type_url
+        self.node: Any = None
+        self.types: dict[str, _TypeState] = {}
+        self.writing = False
+        self._event = asyncio.Event()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue(INBOX_SIZE)
+        self._dirty: set[str] = set()
+        self._nonces = itertools.count(1)
+        self._reader_done = False
+
+    # --- what sources and the engine call ---------------------------------------
+    def wake(self, type_url: str | None = None) -> None:
+        """Recompute ``type_url`` (all types when None) in the stream's own task."""
+        self._dirty.update([type_url] if type_url else self.types)
+        self._event.set()
+        self.engine._mark(self, settled=False)
+
+    def status(self) -> StreamStatus:
+        node_id = str(self.node.id) if self.node is not None else ""
+        return StreamStatus(
+            self.id,
+            self.kind,
+            str(self.caller),
+            node_id,
+            self.writing,
+            {url: state.status() for url, state in self.types.items()},
+        )
+
+    # --- the task -------------------------------------------------------------
+    async def run(self, requests: AsyncIterator[Any]) -> None:
+        reader = asyncio.get_running_loop().create_task(self._read(requests))
+        try:
+            while True:
+                await self._event.wait()
+                self._event.clear()
+                while not self._inbox.empty():
+                    self._handle(self._inbox.get_nowait())
+                if self._reader_done and self._inbox.empty():
+                    return  # the proxy closed its side (or the transport failed)
+                dirty = [url for url in self.engine._type_order if url in self._dirty]
+                self._dirty.clear()
+                for type_url in dirty:
+                    if type_url in self.types:
+                        await self._push(type_url, self.types[type_url])
+                self.engine._mark(self, settled=self._settled())
+        except StreamRefused as refusal:
+            await self._refuse(refusal)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            for state in self.types.values():
+                state.source.unwatch(self)
+            self.engine._forget(self)
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                await self._inbox.put(request)
+                # Unsettled from now until handled and answered: a first request (or a
+                # new subscription) being resolved is not yet ACKed content.
+                self.engine._mark(self, settled=False)
+                self._event.set()
+        finally:
+            self._reader_done = True
+            self._event.set()
+
+    def _settled(self) -> bool:
+        return (
+            not self._dirty
+            and self._inbox.empty()
+            and all(
+                s.nonce is None or (not s.awaiting_ack and not s.nacked)
+                for s in self.types.values()
+            )
+        )
+
+    async def _refuse(self, refusal: StreamRefused) -> None:
+        self.engine.stats.refusals[refusal.code.name] += 1
+        log.warning(
+            "%s stream %d refused (%s): caller %s: %s",
+            self.kind,
+            self.id,
+            refusal.code.name,
+            self.caller,
+            refusal.message,
+        )
+        await self.context.abort(refusal.code, refusal.message)
+
+    # --- request handling shared by both variants ---------------------------------
+    def _accept_node(self, request: Any, names: Iterable[str]) -> None:
+        if self.node is None and request.HasField("node"):
+            _check_node(self.caller, request.node, names)
+            self.node = request.node
+
+    def _state_for(self, request: Any) -> tuple[str, _TypeState]:
+        type_url = request.type_url or self.default_type_url or ""
+        state = self.types.get(type_url)
+        if state is None:
+            source = self.engine.sources.get(type_url)
+            if source is None:
+                served = ", ".join(self.engine.sources) or "none"
+                raise StreamRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"resource type {type_url or '(empty)'!r} is not served (served: {served})",
+                )
+            state = _TypeState(source)
+            self.types[type_url] = state
+        return type_url, state
+
+    def _answer(self, type_url: str, state: _TypeState, request: Any) -> None:
+        """Record an ACK or NACK of our latest response (the nonce was checked)."""
+        stats = self.engine.stats
+        state.awaiting_ack = False
+        if request.HasField("error_detail"):
+            state.nacked = True
+            stats.nacks[type_url] += 1
+            log.warning(
+                "%s stream %d: caller %s rejected version %s of %s (nonce %s): %s",
+                self.kind,
+                self.id,
+                self.caller,
+                state.sent_version,
+                type_url,
+                state.nonce,
+                request.error_detail.message or f"code {request.error_detail.code}",
+            )
+        else:
+            state.nacked = False
+            state.acked_version = state.sent_version
+            stats.acks[type_url] += 1
+            stats.ack_latency.record(time.monotonic() - state.sent_at)
+
+    def _subscribe(self, type_url: str, state: _TypeState, names: frozenset[str] | None) -> None:
+        if names is not None and len(names) > self.engine.max_names:
+            raise StreamRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(names)} resource names on one stream; at most {self.engine.max_names}",
+            )
+        if names == state.names:
+            return
+        added = names - state.names if names is not None and state.names is not None else set()
+        state.unserved = (state.unserved | added) & names if names is not None else set()
+        state.names = names
+        state.source.watch(self, names)
+        self._dirty.add(type_url)
+
+    def _resolved(
+        self, type_url: str, state: _TypeState, resolution: Resolution
+    ) -> tuple[dict[str, Resource], list[str]]:
+        """(resources to hold now, names that are gone); refuses names never served
+        (except NOT_FOUND for a type whose missing names are absent)."""
+        names: Iterable[str] = state.names if state.names is not None else resolution
+        missing = [n for n in names if n not in resolution]
+        if missing:
+            raise StreamRefused(grpc.StatusCode.INTERNAL, f"no answer for resource {missing[0]!r}")
+        self.engine._refuse_first(type_url, [resolution[n] for n in names if n in state.unserved])
+        current: dict[str, Resource] = {}
+        gone: list[str] = []
+        for name in names:
+            result = resolution[name]
+            if isinstance(result, Resource):
+                current[name] = result
+                state.unserved.discard(name)
+            elif result.code == grpc.StatusCode.NOT_FOUND:
+                if name in state.unserved:
+                    log.debug(
+                        "%s stream %d: caller %s: %s (absent until it exists)",
+                        self.kind,
+                        self.id,
+                        self.caller,
+                        result.message,
+                    )
+                gone.append(name)
+            elif name in state.sent:
+                current[name] = state.sent[name]  # transient: keep what the proxy has
+        return current, gone
+
+    async def _resolve(self, state: _TypeState) -> Resolution:
+        return await state.source.resolve(self.caller, self.node, state.names)
+
+    async def _write(self, type_url: str, state: _TypeState, response: Any, nonce: str) -> None:
+        state.nonce = nonce
+        state.awaiting_ack = True
+        state.nacked = False
+        state.sent_at = time.monotonic()
+        self.writing = True
+        try:
+            await self.context.write(response)
+        finally:
+            self.writing = False
+        self.engine.stats.responses[type_url] += 1
+
+    def _next_nonce(self) -> str:
+        return format(next(self._nonces), "x")
+
+    # --- variant specific -------------------------------------------------------
+    def _handle(self, request: Any) -> None:
+        raise NotImplementedError
+
+    async def _push(self, type_url: str, state: _TypeState) -> None:
+        raise NotImplementedError
+
+
+class _SotwStream(_Stream):
+    kind = "sotw"
+
+    def _handle(self, request: Any) -> None:
+        self.engine.stats.requests += 1
+        self._accept_node(request, request.resource_names)
+        type_url, state = self._state_for(request)
+        nonce = request.response_nonce
+        if nonce and nonce != state.nonce:
+            self.engine.stats.stale_nonces[type_url] += 1
+            log.debug("sotw stream %d: stale nonce %s ignored", self.id, nonce)
+            return
+        if nonce:
+            self._answer(type_url, state, request)
+        elif state.nonce is None and request.version_info:
+            state.client_version = request.version_info
+        names: frozenset[str] | None = frozenset(request.resource_names)
+        if state.source.wildcard and (not names or WILDCARD in (names or ())):
+            names = None
+        if not state.requested:
+            state.requested = True
+            self._dirty.add(type_url)  # the first request of a type is always considered
+        self._subscribe(type_url, state, names)
+        if state.names is not None:  # names dropped from the subscription are not resent
+            state.sent = {n: r for n, r in state.sent.items() if n in state.names}
+
+    async def _push(self, type_url: str, state: _TypeState) -> None:
+        current, gone = self._resolved(type_url, state, await self._resolve(state))
+        for name in gone:  # SotW cannot remove an SDS/EDS/RDS resource: keep the last one
+            if name in state.sent:
+                current[name] = state.sent[name]
+        versions = {name: resource.version for name, resource in current.items()}
+        version = set_version(versions)
+        if state.nonce is None:
+            if not current and state.names is not None:
+                return  # nothing subscribed yet: nothing to say
+            if state.client_version == version:  # a reconnecting proxy already has this
+                state.sent, state.sent_version, state.acked_version = current, version, version
+                return
+        elif versions == {name: r.version for name, r in state.sent.items()}:
+            return
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=version,
+            resources=[current[name].body for name in sorted(current)],
+            type_url=type_url,
+            nonce=self._next_nonce(),
+        )
+        state.sent, state.sent_version = current, version
+        await self._write(type_url, state, response, response.nonce)
+
+
+class _DeltaStream(_Stream):
+    kind = "delta"
+
+    def _handle(self, request: Any) -> None:
+        self.engine.stats.requests += 1
+        self._accept_node(request, request.resource_names_subscribe)
+        type_url, state = self._state_for(request)
+        first = not state.requested
+        state.requested = True
+        nonce = request.response_nonce
+        if nonce and nonce != state.nonce:
+            self.engine.stats.stale_nonces[type_url] += 1
+            log.debug(
+                "delta stream %d: stale nonce %s (subscriptions still applied)", self.id, nonce
+            )
+        elif nonce:
+            self._answer(type_url, state, request)
+        if first:
+            state.client.update(dict(request.initial_resource_versions))
+        subscribe = set(request.resource_names_subscribe)
+        unsubscribe = set(request.resource_names_unsubscribe)
+        wildcard = state.names is None
+        if state.source.wildcard:
+            if WILDCARD in subscribe or (first and not subscribe):
+                wildcard = True
+            if WILDCARD in unsubscribe:
+                wildcard = False
+        subscribe.discard(WILDCARD)
+        unsubscribe.discard(WILDCARD)
+        for name in unsubscribe - subscribe:
+            state.client.pop(name, None)  # the proxy forgot it: a re-subscribe resends it
+        names = None if wildcard else ((state.names or frozenset()) | subscribe) - unsubscribe
+        if first:
+            if names is not None:  # versions of names not subscribed mean nothing
+                state.client = {n: v for n, v in state.client.items() if n in names}
+            self._dirty.add(type_url)
+        self._subscribe(type_url, state, names)
+
+    async def _push(self, type_url: str, state: _TypeState) -> None:
+        resolution = await self._resolve(state)
+        current, gone = self._resolved(type_url, state, resolution)
+        updates = [r for name, r in sorted(current.items()) if state.client.get(name) != r.version]
+        removed = sorted(name for name in gone if name in state.client)
+        if state.names is None:  # wildcard: whatever the proxy holds that no longer exists
+            removed += sorted(n for n in state.client if n not in resolution and n not in removed)
+        if not updates and not removed:
+            return
+        for resource in updates:
+            state.client[resource.name] = resource.version
+            state.sent[resource.name] = resource
+        for name in removed:
+            state.client.pop(name, None)
+            state.sent.pop(name, None)
+        version = set_version(state.client)
+        response = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            resources=[
+                discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body)
+                for r in updates
+            ],
+            removed_resources=removed,
+            type_url=type_url,
+            nonce=self._next_nonce(),
+        )
+        state.sent_version = version
+        await self._write(type_url, state, response, response.nonce)
+
+
+class XdsEngine:
+    """Serves the resource types of ``sources`` over SotW, Delta and unary fetch.
+
+    ``absent_types``: type URLs whose NOT_FOUND names are absent rather than refused
+    (see the module's notes on errors); ADS passes its generated types.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ResourceSource],
+        stats: XdsStats | None = None,
+        *,
+        max_names: int = DEFAULT_MAX_NAMES,
+        absent_types: Iterable[str] = (),
+    ) -> None:
+        self.sources: dict[str, ResourceSource] = {s.type_url: s for s in sources}
+        self.absent_types = frozenset(absent_types)
+        unknown = sorted(self.absent_types - set(self.sources))
+        if unknown:
+            raise ValueError(f"absent_types names types that are not served: {unknown}")
+        self._type_order = [s.type_url for s in sources]  # ADS: make before break
+        self.stats = stats or XdsStats()
+        self.max_names = max_names
+        self._streams: dict[int, _Stream] = {}
+        self._unsettled: set[int] = set()
+        self._all_settled = asyncio.Event()
+        self._all_settled.set()
+
+    # --- the three RPC shapes ------------------------------------------------------
+    async def run_sotw(
+        self,
+        caller: Caller,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        default_type_url: str | None = None,
+    ) -> None:
+        await self._run(_SotwStream(self, caller, context, default_type_url), requests)
+
+    async def run_delta(
+        self,
+        caller: Caller,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        default_type_url: str | None = None,
+    ) -> None:
+        await self._run(_DeltaStream(self, caller, context, default_type_url), requests)
+
+    async def fetch(
+        self,
+        caller: Caller,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        default_type_url: str | None = None,
+    ) -> Any:
+        """Unary fetch: every named resource, or the status code of the first refusal."""
+        self.stats.fetches += 1
+        type_url = request.type_url or default_type_url or ""
+        try:
+            source = self.sources.get(type_url)
+            if source is None:
+                raise StreamRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"resource type {type_url!r} is not served here",
+                )
+            node = request.node if request.HasField("node") else None
+            _check_node(caller, node, request.resource_names)
+            names = frozenset(request.resource_names)
+            if not names and not source.wildcard:
+                raise StreamRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "name the resources to fetch (resource_names)"
+                )
+            if len(names) > self.max_names:
+                raise StreamRefused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_names} names"
+                )
+            resolution = await source.resolve(
+                caller, node, None if source.wildcard and not names else names
+            )
+            self._refuse_first(type_url, resolution.values())
+        except StreamRefused as refusal:
+            self.stats.refusals[refusal.code.name] += 1
+            log.warning(
+                "fetch refused (%s): caller %s: %s", refusal.code.name, caller, refusal.message
+            )
+            await context.abort(refusal.code, refusal.message)
+        current = {n: r for n, r in resolution.items() if isinstance(r, Resource)}
+        return discovery_pb2.DiscoveryResponse(
+            version_info=set_version({n: r.version for n, r in current.items()}),
+            resources=[current[n].body for n in sorted(current)],
+            type_url=type_url,
+        )
+
+    def _refuse_first(self, type_url: str, results: Iterable[Resource | ResourceError]) -> None:
+        """Refuse with the most telling error among ``results``, if any (NOT_FOUND of a
+        type whose missing names are absent is no refusal)."""
+        absent_ok = type_url in self.absent_types
+        errors = [
+            r
+            for r in results
+            if isinstance(r, ResourceError)
+            and not (absent_ok and r.code == grpc.StatusCode.NOT_FOUND)
+        ]
+        if errors:
+            error = min(errors, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
+            raise StreamRefused(error.code, error.message)
+
+    async def _run(self, stream: _Stream, requests: AsyncIterator[Any]) -> None:
+        self._streams[stream.id] = stream
+        self.stats.streams_opened += 1
+        log.debug("%s stream %d opened by %s", stream.kind, stream.id, stream.caller)
+        try:
+            await stream.run(requests)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("%s stream %d from %s failed", stream.kind, stream.id, stream.caller)
+            await stream.context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
+
+    def _forget(self, stream: _Stream) -> None:
+        if self._streams.pop(stream.id, None) is not None:
+            self.stats.streams_closed += 1
+            self._mark(stream, settled=True)
+            log.debug("%s stream %d closed", stream.kind, stream.id)
+
+    def _mark(self, stream: _Stream, *, settled: bool) -> None:
+        if settled or stream.id not in self._streams:
+            self._unsettled.discard(stream.id)
+            if not self._unsettled:
+                self._all_settled.set()
+        else:
+            self._unsettled.add(stream.id)
+            self._all_settled.clear()
+
+    # --- operators, rotation and benchmarks --------------------------------------------
+    def wake_all(self) -> None:
+        """An input of every resource may have changed (e.g. the mesh file): recompute all."""
+        for stream in list(self._streams.values()):
+            stream.wake()
+
+    def streams(self) -> list[StreamStatus]:
+        return [s.status() for s in self._streams.values()]
+
+    def unsettled(self) -> list[StreamStatus]:
+        """Streams with a push to make or a response not yet ACKed (NACKed ones included)."""
+        return [self._streams[i].status() for i in sorted(self._unsettled) if i in self._streams]
+
+    async def wait_settled(self, timeout: float) -> list[StreamStatus]:
+        """Wait until every stream has ACKed what it was sent; returns who had not by then."""
+        await wait_event(self._all_settled, timeout)
+        return self.unsettled()
