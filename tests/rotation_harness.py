@@ -84,6 +84,7 @@ class Proxy:
     """A real SotW SDS stream asking for its own certificate and the bundle, like Envoy.
 
     It ACKs every response unless ``holding``; a held response is ACKed by ``release``.
+    While ``refusing`` it NACKs every response, as a proxy that rejects the content does.
     ``acked`` is what it has acknowledged (name -> Secret), i.e. what it would use.
     """
 
@@ -94,8 +95,11 @@ class Proxy:
         channel = harness.mtls_channel(identity)
         self.stream = Stream(harness.stub(channel).StreamSecrets())
         self.holding = False
+        self.refusing = False
+        self.nacked = 0
         self.held: list[Any] = []
         self.acked: dict[str, Any] = {}
+        self.version = ""  # of the last response ACKed (a NACK repeats it)
         self.responses = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -108,7 +112,17 @@ class Proxy:
         while True:
             response = await self.stream.recv(timeout=3600)
             self.responses += 1
-            if self.holding:
+            if self.refusing:
+                await self.stream.send(
+                    sotw(
+                        self.NAMES,
+                        nonce=response.nonce,
+                        version=self.version,
+                        error="refused by this proxy",
+                    )
+                )
+                self.nacked += 1
+            elif self.holding:
                 self.held.append(response)
             else:
                 await self._ack(response)
@@ -117,6 +131,7 @@ class Proxy:
         await self.stream.send(
             sotw(self.NAMES, nonce=response.nonce, version=response.version_info)
         )
+        self.version = response.version_info
         self.acked.update(secrets_of(response))
 
     async def release(self) -> None:

@@ -47,11 +47,20 @@ class AckTracker(Protocol):
         """
         ...
 
+    def refusing(self) -> list[str]:
+        """The connected proxies that rejected (NACKed) the latest content pushed to them
+        and have nothing newer on its way: they will not acknowledge it, however long a
+        rotation waits."""
+        ...
+
 
 class NoProxies:
     """The tracker when no server runs: nobody is connected, so nobody is waited for."""
 
     def unacked(self, predicate: SecretPredicate) -> list[str]:
+        return []
+
+    def refusing(self) -> list[str]:
         return []
 
 

@@ -8,6 +8,8 @@ request per connection: a JSON object on one line, answered by one JSON line::
     {"op": "rotate"}
     {"op": "rotate-root", "step": 2, "timeout": 60}     # "step": null runs every step
     {"op": "rotate-root", "rollback": true, "timeout": 60}
+    {"op": "rotate-root", "step": 2, "timeout": 60, "force": true}   # go on without
+                                                        # proxies that did not ACK in time
 
     {"ok": true, "result": {...}}   or   {"ok": false, "error": "one line"}
 
@@ -71,14 +73,14 @@ class CaOperations:
         return {"activated": record.id, "status": self.status()}
 
     async def rotate_root(
-        self, *, step: int | None, rollback: bool, timeout: timedelta
+        self, *, step: int | None, rollback: bool, timeout: timedelta, force: bool = False
     ) -> dict[str, Any]:
         if rollback:
-            reports = [await self.rotation.rollback(timeout=timeout)]
+            reports = [await self.rotation.rollback(timeout=timeout, force=force)]
         elif step is not None:
-            reports = [await self.rotation.step(step, timeout=timeout)]
+            reports = [await self.rotation.step(step, timeout=timeout, force=force)]
         else:
-            reports = await self.rotation.run(timeout=timeout)
+            reports = await self.rotation.run(timeout=timeout, force=force)
         return {"steps": [r.to_json() for r in reports], "status": self.status()}
 
     async def perform(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +102,7 @@ class CaOperations:
                 step=step,
                 rollback=request.get("rollback") is True,
                 timeout=timedelta(seconds=seconds),
+                force=request.get("force") is True,
             )
         raise RotationError(f"unknown operation {op!r} (status, rotate, rotate-root)")
 

@@ -53,18 +53,40 @@ STEPS = {
 DEFAULT_ACK_TIMEOUT = timedelta(minutes=5)
 
 
-class AckTimeout(RotationError):
-    """Some proxies did not acknowledge in time; the rotation holds where it was."""
+def shown(names: list[str], limit: int = 20) -> str:
+    """Up to ``limit`` names, then how many more: a reply stays short whatever the count."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
-    def __init__(self, what: str, waiting: list[str], timeout: timedelta) -> None:
-        shown = ", ".join(waiting[:20]) + (
-            f" and {len(waiting) - 20} more" if len(waiting) > 20 else ""
-        )
-        super().__init__(
-            f"{what}: timed out after {timeout.total_seconds():g}s, still waiting for "
-            f"{len(waiting)}: {shown} (the rotation holds; run the step again, or roll back)"
-        )
+
+class AckTimeout(RotationError):
+    """Some proxies did not acknowledge in time, or refused; the rotation holds where it was."""
+
+    def __init__(
+        self,
+        what: str,
+        waiting: list[str],
+        timeout: timedelta,
+        *,
+        refusing: list[str] | None = None,
+        rollback: bool = False,
+        forcible: bool = True,
+    ) -> None:
+        refusing = refusing or []
+        if refusing and len(refusing) == len(waiting):
+            head = f"{what}: {len(waiting)} proxies refused (NACKed) it: {shown(waiting)}"
+        else:
+            head = (
+                f"{what}: timed out after {timeout.total_seconds():g}s, still waiting for "
+                f"{len(waiting)}: {shown(waiting)}"
+            )
+            if refusing:
+                head += f" ({len(refusing)} of them refused it: {shown(refusing)})"
+        again = "run '--rollback' again" if rollback else "run the step again, or roll back"
+        force = "; add --force-unacked to go on without them" if forcible else ""
+        super().__init__(f"{head} (the rotation holds; {again}{force})")
         self.waiting = waiting
+        self.refusing = refusing
 
 
 @dataclass(frozen=True)
@@ -101,9 +123,10 @@ class RootRotation:
 
     # operator entry points ------------------------------------------------------------
     async def run(
-        self, through: int = LAST_STEP, *, timeout: timedelta | None = None
+        self, through: int = LAST_STEP, *, timeout: timedelta | None = None, force: bool = False
     ) -> list[StepReport]:
-        """Run every remaining step up to ``through``."""
+        """Run every remaining step up to ``through``. With ``force``, a wait that times
+        out (or that only proxies refusing the change hold up) goes on without them."""
         _check_step(through)
         async with self._operation:
             state = self.state
@@ -117,11 +140,15 @@ class RootRotation:
             await self._set_target(through)
             reports = []
             for step in range(start, through + 1):
-                reports.append(await self._run_step(step, through, timeout or self.ack_timeout))
+                reports.append(
+                    await self._run_step(step, through, timeout or self.ack_timeout, force)
+                )
             return reports
 
-    async def step(self, step: int, *, timeout: timedelta | None = None) -> StepReport:
-        """Run exactly ``step`` (the previous steps must be done)."""
+    async def step(
+        self, step: int, *, timeout: timedelta | None = None, force: bool = False
+    ) -> StepReport:
+        """Run exactly ``step`` (the previous steps must be done); ``force`` as in :meth:`run`."""
         _check_step(step)
         async with self._operation:
             state = self.state
@@ -138,13 +165,17 @@ class RootRotation:
                     f"the rotation is at step {done}"
                 )
             await self._set_target(step)
-            return await self._run_step(step, step, timeout or self.ack_timeout)
+            return await self._run_step(step, step, timeout or self.ack_timeout, force)
 
-    async def rollback(self, *, timeout: timedelta | None = None) -> StepReport:
+    async def rollback(
+        self, *, timeout: timedelta | None = None, force: bool = False
+    ) -> StepReport:
         """Return to the old root: signing back under it (re-issuing every SVID, waiting for
-        the ACKs) if step 3 ran, then the new root leaves the bundle."""
+        the ACKs) if step 3 ran, then the new root leaves the bundle. Proxies that refuse
+        the change never hold a rollback up; ``force`` also goes on without those that
+        did not answer in time."""
         async with self._operation:
-            return await self._rollback(timeout or self.ack_timeout)
+            return await self._rollback(timeout or self.ack_timeout, force)
 
     def hold_for_reconnects(self, grace: float) -> None:
         """After a restart in the middle of a root rotation: for ``grace`` seconds, every
@@ -183,17 +214,21 @@ class RootRotation:
             log.error("the resumed root rotation stopped: %s", exc)
 
     # the steps --------------------------------------------------------------------------------
-    async def _run_step(self, step: int, target: int, timeout: timedelta) -> StepReport:
+    async def _run_step(
+        self, step: int, target: int, timeout: timedelta, force: bool = False
+    ) -> StepReport:
         log.info("root rotation step %d: %s", step, STEPS[step])
+        skipped: list[str] = []
         if step == 1:
             detail = await self._add_new_root(target)
         elif step == 2:
             await self._mark_running(2)
             root = self._new_root()
-            await self._wait(
+            skipped = await self._wait(
                 "step 2: proxies to ACK a bundle holding the new root",
                 bundle_holds(root),
                 timeout,
+                force=force,
             )
             detail = "every connected proxy trusts the new root"
         elif step == 3:
@@ -201,10 +236,11 @@ class RootRotation:
         elif step == 4:
             await self._mark_running(4)
             new_root = self._new_root()
-            await self._wait(
+            skipped = await self._wait(
                 "step 4: proxies to ACK certificates under the new root",
                 certificate_under(new_root),
                 timeout,
+                force=force,
                 also=lambda: self._served_under_old_root(),
             )
             detail = "every connected proxy presents a certificate under the new root"
@@ -212,13 +248,16 @@ class RootRotation:
             await self._mark_running(5)
             old_root = self._old_root()
             if old_root is not None:
-                await self._wait(
+                skipped = await self._wait(
                     "step 5: certificates under the old root to go out of use",
                     certificate_not_under(old_root),
                     timeout,
+                    force=force,
                     also=lambda: self.manager.served_under(old_root),
                 )
             detail = await self._remove_old_root()
+        if skipped:
+            detail += f" (went on without {len(skipped)}: {shown(skipped)})"
         if step < LAST_STEP:
             await self._mark_done(step)
         log.info("root rotation step %d done: %s", step, detail)
@@ -274,33 +313,44 @@ class RootRotation:
         shown = fingerprint(old_root) if old_root is not None else "(already removed)"
         return f"old root {shown} left the trust bundle; the rotation is complete"
 
-    async def _rollback(self, timeout: timedelta) -> StepReport:
+    async def _rollback(self, timeout: timedelta, force: bool = False) -> StepReport:
         manager = self.manager
         state = self.state
         if state is None:
             raise RotationError("no root rotation is in progress")
         if state.running == 5 or state.done >= 5:
             raise RotationError("the old root is being removed (step 5): too late to roll back")
+        # Whether anything may have been signed under the new root (step 3 started).
+        signed = state.done >= 3 or state.running in (3, 4)
         state = replace(state, rolling_back=True, running=None, target=0)
         async with manager.lock:
             await manager.set_root_rotation(state)
-        detail = "the new root left the trust bundle"
+        detail = "no new root had been added; nothing else to undo"
         slots = {record.id for record in manager.journal.slots}
         if state.new_slot is not None and state.new_slot in slots:
+            detail = "the new root left the trust bundle"
             new_root = manager.ca(state.new_slot).root
             async with manager.lock:
                 if manager.journal.slot(state.new_slot).status is SlotStatus.ACTIVE:
+                    signed = True
                     await manager.activate(state.old_slot)
                     detail = "signing is back under the old root; " + detail
                 if manager.served_under(new_root) and manager.store is not None:
+                    signed = True
                     await manager.store.renew_all()
-            # Nothing may chain to the new root when it leaves the bundle.
-            await self._wait(
-                "rollback: certificates under the new root to go out of use",
-                certificate_not_under(new_root),
-                timeout,
-                also=lambda: manager.served_under(new_root),
-            )
+            if signed:
+                # Nothing may chain to the new root when it leaves the bundle. A proxy
+                # that refuses the change is not waited for: it must not trap the operator.
+                skipped = await self._wait(
+                    "rollback: certificates under the new root to go out of use",
+                    certificate_not_under(new_root),
+                    timeout,
+                    force=force,
+                    also=lambda: manager.served_under(new_root),
+                    skip_refusing=True,
+                )
+                if skipped:
+                    detail += f" (went on without {len(skipped)}: {shown(skipped)})"
         async with manager.lock:
             prepared = manager.journal.prepared
             if prepared is not None and prepared.kind is SlotKind.ROOT:
@@ -317,33 +367,71 @@ class RootRotation:
         predicate: SecretPredicate,
         timeout: timedelta,
         *,
+        force: bool = False,
         also: Callable[[], list[str]] | None = None,
-    ) -> None:
+        skip_refusing: bool = False,
+    ) -> list[str]:
+        """Wait until every connected proxy has acknowledged what ``predicate`` asks for
+        and ``also`` (the store's own state, never skipped) names nothing; return the
+        proxies it went on without.
+
+        Bounded: at ``timeout``, or at once when only proxies that refused (NACKed) the
+        change are left (they will not ACK it), AckTimeout names them and the rotation
+        holds; with ``force`` the wait goes on without them instead, logged.
+        ``skip_refusing``: proxies that refuse are never waited for (rollback).
+        """
         # The timeout never ends a wait before the reconnect grace does.
         deadline = max(time.monotonic() + timeout.total_seconds(), self._reconnect_until)
         held = False
         while True:
             waiting = self.manager.unacked(predicate)
-            if also is not None:
-                waiting += also()
-            if not waiting:
-                if time.monotonic() >= self._reconnect_until:
-                    return
+            refusing = self.manager.acks.refusing() if waiting else []
+            skipped = [name for name in waiting if name in refusing] if skip_refusing else []
+            waiting = [name for name in waiting if name not in skipped]
+            store = also() if also is not None else []
+            now = time.monotonic()
+            if not waiting and not store:
+                if now >= self._reconnect_until:
+                    if skipped:
+                        log.warning(
+                            "%s: not waiting for %d proxies that refused the change: %s",
+                            what,
+                            len(skipped),
+                            shown(skipped),
+                        )
+                    return skipped
                 if not held:
                     held = True
                     log.info(
                         "%s: holding %.1fs more for proxies to reconnect after the restart",
                         what,
-                        self._reconnect_until - time.monotonic(),
+                        self._reconnect_until - now,
                     )
-            elif time.monotonic() >= deadline:
+            elif now >= deadline or (
+                not store and now >= self._reconnect_until and set(waiting) <= set(refusing)
+            ):
+                if force and not store:
+                    log.warning(
+                        "%s: going on without %d proxies (--force-unacked): %s",
+                        what,
+                        len(waiting),
+                        shown(waiting),
+                    )
+                    return skipped + waiting
                 state = self.state
                 if state is not None and not state.rolling_back:
                     async with self.manager.lock:
                         await self.manager.set_root_rotation(
                             replace(state, running=None, target=state.done)
                         )
-                raise AckTimeout(what, waiting, timeout)
+                raise AckTimeout(
+                    what,
+                    waiting + store,
+                    timeout,
+                    refusing=[name for name in waiting if name in refusing],
+                    rollback=state is not None and state.rolling_back,
+                    forcible=not store,
+                )
             await asyncio.sleep(self.poll_interval)
 
     def waiting_on(self) -> list[str]:

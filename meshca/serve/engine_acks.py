@@ -9,16 +9,30 @@ stream is still waited for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from meshca.rotation.acks import AckedSecret, SecretPredicate
 from meshca.store import SecretStore
 
 
+class _TypeStatus(Protocol):
+    @property
+    def nacked(self) -> bool: ...
+
+
 class _Stream(Protocol):
     @property
     def id(self) -> int: ...
+
+    @property
+    def types(self) -> Mapping[str, _TypeStatus]: ...
+
+    @property
+    def pending(self) -> bool: ...
+
+    @property
+    def writing(self) -> bool: ...
 
     @property
     def caller(self) -> str: ...
@@ -60,3 +74,15 @@ class EngineAcks:
             self.engine.unsettled() if self._store_satisfies(predicate) else self.engine.streams()
         )
         return sorted({describe(stream) for stream in streams})
+
+    def refusing(self) -> list[str]:
+        """Streams at rest whose last push was NACKed: a stream about to push new content
+        (or writing it) may still accept that."""
+        return sorted(
+            {
+                describe(stream)
+                for stream in self.engine.unsettled()
+                if not (stream.pending or stream.writing)
+                and any(t.nacked for t in stream.types.values())
+            }
+        )

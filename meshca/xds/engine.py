@@ -187,6 +187,7 @@ class StreamStatus:
     node_id: str
     writing: bool
     types: Mapping[str, TypeStatus]
+    pending: bool = False  # a request to handle or a change to push: its state is moving
 
 
 @dataclass
@@ -266,6 +267,7 @@ class _Stream:
             node_id,
             self.writing,
             {url: state.status() for url, state in self.types.items()},
+            bool(self._dirty) or not self._inbox.empty(),
         )
 
     # --- the task -------------------------------------------------------------

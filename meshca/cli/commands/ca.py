@@ -61,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--step", type=int, choices=range(1, LAST_STEP + 1), metavar="N", help="run step N only"
     )
     which.add_argument("--rollback", action="store_true", help="return to the old root")
+    rotate_root.add_argument(
+        "--force-unacked",
+        action="store_true",
+        help=(
+            "when a wait times out, or only proxies that refuse (NACK) the change are left, "
+            "go on without them (logged) instead of holding the rotation"
+        ),
+    )
     for sub in (status, rotate, rotate_root):
         add_options(sub, NAME)
         sub.set_defaults(handler=run, command=NAME)
@@ -84,6 +92,7 @@ def _request(args: argparse.Namespace, timeout: timedelta) -> dict[str, Any]:
         "step": args.step,
         "rollback": bool(args.rollback),
         "timeout": timeout.total_seconds(),
+        "force": bool(args.force_unacked),
     }
 
 
