@@ -273,12 +273,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append({k.lower(): v for k, v in self.headers.items()})
+        if self.path.startswith("/delay/"):  # a slow answer: /delay/<seconds>, at most 5
+            time.sleep(min(float(self.path.removeprefix("/delay/")), 5.0))
         body = self.server.body
         self.send_response(200)
         self.send_header("content-type", "text/plain")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a caller gave up
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -292,8 +295,8 @@ class _AppServer(http.server.ThreadingHTTPServer):
 
 class RecordingApp:
     """A plain HTTP app that answers 200 with ``body`` and records each request's headers
-    (names in lowercase). Serves from construction; ``close()`` (or the ``with`` block's
-    end) stops it."""
+    (names in lowercase); ``GET /delay/<seconds>`` answers that much later (at most
+    5 s). Serves from construction; ``close()`` (or the ``with`` block's end) stops it."""
 
     def __init__(
         self, address: str = "127.0.0.1", port: int = 0, body: bytes = b"hello from the app\n"

@@ -416,3 +416,77 @@ def test_ads_refusals(
     responses, got, details = _ads_exchange(bookstore, THIEF, requests)
     assert (responses, got) == ([], code)
     assert detail in details
+
+
+# --- PERMISSIVE inbound, source wildcards, route timeouts (after the changes above) ------
+
+
+def _service(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in document["services"] if s["name"] == name)
+
+
+def _plaintext_get(address: str, port: int, headers: dict[str, str]) -> int:
+    connection = http.client.HTTPConnection(address, port, timeout=5)
+    try:
+        connection.request("GET", "/", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        connection.close()
+
+
+def test_permissive_accepts_plaintext_and_mtls_strict_only_mtls(
+    bookstore: Bookstore, tmp_path: Path
+) -> None:
+    warehouse = next(w for w in bookstore.document["workloads"] if w["name"] == "bookwarehouse")
+    address, port = warehouse["address"], bookstore.port
+    app = bookstore.apps["bookwarehouse"]
+    forged = {
+        "Host": "bookwarehouse.bookwarehouse",
+        "x-forwarded-client-cert": "URI=spiffe://cluster.local/ns/bookstore/sa/bookstore-v1",
+    }
+    before = len(app.requests)
+    assert _plaintext_get(address, port, forged) == 0  # STRICT: no TLS, no request
+    assert len(app.requests) == before
+
+    def permissive(d: dict[str, Any]) -> None:
+        _service(d, "bookwarehouse")["mtls"] = "permissive"
+        policy = next(p for p in d["access"]["policies"] if p["service"].endswith("bookwarehouse"))
+        policy["from"] = ["bookstore/*"]  # bookstore-v2 lost it above: the wildcard restores it
+
+    bookstore.change(permissive)
+    eventually(lambda: _plaintext_get(address, port, forged) == 200, "plaintext admitted")
+    assert app.callers()[-1] == ""  # no identity, and the forged one was removed
+    _, body = eventually(
+        lambda: (r := bookstore.via("bookstore-v2", "bookwarehouse.bookwarehouse"))[0] == 200 and r,
+        "bookstore-v2 -> bookwarehouse through the namespace wildcard",
+    )
+    assert body == "bookwarehouse"
+    assert app.callers()[-1] == "spiffe://cluster.local/ns/bookstore/sa/bookstore-v2"
+    thief = bookstore.server.issuer.issue(THIEF)
+    assert mtls_get(address, port, thief, bookstore.bundle, tmp_path) == 403  # RBAC still
+
+
+def test_routes_have_no_timeout_unless_one_is_configured(bookstore: Bookstore) -> None:
+    """Without one, Envoy's 15 s default is gone: a 2 s answer passes, and the callee's
+    proxy tells the app of no deadline (it said 15000 before); with 1 s configured, a 2 s
+    answer is cut with 504 while a quick one passes."""
+
+    def get(path: str) -> tuple[int, dict[str, str]]:
+        host = f"bookstore.bookstore:{bookstore.port}"
+        status, body = http_get(bookstore.port, path, address="127.0.0.41", host=host)
+        return status, bookstore.apps[body].requests[-1] if status == 200 else {}
+
+    status, headers = get("/delay/2")
+    assert status == 200
+    assert "x-envoy-expected-rq-timeout-ms" not in headers
+
+    def one_second(d: dict[str, Any]) -> None:
+        _service(d, "bookstore")["ports"] = [{"port": bookstore.port, "timeout": "1s"}]
+
+    bookstore.change(one_second)
+    eventually(lambda: get("/delay/2")[0] == 504, "the 1 s timeout applies")
+    assert get("/")[0] == 200

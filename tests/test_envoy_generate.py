@@ -325,6 +325,84 @@ def test_permissive_mesh_admits_the_trust_domain_only() -> None:
     assert "bookwarehouse/bookwarehouse|14001" in everything.get(CLUSTER_TYPE)
 
 
+def _osm_gaps_document() -> dict[str, Any]:
+    """bookwarehouse PERMISSIVE and callable by all of namespace bookstore, mysql by
+    anyone of the mesh, bookstore's route with a 1 s timeout."""
+    document = bookstore_document()
+    for service in document["services"]:
+        if service["name"] == "bookwarehouse":
+            service["mtls"] = "permissive"
+        if service["name"] == "bookstore":
+            service["ports"] = [{"port": 14001, "timeout": "1s"}]
+    for policy in document["access"]["policies"]:
+        if policy["service"] == "bookwarehouse/bookwarehouse":
+            policy["from"] = ["bookstore/*"]
+        if policy["service"] == "bookwarehouse/mysql":
+            policy["from"] = ["*"]
+    return document
+
+
+@pytest.mark.parametrize("capture", MODES)
+def test_permissive_port_tells_plaintext_from_mtls(capture: str) -> None:
+    """Transport detection: the TLS inspector, an mTLS chain on ``tls`` with RBAC, and a
+    plaintext chain on ``raw_buffer`` with no TLS and no RBAC (its callers have no ID)."""
+    snapshot = generate(parse_mesh(_osm_gaps_document(), TD), WAREHOUSE, capture=capture)
+    name = "inbound-listener" if capture == "intercept" else "inbound|14001"
+    listener = snapshot.get(LISTENER_TYPE)[name]
+    assert "envoy.filters.listener.tls_inspector" in [f.name for f in listener.listener_filters]
+    by_name = chains(listener)
+    assert set(by_name) == {"inbound|14001", "inbound|14001|plaintext"}
+    secure, plain = by_name["inbound|14001"], by_name["inbound|14001|plaintext"]
+    assert secure.filter_chain_match.transport_protocol == "tls"
+    assert plain.filter_chain_match.transport_protocol == "raw_buffer"
+    if capture == "intercept":
+        assert secure.filter_chain_match.destination_port.value == 14001
+        assert plain.filter_chain_match.destination_port.value == 14001
+    assert secure.HasField("transport_socket") and not plain.HasField("transport_socket")
+    manager = unpack(plain.filters[0].typed_config)
+    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.router"]
+    assert manager.forward_client_cert_details == hcm_pb2.HttpConnectionManager.SANITIZE_SET
+
+
+def test_strict_ports_have_one_tls_chain_and_no_inspector(mesh: Mesh) -> None:
+    listener = generate(mesh, WAREHOUSE).get(LISTENER_TYPE)["inbound-listener"]
+    assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
+    assert [c.name for c in listener.filter_chains] == ["inbound|14001"]
+    assert listener.filter_chains[0].filter_chain_match.transport_protocol == ""
+
+
+def test_routes_have_no_timeout_unless_configured(mesh: Mesh) -> None:
+    """Envoy's default cuts requests at 15 s: every route sets its timeout, 0 (none)
+    unless the service port configures one; inbound routes never add their own."""
+    route = generate(mesh, BUYER).get(ROUTE_TYPE)["rds-outbound.14001"]
+    action = route.virtual_hosts[0].routes[0].route
+    assert action.HasField("timeout") and action.timeout.ToSeconds() == 0
+    listener = generate(mesh, WAREHOUSE).get(LISTENER_TYPE)["inbound-listener"]
+    _, (manager, _) = _inbound_http(listener)
+    inbound_action = manager.route_config.virtual_hosts[0].routes[0].route
+    assert inbound_action.HasField("timeout") and inbound_action.timeout.ToSeconds() == 0
+    configured = generate(parse_mesh(_osm_gaps_document(), TD), BUYER)
+    route = configured.get(ROUTE_TYPE)["rds-outbound.14001"]
+    assert route.virtual_hosts[0].routes[0].route.timeout.ToSeconds() == 1
+
+
+def test_namespace_and_mesh_wildcards_in_rbac_and_visibility() -> None:
+    mesh = parse_mesh(_osm_gaps_document(), TD)
+    listener = generate(mesh, WAREHOUSE).get(LISTENER_TYPE)["inbound-listener"]
+    _, (_, rbac) = _inbound_http(listener)
+    (policy,) = rbac.rules.policies.values()
+    (principal,) = policy.principals
+    regex = principal.authenticated.principal_name.safe_regex.regex
+    assert regex == r"spiffe://cluster\.local/ns/bookstore/sa/[^/]+"
+    mysql_listener = generate(mesh, MYSQL).get(LISTENER_TYPE)["inbound-listener"]
+    network = unpack(mysql_listener.filter_chains[0].filters[0].typed_config)
+    assert principals(network.rules) == ["prefix:spiffe://cluster.local/"]
+    assert "bookwarehouse/mysql|3306" in names(generate(mesh, THIEF), CLUSTER_TYPE)
+    assert "bookwarehouse/bookwarehouse|14001" not in names(generate(mesh, THIEF), CLUSTER_TYPE)
+    admin = generate(mesh, sid("bookstore", "bookstore-admin"))
+    assert "bookwarehouse/bookwarehouse|14001" in names(admin, CLUSTER_TYPE)
+
+
 # --- visibility: a proxy sees only what its identity may reach -------------------------
 
 
@@ -652,6 +730,8 @@ def _cases() -> Iterator[tuple[str, Callable[[], Mesh], SpiffeId, str | None]]:
     for proxy in EVERYONE:
         yield "bookstore", lambda: load_mesh(BOOKSTORE_MESH, TD), proxy, None
     ledger = sid("bookstore", "ledger")
+    for proxy in (BUYER, WAREHOUSE, MYSQL):
+        yield "osm-gaps", lambda: parse_mesh(_osm_gaps_document(), TD), proxy, None
     yield "kitchen-sink", _kitchen_sink, ledger, "ledger-a"
     yield "kitchen-sink", _kitchen_sink, STORE_V1, None
     yield "kitchen-sink", _kitchen_sink, sid("default", "gateway"), None

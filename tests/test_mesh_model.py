@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshca.envoy.mesh import Mesh, MeshError, Service, ServicePort, load_mesh, parse_mesh
+from meshca.envoy.model import Callers
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document
 
@@ -59,10 +60,9 @@ def test_bookstore_split_and_policies(bookstore: Mesh) -> None:
         ("v1", {"version": "v1"}, 50),
         ("v2", {"version": "v2"}, 50),
     ]
-    assert bookstore.allowed_callers(warehouse, 14001) == {
-        sid("bookstore", "bookstore-v1"),
-        sid("bookstore", "bookstore-v2"),
-    }
+    assert bookstore.allowed_callers(warehouse, 14001) == Callers(
+        frozenset({sid("bookstore", "bookstore-v1"), sid("bookstore", "bookstore-v2")})
+    )
     thief = sid("bookthief", "bookthief")
     assert bookstore.may_call(thief, store, 14001)
     assert not bookstore.may_call(thief, warehouse, 14001)
@@ -141,11 +141,59 @@ def test_permissive_mode_lets_the_trust_domain_in() -> None:
     mesh = parse_mesh(document, TD)
     warehouse = mesh.service("bookwarehouse", "bookwarehouse")
     assert warehouse is not None
-    assert mesh.allowed_callers(warehouse, 14001) is None
+    assert mesh.allowed_callers(warehouse, 14001).anyone
     assert mesh.may_call(sid("bookthief", "bookthief"), warehouse, 14001)
     assert not mesh.may_call(SpiffeId.parse("spiffe://evil.example/ns/a/sa/b"), warehouse, 14001)
     assert len(mesh.reachable(sid("bookthief", "bookthief"))) == 3
     assert mesh.reachable(SpiffeId.parse("spiffe://evil.example/ns/a/sa/b")) == ()
+
+
+def test_source_wildcards_admit_a_namespace_or_the_whole_mesh() -> None:
+    """``ns/*`` is every identity of a namespace, ``*`` every identity of the mesh: both
+    for visibility (what a caller's proxy is given) and for who is admitted."""
+    document = bookstore_document()
+    policies = document["access"]["policies"]
+    warehouse_policy = next(p for p in policies if p["service"] == "bookwarehouse/bookwarehouse")
+    warehouse_policy["from"] = ["bookstore/*"]
+    mysql_policy = next(p for p in policies if p["service"] == "bookwarehouse/mysql")
+    mysql_policy["from"] = ["*"]
+    mesh = parse_mesh(document, TD)
+    warehouse = mesh.service("bookwarehouse", "bookwarehouse")
+    mysql = mesh.service("bookwarehouse", "mysql")
+    assert warehouse is not None and mysql is not None
+    assert mesh.allowed_callers(warehouse, 14001) == Callers(namespaces=frozenset({"bookstore"}))
+    newcomer = sid("bookstore", "bookstore-admin")  # in no workload: a wildcard still names it
+    assert mesh.may_call(newcomer, warehouse, 14001)
+    assert not mesh.may_call(sid("bookthief", "bookthief"), warehouse, 14001)
+    assert not mesh.may_call(SpiffeId.parse("spiffe://cluster.local/bookstore"), warehouse, 14001)
+    assert [(s.key, p.port) for s, p in mesh.reachable(newcomer)] == [
+        ("bookwarehouse/bookwarehouse", 14001),
+        ("bookwarehouse/mysql", 3306),
+    ]
+    thief = sid("bookthief", "bookthief")
+    assert [(s.key, p.port) for s, p in mesh.reachable(thief)] == [
+        ("bookstore/bookstore", 14001),
+        ("bookwarehouse/mysql", 3306),
+    ]
+    outsider = SpiffeId.parse("spiffe://evil.example/ns/bookstore/sa/x")
+    assert not mesh.may_call(outsider, mysql, 3306)
+    assert mesh.reachable(outsider) == ()
+
+
+def test_timeouts_and_mtls_modes_are_read_per_port_and_service() -> None:
+    document = bookstore_document()
+    store = next(s for s in document["services"] if s["name"] == "bookstore")
+    store["mtls"] = "permissive"
+    store["ports"] = [{"port": 14001, "timeout": "2m"}]
+    mesh = parse_mesh(document, TD)
+    parsed = mesh.service("bookstore", "bookstore")
+    assert parsed is not None and parsed.mtls == "permissive"
+    assert parsed.ports[0].timeout == 120
+    warehouse = mesh.service("bookwarehouse", "bookwarehouse")
+    assert warehouse is not None and warehouse.mtls == "strict"
+    assert warehouse.ports[0].timeout == 0  # none unless configured
+    store["ports"] = [{"port": 14001, "timeout": "0s"}]
+    assert parse_mesh(document, TD).services[0].ports[0].timeout == 0
 
 
 # --- refusals: one clear error naming the entry ----------------------------------------
@@ -278,6 +326,37 @@ REFUSALS = [
         "services: [{name: s, namespace: ns, ports: [80], service_accounts: [sa]}]\n"
         "access: {policies: [{service: ns/s, from: []}]}",
         "access.policies[0].from: must list at least one identity",
+    ),
+    (
+        "services: [{name: s, namespace: ns, ports: [80], service_accounts: [sa]}]\n"
+        "access: {policies: [{service: ns/s, from: ['a b/*']}]}",
+        "access.policies[0].from[0]: 'a b' is not a valid name",
+    ),
+    (
+        "services: [{name: s, namespace: ns, ports: [80], service_accounts: [sa]}]\n"
+        "access: {policies: [{service: ns/s, from: ['*/sa']}]}",
+        "access.policies[0].from[0]: '*' is not a valid name",
+    ),
+    (
+        "services: [{name: s, namespace: ns, ports: [{port: 80, timeout: 10}], "
+        "service_accounts: [sa]}]",
+        "services[0].ports[0].timeout: expected a duration such as 30s",
+    ),
+    (
+        "services: [{name: s, namespace: ns, ports: [{port: 80, timeout: 1.5s}], "
+        "service_accounts: [sa]}]",
+        "services[0].ports[0].timeout: invalid duration '1.5s'",
+    ),
+    (
+        "services: [{name: s, namespace: ns, ports: [80], service_accounts: [sa], mtls: disable}]",
+        "services[0].mtls: 'disable' is not one of strict, permissive",
+    ),
+    (
+        f"workloads: [{WORKLOAD}]\nservices: [{{name: s, namespace: ns, address: 10.9.0.1, "
+        "ports: [8080], backends: [w]}, {name: t, namespace: ns, address: 10.9.0.2, "
+        "ports: [{port: 80, target_port: 8080}], backends: [w], mtls: permissive}]",
+        "services[1].mtls: permissive but services[0] (ns/s, strict) also targets port 8080 "
+        "of workload ns/w",
     ),
     ("access: {mode: open}", "access.mode: 'open' is not one of strict, permissive"),
     ("egress: allow", "egress: 'allow' is not one of blackhole, passthrough"),

@@ -3,26 +3,27 @@ HTTP connection manager, TCP proxy and RBAC (HTTP and network), packed as typed 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from envoy.config.listener.v3 import listener_components_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import duration_pb2
 
+from meshca.envoy.model import Callers
 from meshca.envoy.xds import ads_source, pack
-from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.spiffe import TrustDomain
 
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 NETWORK_RBAC = "envoy.filters.network.rbac"
@@ -38,20 +39,40 @@ def original_dst() -> listener_components_pb2.ListenerFilter:
     )
 
 
+def tls_inspector() -> listener_components_pb2.ListenerFilter:
+    """Sets the transport protocol (``tls`` or ``raw_buffer``) chains can match on, and
+    the SNI and ALPN a TLS client offers."""
+    return listener_components_pb2.ListenerFilter(
+        name=TLS_INSPECTOR, typed_config=pack(tls_inspector_pb2.TlsInspector())
+    )
+
+
 def _router() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=ROUTER, typed_config=pack(router_pb2.Router()))
 
 
-def rbac_rules(allowed: Iterable[SpiffeId] | None, trust_domain: TrustDomain) -> rbac_pb2.RBAC:
-    """ALLOW exactly the ``allowed`` SPIFFE IDs (the peer certificate's URI SAN).
+def _namespace_matcher(trust_domain: TrustDomain, namespace: str) -> string_pb2.StringMatcher:
+    """Exactly the identities ``spiffe://<td>/ns/<namespace>/sa/<one segment>``: a prefix
+    would also admit longer, non-Kubernetes paths under it."""
+    escaped = f"{trust_domain.id}/ns/{namespace}/sa/".replace(".", r"\.")
+    return string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(
+            google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=f"{escaped}[^/]+"
+        )
+    )
 
-    ``None`` (permissive mesh) admits any certificate of the trust domain; an empty set
-    admits nobody (an ALLOW rule without policies denies everything).
+
+def rbac_rules(allowed: Callers, trust_domain: TrustDomain) -> rbac_pb2.RBAC:
+    """ALLOW the ``allowed`` callers, by the peer certificate's URI SAN: exact SPIFFE IDs,
+    whole namespaces, or (``anyone``) any certificate of the trust domain.
+
+    Admitting nobody is an ALLOW rule without policies, which denies everything.
     """
-    if allowed is None:
+    if allowed.anyone:
         matchers = [string_pb2.StringMatcher(prefix=f"{trust_domain.id}/")]
     else:
-        matchers = [string_pb2.StringMatcher(exact=str(i)) for i in sorted(set(allowed))]
+        matchers = [string_pb2.StringMatcher(exact=str(i)) for i in sorted(allowed.identities)]
+        matchers += [_namespace_matcher(trust_domain, ns) for ns in sorted(allowed.namespaces)]
     rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
     if matchers:
         rules.policies[ALLOWED_POLICY].CopyFrom(
@@ -79,12 +100,12 @@ def outbound_http(stat_prefix: str, route_config_name: str) -> listener_componen
 
 
 def inbound_http(
-    stat_prefix: str, cluster: str, rules: rbac_pb2.RBAC, protocol: str
+    stat_prefix: str, cluster: str, rules: rbac_pb2.RBAC | None
 ) -> listener_components_pb2.Filter:
-    """RBAC on the caller's SPIFFE ID, then the local app, told who called (XFCC URI)."""
-    action = route_components_pb2.RouteAction(cluster=cluster)
-    if protocol == "grpc":
-        action.timeout.CopyFrom(duration_pb2.Duration())  # streams may be long-lived
+    """RBAC on the caller's SPIFFE ID (``rules``; None for a plaintext chain, whose
+    callers have none), then the local app, told who called (XFCC URI; removed from
+    whatever a caller sent). No timeout: the caller's proxy applies the route's."""
+    action = route_components_pb2.RouteAction(cluster=cluster, timeout=duration_pb2.Duration())
     routes = route_pb2.RouteConfiguration(
         name=stat_prefix,
         virtual_hosts=[
@@ -103,7 +124,15 @@ def inbound_http(
         stat_prefix=stat_prefix,
         route_config=routes,
         http_filters=[
-            hcm_pb2.HttpFilter(name=HTTP_RBAC, typed_config=pack(http_rbac_pb2.RBAC(rules=rules))),
+            *(
+                [
+                    hcm_pb2.HttpFilter(
+                        name=HTTP_RBAC, typed_config=pack(http_rbac_pb2.RBAC(rules=rules))
+                    )
+                ]
+                if rules is not None
+                else []
+            ),
             _router(),
         ],
         forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE_SET,

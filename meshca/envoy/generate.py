@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from meshca.envoy import clusters, inbound, outbound
 from meshca.envoy.endpoints import load_assignment
 from meshca.envoy.inbound import InboundPort
-from meshca.envoy.model import Mesh, Service, ServicePort, Workload, matches
+from meshca.envoy.model import NOBODY, Mesh, Service, ServicePort, Workload, matches
 from meshca.envoy.routes import Upstream, outbound_route_config
 from meshca.envoy.snapshot import Snapshot
 from meshca.envoy.xds import (
@@ -86,22 +86,19 @@ def _backends(
 
 
 def _inbound_ports(mesh: Mesh, workload: Workload) -> list[InboundPort]:
-    """Each local port with the union of who may call it through any service using it."""
+    """Each local port with the union of who may call it through any service using it,
+    and plaintext accepted when those services are permissive (they agree: validated)."""
     ports = []
     for local in workload.ports:
-        allowed: set[SpiffeId] | None = set()
+        allowed = NOBODY
+        plaintext = False
         for service in mesh.services_of(workload):
             for service_port in service.ports:
                 if service_port.target != local.port:
                     continue
-                callers = mesh.allowed_callers(service, service_port.port)
-                if callers is None or allowed is None:
-                    allowed = None
-                else:
-                    allowed |= callers
-        ports.append(
-            InboundPort(local.port, local.protocol, None if allowed is None else frozenset(allowed))
-        )
+                allowed = allowed | mesh.allowed_callers(service, service_port.port)
+                plaintext = plaintext or service.mtls == "permissive"
+        ports.append(InboundPort(local.port, local.protocol, allowed, plaintext))
     return ports
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from meshca.envoy.model import (
     EGRESS_MODES,
+    MTLS_MODES,
     PROTOCOLS,
     AccessPolicy,
     Labels,
@@ -30,6 +31,7 @@ from meshca.envoy.model import (
     matches,
 )
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain, check_segment
+from meshca.util.durations import DurationError, parse_duration
 from meshca.util.files import YamlFileError, read_yaml
 
 __all__ = [
@@ -119,6 +121,18 @@ def _protocol(entry: Mapping[str, Any], where: str) -> str:
     return str(protocol)
 
 
+def _timeout(value: Any, where: str) -> int:
+    """A route timeout in whole seconds (``30s``, ``2m``); ``0s`` or ``0`` is none."""
+    if value in (0, "0", "0s"):
+        return 0
+    if not isinstance(value, str):
+        raise MeshError(f"{where}: expected a duration such as 30s or 2m, or 0s for none")
+    try:
+        return int(parse_duration(value).total_seconds())
+    except DurationError as exc:
+        raise MeshError(f"{where}: {exc} (0s for none)") from None
+
+
 def _labels(value: Any, where: str, *, non_empty: bool = False) -> Labels:
     if not isinstance(value, dict):
         raise MeshError(f"{where}: expected a mapping of label names to values")
@@ -197,6 +211,7 @@ def _workload(raw: Any, where: str) -> Workload:
 def _service(raw: Any, where: str, workloads: Mapping[str, Workload]) -> Service:
     allowed = (
         "name", "namespace", "address", "ports", "selector", "backends", "service_accounts",
+        "mtls",
     )  # fmt: skip
     entry = _mapping(raw, where, allowed)
     name = _name(_field(entry, "name", where, str), f"{where}.name")
@@ -209,11 +224,17 @@ def _service(raw: Any, where: str, workloads: Mapping[str, Workload]) -> Service
         )
     ports = []
     for pwhere, port in _port_list(_list(entry, "ports", where), where):
-        _mapping(port, pwhere, ("port", "protocol", "target_port"))
+        _mapping(port, pwhere, ("port", "protocol", "target_port", "timeout"))
         target = port.get("target_port")
         if target is not None:
             target = _port_number(target, f"{pwhere}.target_port")
-        ports.append(ServicePort(port["port"], _protocol(port, pwhere), target))
+        timeout = 0
+        if port.get("timeout") is not None:
+            timeout = _timeout(port["timeout"], f"{pwhere}.timeout")
+        ports.append(ServicePort(port["port"], _protocol(port, pwhere), target, timeout))
+    mtls = _field(entry, "mtls", where, str, required=False) or "strict"
+    if mtls not in MTLS_MODES:
+        raise MeshError(f"{where}.mtls: {mtls!r} is not one of {', '.join(MTLS_MODES)}")
     selector = None
     if entry.get("selector") is not None:
         selector = _labels(entry["selector"], f"{where}.selector", non_empty=True)
@@ -243,7 +264,23 @@ def _service(raw: Any, where: str, workloads: Mapping[str, Workload]) -> Service
         address=address,
         selector=selector,
         backends=tuple(sorted(backends)),
+        mtls=mtls,
     )
+
+
+def _check_mtls_modes(mesh: Mesh, services: list[Service]) -> None:
+    """A workload port serves plaintext or not: services sharing it must agree."""
+    seen: dict[tuple[str, int], tuple[int, Service]] = {}
+    for i, service in enumerate(services):
+        for port in service.ports:
+            for workload in mesh.endpoints(service):
+                first = seen.setdefault((workload.key, port.target), (i, service))
+                if first[1].mtls != service.mtls:
+                    raise MeshError(
+                        f"services[{i}].mtls: {service.mtls} but services[{first[0]}] "
+                        f"({first[1].key}, {first[1].mtls}) also targets port {port.target} "
+                        f"of workload {workload.key}"
+                    )
 
 
 def _check_endpoint_ports(mesh: Mesh, service: Service, where: str, order: list[int]) -> None:
@@ -299,7 +336,12 @@ def _split(raw: Any, where: str, mesh: Mesh) -> TrafficSplit:
     return TrafficSplit(ref, tuple(sorted(backends)))
 
 
-def _source(value: Any, where: str, trust_domain: TrustDomain) -> SpiffeId:
+def _source(value: Any, where: str, trust_domain: TrustDomain) -> SpiffeId | str:
+    """A SPIFFE ID, ``ns/sa``, ``ns/*`` (the namespace, returned as ``ns``) or ``*``."""
+    if value == "*":
+        return "*"
+    if isinstance(value, str) and value.endswith("/*") and value.count("/") == 1:
+        return _name(value[:-2], where)
     if isinstance(value, str) and value.startswith("spiffe://"):
         try:
             source = SpiffeId.parse(value)
@@ -331,7 +373,13 @@ def _policy(raw: Any, where: str, mesh: Mesh) -> AccessPolicy:
     sources = [
         _source(s, f"{where}.from[{k}]", mesh.trust_domain) for k, s in enumerate(raw_sources)
     ]
-    return AccessPolicy(ref, tuple(sorted(set(sources))), tuple(sorted(set(ports))))
+    return AccessPolicy(
+        ref,
+        tuple(sorted({s for s in sources if isinstance(s, SpiffeId)})),
+        tuple(sorted(set(ports))),
+        namespaces=tuple(sorted({s for s in sources if isinstance(s, str) and s != "*"})),
+        anyone="*" in sources,
+    )
 
 
 def _unique_addresses(workloads: list[Workload], services: list[Service]) -> None:
@@ -406,6 +454,7 @@ def parse_mesh(document: Any, trust_domain: TrustDomain) -> Mesh:
         where = f"services[{i}]"
         order = [entry["port"] for _, entry in _port_list(_list(raw, "ports", where), where)]
         _check_endpoint_ports(mesh, service, where, order)
+    _check_mtls_modes(mesh, services)
     splits = [
         _split(raw, f"traffic_splits[{i}]", mesh)
         for i, raw in enumerate(_list(top, "traffic_splits", "mesh file"))

@@ -19,6 +19,7 @@ from meshca.spiffe import SpiffeId, TrustDomain
 
 PROTOCOLS = ("http", "tcp", "grpc")
 EGRESS_MODES = ("blackhole", "passthrough")
+MTLS_MODES = ("strict", "permissive")
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -39,11 +40,16 @@ def matches(selector: Labels, labels: Labels) -> bool:
 
 @dataclass(frozen=True, order=True)
 class ServicePort:
-    """A port a service exposes; traffic goes to ``target_port`` on its workloads."""
+    """A port a service exposes; traffic goes to ``target_port`` on its workloads.
+
+    ``timeout`` bounds a whole HTTP request through the caller's proxy, in seconds; 0
+    means none (OSM and Istio both disable Envoy's default of 15 s).
+    """
 
     port: int
     protocol: str = "http"
     target_port: int | None = None
+    timeout: int = 0
 
     @property
     def target(self) -> int:
@@ -90,7 +96,9 @@ class Service:
     Backed by the workloads its ``selector`` matches in its namespace, or by the
     ``backends`` it names (``ns/name``). ``service_accounts`` is the older form that
     names identities without workloads; it still defines the service's identities (for
-    SDS validation contexts) but gives no endpoints.
+    SDS validation contexts) but gives no endpoints. ``mtls`` is ``strict`` (callers
+    must present a certificate) or ``permissive`` (its workloads also accept plaintext
+    on its target ports, told apart from mTLS by transport detection).
     """
 
     name: str
@@ -100,6 +108,7 @@ class Service:
     address: str | None = None
     selector: Labels | None = None
     backends: tuple[str, ...] = ()
+    mtls: str = "strict"
 
     @property
     def key(self) -> str:
@@ -137,13 +146,48 @@ class TrafficSplit:
     backends: tuple[SplitBackend, ...]
 
 
+@dataclass(frozen=True)
+class Callers:
+    """Who may call a service port: exact identities, every identity of some namespaces
+    (``ns/*``), or every identity of the trust domain (``*``)."""
+
+    identities: frozenset[SpiffeId] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    anyone: bool = False
+
+    def __or__(self, other: Callers) -> Callers:
+        return Callers(
+            self.identities | other.identities,
+            self.namespaces | other.namespaces,
+            self.anyone or other.anyone,
+        )
+
+    def admits(self, caller: SpiffeId) -> bool:
+        """Within the trust domain (the caller checks that): is ``caller`` one of these?"""
+        if self.anyone or caller in self.identities:
+            return True
+        kube = caller.kubernetes
+        return kube is not None and kube[0] in self.namespaces
+
+
+NOBODY = Callers()
+ANYONE = Callers(anyone=True)
+
+
 @dataclass(frozen=True, order=True)
 class AccessPolicy:
-    """``sources`` may call ``service`` on ``ports`` (every port when empty)."""
+    """``sources`` may call ``service`` on ``ports`` (every port when empty); so may every
+    identity of ``namespaces``, and, with ``anyone``, every identity of the mesh."""
 
     service: str  # ns/name
     sources: tuple[SpiffeId, ...]
     ports: tuple[int, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    anyone: bool = False
+
+    @property
+    def callers(self) -> Callers:
+        return Callers(frozenset(self.sources), frozenset(self.namespaces), self.anyone)
 
 
 @dataclass(frozen=True)
@@ -203,25 +247,29 @@ class Mesh:
         """The services whose endpoints include ``workload``."""
         return self._index.services_of.get(workload.key, ())
 
-    def allowed_callers(self, service: Service, port: int) -> frozenset[SpiffeId] | None:
-        """Who may call ``service`` on ``port``; None means anyone in the trust domain."""
+    def allowed_callers(self, service: Service, port: int) -> Callers:
+        """Who of the trust domain may call ``service`` on ``port``."""
         if self.permissive:
-            return None
-        return self._index.callers.get((service.key, port), frozenset())
+            return ANYONE
+        return self._index.callers.get((service.key, port), NOBODY)
 
     def may_call(self, caller: SpiffeId, service: Service, port: int) -> bool:
-        allowed = self.allowed_callers(service, port)
-        if allowed is None:
-            return caller.trust_domain == self.trust_domain
-        return caller in allowed
+        if caller.trust_domain != self.trust_domain:
+            return False
+        return self.allowed_callers(service, port).admits(caller)
 
     def reachable(self, caller: SpiffeId) -> tuple[tuple[Service, ServicePort], ...]:
         """The (service, port) pairs ``caller`` may call, sorted; only services with an address."""
+        if caller.trust_domain != self.trust_domain:
+            return ()
         if self.permissive:
-            if caller.trust_domain != self.trust_domain:
-                return ()
             return self._index.addressable
-        return self._index.reach.get(caller, ())
+        index = self._index
+        found = set(index.reach_any) | set(index.reach.get(caller, ()))
+        kube = caller.kubernetes
+        if kube is not None:
+            found.update(index.reach_namespace.get(kube[0], ()))
+        return tuple(index.addressable[i] for i in sorted(found))
 
 
 class _Index:
@@ -260,19 +308,28 @@ class _Index:
             if service.address is not None
             for port in sorted(service.ports)
         )
-        callers: dict[tuple[str, int], set[SpiffeId]] = defaultdict(set)
+        self.callers: dict[tuple[str, int], Callers] = {}
         for policy in mesh.policies:
             target = self.services.get(policy.service)
             if target is None:
                 continue
             for number in policy.ports or tuple(p.port for p in target.ports):
-                callers[(policy.service, number)].update(policy.sources)
-        self.callers = {k: frozenset(v) for k, v in callers.items()}
-        reach: dict[SpiffeId, list[tuple[Service, ServicePort]]] = defaultdict(list)
-        for reachable, port in self.addressable:
-            for caller in self.callers.get((reachable.key, port.port), ()):
-                reach[caller].append((reachable, port))
-        self.reach = {k: tuple(v) for k, v in reach.items()}
+                key = (policy.service, number)
+                self.callers[key] = self.callers.get(key, NOBODY) | policy.callers
+        # positions in ``addressable`` each caller reaches: by identity, by namespace, all
+        reach: dict[SpiffeId, list[int]] = defaultdict(list)
+        reach_namespace: dict[str, list[int]] = defaultdict(list)
+        self.reach_any: list[int] = []
+        for position, (reachable, port) in enumerate(self.addressable):
+            allowed = self.callers.get((reachable.key, port.port), NOBODY)
+            if allowed.anyone:
+                self.reach_any.append(position)
+            for caller in allowed.identities:
+                reach[caller].append(position)
+            for namespace in allowed.namespaces:
+                reach_namespace[namespace].append(position)
+        self.reach = dict(reach)
+        self.reach_namespace = dict(reach_namespace)
 
     def _endpoints_of(
         self, service: Service, by_namespace: Mapping[str, list[Workload]]

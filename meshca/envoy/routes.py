@@ -68,8 +68,8 @@ def _action(upstream: Upstream) -> route_components_pb2.RouteAction:
                 ]
             )
         )
-    if upstream.port.protocol == "grpc":
-        action.timeout.CopyFrom(duration_pb2.Duration())  # streams may be long-lived
+    # always set: Envoy's default cuts every request at 15 s; 0 is none, as OSM and Istio
+    action.timeout.CopyFrom(duration_pb2.Duration(seconds=upstream.port.timeout))
     return action
 
 
