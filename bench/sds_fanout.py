@@ -408,7 +408,12 @@ def main() -> None:
     parser.add_argument("--role", choices=("client", "server"), default="client")
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--socket", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny counts: checks that it runs (make test does)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.streams = 4
     if args.role == "server":
         asyncio.run(serve(args.data_dir, args.socket))
         return

@@ -6,7 +6,7 @@ requests the whole time. Each cycle: leaf renewals, a signing-CA rotation, then 
 rotation in one command; every second cycle meshca is killed with SIGKILL while that
 root rotation is running, restarted, and the rotation resumes by itself.
 
-    python bench/soak_rotation.py [--cycles 10] [--leaf-ttl 4s]
+    python bench/soak_rotation.py [--cycles 10] [--leaf-ttl 4s] [--smoke]
 
 The last line is one JSON object with the figures; any failed request is a failure
 of the soak (exit status 1).
@@ -24,25 +24,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshca.rotation.journal import JournalStore
-from tests.rotation_envoy_harness import (
-    MESHCA,
-    REPO,
-    RotationMesh,
-    rotation_mesh,
-    wait_for,
-)
+from tests.envoy_harness import eventually
+from tests.rotation_envoy_harness import MESHCA, REPO, RotationMesh, rotation_mesh
 
 
 def renewals(mesh: RotationMesh, count: int) -> None:
     for _ in range(count):
         before = [envoy.serials() for envoy in mesh.envoys]
-        wait_for(
+        eventually(
             lambda before=before: all(
                 not (envoy.serials() & seen)
                 for envoy, seen in zip(mesh.envoys, before, strict=True)
             ),
-            60,
             "renewed certificates",
+            60,
         )
 
 
@@ -76,7 +71,7 @@ def rotate_root_with_a_crash(mesh: RotationMesh) -> dict[str, float | bool]:
         return {"killed_mid_rotation": False, "resume_seconds": 0.0}
     restarted = time.monotonic()
     mesh.restart()
-    wait_for(lambda: mesh.status()["root_rotation"] is None, 180, "the resumed rotation")
+    eventually(lambda: mesh.status()["root_rotation"] is None, "the resumed rotation", 180)
     return {"killed_mid_rotation": True, "resume_seconds": time.monotonic() - restarted}
 
 
@@ -84,7 +79,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--leaf-ttl", default="4s")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one cycle without renewal waits: checks that the soak runs (make test does)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.cycles = 1
+    waited_renewals = 0 if args.smoke else 2
     figures: dict[str, object] = {}
     root_rotation_seconds: list[float] = []
     resumes: list[float] = []
@@ -92,7 +95,7 @@ def main() -> int:
     started = time.monotonic()
     with rotation_mesh(leaf_ttl=args.leaf_ttl, interval=0.005) as (mesh, load):
         for cycle in range(args.cycles):
-            renewals(mesh, 2)
+            renewals(mesh, waited_renewals)
             checked(mesh.ca("rotate"))
             if cycle % 2:
                 outcome = rotate_root_with_a_crash(mesh)
@@ -107,18 +110,18 @@ def main() -> int:
             roots = mesh.bundle()
             if len(roots) != 1:
                 raise RuntimeError(f"cycle {cycle}: the bundle holds {len(roots)} roots")
-            wait_for(
+            eventually(
                 lambda roots=roots: (
                     mesh.trusted_serials() == [{roots[0].serial_number}] * len(mesh.envoys)
                 ),
-                60,
                 "Envoys trusting only the newest root",
+                60,
             )
             print(
                 f"cycle {cycle + 1}/{args.cycles}: {load.total} requests, {load.failed} failed",
                 flush=True,
             )
-        renewals(mesh, 1)
+        renewals(mesh, min(1, waited_renewals))
         load.stop()
         figures = {
             "cycles": args.cycles,

@@ -157,7 +157,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="calls per round and figure")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=8, help="pool size for Vault calls")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny counts: checks that it runs (make test does)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.rounds, args.threads = 8, 1, 2
     with running(BaoServer.dev) as server:
         prepared(server)
         figures = per_workload(server, args)

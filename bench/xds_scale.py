@@ -352,7 +352,12 @@ def main() -> None:
     parser.add_argument(
         "--ack-proxies", type=int, default=1000, help="ADS clients for push-to-ACK (0: skip)"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny counts: checks that it runs (make test does)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.services, args.replicas, args.callers, args.repeat, args.ack_proxies = 10, 1, 2, 1, 3
 
     document = synthetic_mesh(args.services, args.replicas, args.callers)
     mesh, parse_s = timed(lambda: parse_mesh(document, TD))

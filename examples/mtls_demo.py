@@ -20,6 +20,7 @@ import functools
 import http.server
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -151,12 +152,11 @@ def main() -> int:
             *("--outbound", f"{buyer_port}:127.0.0.1:{web_port}", "--upstream-id", WEB),
             *("--admin-port", str(buyer_admin), "--out", str(root / "buyer.yaml")),
         )
-        base_id = 7000 + os.getpid() % 1000 * 2
         for name, admin in (("web", web_admin), ("buyer", buyer_admin)):
-            command = [envoy, "-c", str(root / f"{name}.yaml"), "--base-id", str(base_id)]
-            command += ["--disable-hot-restart", "--log-level", "error", "--concurrency", "1"]
-            base_id += 1
-            print("$ " + " ".join(command[:5]), flush=True)
+            # --disable-hot-restart: two Envoys on one machine (else both want base id 0)
+            command = [envoy, "-c", str(root / f"{name}.yaml"), "--disable-hot-restart"]
+            command += ["--log-level", "error", "--concurrency", "1"]
+            print("$ " + shlex.join(command), flush=True)
             log = (root / f"{name}.log").open("wb")
             processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
             wait_until(functools.partial(envoy_ready, admin), f"{name}'s Envoy")

@@ -41,26 +41,32 @@ def envoy_instructions() -> str:
     envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
     here = Path.cwd()
     rel = DATA_DIR.relative_to(here) if DATA_DIR.is_relative_to(here) else DATA_DIR
+    # --disable-hot-restart: without it a second Envoy fails to bind base_id 0's socket.
+    # The UDS and mTLS bootstraps get a small --inbound listener: only a listener or
+    # cluster that names a secret makes Envoy ask meshca for it (and /certs show it).
     return f"""
 Point an Envoy at it (run Envoy as this user, uid {os.getuid()}, which is mapped to
 {EXAMPLE_ID}):
 
   over the Unix socket:
-    .venv/bin/meshca bootstrap {EXAMPLE_ID} --server unix://{SOCKET} --out {rel}/envoy-uds.yaml
-    {envoy} -c {rel}/envoy-uds.yaml --base-id 1
+    .venv/bin/meshca bootstrap {EXAMPLE_ID} --server unix://{SOCKET} \\
+        --inbound 15100:8080 --admin-port 15000 --out {rel}/envoy-uds.yaml
+    {envoy} -c {rel}/envoy-uds.yaml --disable-hot-restart
 
   over mutual TLS (a bootstrap certificate from 'meshca issue' authenticates Envoy):
     .venv/bin/meshca --data-dir {rel} issue {EXAMPLE_ID} --out {rel}/example-certs
     .venv/bin/meshca bootstrap {EXAMPLE_ID} --server {LISTEN} --cert-dir {rel}/example-certs \\
-        --out {rel}/envoy-tcp.yaml --admin-port 15001
-    {envoy} -c {rel}/envoy-tcp.yaml --base-id 2
+        --inbound 15101:8080 --admin-port 15001 --out {rel}/envoy-tcp.yaml
+    {envoy} -c {rel}/envoy-tcp.yaml --disable-hot-restart
 
   bookbuyer's whole configuration (listeners, routes, clusters, endpoints, secrets) over ADS:
     .venv/bin/meshca bootstrap {EXAMPLE_ID} --server unix://{SOCKET} --ads \\
         --capture explicit --out {rel}/envoy-ads.yaml --admin-port 15002
-    {envoy} -c {rel}/envoy-ads.yaml --base-id 3
+    {envoy} -c {rel}/envoy-ads.yaml --disable-hot-restart
 
-Envoy's admin API then shows the certificate meshca served: curl -s localhost:15000/certs
+Check the certificate meshca served (Envoy's admin API):
+    curl -s localhost:15000/certs
+(15001 and 15002 for the other two.)
 For the whole bookstore mesh with real Envoys and apps: make bookstore
 For two Envoys talking mTLS with both SPIFFE IDs shown: .venv/bin/python examples/mtls_demo.py
 Stop the server with Ctrl-C.

@@ -55,6 +55,19 @@ def bookstore_document() -> dict[str, Any]:
     return copy.deepcopy(_bookstore())
 
 
+def bookstore_mesh_copy(directory: Path) -> Path:
+    """The example's mesh file in ``directory`` with free ports for 14001 (HTTP) and
+    3306 (TCP), so that it can be edited and cannot collide with anything listening."""
+    text = BOOKSTORE_MESH.read_text()
+    keys = ("address", "app_address", "outbound_address")
+    addresses = sorted({w[k] for w in _bookstore()["workloads"] for k in keys if k in w})
+    http_port = free_port_on(addresses)
+    tcp_port = free_port_on(addresses)
+    path = directory / "mesh.yaml"
+    path.write_text(text.replace("14001", str(http_port)).replace("3306", str(tcp_port)))
+    return path
+
+
 def reserve_base_ids(count: int) -> int:
     """The first of ``count`` consecutive Envoy base ids no other Envoy here will use
     (for Envoys started outside :class:`EnvoyProcess`)."""

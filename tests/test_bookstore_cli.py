@@ -20,9 +20,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.envoy_harness import free_port_on, http_get, reserve_base_ids
+from tests.envoy_harness import bookstore_mesh_copy, http_get, reserve_base_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,24 +42,11 @@ def load_example() -> ModuleType:
 example = load_example()
 
 
-def mesh_copy(directory: Path) -> Path:
-    """The example's mesh file with free ports for 14001 (HTTP) and 3306 (TCP)."""
-    text = (EXAMPLE / "mesh.yaml").read_text()
-    document = yaml.safe_load(text)
-    keys = ("address", "app_address", "outbound_address")
-    addresses = sorted({w[k] for w in document["workloads"] for k in keys if k in w})
-    http_port = free_port_on(addresses)
-    tcp_port = free_port_on(addresses)
-    path = directory / "mesh.yaml"
-    path.write_text(text.replace("14001", str(http_port)).replace("3306", str(tcp_port)))
-    return path
-
-
 @pytest.fixture(scope="module")
 def bookstore(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     root = tmp_path_factory.mktemp("bookstore-cli")
     base_id = reserve_base_ids(len(example.PROXIES))
-    mesh = mesh_copy(root)
+    mesh = bookstore_mesh_copy(root)
     with example.Bookstore(mesh, root / "run", base_id=base_id, say=lambda _: None) as running:
         example.wait_for(
             lambda: running.via("bookbuyer", "bookstore")[0] == 200, "bookbuyer -> bookstore"

@@ -33,6 +33,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -184,6 +185,37 @@ class App:
         self.thread.join(timeout=5)
 
 
+class LogFollower:
+    """Copies every line meshca adds to its log to this terminal (stderr), so that an
+    edit of the mesh file that meshca refuses is reported where the edit was made."""
+
+    def __init__(self, path: Path, write: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self.write = write or (lambda line: print(f"meshca: {line}", file=sys.stderr, flush=True))
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> LogFollower:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        pending = b""
+        while not self.stopping.wait(0.2):
+            with contextlib.suppress(OSError), self.path.open("rb") as log:
+                log.seek(self.offset)
+                chunk = log.read(1 << 16)
+                self.offset += len(chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self.write(line.decode(errors="replace"))
+
+
 # --- the mesh --------------------------------------------------------------------------------
 
 
@@ -208,6 +240,7 @@ class Bookstore:
         self.say = say
         self.data_dir = self.workdir / "data"
         self.meshca: subprocess.Popen[bytes] | None = None
+        self.log = self.workdir / "meshca.log"  # meshca serve's stderr: warnings and errors
         self.envoys: dict[str, subprocess.Popen[bytes]] = {}
         self.admin_ports: dict[str, int] = {}
         self.apps: dict[str, App] = {}
@@ -267,7 +300,7 @@ class Bookstore:
         args = ["--data-dir", str(self.data_dir), "serve", "--listen", "127.0.0.1:0"]
         args += ["--mesh", str(self.mesh), "--log-level", "warning"]
         self.say("$ meshca " + " ".join(args))
-        out, log = self.workdir / "meshca.out", self.workdir / "meshca.log"
+        out, log = self.workdir / "meshca.out", self.log
         with out.open("wb") as stdout, log.open("wb") as stderr:
             self.meshca = subprocess.Popen(
                 [*MESHCA, *args],
@@ -304,7 +337,7 @@ class Bookstore:
         command = [self.envoy_binary(), "-c", str(self.workdir / name / "envoy.yaml")]
         command += ["--base-id", str(self.base_id + len(self.envoys)), "--disable-hot-restart"]
         command += ["--log-level", "warn", "--concurrency", "1"]
-        self.say("$ envoy -c " + str(self.workdir / name / "envoy.yaml"))
+        self.say("$ " + shlex.join(command))
         with (self.workdir / name / "envoy.log").open("wb") as log:
             self.envoys[name] = subprocess.Popen(
                 command,
@@ -478,8 +511,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\nmeshca serves {bookstore.mesh}; edit it and the Envoys follow. Try:")
                     port = store.ports[0].port
                     print(f"  curl -H 'Host: {host(store)}' http://{buyer}:{port}/")
+                    print(f"meshca's log is {bookstore.log}; what it logs from now on")
+                    print("(an edit it refuses, for one) is shown here too, as 'meshca: ...'.")
                     print("Ctrl-C stops everything.", flush=True)
-                    with contextlib.suppress(KeyboardInterrupt):
+                    with LogFollower(bookstore.log), contextlib.suppress(KeyboardInterrupt):
                         signal.pause()
         except DemoError as exc:
             print(f"bookstore: {exc}", file=sys.stderr)

@@ -147,5 +147,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     atomic_write(args.out, text.encode(), PUBLIC)  # paths only: no key material inside
     write_out(f"Wrote the Envoy bootstrap for {args.identity} to {args.out}\n")
-    write_out(f"  run: envoy -c {args.out}\n")
+    # Without --disable-hot-restart a second Envoy on the machine cannot bind base id 0.
+    write_out(f"  run: envoy -c {args.out} --disable-hot-restart\n")
     return 0
