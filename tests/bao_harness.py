@@ -214,25 +214,22 @@ def setup_pki(
 
 
 def workload_role(trust_domain: str) -> dict[str, Any]:
-    """The role parameters docs/vault.md gives (the JSON block marked ``role``)."""
-    block = _docs_block("json", "role: meshca-workload")
-    text = block.replace("cluster.local", trust_domain)
-    return dict(json.loads(text))
+    """The role parameters docs/vault.md gives (``bao write pki/roles/meshca-workload``)."""
+    block = _docs_heredoc("bao write pki/roles/meshca-workload -")
+    return dict(json.loads(block.replace("spiffe://cluster.local", f"spiffe://{trust_domain}")))
 
 
 def policy(name: str, mount: str = "pki") -> str:
-    """The HCL policy ``name`` from docs/vault.md, for ``mount``."""
-    return _docs_block("hcl", f"policy: {name}").replace('"pki/', f'"{mount}/')
+    """The HCL policy ``name`` from docs/vault.md (``bao policy write NAME``), for ``mount``."""
+    return _docs_heredoc(f"bao policy write {name} -").replace('"pki/', f'"{mount}/')
 
 
-def _docs_block(language: str, marker: str) -> str:
-    text = DOCS.read_text()
-    for match in re.finditer(rf"```{language}\n(.*?)```", text, re.S):
-        body = match.group(1)
-        first, _, rest = body.partition("\n")
-        if marker in first:
-            return rest if language == "json" else body
-    raise LookupError(f"no ```{language} block marked {marker!r} in {DOCS}")
+def _docs_heredoc(command: str) -> str:
+    """What docs/vault.md feeds to ``command`` in a here-document."""
+    match = re.search(rf"^{re.escape(command)} <<'EOF'\n(.*?)^EOF$", DOCS.read_text(), re.S | re.M)
+    if match is None:
+        raise LookupError(f"no here-document for {command!r} in {DOCS}")
+    return match.group(1)
 
 
 def add_policy(server: BaoServer, name: str, mount: str = "pki") -> None:

@@ -51,6 +51,7 @@ from meshca.issuer.authority import workload_csr
 from meshca.issuer.keys import PrivateKey, generate_private_key, load_private_key_pem
 from meshca.issuer.svid import spiffe_id_of
 from meshca.serve.config import ServeConfig
+from meshca.serve.server import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent
 from meshca.util.retry import Backoff, Breaker
@@ -407,6 +408,35 @@ def test_bad_settings_give_one_clear_error(
         finally:
             authority.close()
     assert "\n" not in str(caught.value)
+
+
+def test_documented_role_signs_meshcas_serving_certificate_and_others_get_the_right_hint(
+    bao: BaoServer,
+) -> None:
+    """meshca's own serving certificate carries DNS names: the role of docs/vault.md
+    allows exactly them; a role that allows none is refused with a hint naming
+    allowed_domains and --server-dns (not allowed_uri_sans, which is not the cause)."""
+    server_id = SpiffeId.from_kubernetes("meshca", "meshca", TD)
+    names = default_dns_names("meshca")
+    authority = open_vault_authority(per_workload(bao), TD, start=False)
+    try:
+        svid = Issuer(authority).issue(server_id, dns_names=names)
+    finally:
+        authority.close()
+    sans = svid.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == list(names)
+    uri_only = workload_role(TD.name) | {"allowed_domains": [], "allow_bare_domains": False}
+    bao.client().write_data("pki/roles/uri-only", data=uri_only)
+    uri_only_settings = settings(bao, mode="per-workload", role="uri-only")
+    authority = open_vault_authority(uri_only_settings, TD, start=False)
+    try:
+        with pytest.raises(BackendError) as caught:
+            Issuer(authority).issue(server_id, dns_names=names)
+        Issuer(authority).issue(WEB)  # workloads' SVIDs need no DNS name
+    finally:
+        authority.close()
+    assert "allowed_domains" in str(caught.value) and "--server-dns" in str(caught.value)
+    assert "allowed_uri_sans" not in str(caught.value)
 
 
 def test_least_privilege_token_with_wrong_role_names_the_settings(bao: BaoServer) -> None:

@@ -8,6 +8,7 @@ chain to the trust bundle, before anyone sees it.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -108,6 +109,15 @@ class VaultPki:
             return BackendError(
                 f"vault: mount '{s.mount}' {where} has no CA yet: generate or import a root "
                 "(see docs/vault.md)"
+            )
+        refused_name = re.search(r"alternate name (\S+) not allowed", text)
+        if refused_name and not refused_name.group(1).startswith("spiffe://"):
+            # only meshca's own serving certificate asks for DNS names
+            return BackendError(
+                f"vault: role '{s.role}' refuses {action}: {text} (meshca's serving "
+                "certificate carries DNS names: list them in the role's allowed_domains "
+                "with allow_bare_domains=true, or choose them with --server-dns; "
+                "see docs/vault.md)"
             )
         if "not valid for this role" in text or "not allowed by this role" in text:
             return BackendError(
