@@ -152,5 +152,14 @@ def test_a_replica_never_makes_a_root_of_its_own(replica: tuple[Path, Path], cli
         assert manager.next_kind() is SlotKind.INTERMEDIATE
     finally:
         manager.close()
+    journal = data_dir / "rotation" / "journal.json"
+    before = journal.read_bytes()
     code, _, err = cli("ca", "rotate-root", "--step", "1", "--data-dir", data_dir)
     assert code == 1 and "not by one replica" in err
+    # A refused command changes nothing: no rotation "running", nothing to roll back.
+    assert journal.read_bytes() == before
+    code, out, err = cli("ca", "status", "--json", "--data-dir", data_dir)
+    assert code == 0, err
+    assert json.loads(out)["root_rotation"] is None
+    code, _, err = cli("ca", "rotate-root", "--rollback", "--data-dir", data_dir)
+    assert code == 1 and "no root rotation is in progress" in err

@@ -28,7 +28,7 @@ from meshca.backends.vault.backend import (
 from meshca.backends.vault.settings import VaultSettings
 from meshca.issuer import Issuer, TrustBundle, TtlPolicy
 from meshca.rotation.admin import admin_request
-from meshca.rotation.journal import JournalStore, SlotKind, SlotStatus
+from meshca.rotation.journal import JournalStore, RotationError, SlotKind, SlotStatus
 from meshca.rotation.manager import RotationManager, RotationPolicy
 from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.vault_ca import VaultCaSource
@@ -297,6 +297,22 @@ async def test_serve_rotates_the_vault_intermediate_and_follows_vault_roots(
                 assert health == "SERVING"
                 first = authority.signer
                 svid = await meshca.store.svid(WEB)
+
+                # a new root comes from Vault: 'rotate-root' is refused and changes nothing
+                journal = config.data_dir / "rotation" / "journal.json"
+                before = journal.read_bytes()
+                with pytest.raises(RotationError, match="comes from Vault"):
+                    await asyncio.to_thread(
+                        admin_request,
+                        config.data_dir / ADMIN_SOCKET,
+                        {"op": "rotate-root", "step": 1},
+                        timeout=30,
+                    )
+                assert journal.read_bytes() == before
+                status = await asyncio.to_thread(
+                    admin_request, config.data_dir / ADMIN_SOCKET, {"op": "status"}, timeout=30
+                )
+                assert status["root_rotation"] is None
 
                 # 'meshca ca rotate' through the admin socket: Vault signs the successor
                 result = await asyncio.to_thread(

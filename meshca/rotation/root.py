@@ -266,7 +266,12 @@ class RootRotation:
     async def _add_new_root(self, target: int) -> str:
         manager = self.manager
         async with manager.lock:
-            state = self.state
+            # A refused step changes nothing: asked before anything is written (a replica
+            # with its own intermediate, or Vault, makes no root of its own).
+            problem = manager.source.problem(manager.active, new_root=True)
+            if problem is not None:
+                raise RotationError(problem)
+            before = state = self.state
             if state is None:
                 state = RootRotationState(
                     new_slot=None, old_slot=manager.journal.active.id, running=1, target=target
@@ -277,7 +282,12 @@ class RootRotation:
             prepared = manager.journal.prepared
             if prepared is not None and prepared.kind is SlotKind.INTERMEDIATE:
                 await manager.discard_prepared()  # it signed nothing; a new root replaces it
-            record = await manager.prepare(SlotKind.ROOT)
+            try:
+                record = await manager.prepare(SlotKind.ROOT)
+            except RotationError:
+                # The source refused after all: no rotation is left recorded as running.
+                await manager.set_root_rotation(before)
+                raise
             state = self.state
             assert state is not None
             await manager.set_root_rotation(replace(state, new_slot=record.id))
