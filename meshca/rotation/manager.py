@@ -87,6 +87,16 @@ class CaSource(Protocol):
         ...
 
 
+def slot_label(kind: SlotKind, ca: SigningCa) -> str:
+    """What a slot holds, in words: its ``kind`` says whether it came with a new root, but
+    what it holds is a signing CA (a root only when it signs itself)."""
+    if ca.is_self_signed:
+        return "root CA (signs itself)"
+    if kind is SlotKind.ROOT:
+        return "signing CA, new root"
+    return "signing CA"
+
+
 def describe_source(source: CaSource, active: SigningCa) -> str | None:
     """How a source renews the signing CA, for ``meshca ca status`` (optional method
     ``describe(active)``)."""
@@ -392,15 +402,21 @@ class RotationManager:
         self._journal = self._record_prepared(journal, pending, ca)
         self._apply()
         record = self.journal.slot(slot_id)
-        under_new_root = record.kind is SlotKind.ROOT
-        what = "a new root" if under_new_root else "a new signing CA under the same root"
-        log.info(
-            "prepared %s in slot %s (not after %s)%s",
-            what,
-            slot_id,
-            ca.signer.not_after.isoformat(),
-            f"; root {fingerprint(ca.root)} added to the trust bundle" if under_new_root else "",
-        )
+        if record.kind is SlotKind.ROOT:
+            log.info(
+                "prepared a signing CA under a new root in slot %s (the signing CA ends %s); "
+                "root %s (ends %s) added to the trust bundle",
+                slot_id,
+                ca.signer.not_after.isoformat(),
+                fingerprint(ca.root),
+                ca.root.not_valid_after_utc.isoformat(),
+            )
+        else:
+            log.info(
+                "prepared a new signing CA under the same root in slot %s (it ends %s)",
+                slot_id,
+                ca.signer.not_after.isoformat(),
+            )
         return record
 
     async def activate(self, slot_id: str | None = None, *, renew: bool = False) -> SlotRecord:
@@ -709,6 +725,7 @@ class RotationManager:
                     "id": record.id,
                     "status": record.status.value,
                     "kind": record.kind.value,
+                    "what": slot_label(record.kind, ca),
                     "subject": ca.signer.certificate.subject.rfc4514_string(),
                     "root": fingerprint(ca.root),
                     "not_before": record.not_before.isoformat(),

@@ -186,7 +186,7 @@ def format_status(status: dict[str, Any], *, server: bool) -> str:
     ]
     for slot in status["slots"]:
         lines.append(
-            f"  {slot['id']}  {slot['status']:<8}  {slot['kind']:<12}  "
+            f"  {slot['id']}  {slot['status']:<8}  {slot.get('what', slot['kind']):<22}  "
             f"not after {slot['not_after']}  root {_short(slot['root'])}"
         )
     schedule = status["schedule"]

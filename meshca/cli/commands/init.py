@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from meshca.backends.local import ROOT_KEY, CaError, LocalCa, import_cacerts, init_local_ca
+from meshca.backends.local import CA_KEY, ROOT_KEY, CaError, LocalCa, import_cacerts, init_local_ca
 from meshca.cli.commands.common import UsageError, add_command, name_text, rfc3339, write_out
 from meshca.cli.commands.vault_backend import init_vault, uses_vault
 from meshca.cli.options import Settings
@@ -161,6 +161,8 @@ def _describe(ca: LocalCa, verb: str) -> str:
     root_key = ca.directory / ROOT_KEY
     if root_key.exists():
         lines.append(f"root key:    {root_key} (only needed to replace the signing CA)")
+    elif ca.signer.is_self_signed:
+        lines.append(f"root key:    {ca.directory / CA_KEY} (the signing CA is the root itself)")
     else:
         lines.append("root key:    not held by meshca")
     return "\n".join(lines) + "\n"
