@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run bookstore test lint typecheck unit system-tools bench soak clean
+.PHONY: run bookstore test lint typecheck unit system-tools bench soak clean protos
 
 # A venv whose creation failed halfway (no ensurepip) has a python but no pip: made again.
 $(STAMP): pyproject.toml
@@ -54,6 +54,12 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak_rotation.py
+
+# Regenerate meshca/ca_api/ca_pb2*.py from ca.proto (grpcio-tools only in this venv).
+protos: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'grpcio-tools==1.85.1'
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		meshca/ca_api/ca.proto
 
 clean:
 	rm -rf $(VENV) .meshca .pytest_cache .mypy_cache .ruff_cache

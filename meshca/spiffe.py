@@ -11,6 +11,8 @@ import string
 from dataclasses import dataclass
 
 SCHEME = "spiffe://"
+# Agent SVIDs live under this path; workload identities never do (SpiffeId.is_agent).
+AGENT_PATH = "/meshca/agent"
 MAX_ID_BYTES = 2048
 MAX_TRUST_DOMAIN_BYTES = 255
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -202,6 +204,17 @@ class SpiffeId:
 
     def is_member_of(self, trust_domain: TrustDomain) -> bool:
         return self.trust_domain == trust_domain
+
+    @classmethod
+    def for_agent(cls, trust_domain: TrustDomain, attestor: str, name: str) -> SpiffeId:
+        """An agent's own ID, ``spiffe://<td>/meshca/agent/<attestor>/<name>``."""
+        return cls(trust_domain, f"{AGENT_PATH}/{attestor}/{name}")
+
+    @property
+    def is_agent(self) -> bool:
+        """Whether the path is under ``/meshca/agent``: reserved for ``meshca agent``'s own
+        SVIDs, which authenticate to the CSR API; no workload is ever issued one."""
+        return self.path == AGENT_PATH or self.path.startswith(AGENT_PATH + "/")
 
     def __str__(self) -> str:
         return SCHEME + self.trust_domain.name + self.path

@@ -64,6 +64,21 @@ RULES = [  # (modules, packages they must not import, why)
         ("meshca.sds", "meshca.xds", "meshca.envoy", "meshca.serve"),
         "rotation asks proxies' ACKs through its AckTracker protocol; the serve wiring adapts SDS",
     ),
+    (
+        "attest",
+        ("grpc", "meshca.sds", "meshca.envoy", "meshca.backends", "meshca.ca_api", "meshca.agent"),
+        "attestation state is files the token commands share with serve: no server libraries",
+    ),
+    (
+        "ca_api",
+        ("meshca.sds", "meshca.xds", "meshca.envoy", "meshca.backends", "meshca.agent"),
+        "the CSR API signs through the issuer; it knows nothing of SDS or the agent runtime",
+    ),
+    (
+        "agent",
+        ("meshca.backends", "meshca.serve", "meshca.attest", "meshca.ca_api.service"),
+        "the agent signs nothing itself: it reaches meshca serve only through the CSR API",
+    ),
 ]
 
 # Imports a rule above forbids that are still in the tree, each with the change that
@@ -179,6 +194,8 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
         ["bundle"],
         ["bootstrap", "spiffe://cluster.local/a", "--server", "unix:///run/meshca.sock"],
         ["ca", "--help"],
+        ["token", "create", "--identity", "spiffe://cluster.local/a"],
+        ["token", "list"],
     ]
     result = subprocess.run(
         [sys.executable, "-c", _LOADED.format(argvs=argvs)],

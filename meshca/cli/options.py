@@ -378,6 +378,60 @@ OPTIONS: tuple[Option, ...] = (
         ("serve",),
         metavar="D",
     ),
+    # the CSR API for meshca agent (docs/agent.md)
+    Option(
+        "attest_listen",
+        parse_listen,
+        None,
+        "serve agent attestation (join tokens) over TLS without client certificates on "
+        "HOST:PORT; every other CSR API call needs the agent's SVID on --listen",
+        ("serve",),
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "agent_ttl",
+        parse_duration,
+        "1h",
+        "lifetime of an agent SVID (the agent renews it at half-life over mutual TLS)",
+        ("serve",),
+        metavar="D",
+    ),
+    Option(
+        "agent_max_age",
+        parse_duration,
+        "30d",
+        "how long after attesting an agent may keep renewing its own SVID before it "
+        "must attest again",
+        ("serve",),
+        metavar="D",
+    ),
+    # meshca token
+    Option(
+        "identity",
+        SpiffeId.parse,
+        None,
+        "token create: the workload SPIFFE ID the agent admitted by the token may obtain "
+        "(sidecar mode)",
+        ("token",),
+        metavar="ID",
+    ),
+    Option(
+        "token_ttl",
+        parse_duration,
+        "1h",
+        "token create: how long the join token can be redeemed (at most 30d)",
+        ("token",),
+        flag="--ttl",
+        metavar="D",
+    ),
+    Option(
+        "node",
+        parse_bool,
+        "false",
+        "token create: a node-mode token (entitlements from registration entries)",
+        ("token",),
+        switch=True,
+    ),
     # meshca bootstrap
     Option(
         "server",

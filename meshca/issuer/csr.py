@@ -44,3 +44,26 @@ def csr_public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
         raise CsrError(f"CSR refused: {exc}") from None
     assert not isinstance(key, x509.Certificate)
     return key  # type: ignore[return-value]
+
+
+def check_csr_claims(csr: x509.CertificateSigningRequest, spiffe_id: str | None) -> None:
+    """Refuse a CSR that asks for more than ``spiffe_id`` as a leaf (None: a CSR that
+    must name nothing): another or an extra name, or CA:true. The certificate would not
+    carry them anyway (only the key is used); refusing tells a confused or hostile
+    requester so, instead of silently issuing something else than it asked for."""
+    try:
+        extensions = list(csr.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise CsrError(f"CSR refused: malformed extensions: {exc}") from None
+    for extension in extensions:
+        value = extension.value
+        if isinstance(value, x509.BasicConstraints) and value.ca:
+            raise CsrError("CSR refused: it asks for CA:true; only leaf SVIDs are signed")
+        if isinstance(value, x509.SubjectAlternativeName):
+            names = [name.value for name in value]
+            if any(name != spiffe_id for name in names) or len(names) > 1:
+                shown = ", ".join(str(n) for n in names[:4])[:300]
+                wanted = spiffe_id or "nothing (the agent's ID is assigned at attestation)"
+                raise CsrError(
+                    f"CSR refused: its subjectAltName ({shown}) names more than {wanted}"
+                )

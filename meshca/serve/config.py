@@ -53,6 +53,10 @@ class ServeConfig:
     rotation_ca_ttl: timedelta | None = None  # new signing CAs (as long as the one replaced)
     rotation_ack_timeout: timedelta | None = None  # waits for proxies' ACKs (5 min)
     rotation_resume_grace: timedelta | None = None  # before resuming after a restart (15 s)
+    # the CSR API for meshca agent (docs/agent.md)
+    attest_listen: tuple[str, int] | None = None  # TLS without client certificates
+    agent_ttl: timedelta = timedelta(hours=1)  # agent SVIDs' lifetime
+    agent_max_age: timedelta = timedelta(days=30)  # renewals end; the agent attests again
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -21,7 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from meshca.attest.attestor import JoinTokenAttestor
+from meshca.attest.records import AgentRecords
+from meshca.attest.tokens import TokenStore
 from meshca.backends.local import load_local_ca
+from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
+from meshca.ca_api.service import AgentCaServicer, add_agent_ca_to_server
 from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import Mesh
 from meshca.issuer import Issuer, IssuerError, SignerAuthority, SigningAuthority, TtlPolicy
@@ -191,6 +196,10 @@ class MeshcaServer:
             health=self.health_monitor,
         )
         self.metrics_server = MetricsServer(self.metrics)
+        self.agent_ca = self._agent_ca()
+        self.attest_port: int | None = None
+        self._attest_server: grpc.aio.Server | None = None
+        self._attest_credentials: ServingCredentials | None = None
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
         self.credentials: ServingCredentials | None = None
@@ -198,6 +207,46 @@ class MeshcaServer:
         self._server: grpc.aio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
+
+    def _agent_ca(self) -> AgentCaServicer:
+        """The CSR API for ``meshca agent``: join tokens and agent records in the data
+        directory, signing through the same issuer as SDS."""
+        config = self.config
+        try:
+            return AgentCaServicer(
+                self.issuer,
+                AgentRecords(config.data_dir),
+                [JoinTokenAttestor(TokenStore(config.data_dir))],
+                agent_ttl=config.agent_ttl,
+                agent_max_age=config.agent_max_age,
+            )
+        except ValueError as exc:
+            raise ServeError(f"--agent-ttl / --agent-max-age: {exc}") from None
+
+    async def _start_attest_listener(self) -> None:
+        """TLS without client certificates, serving the CSR API only: an agent's first
+        call carries a join token, not a certificate (gRPC cannot make client
+        certificates optional on one port, so this is a port of its own)."""
+        if self.config.attest_listen is None:
+            return
+        self.store.retain(self.server_id)
+        svid = await self.store.svid(self.server_id)
+        self._attest_credentials = ServingCredentials(svid, self.store.bundle())
+        server = grpc.aio.server()
+        add_agent_ca_to_server(self.agent_ca, server)
+        host, port = self.config.attest_listen
+        address = format_address(host, port)
+        try:
+            self.attest_port = server.add_secure_port(
+                address, self._attest_credentials.server_credentials(require_client_auth=False)
+            )
+        except RuntimeError:
+            raise ServeError(
+                f"--attest-listen: cannot listen on {address}: the address is in use or not "
+                "available"
+            ) from None
+        await server.start()
+        self._attest_server = server
 
     def _check_identities(self) -> None:
         if not self.server_id.is_member_of(self.trust_domain):
@@ -233,13 +282,16 @@ class MeshcaServer:
 
     # serving certificate ----------------------------------------------------------------
     def _store_event(self, event: StoreEvent) -> None:
-        if self.credentials is None:
-            return
+        for credentials in (self.credentials, self._attest_credentials):
+            if credentials is None:
+                continue
+            if isinstance(event, SvidChanged) and event.spiffe_id == self.server_id:
+                credentials.update(svid=event.svid)
+            elif isinstance(event, BundleChanged):
+                credentials.update(bundle=event.bundle)
         if isinstance(event, SvidChanged) and event.spiffe_id == self.server_id:
-            self.credentials.update(svid=event.svid)
             log.info("serving certificate renewed: serial=%x", event.svid.serial)
         elif isinstance(event, BundleChanged):
-            self.credentials.update(bundle=event.bundle)
             log.info("trust bundle changed: %d roots", len(event.bundle))
 
     # lifecycle ------------------------------------------------------------------------
@@ -251,11 +303,13 @@ class MeshcaServer:
         server = grpc.aio.server()
         add_sds_to_server(self.servicer, server)
         add_ads_to_server(self.ads_servicer, server)
+        add_agent_ca_to_server(self.agent_ca, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SDS_SERVICE,
                 ADS_SERVICE,
+                AGENT_CA_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -293,6 +347,11 @@ class MeshcaServer:
             self.bundle_poll.start()
         await self.health_monitor.start()
         await self._start_side_listeners()
+        try:
+            await self._start_attest_listener()
+        except ServeError:
+            await self.stop(0)
+            raise
         log.info(
             "serving %s: tcp=%s uds=%s leaf-ttl=%s",
             self.trust_domain,
@@ -316,6 +375,8 @@ class MeshcaServer:
             await self._server.stop(self.config.grace if grace is None else grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self._attest_server is not None:
+            await self._attest_server.stop(0)
         await self.metrics_server.close()
         if self.front_door is not None:
             await self.front_door.close()

@@ -51,12 +51,15 @@ class ServingCredentials:
             self._fetched_version = self._version
             return self._config
 
-    def server_credentials(self) -> grpc.ServerCredentials:
+    def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        """Credentials for one server (each server needs its own ServingCredentials: the
+        fetcher hands every new configuration out once). Without client authentication
+        only for the attestation listener, where the evidence is the credential."""
         with self._lock:
             initial = self._config
             self._fetched_version = self._version
         # gRPC documents None as "no change"; grpc-stubs types the fetcher too narrowly
         fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch)
         return grpc.dynamic_ssl_server_credentials(
-            initial, fetch, require_client_authentication=True
+            initial, fetch, require_client_authentication=require_client_auth
         )

@@ -123,6 +123,8 @@ class CallerAuthenticator:
             raise AuthError(
                 f"caller {peer}: {spiffe_id} is outside the trust domain {self.trust_domain}"
             )
+        if spiffe_id.is_agent:  # an agent SVID is for the CSR API, never a workload's key
+            raise AuthError(f"caller {peer}: {spiffe_id} is an agent SVID, not a workload's")
         return Caller((spiffe_id,), MTLS, peer)
 
 

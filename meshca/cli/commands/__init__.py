@@ -8,7 +8,9 @@ adds its parser (via :func:`meshca.cli.commands.common.add_command`) and append 
 
 from __future__ import annotations
 
-from meshca.cli.commands import bootstrap, bundle, ca, init, inspect, issue, serve
+from meshca.attest.state_file import StateFileError
+from meshca.attest.tokens import TokenError
+from meshca.cli.commands import bootstrap, bundle, ca, init, inspect, issue, serve, token
 from meshca.cli.options import ConfigError
 from meshca.envoy.mesh import MeshError
 from meshca.issuer import IssuerError
@@ -24,6 +26,7 @@ COMMANDS = (
     serve.register,
     bootstrap.register,
     ca.register,
+    token.register,
 )
 
 # Exceptions that mean "refused" (exit 1, one line), not "bug" (traceback).
@@ -34,4 +37,6 @@ REFUSALS: tuple[type[Exception], ...] = (
     MeshError,
     ConfigError,
     OSError,
+    TokenError,
+    StateFileError,
 )

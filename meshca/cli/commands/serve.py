@@ -71,6 +71,9 @@ def config_from(settings: Settings) -> ServeConfig:
         rotation_ca_ttl=settings["rotation_ca_ttl"],
         rotation_ack_timeout=settings["rotation_ack_timeout"],
         rotation_resume_grace=settings["rotation_resume_grace"],
+        attest_listen=settings["attest_listen"],
+        agent_ttl=settings["agent_ttl"],
+        agent_max_age=settings["agent_max_age"],
     )
 
 
@@ -85,6 +88,9 @@ def _announce(server: MeshcaServer) -> None:
         lines.append(f"listening on unix://{config.uds.absolute()}")
         for uid, ids in sorted(config.uds_identities.items()):
             lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
+    if server.attest_port is not None and config.attest_listen is not None:
+        address = format_address(config.attest_listen[0], server.attest_port)
+        lines.append(f"attestation on tcp {address} (TLS, join tokens)")
     if server.health_port is not None and config.health_listen is not None:
         address = format_address(config.health_listen[0], server.health_port)
         lines.append(f"health on {address} (gRPC health service, plaintext)")

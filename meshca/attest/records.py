@@ -1,0 +1,111 @@
+"""The attested agents: for each agent ID, what it is entitled to and until when it may
+renew its own SVID (``agents/agents.json`` in the data directory, 0600).
+
+This record, not the certificate, is what the CSR API trusts after attestation: an agent
+SVID authenticates only while a record names its ID and its ``reattest_by`` is ahead,
+so a chain of self-renewals ends at the maximum age set at attestation, and deleting the
+record (``meshca token`` never shows it) evicts the agent at its next call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from meshca.attest.state_file import (
+    StateFileError,
+    agents_dir,
+    locked,
+    read_document,
+    write_document,
+)
+from meshca.spiffe import SpiffeId
+
+AGENTS_FILE = "agents.json"
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    agent_id: SpiffeId
+    identity: SpiffeId | None  # sidecar: the one workload identity; None in node mode
+    node: bool
+    attested_at: datetime
+    reattest_by: datetime  # the end of its chain of self-renewals
+    attestor: str
+
+    def entitled(self) -> tuple[SpiffeId, ...]:
+        return (self.identity,) if self.identity is not None else ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "identity": str(self.identity) if self.identity else None,
+            "node": self.node,
+            "attested_at": int(self.attested_at.timestamp()),
+            "reattest_by": int(self.reattest_by.timestamp()),
+            "attestor": self.attestor,
+        }
+
+    @classmethod
+    def from_json(cls, agent_id: str, data: dict[str, Any]) -> AgentRecord:
+        try:
+            identity = SpiffeId.parse(data["identity"]) if data.get("identity") else None
+            return cls(
+                SpiffeId.parse(agent_id),
+                identity,
+                bool(data.get("node", False)),
+                datetime.fromtimestamp(int(data["attested_at"]), UTC),
+                datetime.fromtimestamp(int(data["reattest_by"]), UTC),
+                str(data.get("attestor", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError(f"agent record {agent_id} is damaged: {exc}") from None
+
+
+class AgentRecords:
+    """The record file, re-read when it changes on disk (another process may write it)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.directory = agents_dir(data_dir)
+        self.path = self.directory / AGENTS_FILE
+        self._cache: tuple[tuple[int, int], dict[str, AgentRecord]] | None = None
+        self._cache_lock = threading.Lock()
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_ino)
+
+    def _read(self) -> dict[str, AgentRecord]:
+        return {k: AgentRecord.from_json(k, v) for k, v in read_document(self.path).items()}
+
+    def all(self) -> dict[str, AgentRecord]:
+        with self._cache_lock:
+            stamp = self._stamp()
+            if self._cache is None or self._cache[0] != stamp:
+                self._cache = (stamp, self._read())
+            return self._cache[1]
+
+    def get(self, agent_id: SpiffeId) -> AgentRecord | None:
+        return self.all().get(str(agent_id))
+
+    def add(self, record: AgentRecord) -> None:
+        """Record an attested agent; records past their ``reattest_by`` are dropped."""
+        now = datetime.now(UTC)
+        with locked(self.directory):
+            records = {k: r for k, r in self._read().items() if r.reattest_by > now}
+            records[str(record.agent_id)] = record
+            write_document(self.path, {k: r.to_json() for k, r in records.items()})
+
+    def remove(self, agent_id: SpiffeId) -> bool:
+        with locked(self.directory):
+            records = self._read()
+            if records.pop(str(agent_id), None) is None:
+                return False
+            write_document(self.path, {k: r.to_json() for k, r in records.items()})
+        return True

@@ -1,0 +1,61 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AttestAgentRequest(_message.Message):
+    __slots__ = ("attestor", "evidence", "csr")
+    ATTESTOR_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    attestor: str
+    evidence: bytes
+    csr: bytes
+    def __init__(self, attestor: _Optional[str] = ..., evidence: _Optional[bytes] = ..., csr: _Optional[bytes] = ...) -> None: ...
+
+class RenewAgentRequest(_message.Message):
+    __slots__ = ("csr",)
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    csr: bytes
+    def __init__(self, csr: _Optional[bytes] = ...) -> None: ...
+
+class SignWorkloadRequest(_message.Message):
+    __slots__ = ("spiffe_id", "csr", "ttl_seconds")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    csr: bytes
+    ttl_seconds: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., csr: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class GetBundleRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SvidResponse(_message.Message):
+    __slots__ = ("spiffe_id", "cert_chain", "bundle", "entitled", "reattest_by")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ENTITLED_FIELD_NUMBER: _ClassVar[int]
+    REATTEST_BY_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    cert_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    bundle: _containers.RepeatedScalarFieldContainer[bytes]
+    entitled: _containers.RepeatedScalarFieldContainer[str]
+    reattest_by: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...
+
+class BundleResponse(_message.Message):
+    __slots__ = ("bundle", "entitled", "reattest_by")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ENTITLED_FIELD_NUMBER: _ClassVar[int]
+    REATTEST_BY_FIELD_NUMBER: _ClassVar[int]
+    bundle: _containers.RepeatedScalarFieldContainer[bytes]
+    entitled: _containers.RepeatedScalarFieldContainer[str]
+    reattest_by: int
+    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,257 @@
+"""The CSR API servicer: attestation, agent renewal, workload signing.
+
+Authentication, by call:
+
+* ``AttestAgent``: the evidence (a join token) is the credential; the call needs no
+  client certificate. The CSR is checked before the evidence is spent, so a malformed
+  CSR does not burn a one-time token.
+* every other call: mutual TLS with an agent SVID (an ID under ``/meshca/agent``) whose
+  record is current. A workload SVID is refused (PERMISSION_DENIED, logged): stolen
+  from a workload, it buys nothing here.
+
+Only a CSR's public key is used (after its signature verifies); a CSR that names more
+than the identity asked for, or asks for CA:true, is refused with INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshca.attest.attestor import AttestationError, Attestor
+from meshca.attest.records import AgentRecord, AgentRecords
+from meshca.attest.state_file import StateFileError
+from meshca.ca_api import ca_pb2, ca_pb2_grpc
+from meshca.issuer import Issuer, IssuerError, X509Svid
+from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
+from meshca.issuer.errors import SvidError
+from meshca.issuer.svid import spiffe_id_of
+from meshca.spiffe import SpiffeId, SpiffeIdError
+
+log = logging.getLogger("meshca.ca_api")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE_NAME = "meshca.ca.v1.AgentCA"
+DEFAULT_AGENT_TTL = timedelta(hours=1)
+DEFAULT_AGENT_MAX_AGE = timedelta(days=30)
+MIN_AGENT_TTL = timedelta(minutes=1)  # a renewal shorter than this is refused: attest again
+_SHOWN = 200  # characters of a caller-supplied value a log line or error may repeat
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
+    def __init__(
+        self,
+        issuer: Issuer,
+        records: AgentRecords,
+        attestors: Sequence[Attestor],
+        *,
+        agent_ttl: timedelta = DEFAULT_AGENT_TTL,
+        agent_max_age: timedelta = DEFAULT_AGENT_MAX_AGE,
+    ) -> None:
+        if agent_ttl < MIN_AGENT_TTL or agent_max_age < agent_ttl:
+            raise ValueError("the agent TTL must be at least 1m and at most the agent max age")
+        self.issuer = issuer
+        self.records = records
+        self.attestors: Mapping[str, Attestor] = {a.name: a for a in attestors}
+        self.agent_ttl = agent_ttl
+        self.agent_max_age = agent_max_age
+        self.trust_domain = issuer.trust_domain
+        self.refusals = 0
+
+    # --- shared pieces ----------------------------------------------------------------
+    async def _refuse(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+        self.refusals += 1
+        level = logging.INFO if code is grpc.StatusCode.INVALID_ARGUMENT else logging.WARNING
+        log.log(level, "CSR API refused %s: %s", context.peer(), message)
+        await context.abort(code, message)
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def _checked_csr(
+        self, context: Context, data: bytes, spiffe_id: SpiffeId | None
+    ) -> bytes:
+        """``data`` when it is a CSR meshca will sign for ``spiffe_id`` (None: a CSR that
+        names nothing); else the call ends with INVALID_ARGUMENT."""
+        try:
+            csr = load_csr(data)
+            csr_public_key(csr)
+            check_csr_claims(csr, None if spiffe_id is None else str(spiffe_id))
+        except IssuerError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return data
+
+    async def _sign(
+        self, context: Context, spiffe_id: SpiffeId, csr: bytes, ttl: timedelta | None
+    ) -> X509Svid:
+        try:
+            return await asyncio.to_thread(self.issuer.sign_csr, spiffe_id, csr, ttl=ttl)
+        except IssuerError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _bundle_der(self) -> list[bytes]:
+        return [root.public_bytes(serialization.Encoding.DER) for root in self.issuer.bundle()]
+
+    def _response(self, svid: X509Svid, record: AgentRecord) -> ca_pb2.SvidResponse:
+        return ca_pb2.SvidResponse(
+            spiffe_id=str(svid.spiffe_id),
+            cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.chain],
+            bundle=self._bundle_der(),
+            entitled=[str(i) for i in record.entitled()],
+            reattest_by=int(record.reattest_by.timestamp()),
+        )
+
+    async def _agent(self, context: Context) -> AgentRecord:
+        """The calling agent's record: mutual TLS with a current agent SVID, or the call ends."""
+        pems = list(context.auth_context().get("x509_pem_cert", ()))
+        if not pems:
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this call needs mutual TLS with an agent SVID (attest first with AttestAgent)",
+            )
+        try:
+            caller = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+        except (SvidError, ValueError) as exc:
+            await self._refuse(
+                context, grpc.StatusCode.UNAUTHENTICATED, f"client certificate refused: {exc}"
+            )
+        if not caller.is_agent:
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller} is a workload SVID: only agent SVIDs (spiffe://"
+                f"{self.trust_domain}/meshca/agent/...) may use the CSR API",
+            )
+        try:
+            record = self.records.get(caller)
+        except StateFileError as exc:
+            log.error("cannot read the agent records: %s", exc)
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "agent records unreadable")
+        if record is None:
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {caller} is not attested (unknown or evicted): attest again",
+            )
+        if datetime.now(UTC) >= record.reattest_by:
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {caller} reached its maximum age at {record.reattest_by.isoformat()}: "
+                "attest again",
+            )
+        return record
+
+    # --- the calls -----------------------------------------------------------------------
+    async def AttestAgent(
+        self, request: ca_pb2.AttestAgentRequest, context: Context
+    ) -> ca_pb2.SvidResponse:
+        attestor = self.attestors.get(request.attestor)
+        if attestor is None:
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown attestor {_shown(request.attestor)!r}: this server accepts "
+                f"{', '.join(sorted(self.attestors))}",
+            )
+        # The agent ID is not known before the evidence is read, so its first CSR names
+        # nothing; it is checked before the evidence, so a bad CSR spends no token.
+        csr = await self._checked_csr(context, request.csr, None)
+        try:
+            attestation = await asyncio.to_thread(attestor.attest, request.evidence)
+        except AttestationError as exc:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except StateFileError as exc:
+            log.error("cannot read the join tokens: %s", exc)
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "join tokens unreadable")
+        agent_id = SpiffeId.for_agent(self.trust_domain, attestation.attestor, attestation.name)
+        now = datetime.now(UTC)
+        record = AgentRecord(
+            agent_id,
+            attestation.identity,
+            attestation.node,
+            now,
+            now + self.agent_max_age,
+            attestation.attestor,
+        )
+        svid = await self._sign(context, agent_id, csr, self._agent_ttl(record, now))
+        await asyncio.to_thread(self.records.add, record)
+        log.info(
+            "attested agent %s (%s) for %s until %s",
+            agent_id,
+            attestation.attestor,
+            ", ".join(str(i) for i in record.entitled()) or "registration entries",
+            record.reattest_by.isoformat(),
+        )
+        return self._response(svid, record)
+
+    def _agent_ttl(self, record: AgentRecord, now: datetime) -> timedelta:
+        return min(self.agent_ttl, record.reattest_by - now)
+
+    async def RenewAgent(
+        self, request: ca_pb2.RenewAgentRequest, context: Context
+    ) -> ca_pb2.SvidResponse:
+        record = await self._agent(context)
+        csr = await self._checked_csr(context, request.csr, record.agent_id)
+        ttl = self._agent_ttl(record, datetime.now(UTC))
+        if ttl < MIN_AGENT_TTL:
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {record.agent_id} is at its maximum age "
+                f"({record.reattest_by.isoformat()}): attest again",
+            )
+        svid = await self._sign(context, record.agent_id, csr, ttl)
+        log.info("renewed agent %s serial=%x", record.agent_id, svid.serial)
+        return self._response(svid, record)
+
+    async def SignWorkload(
+        self, request: ca_pb2.SignWorkloadRequest, context: Context
+    ) -> ca_pb2.SvidResponse:
+        record = await self._agent(context)
+        try:
+            spiffe_id = SpiffeId.parse(request.spiffe_id)
+        except SpiffeIdError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
+        if spiffe_id not in record.entitled():
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {record.agent_id} is not entitled to {spiffe_id}",
+            )
+        csr = await self._checked_csr(context, request.csr, spiffe_id)
+        ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
+        svid = await self._sign(context, spiffe_id, csr, ttl)
+        log.info(
+            "signed %s for agent %s serial=%x not_after=%s",
+            spiffe_id,
+            record.agent_id,
+            svid.serial,
+            svid.not_after.isoformat(),
+        )
+        return self._response(svid, record)
+
+    async def GetBundle(
+        self, request: ca_pb2.GetBundleRequest, context: Context
+    ) -> ca_pb2.BundleResponse:
+        record = await self._agent(context)
+        return ca_pb2.BundleResponse(
+            bundle=self._bundle_der(),
+            entitled=[str(i) for i in record.entitled()],
+            reattest_by=int(record.reattest_by.timestamp()),
+        )
+
+
+def add_agent_ca_to_server(servicer: AgentCaServicer, server: grpc.aio.Server) -> None:
+    ca_pb2_grpc.add_AgentCAServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

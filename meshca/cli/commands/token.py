@@ -1,0 +1,81 @@
+"""``meshca token``: one-time join tokens that admit a ``meshca agent`` (docs/agent.md).
+
+Tokens are stored hashed in the data directory (``agents/tokens.json``, 0600, under a
+lock), which a running ``meshca serve`` re-reads at each attestation: creating a token
+needs no server restart and no admin socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from meshca.attest.tokens import TokenStore
+from meshca.cli.commands.common import UsageError, add_command, rfc3339, write_out
+from meshca.cli.options import Settings, add_options
+
+NAME = "token"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        subparsers,
+        NAME,
+        run,
+        summary="create, list and revoke one-time join tokens for meshca agent",
+        description=(
+            "Join tokens admit a 'meshca agent': it exchanges one for its agent SVID at "
+            "'meshca serve --attest-listen'. A token is printed once, stored only as its "
+            "SHA-256, used at most once and expires (--ttl)."
+        ),
+    )
+    actions = parser.add_subparsers(title="actions", dest="token_action", metavar="ACTION")
+    actions.required = True
+    create = actions.add_parser(
+        "create",
+        help="print a new token for --identity ID (sidecar) or --node",
+        description=(
+            "Print a new one-time join token. With --identity ID the agent it admits may "
+            "obtain exactly that workload identity (sidecar mode)."
+        ),
+    )
+    listing = actions.add_parser("list", help="unused, unexpired tokens (IDs, never tokens)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    delete = actions.add_parser("delete", help="revoke an unused token by its ID")
+    delete.add_argument("token_id", metavar="TOKEN_ID", help="the ID 'meshca token list' shows")
+    for sub in (create, listing, delete):
+        add_options(sub, NAME)
+        sub.set_defaults(handler=run, command=NAME)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    store = TokenStore(settings["data_dir"])
+    if args.token_action == "create":
+        identity, node = settings["identity"], settings["node"]
+        if identity is None and not node:
+            raise UsageError("token create needs --identity ID (or --node)")
+        token, _ = store.create(identity, node=node, ttl=settings["token_ttl"])
+        write_out(token + "\n")
+        return 0
+    if args.token_action == "delete":
+        if not store.delete(args.token_id):
+            raise UsageError(f"no unused token has the ID {args.token_id!r}")
+        write_out(f"deleted token {args.token_id}\n")
+        return 0
+    tokens = store.list()
+    if args.json:
+        rows = [
+            {
+                "id": t.id,
+                "identity": str(t.identity) if t.identity else None,
+                "node": t.node,
+                "expires": rfc3339(t.expires),
+            }
+            for t in tokens
+        ]
+        write_out(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for t in tokens:
+        what = str(t.identity) if t.identity else "node (registration entries)"
+        write_out(f"{t.id}  expires {rfc3339(t.expires)}  {what}\n")
+    return 0
