@@ -143,7 +143,7 @@ async def test_malformed_csrs_get_one_clear_invalid_argument(api: CaApi) -> None
 async def test_an_agent_gets_only_its_entitled_identity(
     api: CaApi, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client, signed = await api.attested(WORKLOAD)
+    client, _ = await api.attested(WORKLOAD)
     key = generate_private_key()
     with caplog.at_level(logging.WARNING, logger="meshca.ca_api"):
         error = await refused(client.sign, OTHER, der(workload_csr(key, OTHER, ())))
