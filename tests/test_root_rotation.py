@@ -366,7 +366,7 @@ async def test_a_service_whose_admin_socket_is_in_use_leaves_no_schedule_running
     try:
         with pytest.raises(UnixSocketError, match="in use"):
             await service.start()
-        assert service.manager._scheduler is None  # the CA schedule did not keep running
+        assert service.rotator._scheduler is None  # the CA schedule did not keep running
     finally:
         await occupant.close()
         await service.close()

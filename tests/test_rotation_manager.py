@@ -29,6 +29,7 @@ from meshca.rotation.journal import (
     SlotStatus,
 )
 from meshca.rotation.manager import RotationManager, RotationPolicy
+from meshca.rotation.rotator import Rotator
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from tests.rotation_harness import TD, CountingSource, init_ca, init_self_signed_ca
@@ -87,21 +88,22 @@ def at(manager: RotationManager, fraction: float) -> datetime:
 async def test_prepares_at_half_and_activates_at_five_sixths(tmp_path: Path) -> None:
     data_dir = init_ca(tmp_path / "data", intermediate_ttl=timedelta(hours=6))
     manager = manager_for(data_dir)
+    rotator = Rotator(manager)
     first = manager.journal.active
     bundle = manager.journal.bundle
     old_signer = manager.authority.signer
 
-    await manager.tick(at(manager, 0.49))
+    await rotator.tick(at(manager, 0.49))
     assert manager.journal.prepared is None
-    await manager.tick(at(manager, 0.5))
+    await rotator.tick(at(manager, 0.5))
     prepared = manager.journal.prepared
     assert prepared is not None and prepared.kind is SlotKind.INTERMEDIATE
     assert manager.journal.bundle == bundle  # same root: the bundle does not change
     assert manager.authority.signer == old_signer  # prepared, not signing
 
-    await manager.tick(at(manager, 0.83))
+    await rotator.tick(at(manager, 0.83))
     assert manager.journal.active.id == first.id
-    await manager.tick(at(manager, 0.84))
+    await rotator.tick(at(manager, 0.84))
     assert manager.journal.active.id == prepared.id
     assert manager.journal.slot(first.id).status is SlotStatus.OLD
     new_signer = manager.ca(prepared.id).signer
@@ -114,7 +116,7 @@ async def test_prepares_at_half_and_activates_at_five_sixths(tmp_path: Path) -> 
     loaded = load_local_ca(data_dir)  # what 'meshca issue' and a restart read
     assert loaded.signer.certificate == new_signer.certificate and loaded.bundle == bundle
     # The next look is no later than the new active CA's own preparation time.
-    assert at(manager, 0.1) < await manager.tick(at(manager, 0.1)) <= at(manager, 0.5)
+    assert at(manager, 0.1) < await rotator.tick(at(manager, 0.1)) <= at(manager, 0.5)
     manager.close()
 
 
@@ -122,12 +124,13 @@ async def test_fractions_are_configurable(tmp_path: Path) -> None:
     data_dir = init_ca(tmp_path / "data", intermediate_ttl=timedelta(hours=6))
     policy = RotationPolicy(prepare_fraction=0.25, activate_fraction=0.5)
     manager = manager_for(data_dir, policy=policy)
-    await manager.tick(at(manager, 0.24))
+    rotator = Rotator(manager)
+    await rotator.tick(at(manager, 0.24))
     assert manager.journal.prepared is None
-    await manager.tick(at(manager, 0.25))
+    await rotator.tick(at(manager, 0.25))
     prepared = manager.journal.prepared
     assert prepared is not None
-    await manager.tick(at(manager, 0.5))
+    await rotator.tick(at(manager, 0.5))
     assert manager.journal.active.id == prepared.id
     manager.close()
     with pytest.raises(RotationError, match="0 < prepare < activate < 1"):
@@ -147,10 +150,11 @@ async def test_short_lived_cas_rotate_under_traffic_and_leaves_never_outlive_the
     events: list[StoreEvent] = []
     store.subscribe(events.append)
     manager = manager_for(data_dir, store=store, policy=RotationPolicy(leaf_ttl=leaf_ttl))
+    rotator = Rotator(manager)
     first = manager.journal.active.id
     bundle = manager.journal.bundle
     store.start()
-    manager.start()
+    rotator.start()
     try:
         for identity in (WEB, DB):
             store.retain(identity)
@@ -167,6 +171,7 @@ async def test_short_lived_cas_rotate_under_traffic_and_leaves_never_outlive_the
 
         await wait_until(rotated_and_renewed, timeout=30, what="a CA rotation and renewals")
     finally:
+        rotator.stop()
         manager.close()
         store.stop()
     renewals = [e for e in events if isinstance(e, SvidChanged)]
@@ -197,6 +202,7 @@ async def test_a_new_root_is_published_at_once_and_signs_only_once_acked(
     proxies = Proxies()
     clock = FakeClock()
     manager = manager_for(data_dir, store=store, acks=proxies, clock=clock)
+    rotator = Rotator(manager)
     old_root = manager.active.root
     old_bundle = manager.journal.bundle
     served = await store.svid(WEB)
@@ -205,7 +211,7 @@ async def test_a_new_root_is_published_at_once_and_signs_only_once_acked(
         AckedSecret("default", chain=served.chain),
     ]
 
-    await manager.tick(at(manager, 0.5))
+    await rotator.tick(at(manager, 0.5))
     prepared = manager.journal.prepared
     assert prepared is not None and prepared.kind is SlotKind.ROOT
     new_root = manager.ca(prepared.id).root
@@ -214,22 +220,22 @@ async def test_a_new_root_is_published_at_once_and_signs_only_once_acked(
     assert [e.bundle for e in events if isinstance(e, BundleChanged)] == [store.bundle()]
     assert list(load_local_ca(data_dir).bundle) == [old_root, new_root]
 
-    await manager.tick(at(manager, 0.85))  # due, but proxy-a has not ACKed the new root
+    await rotator.tick(at(manager, 0.85))  # due, but proxy-a has not ACKed the new root
     assert manager.journal.active.id != prepared.id
     proxies.acked["proxy-a"][0] = AckedSecret("ROOTCA", bundle=store.bundle())
-    await manager.tick(at(manager, 0.85))
+    await rotator.tick(at(manager, 0.85))
     assert manager.journal.active.id == prepared.id
     assert manager.authority.signer.certificate == new_root
 
-    await manager.tick(at(manager, 0.1))  # the old root still has a served certificate
+    await rotator.tick(at(manager, 0.1))  # the old root still has a served certificate
     assert old_root in manager.journal.bundle
     await store.renew_all()
     renewed = store.cached(WEB)
     assert renewed is not None and renewed.leaf.issuer == new_root.subject
-    await manager.tick(at(manager, 0.1))  # proxy-a still presents the old certificate
+    await rotator.tick(at(manager, 0.1))  # proxy-a still presents the old certificate
     assert old_root in manager.journal.bundle
     proxies.acked["proxy-a"][1] = AckedSecret("default", chain=renewed.chain)
-    await manager.tick(at(manager, 0.1))
+    await rotator.tick(at(manager, 0.1))
     assert list(manager.journal.bundle) == [new_root]
     assert list(store.bundle()) == [new_root]
     assert list(load_local_ca(data_dir).bundle) == [new_root]
@@ -242,16 +248,17 @@ async def test_an_unacked_new_root_is_activated_before_the_old_ca_cuts_leaves_sh
     data_dir = init_self_signed_ca(tmp_path / "data", timedelta(hours=6))
     proxies = Proxies({"stuck-proxy": [AckedSecret("ROOTCA", bundle=None)]})
     manager = manager_for(data_dir, acks=proxies)
-    await manager.tick(at(manager, 0.5))
+    rotator = Rotator(manager)
+    await rotator.tick(at(manager, 0.5))
     prepared = manager.journal.prepared
     assert prepared is not None
     proxies.acked["stuck-proxy"] = [
         AckedSecret("ROOTCA", bundle=TrustBundle.of(TD, [manager.active.root]))
     ]
-    await manager.tick(at(manager, 0.9))
+    await rotator.tick(at(manager, 0.9))
     assert manager.journal.active.id != prepared.id
     with caplog.at_level(logging.WARNING, logger="meshca.rotation"):
-        await manager.tick(manager.schedule().force_at)
+        await rotator.tick(manager.schedule().force_at)
     assert manager.journal.active.id == prepared.id
     assert "stuck-proxy" in caplog.text
     manager.close()
@@ -261,11 +268,12 @@ async def test_root_key_offline_refuses_clearly_and_changes_nothing(tmp_path: Pa
     data_dir = init_ca(tmp_path / "data", intermediate_ttl=timedelta(hours=6))
     (ca_directory(data_dir) / ROOT_KEY).unlink()
     manager = manager_for(data_dir)
+    rotator = Rotator(manager)
     before = manager.journal
     files = {p.name: p.read_bytes() for p in ca_directory(data_dir).iterdir()}
-    await manager.tick(at(manager, 0.6))
+    await rotator.tick(at(manager, 0.6))
     assert manager.journal == before
-    assert manager.problem is not None and "root key is offline" in manager.problem
+    assert rotator.problem is not None and "root key is offline" in rotator.problem
     with pytest.raises(RotationError, match="root key is offline"):
         await manager.rotate_now()
     assert manager.journal == before

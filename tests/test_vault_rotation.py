@@ -1,7 +1,7 @@
 """Vault's intermediate under the signing-CA rotation machinery, the server's poll of
 Vault's roots, and renewal of short-lived Vault-signed SVIDs, against a real OpenBao.
 
-The schedule is driven with explicit moments (``manager.tick(now)``), so what is tested
+The schedule is driven with explicit moments (``rotator.tick(now)``), so what is tested
 is what happens at 1/2 and 5/6 of the intermediate's life, not how long a test waits;
 Vault, the journal, the store and the certificates are real.
 """
@@ -31,6 +31,7 @@ from meshca.rotation.admin import admin_request
 from meshca.rotation.journal import JournalStore, RotationError, SlotKind, SlotStatus
 from meshca.rotation.manager import RotationManager, RotationPolicy
 from meshca.rotation.operator import ADMIN_SOCKET
+from meshca.rotation.rotator import Rotator
 from meshca.rotation.vault_ca import VaultCaSource
 from meshca.serve.config import ServeConfig
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -129,6 +130,7 @@ async def test_next_intermediate_is_prepared_at_half_life_and_signs_from_five_si
     authority = intermediate_authority(bao, mount, data_dir)
     store = store_for(authority)
     manager = open_manager(data_dir, authority, store)
+    rotator = Rotator(manager)
     try:
         first = authority.signer
         issued = first.certificate.not_valid_before_utc + SKEW  # Vault backdates by the skew
@@ -137,18 +139,18 @@ async def test_next_intermediate_is_prepared_at_half_life_and_signs_from_five_si
         assert schedule.activate_at == issued + timedelta(minutes=10) * 5 / 6
         before = await store.svid(WEB)
 
-        await manager.tick(schedule.prepare_at - timedelta(seconds=1))
+        await rotator.tick(schedule.prepare_at - timedelta(seconds=1))
         assert manager.journal.prepared is None  # not yet
-        await manager.tick(schedule.prepare_at)
+        await rotator.tick(schedule.prepare_at)
         prepared = manager.journal.prepared
         assert prepared is not None and prepared.kind is SlotKind.INTERMEDIATE
         on_disk = JournalStore(data_dir).load()
         assert on_disk is not None and on_disk.prepared == prepared  # journaled
         assert authority.signer is first  # prepared, not signing yet
-        await manager.tick(schedule.prepare_at + timedelta(seconds=1))
+        await rotator.tick(schedule.prepare_at + timedelta(seconds=1))
         assert manager.journal.next_slot == 3  # no second CA is made while one is prepared
 
-        await manager.tick(schedule.activate_at)
+        await rotator.tick(schedule.activate_at)
         assert manager.journal.active.id == prepared.id
         second = authority.signer
         assert second.certificate != first.certificate
@@ -182,6 +184,7 @@ async def test_a_new_vault_root_joins_the_bundle_and_its_intermediate_waits_for_
     store.subscribe(events.append)
     acks = Acks()
     manager = open_manager(data_dir, authority, store, acks)
+    rotator = Rotator(manager)
     try:
         [old_root] = store.bundle()
         old_issuer = root_of_issuer(bao, mount, old_root)
@@ -203,23 +206,23 @@ async def test_a_new_vault_root_joins_the_bundle_and_its_intermediate_waits_for_
             f"{mount}/root/replace", data={"default": answer["data"]["issuer_id"]}
         )
         schedule = manager.schedule()
-        await manager.tick(schedule.prepare_at)
+        await rotator.tick(schedule.prepare_at)
         prepared = manager.journal.prepared
         assert prepared is not None and prepared.kind is SlotKind.ROOT
         assert manager.ca(prepared.id).root == new_root
 
         acks.waiting = ["sidecar-a (uid 1000)"]  # a proxy has not ACKed the new root yet
-        await manager.tick(schedule.activate_at)
+        await rotator.tick(schedule.activate_at)
         assert manager.journal.prepared == prepared  # so nothing signs under it
         acks.waiting = []
-        await manager.tick(schedule.activate_at)
+        await rotator.tick(schedule.activate_at)
         assert manager.journal.active.id == prepared.id
         svid = await store.renew(WEB)
         assert_independently_valid(svid, TrustBundle.of(TD, [new_root]), tmp_path / "new")
 
         # nothing served chains to the old root: its slot goes, the root stays while
         # Vault holds it, and leaves once its issuer is deleted there
-        await manager.tick(datetime.now(UTC))  # early in the new intermediate's life
+        await rotator.tick(datetime.now(UTC))  # early in the new intermediate's life
         assert [r.status for r in manager.journal.slots] == [SlotStatus.ACTIVE]
         assert old_root in store.bundle()
         bao.client().adapter.delete(f"/v1/{mount}/issuer/{old_issuer}")
@@ -237,25 +240,26 @@ async def test_an_outage_when_the_next_intermediate_is_due_is_retried_and_logged
     data_dir = tmp_path / "data"
     authority = intermediate_authority(bao, mount, data_dir, timeout=1)
     manager = open_manager(data_dir, authority, store_for(authority))
+    rotator = Rotator(manager)
     schedule = manager.schedule()
     try:
         bao.pause()
         try:
             with caplog.at_level(logging.ERROR, logger="meshca.rotation"):
                 for _ in range(3):
-                    await manager.tick(schedule.prepare_at)
+                    await rotator.tick(schedule.prepare_at)
             assert manager.journal.prepared is None
             assert manager.journal.pending is None  # no intent left for a restart to finish
-            assert "cannot obtain the next intermediate" in (manager.problem or "")
+            assert "cannot obtain the next intermediate" in (rotator.problem or "")
             errors = [r for r in caplog.records if r.name == "meshca.rotation"]
             assert len(errors) == 1, [r.getMessage() for r in errors]
         finally:
             bao.resume()
         async with asyncio.timeout(30):
             while manager.journal.prepared is None:  # the backend lets a call through again
-                await manager.tick(schedule.prepare_at)
+                await rotator.tick(schedule.prepare_at)
                 await asyncio.sleep(0.2)
-        assert manager.problem is None
+        assert rotator.problem is None
     finally:
         manager.close()
         authority.close()

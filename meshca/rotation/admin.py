@@ -34,6 +34,7 @@ from meshca.rotation.acks import bundle_holds
 from meshca.rotation.journal import RotationError, SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
+from meshca.rotation.status import rotation_status
 from meshca.util.unix_socket import bind_listening_socket, reachable
 
 log = logging.getLogger("meshca.rotation")
@@ -55,7 +56,7 @@ class CaOperations:
 
     def status(self) -> dict[str, Any]:
         manager = self.manager
-        data = manager.status()
+        data = rotation_status(manager, self.rotation.rotator.problem)
         data["root_rotation"] = self.rotation.status()
         prepared = manager.journal.prepared
         waiting: list[str] = []
@@ -69,7 +70,7 @@ class CaOperations:
 
     async def rotate(self) -> dict[str, Any]:
         record = await self.manager.rotate_now()
-        self.manager.replan()
+        self.rotation.rotator.replan()
         return {"activated": record.id, "status": self.status()}
 
     async def rotate_root(

@@ -1,16 +1,16 @@
-"""The CA manager: keeps a signing CA ready before the current one runs out (SPIRE's slots).
+"""The CA manager: the signing-CA slots (SPIRE's manager) and their journal.
 
-At ``prepare_fraction`` of the active CA's life (default 1/2) the next CA is created
-in the ``prepared`` slot; when it comes with a new root, that root enters the trust
-bundle at once, so proxies have the rest of the old CA's life to pick it up. At
-``activate_fraction`` (default 5/6) the prepared CA starts signing; a CA under a new
-root only once every connected proxy has ACKed a bundle holding that root. Because a
-CA lives at least 6 leaf lifetimes, the last 1/6 of the old CA still covers every leaf
-it signed, so no leaf is cut short. The old slot stays until nothing served chains to
-it, then its root (if it had its own) leaves the bundle.
+The next CA is created in the ``prepared`` slot; when it comes with a new root, that
+root enters the trust bundle at once, so proxies have the rest of the old CA's life to
+pick it up. Activating makes the prepared CA sign and the previous one ``old``. Because
+a CA lives at least 6 leaf lifetimes, the last 1/6 of the old CA still covers every
+leaf it signed, so no leaf is cut short. An old slot is retired once nothing served
+chains to it, then its root (if it had its own) leaves the bundle.
 
-Where a new CA comes from is the :class:`CaSource`'s business (the local root key,
-Vault); this module only decides when, and keeps the journal. A backend that holds
+*When* each of these happens is the :class:`~meshca.rotation.rotator.Rotator`'s
+business (its :class:`Schedule` is computed here, from the active slot); where a new CA
+comes from is the :class:`CaSource`'s (the local root key, Vault). This module performs
+the slot operations and keeps the journal. A backend that holds
 roots of its own (Vault's issuers) reports them through :meth:`RotationManager.follow_roots`:
 they join the bundle, and stay in it while the backend has them.
 """
@@ -18,16 +18,14 @@ they join the bundle, and stay in it while the backend has them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from cryptography import x509
 
 from meshca.issuer import SignerAuthority, TrustBundle
@@ -39,8 +37,6 @@ from meshca.rotation.acks import (
     AckTracker,
     NoProxies,
     SecretPredicate,
-    bundle_holds,
-    certificate_not_under,
     chains_to,
     issued_by,
 )
@@ -63,7 +59,6 @@ log = logging.getLogger("meshca.rotation")
 
 DEFAULT_PREPARE_FRACTION = 0.5
 DEFAULT_ACTIVATE_FRACTION = 5 / 6
-MAX_TICK_INTERVAL = timedelta(minutes=10)
 
 
 class CaSource(Protocol):
@@ -86,22 +81,9 @@ class CaSource(Protocol):
         directory), and drop material of roots that left the bundle."""
         ...
 
-
-def slot_label(kind: SlotKind, ca: SigningCa) -> str:
-    """What a slot holds, in words: its ``kind`` says whether it came with a new root, but
-    what it holds is a signing CA (a root only when it signs itself)."""
-    if ca.is_self_signed:
-        return "root CA (signs itself)"
-    if kind is SlotKind.ROOT:
-        return "signing CA, new root"
-    return "signing CA"
-
-
-def describe_source(source: CaSource, active: SigningCa) -> str | None:
-    """How a source renews the signing CA, for ``meshca ca status`` (optional method
-    ``describe(active)``)."""
-    describe = getattr(source, "describe", None)
-    return str(describe(active)) if callable(describe) else None
+    def describe(self, active: SigningCa) -> str:
+        """How this source renews the signing CA, for ``meshca ca status``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -160,8 +142,8 @@ def root_of(signer_chain: tuple[x509.Certificate, ...], bundle: TrustBundle) -> 
 class RotationManager:
     """Owns the journal for one data directory and drives the authority and the store.
 
-    Call :meth:`open` once (it takes the journal lock and resumes an interrupted step),
-    then :meth:`start` on the event loop for the automatic schedule. Every change is
+    Call :meth:`open` once (it takes the journal lock and resumes an interrupted step);
+    a :class:`~meshca.rotation.rotator.Rotator` runs the automatic schedule. Every change is
     written to the journal before it is applied, and applying is idempotent, so a crash
     at any point resumes cleanly.
     """
@@ -185,8 +167,6 @@ class RotationManager:
         self.policy = policy or RotationPolicy()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.journals = JournalStore(self.data_dir)
-        self.problem: str | None = None  # why the next CA cannot be prepared, if so
-        self.root_notice: str | None = None  # why a due new root is not prepared, if so
         # Roots the backend itself holds (Vault's issuers): kept in the bundle even when
         # no slot chains to them. Empty for the local CA.
         self.external_roots: tuple[x509.Certificate, ...] = ()
@@ -194,7 +174,6 @@ class RotationManager:
         self._journal: Journal | None = None
         self._cas: dict[str, SigningCa] = {}
         self._lock_fd: int | None = None
-        self._scheduler: AsyncIOScheduler | None = None
 
     # opening and resuming ----------------------------------------------------------
     @property
@@ -236,7 +215,7 @@ class RotationManager:
         return journal
 
     def close(self) -> None:
-        self.stop()
+        """Release the journal (the rotator, if one runs, is stopped first)."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -552,197 +531,3 @@ class RotationManager:
                     "'meshca ca rotate-root' to switch now, step by step)"
                 )
             return await self.activate(record.id, renew=True)
-
-    # the automatic schedule -----------------------------------------------------------------
-    async def tick(self, now: datetime | None = None) -> datetime:
-        """Do whatever is due at ``now`` and return when to look again."""
-        async with self.lock:
-            return await self._tick(now or self.clock())
-
-    async def _tick(self, now: datetime) -> datetime:
-        retry = now + self.policy.retry_interval
-        journal = self.journal
-        schedule = self.schedule()
-        if journal.root_rotation is not None:
-            # An operator drives this rotation step by step; the schedule holds off.
-            if now >= schedule.activate_at:
-                log.warning(
-                    "a root rotation is held at step %d while the signing CA nears its end "
-                    "(%s): finish or roll it back",
-                    journal.root_rotation.done,
-                    schedule.not_after.isoformat(),
-                )
-            return self._next_look(now, [schedule.activate_at])
-        due: list[datetime] = []
-        if journal.prepared is None and now >= schedule.prepare_at:
-            try:
-                await self.prepare(self._due_kind(now))
-                self.problem = None
-            except RotationError as exc:
-                if self.problem != str(exc):
-                    log.error("cannot prepare the next signing CA: %s", exc)
-                self.problem = str(exc)
-                due.append(retry)
-        prepared = self.journal.prepared
-        if prepared is not None:
-            if now >= schedule.activate_at:
-                if await self._auto_activate(prepared, schedule, now):
-                    schedule = self.schedule()
-                else:
-                    due.append(retry)
-            else:
-                due.append(schedule.activate_at)
-        if self.journal.prepared is None:
-            due.append(schedule.prepare_at)
-        for record in list(self.journal.old):
-            later = await self._maybe_retire(record, now)
-            if later is not None:
-                due.append(later)
-        return self._next_look(now, due)
-
-    def _due_kind(self, now: datetime) -> SlotKind:
-        """The kind to prepare on schedule: :meth:`next_kind`, except that when a new root
-        is due but the source cannot make one (a backend whose roots are created by its
-        operator), a CA under the current root keeps certificates renewed meanwhile."""
-        kind = self.next_kind(now)
-        active = self.active
-        if kind is SlotKind.ROOT and not active.is_self_signed:
-            notice = self.source.problem(active, new_root=True)
-            if notice is not None and self.source.problem(active, new_root=False) is None:
-                if notice != self.root_notice:
-                    log.warning(
-                        "root %s ends %s, too soon for the next signing CA's full life, and "
-                        "no new root can be prepared (%s): preparing a signing CA under the "
-                        "current root meanwhile (it ends with the root)",
-                        fingerprint(active.root),
-                        active.root.not_valid_after_utc.isoformat(),
-                        notice,
-                    )
-                self.root_notice = notice
-                return SlotKind.INTERMEDIATE
-        self.root_notice = None
-        return kind
-
-    def _next_look(self, now: datetime, due: list[datetime]) -> datetime:
-        """The earliest future moment in ``due`` (past ones mean "retry soon"), capped so
-        a clock jump is noticed."""
-        retry = now + self.policy.retry_interval
-        upcoming = [moment if moment > now else retry for moment in due]
-        return min([*upcoming, now + MAX_TICK_INTERVAL])
-
-    async def _auto_activate(self, prepared: SlotRecord, schedule: Schedule, now: datetime) -> bool:
-        if prepared.kind is SlotKind.ROOT:
-            waiting = self.unacked(bundle_holds(self._cas[prepared.id].root))
-            if waiting and now < schedule.force_at:
-                log.info(
-                    "slot %s waits for %d proxies to ACK its root: %s",
-                    prepared.id,
-                    len(waiting),
-                    ", ".join(waiting),
-                )
-                return False
-            if waiting:
-                log.warning(
-                    "activating slot %s although these proxies never ACKed its root: %s",
-                    prepared.id,
-                    ", ".join(waiting),
-                )
-        await self.activate(prepared.id)
-        return True
-
-    async def _maybe_retire(self, record: SlotRecord, now: datetime) -> datetime | None:
-        """Retire an old slot once nothing served can chain through it; otherwise return
-        when to look again."""
-        if now >= record.not_after:
-            await self.retire(record.id)
-            return None
-        if record.root == self.journal.active.root:
-            return record.not_after  # same root: the bundle is unaffected; kept until expiry
-        root = self._cas[record.id].root
-        if self.served_under(root) or self.unacked(certificate_not_under(root)):
-            return now + self.policy.retry_interval
-        await self.retire(record.id)
-        return None
-
-    def start(self) -> None:
-        """Run the schedule on the current event loop (wall-clock timers)."""
-        if self._scheduler is not None:
-            return
-        self.open()
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._scheduler.start()
-        self._plan(self.clock())
-
-    def stop(self) -> None:
-        if self._scheduler is not None:
-            with contextlib.suppress(Exception):
-                self._scheduler.shutdown(wait=False)
-            self._scheduler = None
-
-    def _plan(self, when: datetime) -> None:
-        if self._scheduler is None:
-            return
-        self._scheduler.add_job(
-            self._tick_job,
-            "date",
-            run_date=when,
-            id="meshca-ca-rotation",
-            replace_existing=True,
-            misfire_grace_time=None,
-        )
-
-    async def _tick_job(self) -> None:
-        try:
-            when = await self.tick()
-        except Exception:
-            log.exception("signing-CA rotation check failed")
-            when = self.clock() + self.policy.retry_interval
-        self._plan(when)
-
-    def replan(self) -> None:
-        """Look at the schedule again now (after an operator's change)."""
-        self._plan(self.clock())
-
-    # status ------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        journal = self.journal
-        schedule = self.schedule()
-        roots = []
-        for root in journal.bundle:
-            roots.append(
-                {
-                    "fingerprint": fingerprint(root),
-                    "subject": root.subject.rfc4514_string(),
-                    "not_after": root.not_valid_after_utc.isoformat(),
-                    "served_under": len(self.served_under(root)),
-                }
-            )
-        slots = []
-        for record in sorted(journal.slots, key=lambda r: r.id):
-            ca = self._cas[record.id]
-            slots.append(
-                {
-                    "id": record.id,
-                    "status": record.status.value,
-                    "kind": record.kind.value,
-                    "what": slot_label(record.kind, ca),
-                    "subject": ca.signer.certificate.subject.rfc4514_string(),
-                    "root": fingerprint(ca.root),
-                    "not_before": record.not_before.isoformat(),
-                    "not_after": record.not_after.isoformat(),
-                }
-            )
-        return {
-            "trust_domain": journal.trust_domain.name,
-            "sequence": journal.sequence,
-            "slots": slots,
-            "bundle": roots,
-            "schedule": {
-                "prepare_at": schedule.prepare_at.isoformat(),
-                "activate_at": schedule.activate_at.isoformat(),
-            },
-            "pending": journal.pending.to_json() if journal.pending else None,
-            "problem": self.problem
-            or self.source.problem(self.active, new_root=self.next_kind() is SlotKind.ROOT),
-            "renewal": describe_source(self.source, self.active),
-        }

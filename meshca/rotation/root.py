@@ -40,6 +40,7 @@ from meshca.rotation.journal import (
 )
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.operator import LAST_STEP
+from meshca.rotation.rotator import Rotator
 
 log = logging.getLogger("meshca.rotation")
 
@@ -106,10 +107,13 @@ class RootRotation:
         self,
         manager: RotationManager,
         *,
+        rotator: Rotator | None = None,
         ack_timeout: timedelta = DEFAULT_ACK_TIMEOUT,
         poll_interval: float = 0.25,
     ) -> None:
         self.manager = manager
+        # The clock to re-plan after each change (one not started, offline: a no-op).
+        self.rotator = rotator or Rotator(manager)
         self.ack_timeout = ack_timeout
         self.poll_interval = poll_interval
         self._operation = asyncio.Lock()  # one operator action at a time
@@ -313,7 +317,7 @@ class RootRotation:
                     if record.root == old_id:
                         await manager.retire(record.id)
             await manager.set_root_rotation(None)
-        manager.replan()
+        self.rotator.replan()
         if old_root is not None and old_root in manager.journal.bundle:
             return (
                 f"nothing chains to the old root {fingerprint(old_root)} any more; it stays in "
@@ -366,7 +370,7 @@ class RootRotation:
             if prepared is not None and prepared.kind is SlotKind.ROOT:
                 await manager.discard_prepared()
             await manager.set_root_rotation(None)
-        manager.replan()
+        self.rotator.replan()
         log.info("root rotation rolled back: %s", detail)
         return StepReport(0, "roll back", detail)
 

@@ -33,6 +33,7 @@ from meshca.rotation.manager import (
 )
 from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
+from meshca.rotation.rotator import Rotator
 from meshca.rotation.vault_ca import IntermediateBackend, VaultCaSource
 from meshca.serve.config import ServeConfig
 from meshca.serve.engine_acks import Engine, EngineAcks
@@ -100,7 +101,8 @@ class RotationService:
         self.manager = RotationManager(
             data_dir, authority, source, store=store, acks=acks, policy=policy
         )
-        self.rotation = RootRotation(self.manager, ack_timeout=ack_timeout)
+        self.rotator = Rotator(self.manager)
+        self.rotation = RootRotation(self.manager, rotator=self.rotator, ack_timeout=ack_timeout)
         self.operations = CaOperations(self.manager, self.rotation)
         self.admin = AdminServer(self.operations, admin_socket or data_dir / ADMIN_SOCKET)
         self.resume_grace = resume_grace
@@ -119,13 +121,13 @@ class RotationService:
             raise
 
     async def start(self) -> None:
-        self.manager.start()
+        self.rotator.start()
         if self.manager.journal.root_rotation is not None:
             self.rotation.hold_for_reconnects(self.resume_grace)
         try:
             await self.admin.start()
         except BaseException:  # e.g. the admin socket is in use: leave nothing running
-            self.manager.stop()
+            self.rotator.stop()
             raise
         self._resume = asyncio.get_running_loop().create_task(
             self.rotation.resume(grace=self.resume_grace)
@@ -135,6 +137,7 @@ class RotationService:
         await self.admin.close()
         if self._resume is not None and not self._resume.done():
             await cancel_and_wait(self._resume)
+        self.rotator.stop()
         self.manager.close()
 
 
