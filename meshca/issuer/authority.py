@@ -7,11 +7,10 @@ root of trust and the act of signing. ``backends`` implement :class:`SigningAuth
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -142,22 +141,13 @@ class Issuer:
         self.default_key_type = default_key_type
         self.issue_observers: list[IssueObserver] = list(issue_observers)
 
-    @contextlib.contextmanager
-    def _observed(self) -> Iterator[None]:
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            for observe in list(self.issue_observers):
-                try:
-                    observe(elapsed, error)
-                except Exception:
-                    log.exception("an issuance observer failed")
+    def _report(self, started: float, error: BaseException | None) -> None:
+        elapsed = time.perf_counter() - started
+        for observe in list(self.issue_observers):
+            try:
+                observe(elapsed, error)
+            except Exception:
+                log.exception("an issuance observer failed")
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -165,6 +155,16 @@ class Issuer:
 
     def bundle(self) -> TrustBundle:
         return self.authority.bundle()
+
+    def issues_quickly(self, key_type: KeyType | None = None) -> bool:
+        """Whether :meth:`issue` is a fraction of a millisecond of work in this process:
+        an EC key, signed by a key held here. Callers on an event loop run such an
+        issuance inline (a thread hand-off costs more than the work); RSA key generation
+        (up to seconds) and remote signing belong in a thread."""
+        return (
+            isinstance(self.authority, SignerAuthority)
+            and not (key_type or self.default_key_type).is_rsa
+        )
 
     def _checked(
         self, spiffe_id: SpiffeId, ttl: timedelta | None, dns_names: Sequence[str]
@@ -184,7 +184,8 @@ class Issuer:
         dns_names: Sequence[str] = (),
     ) -> X509Svid:
         """Generate a key and sign an SVID for it."""
-        with self._observed():
+        started = time.perf_counter()
+        try:
             resolved, names = self._checked(spiffe_id, ttl, dns_names)
             key = generate_private_key(key_type or self.default_key_type)
             csr = None
@@ -193,19 +194,30 @@ class Issuer:
             request = LeafRequest(
                 spiffe_id, key.public_key(), resolved, names, self.policy.skew, csr
             )
-            return X509Svid(spiffe_id, self.authority.sign(request), key)
+            svid = X509Svid(spiffe_id, self.authority.sign(request), key)
+        except BaseException as exc:
+            self._report(started, exc)
+            raise
+        self._report(started, None)
+        return svid
 
     def sign_csr(
         self, spiffe_id: SpiffeId, csr: bytes, *, ttl: timedelta | None = None
     ) -> X509Svid:
         """Sign the public key of ``csr`` for ``spiffe_id`` (the CSR's own claims are ignored)."""
-        with self._observed():
+        started = time.perf_counter()
+        try:
             resolved, _ = self._checked(spiffe_id, ttl, ())
             loaded = load_csr(csr)
             request = LeafRequest(
                 spiffe_id, csr_public_key(loaded), resolved, (), self.policy.skew, loaded
             )
-            return X509Svid(spiffe_id, self.authority.sign(request), None)
+            svid = X509Svid(spiffe_id, self.authority.sign(request), None)
+        except BaseException as exc:
+            self._report(started, exc)
+            raise
+        self._report(started, None)
+        return svid
 
 
 def workload_csr(

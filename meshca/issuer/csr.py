@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from meshca.issuer.errors import CsrError, KeyTypeError
 from meshca.issuer.keys import PublicKey, key_type_of
 
 MAX_CSR_BYTES = 64 * 1024
+
+_ECDSA_HASHES: dict[x509.ObjectIdentifier, type[hashes.HashAlgorithm]] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512,
+}
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
@@ -29,12 +38,6 @@ def csr_public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     certificate carries the identity the caller was authorised for, nothing else.
     """
     try:
-        valid = csr.is_signature_valid
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CsrError(f"CSR refused: cannot check its signature: {exc}") from None
-    if not valid:
-        raise CsrError("CSR refused: its signature does not verify (proof of possession failed)")
-    try:
         key = csr.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise CsrError(f"CSR refused: unsupported public key: {exc}") from None
@@ -42,8 +45,28 @@ def csr_public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
         key_type_of(key)
     except KeyTypeError as exc:
         raise CsrError(f"CSR refused: {exc}") from None
-    assert not isinstance(key, x509.Certificate)
-    return key  # type: ignore[return-value]
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise CsrError(f"CSR refused: unsupported public key {type(key).__name__}")
+    if not _signature_verifies(csr, key):
+        raise CsrError("CSR refused: its signature does not verify (proof of possession failed)")
+    return key
+
+
+def _signature_verifies(csr: x509.CertificateSigningRequest, key: PublicKey) -> bool:
+    """Proof of possession. An ECDSA-signed CSR is checked with the key already loaded
+    (``is_signature_valid`` would load it a second time); any other algorithm goes
+    through ``is_signature_valid``."""
+    try:
+        ecdsa_hash = _ECDSA_HASHES.get(csr.signature_algorithm_oid)
+        if ecdsa_hash is None or not isinstance(key, ec.EllipticCurvePublicKey):
+            return csr.is_signature_valid
+        try:
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(ecdsa_hash()))
+        except InvalidSignature:
+            return False
+        return True
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CsrError(f"CSR refused: cannot check its signature: {exc}") from None
 
 
 def check_csr_claims(csr: x509.CertificateSigningRequest, spiffe_id: str | None) -> None:

@@ -30,6 +30,10 @@ def tlv(tag: int, body: bytes) -> bytes:
     size = len(body)
     if size < 0x80:
         return bytes((tag, size)) + body
+    if size < 0x100:
+        return bytes((tag, 0x81, size)) + body
+    if size < 0x10000:
+        return bytes((tag, 0x82, size >> 8, size & 0xFF)) + body
     return bytes((tag,)) + length(size) + body
 
 

@@ -31,6 +31,8 @@ _SKI_PREFIX = der.sequence(
     der.object_identifier(ExtensionOID.SUBJECT_KEY_IDENTIFIER.dotted_string),
     der.tlv(der.OCTET_STRING, der.tlv(der.OCTET_STRING, bytes(20))),
 )[:-20]
+# The SAN extension's OID and critical flag, before its OCTET STRING.
+_SAN_HEAD = _SAN_OID + der.BOOLEAN_TRUE
 _URI_TAG = 0x86  # GeneralName uniformResourceIdentifier [6] IA5String
 _DNS_TAG = 0x82  # GeneralName dNSName [2] IA5String
 
@@ -115,6 +117,7 @@ class LeafTemplate:
             for is_rsa, extensions in between_san_and_ski.items()
         }
         self._tail = b"".join(encode_extension(ext) for ext in after_ski)
+        self._last_validity: tuple[datetime | None, datetime | None, bytes] = (None, None, b"")
 
     def tbs(
         self,
@@ -133,23 +136,33 @@ class LeafTemplate:
         for name in dns_names:
             x509.DNSName(name)  # the same validation the builder applies
         spki = subject_public_key_info(public_key)
-        general_names = _ia5(_URI_TAG, uri) + b"".join(_ia5(_DNS_TAG, n) for n in dns_names)
-        san = der.sequence(
-            _SAN_OID,
-            der.BOOLEAN_TRUE,
-            der.tlv(der.OCTET_STRING, der.sequence(general_names)),
-        )
+        general_names = _ia5(_URI_TAG, uri)
+        if dns_names:
+            general_names += b"".join(_ia5(_DNS_TAG, n) for n in dns_names)
+        san = _SAN_HEAD + der.tlv(der.OCTET_STRING, der.sequence(general_names))
+        san = der.tlv(der.SEQUENCE, san)
         ski = _SKI_PREFIX + key_identifier(spki)
         extensions = san + self._middle[isinstance(public_key, rsa.RSAPublicKey)] + ski + self._tail
-        return der.sequence(
-            _VERSION_3,
-            der.integer(serial),
-            self._after_serial,
-            der.sequence(der.time(not_before), der.time(not_after)),
-            _EMPTY_NAME,
-            spki,
-            der.tlv(der.CONTEXT_3, der.sequence(extensions)),
+        return der.tlv(
+            der.SEQUENCE,
+            _VERSION_3
+            + der.integer(serial)
+            + self._after_serial
+            + self._validity(not_before, not_after)
+            + _EMPTY_NAME
+            + spki
+            + der.tlv(der.CONTEXT_3, der.tlv(der.SEQUENCE, extensions)),
         )
+
+    def _validity(self, not_before: datetime, not_after: datetime) -> bytes:
+        """The Validity DER; leaves signed within the same second share it, so the last
+        one is kept."""
+        last = self._last_validity
+        if last[0] == not_before and last[1] == not_after:
+            return last[2]
+        encoded = der.sequence(der.time(not_before), der.time(not_after))
+        self._last_validity = (not_before, not_after, encoded)
+        return encoded
 
     def certificate(self, tbs: bytes) -> x509.Certificate:
         """Sign ``tbs`` and wrap it: Certificate ::= SEQUENCE { tbs, algorithm, signature }."""

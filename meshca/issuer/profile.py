@@ -82,8 +82,8 @@ def hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
 class Signer:
     """A CA that signs: its key, its certificate and the intermediates above it (root excluded).
 
-    The AKI and the DER template of its leaves are computed once, because every leaf
-    needs them.
+    The AKI, the DER template of its leaves, the chain that follows them and the
+    validity window are computed once, because every leaf needs them.
     """
 
     key: PrivateKey
@@ -91,6 +91,8 @@ class Signer:
     intermediates: tuple[x509.Certificate, ...] = ()
     _aki: x509.AuthorityKeyIdentifier = field(init=False, repr=False, compare=False)
     _leaf_template: LeafTemplate | None = field(init=False, repr=False, compare=False)
+    _chain: tuple[x509.Certificate, ...] = field(init=False, repr=False, compare=False)
+    _validity: tuple[datetime, datetime] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -106,6 +108,10 @@ class Signer:
         except TypeError:  # a key type meshca does not sign with: refused when used
             template = None
         object.__setattr__(self, "_leaf_template", template)
+        cert = self.certificate
+        chain = () if cert.issuer == cert.subject else (cert, *self.intermediates)
+        object.__setattr__(self, "_chain", chain)
+        object.__setattr__(self, "_validity", (cert.not_valid_before_utc, cert.not_valid_after_utc))
 
     @property
     def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
@@ -120,8 +126,12 @@ class Signer:
         return self._leaf_template
 
     @property
+    def not_before(self) -> datetime:
+        return self._validity[0]
+
+    @property
     def not_after(self) -> datetime:
-        return self.certificate.not_valid_after_utc
+        return self._validity[1]
 
     @property
     def is_self_signed(self) -> bool:
@@ -130,21 +140,16 @@ class Signer:
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
         """What follows a leaf in ``cert.pem``: this CA and intermediates, never the root."""
-        if self.is_self_signed:
-            return ()
-        return (self.certificate, *self.intermediates)
+        return self._chain
 
     def check_can_sign(self, now: datetime) -> None:
-        cert = self.certificate
-        if now >= cert.not_valid_after_utc:
+        not_before, not_after = self._validity
+        if now >= not_after:
             raise SignerError(
-                f"the signing CA expired at {cert.not_valid_after_utc.isoformat()}; "
-                "it signs nothing"
+                f"the signing CA expired at {not_after.isoformat()}; it signs nothing"
             )
-        if now < cert.not_valid_before_utc:
-            raise SignerError(
-                f"the signing CA is not valid before {cert.not_valid_before_utc.isoformat()}"
-            )
+        if now < not_before:
+            raise SignerError(f"the signing CA is not valid before {not_before.isoformat()}")
 
 
 def _leaf_template_for(
@@ -176,7 +181,7 @@ def validity_under(
     """(NotBefore, NotAfter) of a certificate ``signer`` signs now: backdated by ``skew``,
     within the signer's own validity; SignerError when the signer cannot sign now."""
     signer.check_can_sign(now)
-    not_before = max(now - skew, signer.certificate.not_valid_before_utc)
+    not_before = max(now - skew, signer.not_before)
     not_after = min(now + ttl, signer.not_after)
     return not_before, not_after
 

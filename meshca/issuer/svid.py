@@ -30,6 +30,22 @@ def certificates_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+_INTERMEDIATES_PEM: dict[tuple[x509.Certificate, ...], bytes] = {}
+_INTERMEDIATES_KEPT = 8  # a few signers at once: the active one, and during rotations two more
+
+
+def intermediates_pem(certs: tuple[x509.Certificate, ...]) -> bytes:
+    """The PEM of the CAs that follow a leaf, encoded once per signing chain: every
+    certificate a signer issues ends with the same ones."""
+    encoded = _INTERMEDIATES_PEM.get(certs)
+    if encoded is None:
+        encoded = certificates_pem(certs)
+        if len(_INTERMEDIATES_PEM) >= _INTERMEDIATES_KEPT:
+            _INTERMEDIATES_PEM.clear()
+        _INTERMEDIATES_PEM[certs] = encoded
+    return encoded
+
+
 def load_certificates_pem(data: bytes, what: str = "certificate file") -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -125,7 +141,8 @@ class X509Svid:
         return self.leaf.not_valid_after_utc
 
     def chain_pem(self) -> bytes:
-        return certificates_pem(self.chain)
+        leaf = self.chain[0].public_bytes(serialization.Encoding.PEM)
+        return leaf + intermediates_pem(self.chain[1:]) if len(self.chain) > 1 else leaf
 
     def private_key_pem(self) -> bytes:
         if self.private_key is None:
