@@ -294,3 +294,58 @@ async def test_unknown_and_malformed_names_get_a_clear_error(
     async with sds_harness(tmp_path, services=services) as h:
         result = await call(h.stub(h.mtls_channel(A)), rpc, [name])
         assert_refused(result, code, repr(name), fragment)
+
+
+# gRPC refuses response metadata past 16 KB: a longer refusal would reach the caller as
+# RESOURCE_EXHAUSTED instead of PERMISSION_DENIED.
+GRPC_METADATA_LIMIT = 16 * 1024
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+async def test_refusals_stay_small_for_a_uid_holding_thousands_of_identities(
+    tmp_path: Path, rpc: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    many = [k8s("fleet", f"workload-{i}") for i in range(2000)]
+    async with sds_harness(tmp_path, uds=True, uid_identities={os.getuid(): many}) as h:
+        stub = h.stub(h.uds_channel())
+        caplog.set_level(logging.INFO)
+        refused = await call(stub, rpc, [str(B)])
+        details = assert_refused(refused, grpc.StatusCode.PERMISSION_DENIED, str(B), "1997 more")
+        assert len(details) < 1024
+        # 'default' with no node to choose: refused, and still small
+        ambiguous = await call(stub, rpc, ["default"])
+        details = assert_refused(ambiguous, grpc.StatusCode.PERMISSION_DENIED, "several")
+        assert len(details) < 1024
+        # a request naming thousands of secrets, from a node claiming someone else
+        names = [f"service-cert:fleet/workload-{i}" for i in range(2000)]
+        claimed = await call(stub, rpc, names, node_id=str(B))
+        details = assert_refused(claimed, grpc.StatusCode.PERMISSION_DENIED, "1997 more")
+        assert len(details) < GRPC_METADATA_LIMIT // 4
+        assert max(len(r.getMessage()) for r in caplog.records) < 4096
+        served = await call(stub, rpc, [str(many[1234])], node_id=str(many[1234]))
+        assert not isinstance(served, grpc.aio.AioRpcError), served
+        assert h.store.cached(many[1234]) is not None
+
+
+async def test_the_node_is_checked_once_per_stream(
+    h_uds: SdsHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshca.xds import auth
+
+    parsed: list[Any] = []
+    original = auth.node_claims
+
+    def counting(node: Any) -> auth.NodeClaims:
+        parsed.append(node)
+        return original(node)
+
+    monkeypatch.setattr(auth, "node_claims", counting)
+    stub = h_uds.stub(h_uds.uds_channel())
+    stream = await open_sotw(stub, sotw(["default"], node_id=str(A)))
+    first = await stream.recv()
+    for names in (["default", "ROOTCA"], ["default", "ROOTCA", str(A)]):
+        await stream.send(sotw(names, version=first.version_info, nonce=first.nonce))
+        first = await stream.recv()
+    assert secrets_of(first)["default"].tls_certificate.private_key.inline_bytes
+    assert len(parsed) == 1
+    stream.cancel()

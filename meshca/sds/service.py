@@ -38,7 +38,7 @@ async def authenticate_or_abort(
     bind(peer=context.peer(), request_id=f"{next(_request_ids):x}")
     try:
         caller = authenticator.authenticate(context)
-        bind(caller=",".join(str(i) for i in caller.identities), transport=caller.transport)
+        bind(caller=caller.describe_identities(), transport=caller.transport)
         return caller
     except AuthError as exc:
         stats.auth_failures += 1

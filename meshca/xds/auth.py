@@ -22,7 +22,7 @@ Any other ``node.id`` (a hostname, ``envoy-1``) names no identity and is accepte
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import grpc
@@ -37,20 +37,83 @@ MTLS = "mtls"
 UDS = "uds"
 
 
+# How many identities a caller's description names: a uid may hold thousands, and the
+# description goes into log lines and into refusals sent as gRPC metadata (16 KB at most).
+SHOWN_IDENTITIES = 3
+
+
+class IdentitySet:
+    """A caller's identities, indexed once so each check costs the same whatever their
+    number: membership, and lookup by Kubernetes namespace and service account."""
+
+    def __init__(self, identities: tuple[SpiffeId, ...]) -> None:
+        self.ordered = identities
+        self.members = frozenset(identities)
+        self._by_namespace: dict[str, tuple[SpiffeId, ...]] | None = None
+        self._by_account: dict[tuple[str, str], tuple[SpiffeId, ...]] | None = None
+
+    def in_namespace(self, namespace: str, account: str | None) -> tuple[SpiffeId, ...]:
+        """The Kubernetes identities ``/ns/<namespace>/sa/<account>`` (any account when None)."""
+        if self._by_namespace is None or self._by_account is None:
+            by_namespace: dict[str, list[SpiffeId]] = {}
+            by_account: dict[tuple[str, str], list[SpiffeId]] = {}
+            for spiffe_id in self.ordered:
+                kubernetes = spiffe_id.kubernetes
+                if kubernetes is not None:
+                    by_namespace.setdefault(kubernetes[0], []).append(spiffe_id)
+                    by_account.setdefault(kubernetes, []).append(spiffe_id)
+            self._by_namespace = {k: tuple(v) for k, v in by_namespace.items()}
+            self._by_account = {k: tuple(v) for k, v in by_account.items()}
+        if account is None:
+            return self._by_namespace.get(namespace, ())
+        return self._by_account.get((namespace, account), ())
+
+    def describe(self) -> str:
+        """The first few identities, and how many more: bounded whatever the number."""
+        shown = ",".join(str(i) for i in self.ordered[:SHOWN_IDENTITIES])
+        more = len(self.ordered) - SHOWN_IDENTITIES
+        return f"{shown} and {more} more" if more > 0 else shown
+
+
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller: the identities whose keys it may obtain, and how it came."""
+    """An authenticated caller: the identities whose keys it may obtain, and how it came.
+
+    ``node``/``node_matches``: the node its stream declared and the identities that node
+    is consistent with, checked once per stream (:meth:`with_node`) and reused by every
+    resolve and push on it.
+    """
 
     identities: tuple[SpiffeId, ...]
     transport: str
     peer: str
+    index: IdentitySet | None = field(default=None, repr=False, compare=False)
+    node: Any = field(default=None, repr=False, compare=False)
+    node_matches: tuple[SpiffeId, ...] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.index is None or self.index.ordered is not self.identities:
+            object.__setattr__(self, "index", IdentitySet(self.identities))
+
+    @property
+    def identity_set(self) -> IdentitySet:
+        assert self.index is not None
+        return self.index
 
     def may_hold(self, spiffe_id: SpiffeId) -> bool:
-        return spiffe_id in self.identities
+        return spiffe_id in self.identity_set.members
+
+    def with_node(self, node: Any) -> Caller:
+        """This caller bound to its stream's ``node`` once that node was checked;
+        Forbidden when the node claims an identity not the caller's."""
+        matching = node_identities(self, node)
+        return replace(self, node=node, node_matches=matching)
+
+    def describe_identities(self) -> str:
+        return self.identity_set.describe()
 
     def __str__(self) -> str:
-        who = ",".join(str(i) for i in self.identities)
-        return f"{who} ({self.transport} {self.peer})"
+        return f"{self.describe_identities()} ({self.transport} {self.peer})"
 
 
 class AuthError(Exception):
@@ -94,6 +157,7 @@ class CallerAuthenticator:
                         f"{trust_domain}"
                     )
             self.uid_identities[uid] = tuple(dict.fromkeys(identities))
+        self._uid_index = {uid: IdentitySet(ids) for uid, ids in self.uid_identities.items()}
 
     def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         peer = context.peer() or ""
@@ -107,7 +171,7 @@ class CallerAuthenticator:
         identities = self.uid_identities.get(cred.uid)
         if not identities:
             raise AuthError(f"Unix-socket caller {described} is not mapped to any identity")
-        return Caller(identities, UDS, described)
+        return Caller(identities, UDS, described, self._uid_index[cred.uid])
 
     def _tls_caller(self, context: grpc.aio.ServicerContext[Any, Any], peer: str) -> Caller:
         pems = list(context.auth_context().get("x509_pem_cert", ()))
@@ -156,20 +220,21 @@ def node_claims(node: Any) -> NodeClaims:
         try:
             spiffe_id = SpiffeId.parse(node_id)
         except SpiffeIdError as exc:
-            raise Forbidden(f"node.id {node_id!r} is not a valid SPIFFE ID: {exc}") from None
+            shown = bounded_text(node_id)
+            raise Forbidden(f"node.id {shown!r} is not a valid SPIFFE ID: {exc}") from None
     elif node_id.count("~") == 3:
         _, _, pod_domain, dns_domain = node_id.split("~")
         istio_ns = dns_domain.split(".svc.", 1)[0] if ".svc." in dns_domain else ""
         pod_ns = pod_domain.rpartition(".")[2] if "." in pod_domain else ""
         if not istio_ns or pod_ns != istio_ns:
             raise Forbidden(
-                f"node.id {node_id!r} does not have Istio's form "
+                f"node.id {bounded_text(node_id)!r} does not have Istio's form "
                 "<type>~<ip>~<pod>.<ns>~<ns>.svc.<domain>"
             )
         if namespace is not None and namespace != istio_ns:
             raise Forbidden(
-                f"node.id {node_id!r} names namespace {istio_ns} but node metadata "
-                f"NAMESPACE is {namespace}"
+                f"node.id {bounded_text(node_id)!r} names namespace {istio_ns} but node metadata "
+                f"NAMESPACE is {bounded_text(namespace)}"
             )
         namespace = istio_ns
     return NodeClaims(spiffe_id, namespace, _metadata_string(node, "SERVICE_ACCOUNT"))
@@ -187,18 +252,34 @@ def _matches(spiffe_id: SpiffeId, claims: NodeClaims) -> bool:
     return (claims.namespace in (None, namespace)) and (claims.service_account in (None, account))
 
 
+def _claimed(caller: Caller, claims: NodeClaims) -> tuple[SpiffeId, ...]:
+    """The caller's identities consistent with ``claims``, found through its index."""
+    identities = caller.identity_set
+    if claims.spiffe_id is not None:
+        if claims.spiffe_id in identities.members and _matches(claims.spiffe_id, claims):
+            return (claims.spiffe_id,)
+        return ()
+    if claims.namespace is not None:
+        return identities.in_namespace(claims.namespace, claims.service_account)
+    if claims.service_account is not None:  # an account without a namespace: rare
+        return tuple(i for i in identities.ordered if _matches(i, claims))
+    return identities.ordered
+
+
 def node_identities(caller: Caller, node: Any) -> tuple[SpiffeId, ...]:
     """The caller's identities consistent with what its node claims; Forbidden if none is."""
-    claims = node_claims(node)
-    matching = tuple(i for i in caller.identities if _matches(i, claims))
+    if caller.node_matches is not None and caller.node is node:
+        return caller.node_matches  # checked once when the stream declared its node
+    matching = _claimed(caller, node_claims(node))
     if not matching:
-        raise Forbidden(f"node {getattr(node, 'id', '')!r} claims an identity not the caller's")
+        node_id = str(getattr(node, "id", ""))
+        raise Forbidden(f"node {bounded_text(node_id)!r} claims an identity not the caller's")
     return matching
 
 
-def authorize_node(caller: Caller, node: Any) -> None:
-    """Refuse a node that names another identity than the caller's."""
-    node_identities(caller, node)
+def bounded_text(text: str, limit: int = 256) -> str:
+    """``text``, cut to ``limit`` characters: what a caller sends is bounded in what we echo."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def own_identity(caller: Caller, node: Any) -> SpiffeId:

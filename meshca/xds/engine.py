@@ -23,7 +23,8 @@ Rules (each stream keeps them per type URL):
   an unsubscribed name is forgotten (the proxy already dropped it), so subscribing
   again sends it again;
 * the node of the first request that carries one is kept for the stream and checked
-  against the caller (:func:`meshca.xds.auth.authorize_node`).
+  against the caller once (:meth:`meshca.xds.auth.Caller.with_node`); the checked
+  caller is what the sources see on every resolve of the stream.
 
 Errors: a name that cannot be served when it is first subscribed (malformed, unknown,
 forbidden) ends the stream with that status code and a message naming the caller and
@@ -62,7 +63,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from meshca.util.aio import wait_event
-from meshca.xds.auth import Caller, Forbidden, authorize_node
+from meshca.xds.auth import Caller, Forbidden, bounded_text
 from meshca.xds.stats import XdsStats
 
 log = logging.getLogger("meshca.xds")
@@ -213,16 +214,23 @@ class _TypeState:
         )
 
 
-def _check_node(caller: Caller, node: Any, names: Iterable[str]) -> None:
-    """Refuse a node that claims another identity; the message says what was asked for."""
+def _check_node(caller: Caller, node: Any, names: Iterable[str]) -> Caller:
+    """The caller bound to ``node`` (checked once, reused by every resolve on the stream);
+    StreamRefused when the node claims another identity, saying what was asked for."""
     try:
-        authorize_node(caller, node)
+        return caller.with_node(node)
     except Forbidden as exc:
-        asked = ", ".join(repr(n) for n in sorted(names)) or "nothing yet"
         raise StreamRefused(
             grpc.StatusCode.PERMISSION_DENIED,
-            f"caller {caller}: {exc}; refused request for {asked}",
+            f"caller {caller}: {exc}; refused request for {_some_names(names)}",
         ) from None
+
+
+def _some_names(names: Iterable[str], shown: int = 3) -> str:
+    """A few of ``names`` for a message (a request may carry thousands), and how many more."""
+    listed = sorted(names)
+    text = ", ".join(repr(bounded_text(n)) for n in listed[:shown]) or "nothing yet"
+    return f"{text} and {len(listed) - shown} more" if len(listed) > shown else text
 
 
 class _Stream:
@@ -334,8 +342,9 @@ class _Stream:
     # --- request handling shared by both variants ---------------------------------
     def _accept_node(self, request: Any, names: Iterable[str]) -> None:
         if self.node is None and request.HasField("node"):
-            _check_node(self.caller, request.node, names)
-            self.node = request.node
+            node = request.node
+            self.caller = _check_node(self.caller, node, names)
+            self.node = node
 
     def _state_for(self, request: Any) -> tuple[str, _TypeState]:
         type_url = request.type_url or self.default_type_url or ""
@@ -633,7 +642,7 @@ class XdsEngine:
                     f"resource type {type_url!r} is not served here",
                 )
             node = request.node if request.HasField("node") else None
-            _check_node(caller, node, request.resource_names)
+            caller = _check_node(caller, node, request.resource_names)
             names = frozenset(request.resource_names)
             if not names and not source.wildcard:
                 raise StreamRefused(
