@@ -103,6 +103,11 @@ class SecretStore:
         self._pending_users: dict[SpiffeId, int] = {}  # retained before first issuance
         self._bundle = issuer.bundle()
         self._scheduler: AsyncIOScheduler | None = None
+        # Renewal timers, one per identity: a plain event-loop timer (an APScheduler job
+        # cost more than signing the certificate). Each re-reads the wall clock when it
+        # fires and waits again if the clock says it is early.
+        self._timers: dict[SpiffeId, asyncio.TimerHandle] = {}
+        self._renewing: set[asyncio.Task[None]] = set()
         self.renewals = 0
         self.issue_failures = 0
 
@@ -125,6 +130,9 @@ class SecretStore:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
     # reads ----------------------------------------------------------------
     def bundle(self) -> TrustBundle:
@@ -215,9 +223,9 @@ class SecretStore:
         for sid in dropped:
             del self._entries[sid]
             self._locks.pop(sid, None)
-            if self._scheduler is not None:
-                with contextlib.suppress(Exception):
-                    self._scheduler.remove_job(self._job_id(sid))
+            timer = self._timers.pop(sid, None)
+            if timer is not None:
+                timer.cancel()
             log.info("dropped idle identity %s", sid)
         return dropped
 
@@ -255,30 +263,39 @@ class SecretStore:
             lock = self._locks[spiffe_id] = asyncio.Lock()
         return lock
 
-    def _job_id(self, spiffe_id: SpiffeId) -> str:
-        return f"renew:{spiffe_id}"
-
     def _schedule(self, spiffe_id: SpiffeId, when: datetime) -> None:
+        """Renew ``spiffe_id`` at ``when`` (wall clock), replacing any renewal planned."""
         if self._scheduler is None:
             return
-        self._scheduler.add_job(
-            self._renew_job,
-            "date",
-            run_date=when,
-            args=[spiffe_id],
-            id=self._job_id(spiffe_id),
-            replace_existing=True,
-            misfire_grace_time=None,
-            max_instances=2,  # scheduled from inside the running renewal: never skip it
-        )
+        previous = self._timers.pop(spiffe_id, None)
+        if previous is not None:
+            previous.cancel()
+        self._arm(spiffe_id, when)
+
+    def _arm(self, spiffe_id: SpiffeId, when: datetime) -> None:
+        delay = max(0.0, (when - datetime.now(UTC)).total_seconds())
+        loop = asyncio.get_running_loop()
+        self._timers[spiffe_id] = loop.call_later(delay, self._due, spiffe_id, when)
+
+    def _due(self, spiffe_id: SpiffeId, when: datetime) -> None:
+        if datetime.now(UTC) < when:  # the event loop's clock ran ahead of the wall clock
+            self._arm(spiffe_id, when)
+            return
+        self._timers.pop(spiffe_id, None)
+        task = asyncio.get_running_loop().create_task(self._renew_job(spiffe_id))
+        self._renewing.add(task)  # held until it ends; a renewal may schedule the next
+        task.add_done_callback(self._renewing.discard)
 
     async def _issue(self, spiffe_id: SpiffeId) -> X509Svid:
         dns = self.dns_names.get(spiffe_id, ())
         requested = datetime.now(UTC)
         try:
-            svid = await asyncio.to_thread(
-                self.issuer.issue, spiffe_id, ttl=self.ttl, dns_names=dns
-            )
+            if self.issuer.issues_quickly():
+                svid = self.issuer.issue(spiffe_id, ttl=self.ttl, dns_names=dns)
+            else:
+                svid = await asyncio.to_thread(
+                    self.issuer.issue, spiffe_id, ttl=self.ttl, dns_names=dns
+                )
         except Exception:
             self.issue_failures += 1
             raise
