@@ -291,7 +291,10 @@ ECHO = cast(CaOperations, _Echo())
 
 
 async def _ask(path: Path) -> dict[str, Any]:
-    return await asyncio.to_thread(admin_request, path, {"op": "status"}, timeout=5)
+    """The request the server received, less the deadline every request carries."""
+    answer = await asyncio.to_thread(admin_request, path, {"op": "status"}, timeout=5)
+    assert answer["asked"].pop("deadline") > 0
+    return answer
 
 
 async def test_the_admin_socket_is_0600_from_the_moment_it_exists(

@@ -13,6 +13,9 @@ request per connection: a JSON object on one line, answered by one JSON line::
 
     {"ok": true, "result": {...}}   or   {"ok": false, "error": "one line"}
 
+Any request may carry ``"deadline"`` (seconds since the epoch): when the server gets to
+it later, or the client has closed the connection by then, it is not carried out.
+
 When no server runs, ``meshca ca`` performs the same operations directly on the data
 directory (:class:`CaOperations` over a manager without proxies).
 """
@@ -23,8 +26,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -165,7 +170,14 @@ class AdminServer:
             except (ValueError, asyncio.LimitOverrunError) as exc:
                 response: dict[str, Any] = {"ok": False, "error": f"bad request: {exc}"}
             else:
-                response = await self.operations.handle(request)
+                gone = _client_gone(reader, writer, request)
+                if gone is not None:
+                    # The operator's command gave up (killed, timed out): acting now would
+                    # surprise whoever runs the next one.
+                    log.warning("admin request %r not carried out: %s", request.get("op"), gone)
+                    response = {"ok": False, "error": f"not carried out: {gone}"}
+                else:
+                    response = await self.operations.handle(request)
         except Exception as exc:  # a bug must not take the server down
             log.exception("admin request failed")
             response = {"ok": False, "error": f"internal error ({type(exc).__name__}); see the log"}
@@ -177,33 +189,69 @@ class AdminServer:
             await writer.wait_closed()
 
 
+def _client_gone(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: dict[str, Any]
+) -> str | None:
+    """Why the request's client no longer waits for it (None while it does): its
+    deadline passed, or it closed the connection (killed or gave up)."""
+    deadline = request.get("deadline")
+    if (
+        isinstance(deadline, int | float)
+        and not isinstance(deadline, bool)
+        and math.isfinite(deadline)
+        and time.time() > deadline
+    ):
+        return "its client stopped waiting before the server got to it"
+    if reader.at_eof():
+        return "its client closed the connection before the server got to it"
+    transport_socket = writer.get_extra_info("socket")
+    if transport_socket is None:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(transport_socket.fileno())) as peek:
+            data = peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None  # open, nothing more sent: the client waits
+    except OSError:
+        return "its client's connection failed before the server got to it"
+    return "its client closed the connection before the server got to it" if not data else None
+
+
 def admin_request(path: Path, request: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-    """Send one request to a running server; AdminUnavailable when none answers."""
+    """Send one request to a running server and wait at most ``timeout`` seconds in all;
+    AdminUnavailable when none listens.
+
+    The request carries its ``deadline`` (wall-clock seconds): a server that gets to it
+    later, when this client has given up, does not carry it out."""
     path = Path(path)
     if not path.exists():
         raise AdminUnavailable(f"no admin socket at {path}")
+    give_up = time.monotonic() + timeout
+    request = {**request, "deadline": time.time() + timeout}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
         try:
-            with reachable(path) as address:
-                sock.connect(address)
-        except (ConnectionRefusedError, FileNotFoundError):
-            raise AdminUnavailable(f"nothing listens on {path}") from None
-        sock.sendall((json.dumps(request) + "\n").encode())
-        chunks = []
-        while True:
+            sock.settimeout(timeout)
             try:
+                with reachable(path) as address:
+                    sock.connect(address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                raise AdminUnavailable(f"nothing listens on {path}") from None
+            sock.sendall((json.dumps(request) + "\n").encode())
+            chunks = []
+            while True:
+                sock.settimeout(max(give_up - time.monotonic(), 0.001))
                 chunk = sock.recv(65536)
-            except TimeoutError:
-                raise RotationError(
-                    f"the server did not answer within {timeout:g}s; "
-                    "check 'meshca ca status' and the server log"
-                ) from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if chunk.endswith(b"\n"):
-                break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+        except TimeoutError:
+            raise RotationError(
+                f"the server at {path} did not answer within {timeout:g}s: it may be stopped "
+                "or overloaded (see its log); it will not carry out this request unless it "
+                "had already started it"
+            ) from None
     if not chunks:
         raise RotationError(
             f"the server at {path} closed the connection without answering (did it stop?); "

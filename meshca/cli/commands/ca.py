@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 NAME = "ca"
 DEFAULT_TIMEOUT = "5m"
+DEFAULT_STATUS_TIMEOUT = "30s"
 _ANSWER_MARGIN = 30.0  # seconds the client waits beyond the server's own timeout
 
 
@@ -72,13 +73,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for sub in (status, rotate, rotate_root):
         add_options(sub, NAME)
         sub.set_defaults(handler=run, command=NAME)
+    status.add_argument(
+        "--timeout",
+        default=DEFAULT_STATUS_TIMEOUT,
+        metavar="D",
+        help=f"longest wait for the server's answer (default {DEFAULT_STATUS_TIMEOUT})",
+    )
     for sub in (rotate, rotate_root):
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.add_argument(
             "--timeout",
             default=DEFAULT_TIMEOUT,
             metavar="D",
-            help=f"longest wait for proxies' ACKs (default {DEFAULT_TIMEOUT})",
+            help=(
+                f"longest wait for proxies' ACKs (default {DEFAULT_TIMEOUT}); the command "
+                f"gives up {_ANSWER_MARGIN:g}s later if the server has not answered"
+            ),
         )
 
 
@@ -146,18 +156,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from meshca.rotation.admin import AdminUnavailable, admin_request
 
     try:
-        timeout = parse_duration(getattr(args, "timeout", DEFAULT_TIMEOUT))
+        timeout = parse_duration(args.timeout)
     except ValueError as exc:
         raise UsageError(f"--timeout: {exc}") from None
+    if timeout.total_seconds() <= 0:
+        raise UsageError("--timeout: must be longer than 0s")
     data_dir = Path(settings["data_dir"])
     request = _request(args, timeout)
+    # status: the timeout is the wait for the answer; the others: for the proxies' ACKs,
+    # which the server's answer follows.
+    wait = timeout.total_seconds()
+    if args.ca_action != "status":
+        wait += _ANSWER_MARGIN
     server = True
     try:
-        result = admin_request(
-            data_dir / ADMIN_SOCKET,
-            request,
-            timeout=timeout.total_seconds() + _ANSWER_MARGIN,
-        )
+        result = admin_request(data_dir / ADMIN_SOCKET, request, timeout=wait)
     except AdminUnavailable:
         server = False
 
