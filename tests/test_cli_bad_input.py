@@ -151,6 +151,25 @@ def _write_inputs(ca: Path, files: Path) -> None:
     (files / "list.yaml").write_text("- data_dir\n")
     (files / "nested.yaml").write_text("leaf_ttl: [1h, 2h]\n")
     (files / "bad-ttl.yaml").write_text("leaf_ttl: forever\n")
+    (files / "shadow").write_text(SHADOW)
+    (files / "bomb.yaml").write_text(ALIAS_BOMB)
+    (files / "huge.yaml").write_text("# padding\n" * 30_000)
+    (files / "uds-0666.yaml").write_text("uds_mode: 0666\n")  # unquoted: YAML 1.1 octal
+    (files / "tag.yaml").write_text("leaf_ttl: !hvs.CAESIsecretTOKEN 1h\n")
+
+
+# The first line of a shadow file (what '--config /etc/shadow' would show).
+SHADOW = "root:$6$saltsalt$hashedSECRETpasswordvalue:19000:0:99999:7:::\nbin:*:19000::::::\n"
+# A few hundred bytes that expand to 9**9 strings when walked: refused before anything walks them.
+ALIAS_BOMB = "\n".join(
+    [
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        *(
+            f"{name}: &{name} [{','.join(['*' + prev] * 9)}]"
+            for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+        ),
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +317,29 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
      "cannot read config file"),
     ("config-from-env-missing", ["bundle"], {"MESHCA_CONFIG": "files/none.yaml"}, 1,
      "cannot read config file files/none.yaml"),
+    ("config-shadow", ["--config", "files/shadow", "bundle"], {}, 1,
+     "config file files/shadow: unknown key (known keys:"),
+    ("config-dev-zero", ["--config", "/dev/zero", "bundle"], {}, 1,
+     "config file /dev/zero is not a regular file"),
+    ("config-directory", ["--config", "files", "bundle"], {}, 1, "is not a regular file"),
+    ("config-too-large", ["--config", "files/huge.yaml", "bundle"], {}, 1,
+     "is larger than the limit of 262144 bytes"),
+    ("config-alias-bomb", ["--config", "files/bomb.yaml", "bundle"], {}, 1,
+     "is not valid YAML (aliases (*name) are not allowed, line 2)"),
+    ("config-unknown-tag", ["--config", "files/tag.yaml", "bundle"], {}, 1,
+     "could not determine a constructor for the tag (...)"),
+    ("config-uds-mode-unquoted", ["--data-dir", "ca", "--config", "files/uds-0666.yaml",
+     "serve", "--uds", "x.sock"], {}, 1, "socket mode 0666 is too open"),
+    ("mesh-dev-zero", ["--data-dir", "ca", "serve", "--uds", "x.sock", "--mesh", "/dev/zero"],
+     {}, 1, "mesh file /dev/zero is not a regular file"),
+    ("mesh-alias-bomb", ["--data-dir", "ca", "serve", "--uds", "x.sock", "--mesh",
+     "files/bomb.yaml"], {}, 1, "is not valid YAML (aliases (*name) are not allowed, line 2)"),
+    ("ttl-overflow", [*ISSUE, GOOD_ID, "--ttl", "99999999999d", *OUT], {}, 1,
+     "--ttl: invalid duration '99999999999d': longer than the limit of 36500d"),
+    ("ttl-many-digits", [*ISSUE, GOOD_ID, "--ttl", "9" * 5000 + "s", *OUT], {}, 1,
+     "--ttl: invalid duration"),
+    ("ca-ttl-overflow", ["--data-dir", "new", "init", "--ca-ttl", "9999999999999d"], {}, 1,
+     "--ca-ttl: invalid duration"),
 ]  # fmt: skip
 
 
@@ -339,6 +381,8 @@ def test_init_twice_leaves_the_ca_byte_for_byte(
     "argv",
     [
         ["--config", "ca/ca/ca-key.pem", "bundle"],
+        ["--config", "files/shadow", "bundle"],
+        ["--config", "files/tag.yaml", "bundle"],
         ["issue", GOOD_ID, "--csr", "ca/ca/ca-key.pem", "--out", "out"],
         ["inspect", "ca/ca/ca-key.pem"],
         ["init", "--from-cacerts", "ca/ca"],
@@ -347,8 +391,10 @@ def test_init_twice_leaves_the_ca_byte_for_byte(
 def test_refusals_never_echo_private_key_material(
     capsys: pytest.CaptureFixture[str], workspace: Path, argv: list[str]
 ) -> None:
-    """Pointing any file argument at the CA key is refused without showing the key."""
+    """Pointing any file argument at the CA key (or a shadow file, or a file whose YAML tag
+    holds a token) is refused without showing any of its content."""
     key_lines = (workspace / "ca/ca/ca-key.pem").read_text().splitlines()[1:-1]
+    key_lines += ["hashedSECRETpassword", "root:", "secretTOKEN"]
     assert main(["--data-dir", "ca", *argv]) == 1
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1

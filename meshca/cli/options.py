@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from meshca.serve.config import (
 )
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.durations import parse_duration
-from meshca.util.files import YamlFileError, read_yaml
+from meshca.util.files import CONFIG_MAX_BYTES, YamlFileError, read_yaml
 from meshca.util.logs import parse_log_format
 
 ENV_PREFIX = "MESHCA_"
@@ -623,7 +624,7 @@ def _parse(opt: Option, raw: _Raw) -> Any:
 
 def _load_file(path: Path) -> dict[str, _Raw]:
     try:
-        document = read_yaml(path, "config file")
+        document = read_yaml(path, "config file", max_bytes=CONFIG_MAX_BYTES, numbers_as_text=True)
     except YamlFileError as exc:
         raise ConfigError(str(exc)) from None
     if document is None:
@@ -634,8 +635,11 @@ def _load_file(path: Path) -> dict[str, _Raw]:
     values: dict[str, _Raw] = {}
     for key, value in document.items():
         if key not in known:
+            # A typo is worth showing; anything else may be a line of a file given by
+            # mistake (--config /etc/shadow), which an error never echoes.
+            shown = f" {key!r}" if isinstance(key, str) and _OPTION_LIKE.match(key) else ""
             raise ConfigError(
-                f"config file {path}: unknown key {key!r} (known keys: {', '.join(sorted(known))})"
+                f"config file {path}: unknown key{shown} (known keys: {', '.join(sorted(known))})"
             )
         opt = known[key]
         if opt.repeatable:
@@ -647,6 +651,9 @@ def _load_file(path: Path) -> dict[str, _Raw]:
         base = path.parent if opt.is_path else None
         values[opt.name] = _Raw(str(value), f"config file {path}: {key}", base)
     return values
+
+
+_OPTION_LIKE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 
 
 def _joined(value: Any) -> Any:

@@ -40,6 +40,7 @@ from meshca.rotation.journal import RotationError, SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.status import rotation_status
+from meshca.util.durations import MAX_DURATION
 from meshca.util.unix_socket import bind_listening_socket, reachable
 
 log = logging.getLogger("meshca.rotation")
@@ -102,8 +103,15 @@ class CaOperations:
             if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
                 raise RotationError("step must be a whole number from 1 to 5")
             seconds = request.get("timeout", DEFAULT_ACK_TIMEOUT.total_seconds())
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-                raise RotationError("timeout must be a positive number of seconds")
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds <= MAX_DURATION.total_seconds()  # NaN fails this too
+            ):
+                raise RotationError(
+                    "timeout must be a positive number of seconds, "
+                    f"at most {MAX_DURATION.total_seconds():.0f}"
+                )
             return await self.rotate_root(
                 step=step,
                 rollback=request.get("rollback") is True,

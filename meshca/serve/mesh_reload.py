@@ -2,7 +2,9 @@
 
 Polling the file's (mtime, size, inode) once a second works the same for editors that
 rewrite in place, tools that rename a new file over the old one, and Kubernetes
-ConfigMap volumes (a symlink swap), without a platform-specific watcher.
+ConfigMap volumes (a symlink swap), without a platform-specific watcher. The file is
+read and validated in a worker thread, so serving never waits for a large file; the
+size and alias limits of :func:`meshca.util.files.read_yaml` bound what it may cost.
 """
 
 from __future__ import annotations
@@ -54,15 +56,24 @@ class MeshFile:
 
     def check(self) -> bool:
         """Reload if the file changed since the last look; True when a new mesh is in use."""
+        return self._apply(self._load_if_changed())
+
+    def _load_if_changed(self) -> Mesh | None:
+        """The new mesh when the file changed and is valid (errors are logged: one line
+        that never echoes the file); None otherwise. Runs in a worker thread when polled."""
         signature = _signature(self.path)
         if signature == self._signature:
-            return False
+            return None
         self._signature = signature  # a bad version is reported once, not every poll
         try:
-            mesh = load_mesh(self.path, self.trust_domain)
+            return load_mesh(self.path, self.trust_domain)
         except MeshError as exc:
             self.failed_reloads += 1
             log.error("mesh file not reloaded, still using the previous one: %s", exc)
+            return None
+
+    def _apply(self, mesh: Mesh | None) -> bool:
+        if mesh is None:
             return False
         self.mesh = mesh
         self.reloads += 1
@@ -83,6 +94,7 @@ class MeshFile:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.check()
+                # Reading and validating a large file takes a while: never on the loop.
+                self._apply(await asyncio.to_thread(self._load_if_changed))
             except Exception:  # the watcher must outlive any surprise
                 log.exception("mesh file check failed")

@@ -6,7 +6,10 @@ import re
 from datetime import timedelta
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_PART = re.compile(r"(\d+)([smhd])")
+_PART = re.compile(r"(\d{1,12})([smhd])")
+# Longer than anything meshca schedules (a root CA's 10 years, ten times over): past
+# this, date arithmetic would overflow instead of giving an answer.
+MAX_DURATION = timedelta(days=36500)
 
 
 class DurationError(ValueError):
@@ -28,6 +31,8 @@ def parse_duration(text: str) -> timedelta:
         )
     if seconds <= 0:
         raise DurationError(f"invalid duration {text!r}: must be greater than zero")
+    if seconds > MAX_DURATION.total_seconds():
+        raise DurationError(f"invalid duration {text!r}: longer than the limit of 36500d")
     return timedelta(seconds=seconds)
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import Composer, ComposerError
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 PRIVATE = 0o600
 PUBLIC = 0o644
@@ -20,26 +25,109 @@ class YamlFileError(ValueError):
     problem (with its line), never the file's content."""
 
 
-def read_yaml(path: Path, what: str) -> Any:
+# Bounds on what a YAML file may cost: its size (a 21 MB mesh file took seconds to parse),
+# and no aliases (a 371-byte "billion laughs" file expands to gigabytes when walked).
+MESH_MAX_BYTES = 4 * 1024 * 1024
+CONFIG_MAX_BYTES = 256 * 1024
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+
+
+try:  # libyaml's parser when installed (several times faster on a large file)
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser as _Parser  # type: ignore[assignment]
+
+
+class _SafeLoader(Composer, _Parser, SafeConstructor, Resolver):
+    """PyYAML's safe loader, composing in Python on libyaml's events: a worker thread
+    parsing a large file then lets the event loop run between events (libyaml's own
+    composer holds the GIL for the whole document). Aliases are refused where first
+    seen: walking nested aliases expands them (a few hundred bytes become gigabytes)."""
+
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event: Any = self.peek_event()
+            raise ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _NumbersAsTextLoader(_SafeLoader):
+    """Numbers stay the text that was written: ``uds_mode: 0660`` is "0660", not the
+    integer 432 that YAML 1.1 reads (every option parses its value from text anyway)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+        for first, resolvers in Resolver.yaml_implicit_resolvers.items()
+    }
+
+
+def _read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of regular file ``path``, refused beyond ``max_bytes`` without reading
+    more. ``/dev/zero``, a FIFO or a device is refused before any read; opening does not
+    wait for a FIFO's writer (O_NONBLOCK has no other effect on a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise YamlFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise YamlFileError(f"{what} {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise YamlFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise YamlFileError(f"{what} {path} is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+_QUOTED = re.compile(r"'[^']{3,}'|\"[^\"]{3,}\"")
+
+
+def _without_content(problem: str | None) -> str | None:
+    """A parser's problem without the file text it quotes (a tag, an anchor name): only
+    a quoted single character (``'\\t'``) is kept, it says what to fix."""
+    return _QUOTED.sub("(...)", problem) if problem else problem
+
+
+def read_yaml(
+    path: Path, what: str, *, max_bytes: int = MESH_MAX_BYTES, numbers_as_text: bool = False
+) -> Any:
     """The document in ``path``, which the errors call ``what`` (e.g. "mesh file").
 
     Only the problem and line are reported for invalid YAML: the text around it might
     be a key or a token (a key file passed by mistake), and error messages reach logs.
+    Files over ``max_bytes``, files that are not regular files and aliases are refused.
+    ``numbers_as_text`` keeps numbers as written (see :class:`_NumbersAsTextLoader`).
     """
+    data = _read_bounded(Path(path), what, max_bytes)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise YamlFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise YamlFileError(f"{what} {path} is not UTF-8 text") from None
+    loader = _NumbersAsTextLoader if numbers_as_text else _SafeLoader
     try:
-        return yaml.safe_load(text)
+        parser = loader(text)
+        try:
+            document = parser.get_single_data()
+        finally:
+            parser.dispose()
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None)
+        problem = _without_content(getattr(exc, "problem", None))
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         detail = f" ({problem}{where})" if problem else ""
         raise YamlFileError(f"{what} {path} is not valid YAML{detail}") from None
+    return document
 
 
 def atomic_write(path: Path, data: bytes, mode: int = PUBLIC) -> None:
