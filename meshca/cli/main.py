@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 refused (bad value, file or state: one line on stderr);
 2 usage (the command line's shape is wrong: unknown option, missing argument);
-130 interrupted. Bad input never produces a traceback.
+130 interrupted by Ctrl-C (``meshca serve`` stops gracefully instead, exit 0). Bad input
+never produces a traceback.
 """
 
 from __future__ import annotations
