@@ -45,7 +45,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+from meshca.xds.resources import SECRET_TYPE
+
 CLIENT_ID = "spiffe://cluster.local/ns/bench/sa/client"
 HEALTH_SERVICE = "bench"
 GOAL_SECONDS = 3.0

@@ -58,7 +58,6 @@ from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, WORKLOAD_METADATA
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, parse_mesh
 from meshca.envoy.snapshot import Snapshot
-from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from meshca.issuer import Issuer
 from meshca.issuer.keys import private_key_pem
 from meshca.sds.secrets import SecretSource
@@ -67,6 +66,7 @@ from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
 TD = TrustDomain("cluster.local")
 T = TypeVar("T")

@@ -32,13 +32,13 @@ from meshca.backends.local import LocalCa, init_local_ca
 from meshca.envoy.mesh import Mesh, Service
 from meshca.issuer import Issuer, X509Svid
 from meshca.issuer.keys import private_key_pem
-from meshca.sds.secrets import SECRET_TYPE_URL
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
 from meshca.xds.engine import ResourceSource, XdsEngine
+from meshca.xds.resources import SECRET_TYPE
 from meshca.xds.stats import XdsStats
 
 TRUST_DOMAIN = TrustDomain("cluster.local")
@@ -244,7 +244,7 @@ def sotw(
     version: str = "",
     node_id: str | None = None,
     error: str | None = None,
-    type_url: str = SECRET_TYPE_URL,
+    type_url: str = SECRET_TYPE,
 ) -> Any:
     request = discovery_pb2.DiscoveryRequest(
         resource_names=list(names),
@@ -267,7 +267,7 @@ def delta(
     initial: Mapping[str, str] | None = None,
     node_id: str | None = None,
     error: str | None = None,
-    type_url: str = SECRET_TYPE_URL,
+    type_url: str = SECRET_TYPE,
 ) -> Any:
     request = discovery_pb2.DeltaDiscoveryRequest(
         type_url=type_url,

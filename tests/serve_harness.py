@@ -34,10 +34,10 @@ from meshca.issuer import Issuer, X509Svid
 from meshca.serve.config import ServeConfig
 from meshca.serve.server import MeshcaServer
 from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.xds.resources import SECRET_TYPE
 from tests.envoy_harness import stop_process
 
 TD = TrustDomain("cluster.local")
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 MESHCA = [sys.executable, "-m", "meshca"]
 
 

@@ -33,7 +33,6 @@ from meshca.backends.local import init_local_ca
 from meshca.envoy.ads_bootstrap import build_ads_bootstrap
 from meshca.envoy.bootstrap import BootstrapSpec, ClientTls, TcpServer
 from meshca.envoy.mesh import Mesh, parse_mesh
-from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE
 from meshca.issuer import Issuer, X509Svid
 from meshca.issuer.keys import private_key_pem
 from meshca.sds.secrets import SecretSource
@@ -43,6 +42,7 @@ from meshca.store import SecretStore
 from meshca.util.files import PRIVATE, atomic_write
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE
 from tests.envoy_harness import (
     EnvoyProcess,
     RecordingApp,

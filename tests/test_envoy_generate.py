@@ -40,17 +40,17 @@ from meshca.envoy.bootstrap import BootstrapError, BootstrapSpec, Inbound, UnixS
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, load_mesh, parse_mesh
 from meshca.envoy.snapshot import Snapshot
-from meshca.envoy.xds import (
-    CLUSTER_TYPE,
-    ENDPOINT_TYPE,
-    LISTENER_TYPE,
-    RESOURCE_TYPES,
-    ROUTE_TYPE,
-    GenerationError,
-)
+from meshca.envoy.xds import GenerationError
 from meshca.issuer import Issuer
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.files import PRIVATE, atomic_write
+from meshca.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    GENERATED_TYPES,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+)
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document, validate_config
 
 TD = TrustDomain("cluster.local")
@@ -532,7 +532,7 @@ def test_a_snapshot_on_its_identitys_shared_part_equals_one_built_whole(mesh: Me
     extended = Snapshot.of({CLUSTER_TYPE: {name: replaced}}, ("extra",), base=snapshot)
     assert extended.get(CLUSTER_TYPE)[name] is replaced
     assert set(extended.get(CLUSTER_TYPE)) == set(snapshot.get(CLUSTER_TYPE))
-    assert {t for t in RESOURCE_TYPES if extended.versions[t] != snapshot.versions[t]} == {
+    assert {t for t in GENERATED_TYPES if extended.versions[t] != snapshot.versions[t]} == {
         CLUSTER_TYPE
     }
     assert extended.secret_names == tuple(sorted((*snapshot.secret_names, "extra")))

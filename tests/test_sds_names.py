@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshca.spiffe import SpiffeId, TrustDomain
-from meshca.xds.names import (
+from meshca.xds.resources import (
     BundleRequest,
     CertificateRequest,
     NameProblem,

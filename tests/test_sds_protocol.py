@@ -20,6 +20,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2
 from meshca.envoy.mesh import Mesh, Service
 from meshca.issuer import IssuerError
 from meshca.xds.engine import Resource, ResourceError
+from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE
 from tests.sds_harness import (
     NO_WINDOW_GROWTH,
     TRUST_DOMAIN,
@@ -383,8 +384,7 @@ VARIANTS = ["sotw", "delta", "fetch"]
 
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_unknown_type_url_ends_the_stream(h: SdsHarness, variant: str) -> None:
-    cluster_type = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-    error = await refusal(h, variant, [BUYER_CERT], type_url=cluster_type)
+    error = await refusal(h, variant, [BUYER_CERT], type_url=CLUSTER_TYPE)
     assert error.code().name == "INVALID_ARGUMENT"
     assert "envoy.config.cluster.v3.Cluster" in (error.details() or "")
 
@@ -433,8 +433,6 @@ async def test_a_stream_serves_many_concurrent_pushes_in_order(h: SdsHarness) ->
 
 
 # --- ADS: the same engine, a second (wildcard) type on the same stream -------------------
-
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 
 class NamedSource:
@@ -527,7 +525,6 @@ async def test_ads_delta_removes_wildcard_resources(ads: tuple[SdsHarness, Clust
 
 # --- ADS: names that do not exist (yet) are absent, forbidden ones still refused ----------
 
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 FORBIDDEN = "bookwarehouse|forbidden"
 
 

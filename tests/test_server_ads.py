@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from meshca.serve.server import ADS_SERVICE, MeshcaServer
+from meshca.xds.resources import CLUSTER_TYPE
 from tests.sds_harness import open_sotw, sotw, wait_until
 from tests.serve_harness import (
     client_svid,
@@ -29,7 +30,6 @@ from tests.serve_harness import (
 pytestmark = pytest.mark.timeout(60)
 
 BUYER = kube_id("shop", "buyer")
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 MESH = """
 access: {mode: permissive}
 workloads:

@@ -19,6 +19,7 @@ import yaml
 
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 from meshca.util.netaddr import format_address
+from meshca.xds.resources import TYPE_PREFIX
 
 SDS_CLUSTER = "meshca_sds"
 DEFAULT_ADMIN_PORT = 15000
@@ -31,7 +32,7 @@ ISTIO_CERT_SECRET = "default"
 ISTIO_BUNDLE_SECRET = "ROOTCA"
 
 _TLS_SOCKET = "envoy.transport_sockets.tls"
-_TYPE = "type.googleapis.com/envoy.extensions."
+_TYPE = TYPE_PREFIX + "envoy.extensions."
 Json = dict[str, Any]
 
 

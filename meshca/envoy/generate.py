@@ -23,17 +23,19 @@ from meshca.envoy.model import NOBODY, Mesh, Service, ServicePort, Workload, mat
 from meshca.envoy.routes import Upstream, outbound_route_config
 from meshca.envoy.snapshot import Snapshot
 from meshca.envoy.xds import (
+    GenerationError,
+    inbound_validation_secret,
+    kubernetes_identity,
+    service_cert_secret,
+)
+from meshca.spiffe import SpiffeId
+from meshca.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     LISTENER_TYPE,
     ROUTE_TYPE,
-    GenerationError,
-    inbound_validation_secret,
-    kubernetes_identity,
-    outbound_validation_secret,
-    service_cert_secret,
+    outbound_validation_name,
 )
-from meshca.spiffe import SpiffeId
 
 Capture = Literal["intercept", "explicit"]
 CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
@@ -142,7 +144,7 @@ def _outbound(mesh: Mesh, proxy: SpiffeId, capture: str) -> _Outbound:
             by_type[ENDPOINT_TYPE][name] = _endpoints(mesh, name, workloads, port.target)
             weights.append((name, weight))
         upstreams.append(Upstream(service, port, tuple(weights)))
-        secrets.append(outbound_validation_secret(service.namespace, service.name))
+        secrets.append(outbound_validation_name(service.namespace, service.name))
     http_by_port: dict[int, list[Upstream]] = defaultdict(list)
     for upstream in upstreams:
         if upstream.port.protocol != "tcp":

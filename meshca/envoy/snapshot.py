@@ -11,29 +11,15 @@ snapshot that the proxies' own snapshots extend.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from google.protobuf.message import Message
 
-from meshca.envoy.xds import RESOURCE_TYPES
+from meshca.xds.resources import GENERATED_TYPES, content_version, set_version
 
 _EMPTY: Mapping[str, Message] = MappingProxyType({})
-
-
-def _content_version(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _set_version(versions: Mapping[str, str]) -> str:
-    hasher = hashlib.sha256()
-    for name in sorted(versions):
-        encoded_name = name.encode()
-        hasher.update(len(encoded_name).to_bytes(4, "big") + encoded_name)
-        hasher.update(versions[name].encode())
-    return hasher.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -66,14 +52,14 @@ class Snapshot:
         resource_versions: dict[str, Mapping[str, str]] = {}
         versions: dict[str, str] = {}
         inherited = base.resources if base is not None else {}
-        for type_url in sorted(set(RESOURCE_TYPES) | set(resources) | set(inherited)):
+        for type_url in sorted(set(GENERATED_TYPES) | set(resources) | set(inherited)):
             if base is not None and not resources.get(type_url):  # as it is in the base
                 frozen[type_url] = base.get(type_url)
                 encoded[type_url] = base.encoded.get(type_url, MappingProxyType({}))
                 resource_versions[type_url] = base.resource_versions.get(
                     type_url, MappingProxyType({})
                 )
-                versions[type_url] = base.versions.get(type_url) or _set_version({})
+                versions[type_url] = base.versions.get(type_url) or set_version({})
                 continue
             messages = dict(inherited.get(type_url, {}))
             raw = dict(base.encoded.get(type_url, {})) if base is not None else {}
@@ -81,12 +67,12 @@ class Snapshot:
             for name, message in resources.get(type_url, {}).items():
                 messages[name] = message
                 raw[name] = data = message.SerializeToString(deterministic=True)
-                content[name] = _content_version(data)
+                content[name] = content_version(data)
             order = sorted(messages)
             frozen[type_url] = MappingProxyType({name: messages[name] for name in order})
             encoded[type_url] = MappingProxyType({name: raw[name] for name in order})
             resource_versions[type_url] = MappingProxyType({name: content[name] for name in order})
-            versions[type_url] = _set_version(content)
+            versions[type_url] = set_version(content)
         if base is not None:
             secret_names = (*base.secret_names, *secret_names)
         return cls(

@@ -14,14 +14,9 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
-from meshca.envoy.xds import (
-    inbound_validation_secret,
-    outbound_validation_secret,
-    pack,
-    sds_secret,
-    service_cert_secret,
-)
+from meshca.envoy.xds import inbound_validation_secret, pack, sds_secret, service_cert_secret
 from meshca.spiffe import SpiffeId
+from meshca.xds.resources import outbound_validation_name
 
 TLS_SOCKET = "envoy.transport_sockets.tls"
 
@@ -54,7 +49,7 @@ def upstream_tls(
             match_typed_subject_alt_names=uri_san_matchers(upstream_ids)
         ),
         validation_context_sds_secret_config=sds_secret(
-            outbound_validation_secret(namespace, service)
+            outbound_validation_name(namespace, service)
         ),
     )
     context = tls_pb2.UpstreamTlsContext(

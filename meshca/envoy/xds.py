@@ -1,5 +1,6 @@
-"""Building blocks shared by the generated resources: type URLs, the ADS config source,
-typed-config packing and the SDS secret names a proxy's resources refer to.
+"""Building blocks shared by the generated resources: the ADS config source, typed-config
+packing and the SDS secret names a proxy's resources refer to (formatted by
+:mod:`meshca.xds.resources`, where the Secret source parses them).
 
 Everything is packed deterministically so the same mesh always serialises to the same
 bytes, which is what makes content versions meaningful.
@@ -14,17 +15,7 @@ from google.protobuf.message import Message
 
 from meshca.envoy.model import MeshError
 from meshca.spiffe import SpiffeId
-
-_PREFIX = "type.googleapis.com/"
-CLUSTER_TYPE = _PREFIX + "envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER_TYPE = _PREFIX + "envoy.config.listener.v3.Listener"
-ROUTE_TYPE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
-SECRET_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
-
-# The order Envoy needs resources in on one ADS stream: clusters before their
-# endpoints, listeners before their routes, secrets when something refers to them.
-RESOURCE_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+from meshca.xds.resources import inbound_validation_name, service_cert_name
 
 CONNECT_TIMEOUT = duration_pb2.Duration(seconds=1)
 
@@ -67,14 +58,8 @@ def kubernetes_identity(proxy: SpiffeId) -> tuple[str, str]:
 
 
 def service_cert_secret(proxy: SpiffeId) -> str:
-    namespace, account = kubernetes_identity(proxy)
-    return f"service-cert:{namespace}/{account}"
+    return service_cert_name(*kubernetes_identity(proxy))
 
 
 def inbound_validation_secret(proxy: SpiffeId) -> str:
-    namespace, account = kubernetes_identity(proxy)
-    return f"root-cert-for-mtls-inbound:{namespace}/{account}"
-
-
-def outbound_validation_secret(namespace: str, service: str) -> str:
-    return f"root-cert-for-mtls-outbound:{namespace}/{service}"
+    return inbound_validation_name(*kubernetes_identity(proxy))

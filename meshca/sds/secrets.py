@@ -26,7 +26,8 @@ from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from meshca.xds.auth import Caller, Forbidden, own_identity
 from meshca.xds.engine import Resolution, Resource, ResourceError, StreamHandle
-from meshca.xds.names import (
+from meshca.xds.resources import (
+    SECRET_TYPE,
     BundleRequest,
     CertificateRequest,
     NameProblem,
@@ -35,8 +36,6 @@ from meshca.xds.names import (
     SecretRequest,
     parse_secret_name,
 )
-
-SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 ServiceIdentities = Callable[[str, str], tuple[SpiffeId, ...] | None]
 
@@ -84,7 +83,7 @@ class _Watch:
 class SecretSource:
     """The Secret type for :class:`meshca.xds.engine.XdsEngine`."""
 
-    type_url = SECRET_TYPE_URL
+    type_url = SECRET_TYPE
     wildcard = False
 
     def __init__(self, store: SecretStore, service_identities: ServiceIdentities) -> None:
@@ -284,4 +283,4 @@ class SecretSource:
         for stream_id in list(affected):
             watch = self._watches.get(stream_id)
             if watch is not None:
-                watch.stream.wake(SECRET_TYPE_URL)
+                watch.stream.wake(SECRET_TYPE)

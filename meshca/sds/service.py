@@ -7,7 +7,6 @@ the call to the xDS engine with the Secret source. Protocol rules live in
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,34 +15,15 @@ import grpc
 import grpc.aio
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from meshca.sds.secrets import SECRET_TYPE_URL, SecretSource
+from meshca.sds.secrets import SecretSource
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore
-from meshca.util.logs import bind
-from meshca.xds.auth import AuthError, Caller, CallerAuthenticator
+from meshca.xds.auth import Caller, CallerAuthenticator, Context, authenticate_or_abort
 from meshca.xds.engine import XdsEngine
+from meshca.xds.resources import SECRET_TYPE
 from meshca.xds.stats import XdsStats
 
 log = logging.getLogger("meshca.sds")
-
-Context = grpc.aio.ServicerContext[Any, Any]
-_request_ids = itertools.count(1)
-
-
-async def authenticate_or_abort(
-    authenticator: CallerAuthenticator, stats: XdsStats, context: Context
-) -> Caller:
-    """The caller, or the call ends UNAUTHENTICATED (logged and counted). Every event
-    logged while serving the call carries its peer, request id and caller."""
-    bind(peer=context.peer(), request_id=f"{next(_request_ids):x}")
-    try:
-        caller = authenticator.authenticate(context)
-        bind(caller=caller.describe_identities(), transport=caller.transport)
-        return caller
-    except AuthError as exc:
-        stats.auth_failures += 1
-        log.warning("refused an xDS call: %s", exc)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
 
 class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
@@ -75,19 +55,15 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 
     async def StreamSecrets(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
         caller = await self._authenticate(context)
-        await self.engine.run_sotw(
-            caller, request_iterator, context, default_type_url=SECRET_TYPE_URL
-        )
+        await self.engine.run_sotw(caller, request_iterator, context, default_type_url=SECRET_TYPE)
 
     async def DeltaSecrets(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
         caller = await self._authenticate(context)
-        await self.engine.run_delta(
-            caller, request_iterator, context, default_type_url=SECRET_TYPE_URL
-        )
+        await self.engine.run_delta(caller, request_iterator, context, default_type_url=SECRET_TYPE)
 
     async def FetchSecrets(self, request: Any, context: Context) -> Any:
         caller = await self._authenticate(context)
-        return await self.engine.fetch(caller, request, context, default_type_url=SECRET_TYPE_URL)
+        return await self.engine.fetch(caller, request, context, default_type_url=SECRET_TYPE)
 
 
 def add_sds_to_server(servicer: SecretDiscoveryServicer, server: grpc.aio.Server) -> None:

@@ -34,7 +34,6 @@ from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, WORKLOAD_METADATA
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, MeshError
 from meshca.envoy.snapshot import Snapshot
-from meshca.envoy.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from meshca.sds.secrets import SecretSource
 from meshca.spiffe import SpiffeId
 from meshca.xds.auth import Caller, Forbidden, node_identities
@@ -46,11 +45,17 @@ from meshca.xds.engine import (
     StreamRefused,
     XdsEngine,
 )
+from meshca.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    GENERATED_TYPES,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+)
 from meshca.xds.stats import XdsStats
 
 ProxyKey = tuple[SpiffeId, str, str | None]
 # The types generated from the mesh, in the order Envoy needs them; secrets come last.
-GENERATED_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
 
 
 def _metadata(node: Any, key: str) -> str | None:

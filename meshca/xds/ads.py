@@ -13,8 +13,7 @@ from typing import Any
 import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from meshca.sds.service import Context, authenticate_or_abort
-from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.auth import CallerAuthenticator, Context, authenticate_or_abort
 from meshca.xds.engine import XdsEngine
 
 

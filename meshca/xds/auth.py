@@ -21,6 +21,8 @@ Any other ``node.id`` (a hostname, ``envoy-1``) names no identity and is accepte
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -32,6 +34,13 @@ from cryptography import x509
 from meshca.issuer.errors import SvidError
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain
+from meshca.util.logs import bind
+from meshca.xds.stats import XdsStats
+
+log = logging.getLogger("meshca.sds")  # refused calls keep the logger name they had
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_request_ids = itertools.count(1)
 
 MTLS = "mtls"
 UDS = "uds"
@@ -291,3 +300,19 @@ def own_identity(caller: Caller, node: Any) -> SpiffeId:
             "one to serve as 'default'"
         )
     return matching[0]
+
+
+async def authenticate_or_abort(
+    authenticator: CallerAuthenticator, stats: XdsStats, context: Context
+) -> Caller:
+    """The caller, or the call ends UNAUTHENTICATED (logged and counted). Every event
+    logged while serving the call carries its peer, request id and caller."""
+    bind(peer=context.peer(), request_id=f"{next(_request_ids):x}")
+    try:
+        caller = authenticator.authenticate(context)
+        bind(caller=caller.describe_identities(), transport=caller.transport)
+        return caller
+    except AuthError as exc:
+        stats.auth_failures += 1
+        log.warning("refused an xDS call: %s", exc)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))

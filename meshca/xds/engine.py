@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
@@ -64,11 +63,11 @@ from google.protobuf.message import Message
 
 from meshca.util.aio import wait_event
 from meshca.xds.auth import Caller, Forbidden, bounded_text
+from meshca.xds.resources import TYPE_PREFIX, content_version, set_version
 from meshca.xds.stats import XdsStats
 
 log = logging.getLogger("meshca.xds")
 
-TYPE_PREFIX = "type.googleapis.com/"
 WILDCARD = "*"
 DEFAULT_MAX_NAMES = 10_000
 INBOX_SIZE = 64
@@ -83,18 +82,6 @@ _CODE_PRIORITY = {
     grpc.StatusCode.NOT_FOUND: 3,
     grpc.StatusCode.FAILED_PRECONDITION: 4,
 }
-
-
-def content_version(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def set_version(versions: Mapping[str, str]) -> str:
-    """The version of a set of resources: changes when any member or version changes."""
-    digest = hashlib.sha256()
-    for name in sorted(versions):
-        digest.update(name.encode() + b"\0" + versions[name].encode() + b"\n")
-    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

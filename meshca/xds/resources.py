@@ -1,6 +1,9 @@
-"""SDS secret names of the three schemes (OSM, Istio, SPIRE), parsed into typed requests.
+"""The xDS vocabulary, written once for both sides of the wire: the type URLs, how
+resources and sets of resources are versioned, and the SDS secret-name scheme, formatted
+(:func:`service_cert_name` & co., used by the Envoy generator) and parsed
+(:func:`parse_secret_name`, used by the Secret source) in one place.
 
-Parsing says only *what* a name asks for; whether the caller may have it is decided in
+A name parsed says only *what* it asks for; whether the caller may have it is decided in
 :mod:`meshca.sds.secrets`. Every refusal is a :class:`SecretNameError` whose message
 names the secret and says what a valid name looks like.
 
@@ -15,15 +18,51 @@ name                                        request
 ``spiffe://<td>/<path>``                    :class:`CertificateRequest` (that identity)
 ``spiffe://<td>``                           :class:`BundleRequest` (that trust domain)
 ==========================================  =========================================
+
+Light on purpose (no gRPC, no protobuf): ``meshca bootstrap`` imports it.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain, check_segment
 
+# type URLs ---------------------------------------------------------------------------------
+TYPE_PREFIX = "type.googleapis.com/"
+CLUSTER_TYPE = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER_TYPE = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE_TYPE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SECRET_TYPE = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# The order Envoy needs resources in on one ADS stream: clusters before their
+# endpoints, listeners before their routes, secrets when something refers to them.
+GENERATED_TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+
+# versions ----------------------------------------------------------------------------------
+def content_version(data: bytes) -> str:
+    """A resource's version: a hash of its deterministic serialisation, so unchanged
+    content keeps its version across generations and restarts."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def set_version(versions: Mapping[str, str]) -> str:
+    """The version of a set of resources (``name -> content version``): changes when any
+    member or version changes. Names are length-prefixed, so no name can imitate two."""
+    hasher = hashlib.sha256()
+    for name in sorted(versions):
+        encoded_name = name.encode()
+        hasher.update(len(encoded_name).to_bytes(4, "big") + encoded_name)
+        hasher.update(versions[name].encode())
+    return hasher.hexdigest()[:16]
+
+
+# secret names ------------------------------------------------------------------------------
 OSM_SERVICE_CERT = "service-cert:"
 OSM_OUTBOUND = "root-cert-for-mtls-outbound:"
 OSM_INBOUND = "root-cert-for-mtls-inbound:"
@@ -35,6 +74,21 @@ _KNOWN_FORMS = (
     "service-cert:<ns>/<sa>, root-cert-for-mtls-outbound:<ns>/<svc>, "
     "root-cert-for-mtls-inbound:<ns>/<sa>, default, ROOTCA, spiffe://<td>/<path>, spiffe://<td>"
 )
+
+
+def service_cert_name(namespace: str, account: str) -> str:
+    """The certificate (and key) of ``spiffe://<td>/ns/<namespace>/sa/<account>``."""
+    return f"{OSM_SERVICE_CERT}{namespace}/{account}"
+
+
+def inbound_validation_name(namespace: str, account: str) -> str:
+    """The trust bundle a proxy of that identity validates its inbound peers with."""
+    return f"{OSM_INBOUND}{namespace}/{account}"
+
+
+def outbound_validation_name(namespace: str, service: str) -> str:
+    """The bundle plus the service's identities, to validate an upstream of that service."""
+    return f"{OSM_OUTBOUND}{namespace}/{service}"
 
 
 class NameProblem(enum.Enum):
