@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -220,6 +221,28 @@ async def test_a_mapped_uid_gets_its_identity_over_the_unix_socket(server: Meshc
     leaf = x509.load_pem_x509_certificates(secret.tls_certificate.certificate_chain.inline_bytes)[0]
     assert spiffe_id_of(leaf) == A
     assert secret.tls_certificate.private_key.inline_bytes.startswith(b"-----BEGIN PRIVATE KEY")
+
+
+async def test_thousands_of_streams_opened_at_once_are_all_served(server: MeshcaServer) -> None:
+    """More streams than gRPC Core's default pending-call limit (3,000), all at once on
+    one connection: none is refused (Core would end the surplus RESOURCE_EXHAUSTED)."""
+    streams = 3500
+
+    async def subscribe(stub: Any) -> int:
+        call = stub.StreamSecrets()
+        try:
+            await call.write(request(["ROOTCA"]))
+            response = await call.read()
+            return len(response.resources)
+        except grpc.aio.AioRpcError:
+            return 0
+        finally:
+            call.cancel()
+
+    async with uds_channel(server) as channel:
+        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+        served_counts = await asyncio.gather(*(subscribe(stub) for _ in range(streams)))
+    assert served_counts.count(1) == streams
 
 
 async def test_the_unix_socket_is_0660_and_removed_on_stop(root: Path) -> None:

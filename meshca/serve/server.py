@@ -47,6 +47,7 @@ from meshca.util.netaddr import format_address
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
 from meshca.xds.engine import StreamStatus, XdsEngine
+from meshca.xds.server_options import XDS_SERVER_OPTIONS
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
 
@@ -300,7 +301,7 @@ class MeshcaServer:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until judged
         self.store.start()
         self._unsubscribe = self.store.subscribe(self._store_event)
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=XDS_SERVER_OPTIONS)
         add_sds_to_server(self.servicer, server)
         add_ads_to_server(self.ads_servicer, server)
         add_agent_ca_to_server(self.agent_ca, server)
