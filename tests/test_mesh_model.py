@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from meshca.envoy.generate import CAPTURE_MODES, generate
 from meshca.envoy.mesh import Mesh, MeshError, Service, ServicePort, load_mesh, parse_mesh
 from meshca.envoy.model import Callers
+from meshca.envoy.xds import GenerationError
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document
 
@@ -397,6 +399,16 @@ def test_refusals_point_at_the_entry(text: str, expected: str) -> None:
             lambda d: d["traffic_splits"][0]["backends"][0].update(weight=-5),
             "traffic_splits[0].backends[0].weight: -5 is negative",
         ),
+        (
+            lambda d: d["traffic_splits"][0]["backends"][0].update(weight=2**32),
+            "traffic_splits[0].backends[0].weight: 4294967296 is over Envoy's limit of 4294967295",
+        ),
+        (
+            lambda d: [
+                b.update(weight=2**31) for b in d["traffic_splits"][0]["backends"]
+            ],  # each fits, the sum does not
+            "traffic_splits[0].backends: the weights add up to 4294967296, over Envoy's limit",
+        ),
     ],
 )
 def test_split_refusals(change: Any, expected: str) -> None:
@@ -486,6 +498,47 @@ def test_damaged_files_fail_cleanly(path: tuple[Any, ...], junk: Any) -> None:
         target = target[step]
     target[path[-1]] = junk
     try:
-        parse_mesh(document, TD)
+        mesh = parse_mesh(document, TD)
     except MeshError as exc:
         assert str(exc) and "\n" not in str(exc)
+    else:
+        generate_for_everyone(mesh)
+
+
+def generate_for_everyone(mesh: Mesh) -> None:
+    """A mesh that passed validation generates a configuration for every proxy: each
+    identity of the file and an outsider, each of its workloads, both capture modes.
+    A proxy may be refused with a GenerationError that says why (two listeners on one
+    address); any other exception would end that proxy's ADS stream with INTERNAL."""
+    identities = {mesh.identity_of(w) for w in mesh.workloads}
+    identities |= {source for policy in mesh.policies for source in policy.sources}
+    identities.add(sid("outside", "nobody"))
+    for identity in sorted(identities):
+        for capture in CAPTURE_MODES:
+            for workload in [w.key for w in mesh.workloads_of(identity)] or [None]:
+                try:
+                    generate(mesh, identity, capture=capture, workload=workload)
+                except GenerationError as exc:
+                    assert str(exc) and "\n" not in str(exc)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=2**33), min_size=2, max_size=2))
+@example([2**32, 0])  # one weight over uint32
+@example([2**32 - 1, 1])  # each fits, the sum does not
+def test_split_weights_either_generate_or_are_refused_naming_the_entry(
+    weights: list[int],
+) -> None:
+    """Envoy's weights are uint32, and so is their sum: the model refuses what generation
+    or Envoy would not take, so an accepted file never fails a proxy's ADS stream."""
+    document = bookstore_document()
+    for backend, weight in zip(document["traffic_splits"][0]["backends"], weights, strict=True):
+        backend["weight"] = weight
+    try:
+        mesh = parse_mesh(document, TD)
+    except MeshError as exc:
+        assert str(exc).startswith("traffic_splits[0].backends")
+        assert sum(weights) == 0 or sum(weights) > 2**32 - 1
+        return
+    assert 0 < sum(weights) <= 2**32 - 1
+    generate_for_everyone(mesh)

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from meshca.serve.server import ADS_SERVICE, MeshcaServer
-from meshca.xds.resources import CLUSTER_TYPE
-from tests.sds_harness import open_sotw, sotw, wait_until
+from meshca.xds.resources import CLUSTER_TYPE, SECRET_TYPE
+from tests.sds_harness import delta, open_delta, open_sotw, secrets_of, sotw, wait_until
 from tests.serve_harness import (
     client_svid,
     default_config,
@@ -103,3 +103,59 @@ async def test_ads_is_listed_by_reflection_and_health(server: MeshcaServer) -> N
         async for reply in replies:
             names |= {s.name for s in reply.list_services_response.service}
         assert ADS_SERVICE in names
+
+
+WEB_PEERS = "root-cert-for-mtls-outbound:shop/web"
+
+
+def _remove_services(server: MeshcaServer) -> None:
+    assert server.mesh_file is not None
+    path = server.mesh_file.path
+    staged = path.with_name("mesh.yaml.new")
+    staged.write_text(MESH.split("services:")[0] + "services: []\n")
+    os.replace(staged, path)
+
+
+@pytest.mark.parametrize("kind", ["sotw", "delta"])
+async def test_a_secret_whose_service_is_removed_is_a_removal_not_an_error(
+    server: MeshcaServer, kind: str
+) -> None:
+    """A proxy watches the peers of shop/web; web leaves the mesh file. The stream goes on
+    (Delta: the name in removed_resources), and a proxy reconnecting with the name still
+    in its subscription gets the rest of what it asks for: no status ends either stream."""
+    async with mtls_channel(server, client_svid(server, BUYER)) as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        node_id = str(BUYER)
+        if kind == "sotw":
+            stream = await open_sotw(stub, sotw([WEB_PEERS], type_url=SECRET_TYPE, node_id=node_id))
+        else:
+            stream = await open_delta(
+                stub, delta([WEB_PEERS], type_url=SECRET_TYPE, node_id=node_id)
+            )
+        first = await stream.recv()
+        assert set(secrets_of(first)) == {WEB_PEERS}
+        if kind == "sotw":
+            await stream.send(
+                sotw(
+                    [WEB_PEERS], type_url=SECRET_TYPE, nonce=first.nonce, version=first.version_info
+                )
+            )
+        else:
+            await stream.send(delta(type_url=SECRET_TYPE, nonce=first.nonce))
+        _remove_services(server)
+        await wait_until(lambda: not server.mesh.services, what="the reload")
+        if kind == "delta":
+            removal = await stream.recv()
+            assert list(removal.removed_resources) == [WEB_PEERS] and not removal.resources
+        # the same proxy reconnects: its first request still lists the removed name
+        names = [WEB_PEERS, "default"]
+        if kind == "sotw":
+            again = await open_sotw(stub, sotw(names, type_url=SECRET_TYPE, node_id=node_id))
+        else:
+            again = await open_delta(stub, delta(names, type_url=SECRET_TYPE, node_id=node_id))
+        answer = await again.recv()
+        assert set(secrets_of(answer)) == {"default"}
+        assert await stream.nothing_within(0.3)  # the first stream is still open, quiet
+        assert await again.nothing_within(0.1)
+        stream.cancel()
+        again.cancel()

@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 _TOP_LEVEL = ("trust_domain", "workloads", "services", "traffic_splits", "access", "egress")
+# Envoy's weighted clusters take uint32 weights, and their sum must fit in one too.
+MAX_WEIGHT = 2**32 - 1
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
 
 
@@ -328,11 +330,18 @@ def _split(raw: Any, where: str, mesh: Mesh) -> TrafficSplit:
         weight = _field(backend, "weight", bwhere, int)
         if weight < 0:
             raise MeshError(f"{bwhere}.weight: {weight} is negative")
+        if weight > MAX_WEIGHT:
+            raise MeshError(f"{bwhere}.weight: {weight} is over Envoy's limit of {MAX_WEIGHT}")
         if weight and not any(matches(labels, w.labels) for w in mesh.endpoints(service)):
             raise MeshError(f"{bwhere}.labels: no workload of {ref} carries {dict(labels)}")
         backends.append(SplitBackend(bname, labels, weight))
-    if sum(b.weight for b in backends) == 0:
+    total = sum(b.weight for b in backends)
+    if total == 0:
         raise MeshError(f"{where}.backends: the weights add up to 0")
+    if total > MAX_WEIGHT:
+        raise MeshError(
+            f"{where}.backends: the weights add up to {total}, over Envoy's limit of {MAX_WEIGHT}"
+        )
     return TrafficSplit(ref, tuple(sorted(backends)))
 
 

@@ -18,7 +18,11 @@ secrets last (Envoy holds a cluster or listener warming until its secrets arrive
 mesh change wakes every stream; each sends only the types whose content changed for
 its proxy. A cluster, endpoint, listener or route name that is not in the proxy's
 configuration is absent, not an error that ends the stream: a mesh change can race
-with Envoy's request for a name the previous configuration gave it.
+with Envoy's request for a name the previous configuration gave it. The same holds for
+secrets whose name no longer exists (``root-cert-for-mtls-outbound:<ns>/<svc>`` of a
+service removed from the file, asked for again by a reconnecting proxy): absent, and
+removed from a Delta stream that held it; a forbidden or malformed name still ends
+the stream.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from meshca.xds.resources import (
     GENERATED_TYPES,
     LISTENER_TYPE,
     ROUTE_TYPE,
+    SECRET_TYPE,
 )
 from meshca.xds.stats import XdsStats
 
@@ -189,7 +194,9 @@ class MeshAds:
     ) -> None:
         self.snapshots = ProxySnapshots(mesh)
         self.engine = XdsEngine(
-            ads_sources(self.snapshots, secrets), stats, absent_types=GENERATED_TYPES
+            ads_sources(self.snapshots, secrets),
+            stats,
+            absent_types=(*GENERATED_TYPES, SECRET_TYPE),
         )
 
     def mesh_changed(self) -> None:

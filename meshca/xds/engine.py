@@ -34,11 +34,12 @@ or left as the proxy last received it (SotW cannot express removal for SDS); a
 transient failure keeps the last resource sent.
 
 On ADS one stream carries every type, so ending it for one name would drop the proxy's
-whole configuration: a mesh change racing with Envoy's first request for an endpoint or
-route name would restart the stream. Types listed in ``absent_types`` treat NOT_FOUND
-as "does not exist (yet)": the name is omitted (SotW) or not sent (Delta) until it
-exists, and removed like any resource that disappears. Every other refusal, above all
-PERMISSION_DENIED, still ends the stream.
+whole configuration: a mesh change racing with Envoy's first request for an endpoint,
+route or secret name (or a reconnecting proxy asking again for the secret of a service
+removed meanwhile) would restart the stream, again on each reconnect. Types listed in
+``absent_types`` treat NOT_FOUND as "does not exist (yet)": the name is omitted (SotW)
+or not sent (Delta) until it exists, and removed like any resource that disappears.
+Every other refusal, above all PERMISSION_DENIED, still ends the stream.
 
 Each stream runs in its own task: change notifications only set the stream's wake-up
 event, so a proxy that never reads (``write`` blocks on flow control) delays nobody.
