@@ -642,7 +642,7 @@ def _secrets(snapshot: Snapshot, proxy: SpiffeId, mesh: Mesh, issuer: Issuer) ->
     secrets = []
     for name in snapshot.secret_names:
         secret = secret_pb2.Secret(name=name)
-        if name.startswith("service-cert:"):
+        if name.startswith("service-cert:") or name == "default":
             secret.tls_certificate.certificate_chain.inline_bytes = svid.chain_pem()
             secret.tls_certificate.private_key.inline_bytes = svid.private_key_pem()
         else:
@@ -755,6 +755,25 @@ def test_envoy_accepts_the_generated_configuration(
     mesh = make_mesh()
     snapshot = generate(mesh, proxy, capture=capture, workload=workload)
     _check(_write(tmp_path, "served.json", as_served(snapshot, proxy, capture, tmp_path)))
+    _check(_write(tmp_path, "inlined.json", inlined(snapshot, proxy, mesh, issuer)))
+
+
+@pytest.mark.parametrize(
+    ("mesh_name", "make_mesh", "proxy", "workload"),
+    list(_cases()),
+    ids=[f"{c[0]}-{c[2].path}" for c in _cases()],
+)
+def test_envoy_accepts_the_istio_sidecar_layout(
+    tmp_path: Path,
+    issuer: Issuer,
+    mesh_name: str,
+    make_mesh: Callable[[], Mesh],
+    proxy: SpiffeId,
+    workload: str | None,
+) -> None:
+    mesh = make_mesh()
+    snapshot = generate(mesh, proxy, workload=workload, layout="istio-sidecar")
+    _check(_write(tmp_path, "served.json", as_served(snapshot, proxy, "intercept", tmp_path)))
     _check(_write(tmp_path, "inlined.json", inlined(snapshot, proxy, mesh, issuer)))
 
 

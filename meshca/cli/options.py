@@ -71,6 +71,15 @@ def parse_capture(text: str) -> str:
     return capture
 
 
+def parse_layout(text: str) -> str:
+    from meshca.envoy.model import LAYOUTS
+
+    layout = text.strip().lower()
+    if layout not in LAYOUTS:
+        raise ValueError(f"{text!r} is not a layout: choose {' or '.join(LAYOUTS)}")
+    return layout
+
+
 def parse_workload(text: str) -> str:
     """NAME or NAMESPACE/NAME as in the mesh file (checked when the bootstrap is built)."""
     if not text.strip():
@@ -478,6 +487,16 @@ OPTIONS: tuple[Option, ...] = (
         "addresses; no iptables)",
         ("bootstrap",),
         metavar="MODE",
+    ),
+    Option(
+        "layout",
+        parse_layout,
+        None,
+        "with --ads: the Envoy layout of the generated configuration: osm (OSM's names "
+        "and ports) or istio-sidecar (Istio's; intercept capture only); unset: the mesh "
+        "file's workload entry says, else osm",
+        ("bootstrap",),
+        metavar="LAYOUT",
     ),
     Option(
         "workload",

@@ -100,17 +100,21 @@ def outbound_http(stat_prefix: str, route_config_name: str) -> listener_componen
 
 
 def inbound_http(
-    stat_prefix: str, cluster: str, rules: rbac_pb2.RBAC | None
+    stat_prefix: str,
+    cluster: str,
+    rules: rbac_pb2.RBAC | None,
+    route_name: str,
+    virtual_host_name: str,
 ) -> listener_components_pb2.Filter:
     """RBAC on the caller's SPIFFE ID (``rules``; None for a plaintext chain, whose
     callers have none), then the local app, told who called (XFCC URI; removed from
     whatever a caller sent). No timeout: the caller's proxy applies the route's."""
     action = route_components_pb2.RouteAction(cluster=cluster, timeout=duration_pb2.Duration())
     routes = route_pb2.RouteConfiguration(
-        name=stat_prefix,
+        name=route_name,
         virtual_hosts=[
             route_components_pb2.VirtualHost(
-                name=stat_prefix,
+                name=virtual_host_name,
                 domains=["*"],
                 routes=[
                     route_components_pb2.Route(

@@ -19,23 +19,14 @@ from google.protobuf.message import Message
 from meshca.envoy import clusters, inbound, outbound
 from meshca.envoy.endpoints import load_assignment
 from meshca.envoy.inbound import InboundPort
+from meshca.envoy.layouts import DEFAULT_LAYOUT, Layout, layout_named
 from meshca.envoy.model import NOBODY, Mesh, Service, ServicePort, Workload, matches
-from meshca.envoy.routes import Upstream, outbound_route_config
+from meshca.envoy.routes import Upstream, fallback_virtual_host, outbound_route_config
 from meshca.envoy.snapshot import Snapshot
-from meshca.envoy.xds import (
-    GenerationError,
-    inbound_validation_secret,
-    kubernetes_identity,
-    service_cert_secret,
-)
+from meshca.envoy.tls import upstream_tls
+from meshca.envoy.xds import GenerationError, kubernetes_identity
 from meshca.spiffe import SpiffeId
-from meshca.xds.resources import (
-    CLUSTER_TYPE,
-    ENDPOINT_TYPE,
-    LISTENER_TYPE,
-    ROUTE_TYPE,
-    outbound_validation_name,
-)
+from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
 Capture = Literal["intercept", "explicit"]
 CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
@@ -62,7 +53,7 @@ def local_workload(mesh: Mesh, proxy: SpiffeId, name: str | None, capture: str) 
         return None
     if len(candidates) == 1:
         return candidates[0]
-    shapes = {(w.ports, w.app_address) for w in candidates}
+    shapes = {(w.ports, w.app_address, w.layout) for w in candidates}
     if capture == "explicit" or len(shapes) > 1:
         keys = ", ".join(w.key for w in candidates)
         raise GenerationError(f"{proxy} runs several workloads ({keys}): say which one")
@@ -71,20 +62,33 @@ def local_workload(mesh: Mesh, proxy: SpiffeId, name: str | None, capture: str) 
 
 def _backends(
     mesh: Mesh, service: Service, port: ServicePort
-) -> list[tuple[str, int, list[Workload]]]:
-    """(cluster name, weight, workloads) for each cluster that carries this service port."""
+) -> list[tuple[str | None, int, list[Workload]]]:
+    """(split backend or None, weight, workloads) for each cluster of this service port."""
     workloads = mesh.endpoints(service)
     split = mesh.split_for(service)
     if split is None:
-        return [(clusters.cluster_name(service, port.port), 1, list(workloads))]
+        return [(None, 1, list(workloads))]
     return [
         (
-            clusters.cluster_name(service, port.port, backend.name),
+            backend.name,
             backend.weight,
             [w for w in workloads if matches(backend.labels, w.labels)],
         )
         for backend in split.backends
     ]
+
+
+def resolve_layout(local: Workload | None, requested: str | None) -> Layout:
+    """The mesh file's layout for the workload, else the bootstrap's, else ``osm``; the
+    two must agree when both are given."""
+    declared = local.layout if local is not None else None
+    if declared is not None and requested is not None and declared != requested:
+        raise GenerationError(
+            f"workload {local.key if local else ''} has layout {declared} in the mesh file; "
+            f"the proxy's bootstrap asks for {requested}"
+        )
+    layout = layout_named(declared or requested or DEFAULT_LAYOUT)
+    return layout
 
 
 def _inbound_ports(mesh: Mesh, workload: Workload) -> list[InboundPort]:
@@ -126,8 +130,8 @@ def _endpoints(
     return cached
 
 
-def _outbound(mesh: Mesh, proxy: SpiffeId, capture: str) -> _Outbound:
-    key = ("outbound", proxy, capture)
+def _outbound(mesh: Mesh, proxy: SpiffeId, capture: str, layout: Layout) -> _Outbound:
+    key = ("outbound", proxy, capture, layout.name)
     cached = mesh.derived.get(key)
     if isinstance(cached, _Outbound):
         return cached
@@ -137,31 +141,55 @@ def _outbound(mesh: Mesh, proxy: SpiffeId, capture: str) -> _Outbound:
     for service, port in mesh.reachable(proxy):
         weights = []
         identities = mesh.service_identities(service.namespace, service.name) or ()
-        for name, weight, workloads in _backends(mesh, service, port):
-            by_type[CLUSTER_TYPE][name] = clusters.upstream_cluster(
-                name, proxy, service, port.protocol, identities
+        validation = layout.outbound_validation_secret(service)
+        for backend, weight, workloads in _backends(mesh, service, port):
+            name = layout.cluster_name(service, port.port, backend)
+            socket = upstream_tls(
+                layout.cert_secret(proxy),
+                validation,
+                layout.sni(service, port.port, backend),
+                identities,
+                layout.upstream_alpn,
             )
+            by_type[CLUSTER_TYPE][name] = clusters.upstream_cluster(name, port.protocol, socket)
             by_type[ENDPOINT_TYPE][name] = _endpoints(mesh, name, workloads, port.target)
             weights.append((name, weight))
         upstreams.append(Upstream(service, port, tuple(weights)))
-        secrets.append(outbound_validation_name(service.namespace, service.name))
+        secrets.append(validation)
+    handoff = layout.name != "osm"  # Istio's shape: virtualOutbound and per-port listeners
+    fallback_name = layout.passthrough if mesh.egress == "passthrough" else layout.blackhole
     http_by_port: dict[int, list[Upstream]] = defaultdict(list)
     for upstream in upstreams:
         if upstream.port.protocol != "tcp":
             http_by_port[upstream.port.port].append(upstream)
     namespace, _ = kubernetes_identity(proxy)
     for port_number, sharing in http_by_port.items():
-        config = outbound_route_config(port_number, sharing, namespace)
+        hosts = [(layout.virtual_host_name(u.service, u.port.port), u) for u in sharing]
+        fallback_host = None
+        if handoff:  # 0.0.0.0_<port> also catches destinations outside the mesh
+            passthrough = layout.passthrough if mesh.egress == "passthrough" else None
+            fallback_host = fallback_virtual_host(passthrough)
+        config = outbound_route_config(
+            layout.route_config_name(port_number), hosts, namespace, fallback_host
+        )
         by_type[ROUTE_TYPE][config.name] = config
     listeners = []
     if capture == "intercept":
-        listeners.append(outbound.intercept_listener(upstreams, mesh.egress))
-        fallback = (
-            clusters.passthrough_cluster()
-            if mesh.egress == "passthrough"
-            else clusters.blackhole_cluster()
-        )
-        by_type[CLUSTER_TYPE][fallback.name] = fallback
+        if handoff:
+            listeners.extend(outbound.handoff_listeners(layout, upstreams, fallback_name))
+            fallbacks = [
+                clusters.blackhole_cluster(layout.blackhole),
+                clusters.passthrough_cluster(layout.passthrough),
+            ]
+        else:
+            listeners.append(outbound.intercept_listener(layout, upstreams, fallback_name))
+            fallbacks = [
+                clusters.passthrough_cluster(fallback_name)
+                if mesh.egress == "passthrough"
+                else clusters.blackhole_cluster(fallback_name)
+            ]
+        for fallback in fallbacks:
+            by_type[CLUSTER_TYPE][fallback.name] = fallback
     by_type[LISTENER_TYPE] = {listener.name: listener for listener in listeners}
     shared = Snapshot.of(by_type, tuple(secrets))
     result = _Outbound(shared, tuple(upstreams), tuple(listeners))
@@ -175,36 +203,46 @@ def generate(
     *,
     capture: Capture | str = "intercept",
     workload: str | None = None,
+    layout: str | None = None,
 ) -> Snapshot:
-    """Everything the proxy with identity ``proxy`` needs, as a versioned snapshot.
+    """Everything the proxy with identity ``proxy`` needs, as a versioned snapshot, in
+    ``layout`` (the bootstrap's request; the mesh file's workload entry may also say).
 
     Messages may be shared with other snapshots of the same mesh: read-only.
     """
     if capture not in CAPTURE_MODES:
         raise GenerationError(f"capture mode {capture!r} is not one of {', '.join(CAPTURE_MODES)}")
+    if layout is not None and len(layout) > 64:
+        raise GenerationError("layout name longer than 64 characters")
     if proxy.trust_domain != mesh.trust_domain:
         raise GenerationError(f"{proxy} is outside the mesh's trust domain {mesh.trust_domain}")
     local = local_workload(mesh, proxy, workload, capture)
-    out = _outbound(mesh, proxy, capture)
-    secrets = [service_cert_secret(proxy)]
+    chosen = resolve_layout(local, layout)
+    if capture not in chosen.captures:
+        raise GenerationError(
+            f"layout {chosen.name} supports capture {', '.join(chosen.captures)}, not {capture}"
+        )
+    out = _outbound(mesh, proxy, capture, chosen)
+    secrets = [chosen.cert_secret(proxy)]
     local_clusters: dict[str, Message] = {}
     listeners: list[listener_pb2.Listener] = []
     if capture == "explicit":
         bind = local.outbound_address if local is not None else None
-        listeners.extend(outbound.explicit_listeners(out.upstreams, bind))
+        listeners.extend(outbound.explicit_listeners(chosen, out.upstreams, bind))
 
     if local is not None and local.ports:
         ports = _inbound_ports(mesh, local)
         if capture == "intercept":
-            listeners.append(inbound.intercept_listener(proxy, ports))
+            listeners.append(inbound.intercept_listener(chosen, proxy, ports))
         else:
-            listeners.extend(inbound.explicit_listeners(proxy, local.address, ports))
+            listeners.extend(inbound.explicit_listeners(chosen, proxy, local.address, ports))
         for local_port in ports:
+            name = chosen.local_cluster_name(local_port.port)
             cluster = clusters.local_cluster(
-                local_port.port, local.app_address, local_port.protocol
+                name, local_port.port, local.app_address, local_port.protocol
             )
             local_clusters[cluster.name] = cluster
-        secrets.append(inbound_validation_secret(proxy))
+        secrets.append(chosen.inbound_validation_secret(proxy))
 
     _check_unique_binds([*out.listeners, *listeners])
     own = {CLUSTER_TYPE: local_clusters, LISTENER_TYPE: {li.name: li for li in listeners}}

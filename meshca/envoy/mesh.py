@@ -15,8 +15,10 @@ from typing import Any
 
 from meshca.envoy.model import (
     EGRESS_MODES,
+    LAYOUTS,
     MTLS_MODES,
     PROTOCOLS,
+    RESERVED_PORTS,
     AccessPolicy,
     Labels,
     Mesh,
@@ -173,13 +175,21 @@ def _port_list(raw_ports: list[Any], where: str) -> list[tuple[str, dict[str, An
 def _workload(raw: Any, where: str) -> Workload:
     allowed = (
         "name", "namespace", "service_account", "address", "ports", "labels",
-        "app_address", "outbound_address",
+        "app_address", "outbound_address", "layout",
     )  # fmt: skip
     entry = _mapping(raw, where, allowed)
     ports = []
     for pwhere, port in _port_list(_list(entry, "ports", where), where):
         _mapping(port, pwhere, ("port", "protocol"))
+        if port["port"] in RESERVED_PORTS:
+            raise MeshError(
+                f"{pwhere}.port: {port['port']} is reserved for {RESERVED_PORTS[port['port']]} "
+                f"(the proxy listens on {', '.join(map(str, RESERVED_PORTS))})"
+            )
         ports.append(WorkloadPort(port["port"], _protocol(port, pwhere)))
+    layout = _field(entry, "layout", where, str, required=False)
+    if layout is not None and layout not in LAYOUTS:
+        raise MeshError(f"{where}.layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
     address = _address(_field(entry, "address", where, str), f"{where}.address")
     app_address = "127.0.0.1"
     if entry.get("app_address") is not None:
@@ -207,6 +217,7 @@ def _workload(raw: Any, where: str) -> Workload:
         labels=_labels(entry.get("labels") or {}, f"{where}.labels"),
         app_address=app_address,
         outbound_address=outbound,
+        layout=layout,
     )
 
 

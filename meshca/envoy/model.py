@@ -20,6 +20,15 @@ from meshca.spiffe import SpiffeId, TrustDomain
 PROTOCOLS = ("http", "tcp", "grpc")
 EGRESS_MODES = ("blackhole", "passthrough")
 MTLS_MODES = ("strict", "permissive")
+LAYOUTS = ("osm", "istio-sidecar")
+DEFAULT_LAYOUT = "osm"
+# ports the proxy itself listens on in intercept mode: an app port there would clash
+RESERVED_PORTS = {
+    15001: "the outbound capture listener",
+    15003: "OSM's inbound capture listener",
+    15006: "Istio's inbound capture listener",
+    15008: "the HBONE tunnel port",
+}
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -69,7 +78,8 @@ class Workload:
     ``address`` receives the mesh's traffic for it (the pod IP). ``app_address`` is where
     the application itself listens behind its proxy. ``outbound_address``, in explicit
     capture mode only, is where this proxy binds its outbound listeners instead of each
-    service's ClusterIP, so that several proxies can share one host.
+    service's ClusterIP, so that several proxies can share one host. ``layout`` names
+    the Envoy layout its proxy gets (None: the proxy's bootstrap says, else ``osm``).
     """
 
     namespace: str
@@ -80,6 +90,7 @@ class Workload:
     labels: Labels = ()
     app_address: str = "127.0.0.1"
     outbound_address: str | None = None
+    layout: str | None = None
 
     @property
     def key(self) -> str:

@@ -1,9 +1,9 @@
 """Routes (RDS) for outbound HTTP: one route configuration per port, one virtual host
 per reachable service, weighted clusters when a traffic split applies.
 
-One configuration per port (``rds-outbound.<port>``, as OSM) because a virtual host's
-domains must be unique within a configuration, and ``bookstore`` means a different
-destination on port 80 than on 8080.
+One configuration per port (OSM's ``rds-outbound.<port>``, Istio's ``<port>``) because
+a virtual host's domains must be unique within a configuration, and ``bookstore``
+means a different destination on port 80 than on 8080.
 """
 
 from __future__ import annotations
@@ -15,12 +15,6 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from meshca.envoy.model import Service, ServicePort
-
-ROUTE_PREFIX = "rds-outbound"
-
-
-def route_config_name(port: int) -> str:
-    return f"{ROUTE_PREFIX}.{port}"
 
 
 @dataclass(frozen=True)
@@ -73,25 +67,50 @@ def _action(upstream: Upstream) -> route_components_pb2.RouteAction:
     return action
 
 
-def virtual_host(upstream: Upstream, *, same_namespace: bool) -> route_components_pb2.VirtualHost:
+def virtual_host(
+    name: str, upstream: Upstream, *, same_namespace: bool
+) -> route_components_pb2.VirtualHost:
     return route_components_pb2.VirtualHost(
-        name=upstream.name,
+        name=name,
         domains=domains(upstream.service, upstream.port.port, same_namespace=same_namespace),
         routes=[
             route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix="/"), route=_action(upstream)
+                name="default",
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                route=_action(upstream),
             )
         ],
     )
 
 
-def outbound_route_config(
-    port: int, upstreams: Iterable[Upstream], proxy_namespace: str
-) -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration(
-        name=route_config_name(port),
-        virtual_hosts=[
-            virtual_host(u, same_namespace=u.service.namespace == proxy_namespace)
-            for u in sorted(upstreams, key=lambda u: u.name)
-        ],
+def fallback_virtual_host(passthrough: str | None) -> route_components_pb2.VirtualHost:
+    """Istio's catch-all for a Host no service claims: ``allow_any`` to the passthrough
+    cluster, or ``block_all`` answering 502."""
+    route = route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix="/"))
+    if passthrough is not None:
+        route.route.CopyFrom(
+            route_components_pb2.RouteAction(cluster=passthrough, timeout=duration_pb2.Duration())
+        )
+    else:
+        route.direct_response.status = 502
+    return route_components_pb2.VirtualHost(
+        name="allow_any" if passthrough is not None else "block_all",
+        domains=["*"],
+        routes=[route],
     )
+
+
+def outbound_route_config(
+    name: str,
+    hosts: Iterable[tuple[str, Upstream]],
+    proxy_namespace: str,
+    fallback: route_components_pb2.VirtualHost | None = None,
+) -> route_pb2.RouteConfiguration:
+    """``hosts``: (virtual host name, upstream) pairs, ordered by name."""
+    virtual_hosts = [
+        virtual_host(vhost, u, same_namespace=u.service.namespace == proxy_namespace)
+        for vhost, u in sorted(hosts, key=lambda h: h[0])
+    ]
+    if fallback is not None:
+        virtual_hosts.append(fallback)
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=virtual_hosts)

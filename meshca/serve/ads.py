@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
-from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, WORKLOAD_METADATA
+from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, LAYOUT_METADATA, WORKLOAD_METADATA
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, MeshError
 from meshca.envoy.snapshot import Snapshot
@@ -59,7 +59,7 @@ from meshca.xds.resources import (
 )
 from meshca.xds.stats import XdsStats
 
-ProxyKey = tuple[SpiffeId, str, str | None]
+ProxyKey = tuple[SpiffeId, str, str | None, str | None]
 # The types generated from the mesh, in the order Envoy needs them; secrets come last.
 
 
@@ -73,7 +73,8 @@ def _metadata(node: Any, key: str) -> str | None:
 
 
 def proxy_key(caller: Caller, node: Any) -> ProxyKey:
-    """(identity, capture, workload) of the proxy on a stream; StreamRefused if unclear."""
+    """(identity, capture, workload, layout) of the proxy on a stream; StreamRefused if
+    unclear."""
     try:
         identities = node_identities(caller, node)
     except Forbidden as exc:
@@ -85,7 +86,8 @@ def proxy_key(caller: Caller, node: Any) -> ProxyKey:
             "proxy runs as",
         )
     capture = _metadata(node, CAPTURE_METADATA) or "intercept"
-    return identities[0], capture, _metadata(node, WORKLOAD_METADATA)
+    layout = _metadata(node, LAYOUT_METADATA)
+    return identities[0], capture, _metadata(node, WORKLOAD_METADATA), layout
 
 
 @dataclass
@@ -125,9 +127,11 @@ class ProxySnapshots:
         mesh = self.mesh()
         generated = self._generated.get(key)
         if generated is None or generated.mesh is not mesh:
-            identity, capture, workload = key
+            identity, capture, workload, layout = key
             try:
-                snapshot = generate(mesh, identity, capture=capture, workload=workload)
+                snapshot = generate(
+                    mesh, identity, capture=capture, workload=workload, layout=layout
+                )
             except MeshError as exc:
                 raise StreamRefused(
                     grpc.StatusCode.FAILED_PRECONDITION, f"no configuration for {identity}: {exc}"

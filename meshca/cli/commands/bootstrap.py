@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
-ADS_ONLY = ("capture", "workload", "delta")
+ADS_ONLY = ("capture", "layout", "workload", "delta")
 
 
 def _check_shape(args: argparse.Namespace, settings: Settings) -> None:
@@ -134,6 +134,7 @@ def _render(args: argparse.Namespace, settings: Settings) -> str:
         capture=settings["capture"],
         workload=settings["workload"],
         delta=settings["delta"],
+        layout=settings["layout"],
     )
 
 
