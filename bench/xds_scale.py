@@ -24,6 +24,8 @@ Figures:
   baseline_*         the same resources only re-serialised (deterministic bytes), the
                      floor any generator pays, measured in the same run: these machines
                      are noisy, so the ratios are what to compare
+  layout_*           per layout (osm, istio-sidecar): one proxy's cold generation time and
+                     bytes, the mean per proxy over 200 workloads, ratios against osm
 Memory: ``tracemalloc`` peak for single snapshots, RSS growth for all snapshots
 (tracemalloc would slow the long run several-fold). The last line is one JSON object.
 """
@@ -175,6 +177,50 @@ def reserialize(snapshots: list[Snapshot]) -> int:
 
 def counts(snapshot: Snapshot) -> dict[str, int]:
     return {t.rsplit(".", 1)[1]: len(v) for t, v in snapshot.resources.items()}
+
+
+# --- layouts: the same proxies in OSM's and Istio's layouts ------------------------------
+
+
+def snapshot_bytes(snapshot: Snapshot) -> int:
+    return sum(len(data) for by_name in snapshot.encoded.values() for data in by_name.values())
+
+
+def layout_figures(mesh: Mesh, fresh: Callable[[Mesh], Mesh], repeat: int) -> dict[str, Any]:
+    """Per layout (intercept capture): one proxy's cold generation time and its bytes,
+    and the mean per proxy over the first 200 workloads generated on one mesh (shared
+    outbound parts reused, as serving does); ratios against ``osm`` from the same run."""
+    from meshca.envoy.layouts import LAYOUTS
+
+    figures: dict[str, Any] = {}
+    workload = mesh.workloads[0]
+    proxy = mesh.identity_of(workload)
+    sample = [(mesh.identity_of(w), w.name) for w in mesh.workloads[:200]]
+
+    def one(m: Mesh, layout: str) -> Callable[[], Snapshot]:
+        return lambda: generate(m, proxy, workload=workload.name, layout=layout)
+
+    def many_of(m: Mesh, layout: str) -> Callable[[], list[Snapshot]]:
+        return lambda: [generate(m, p, workload=w, layout=layout) for p, w in sample]
+
+    for layout in LAYOUTS:
+        runs = [timed(one(fresh(mesh), layout)) for _ in range(repeat)]
+        one_s = min(elapsed for _, elapsed in runs)
+        many, many_s = timed(many_of(fresh(mesh), layout))
+        key = f"layout_{layout.replace('-', '_')}"
+        figures[f"{key}_one_proxy_ms"] = round(one_s * 1e3, 2)
+        figures[f"{key}_one_proxy_bytes"] = snapshot_bytes(runs[0][0])
+        figures[f"{key}_per_proxy_ms"] = round(many_s / len(sample) * 1e3, 2)
+        figures[f"{key}_per_proxy_bytes"] = sum(snapshot_bytes(s) for s in many) // len(sample)
+    for layout in LAYOUTS[1:]:
+        key = f"layout_{layout.replace('-', '_')}"
+        figures[f"{key}_vs_osm_time"] = round(
+            figures[f"{key}_per_proxy_ms"] / figures["layout_osm_per_proxy_ms"], 2
+        )
+        figures[f"{key}_vs_osm_bytes"] = round(
+            figures[f"{key}_per_proxy_bytes"] / figures["layout_osm_per_proxy_bytes"], 2
+        )
+    return figures
 
 
 # --- push to ACK: a mesh change reaching connected proxies -------------------------------
@@ -421,6 +467,7 @@ def main() -> None:
         "all_proxies_vs_reserialize": round(all_s / all_baseline_s, 1),
         "baseline_reserialize_all_s": round(all_baseline_s, 2),
     }
+    figures.update(layout_figures(mesh, fresh, args.repeat))
     if args.ack_proxies:
         del everything
         figures.update(asyncio.run(push_to_ack(document, args.ack_proxies)))

@@ -18,17 +18,12 @@ of these is missing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
@@ -39,14 +34,12 @@ from tests.envoy_harness import (
     eventually,
     http_get,
 )
+from tests.netns_harness import Netns, requirements
 from tests.serve_harness import ServeProcess, serving, short_tempdir
 
 pytestmark = pytest.mark.timeout(120)
 
 MESHCA = [sys.executable, "-m", "meshca"]
-CLONE_NEWNET = 0x40000000
-IPTABLES = ("iptables", "iptables-nft", "iptables-legacy")
-SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin", os.environ.get("PATH", "")))
 BOOKSTORE_IP, BOOKSTORE_PORT = "127.0.0.101", 14001
 PROXIES = {  # workload -> capture mode
     "bookbuyer": "intercept",
@@ -54,103 +47,11 @@ PROXIES = {  # workload -> capture mode
     "bookstore-v2": "explicit",
 }
 APPS = {"bookstore-v1": "127.0.0.33", "bookstore-v2": "127.0.0.34"}  # app_address in BOOKSTORE_MESH
-T = TypeVar("T")
 
 
 def identity(workload: str) -> str:
     namespace = workload.split("-")[0]
     return f"spiffe://cluster.local/ns/{namespace}/sa/{workload}"
-
-
-# --- what the machine must offer --------------------------------------------------------------
-
-
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, "PATH": SBIN},
-    )
-
-
-def _first_line(result: subprocess.CompletedProcess[str]) -> str:
-    text = (result.stderr or result.stdout).strip()
-    return text.splitlines()[0] if text else f"exit status {result.returncode}"
-
-
-def requirements() -> tuple[str, str]:
-    """(ip, iptables) commands, or the test is skipped with what is missing."""
-    if os.geteuid() != 0:
-        pytest.skip(
-            f"intercept mode needs root for a network namespace and iptables rules "
-            f"(running as uid {os.geteuid()})"
-        )
-    ip = shutil.which("ip", path=SBIN)
-    if ip is None:
-        pytest.skip("no 'ip' command (iproute2): cannot create a network namespace")
-    iptables = next((found for name in IPTABLES if (found := shutil.which(name, path=SBIN))), None)
-    if iptables is None:
-        pytest.skip(
-            "no iptables, iptables-nft or iptables-legacy on PATH: intercept mode needs "
-            "iptables to redirect the app's connections to Envoy's port 15001"
-        )
-    return ip, iptables
-
-
-# --- a network namespace, and threads that work inside it ---------------------------------------
-
-
-class Netns:
-    """``ip netns add``; ``run(fn)`` calls ``fn`` on a thread inside the namespace: its
-    sockets are the namespace's, and processes it starts are born there."""
-
-    def __init__(self, ip: str, iptables: str) -> None:
-        self.ip, self.iptables = ip, iptables
-        self.name = f"meshca-test-{os.getpid()}"
-        added = _run(ip, "netns", "add", self.name)
-        if added.returncode != 0:
-            pytest.skip(f"'ip netns add' failed: {_first_line(added)}")
-        self._pool: ThreadPoolExecutor | None = None
-        try:
-            self.exec(ip, "link", "set", "lo", "up")
-            probe = _run(
-                ip, "netns", "exec", self.name, iptables, "-t", "nat", "-n", "-L", "OUTPUT"
-            )
-            if probe.returncode != 0:
-                pytest.skip(
-                    f"{Path(iptables).name} cannot use the nat table in a network namespace: "
-                    f"{_first_line(probe)}"
-                )
-            self._pool = ThreadPoolExecutor(4, initializer=self._enter)
-        except BaseException:
-            self.delete()
-            raise
-
-    def exec(self, *argv: str) -> None:
-        result = _run(self.ip, "netns", "exec", self.name, *argv)
-        assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr.strip()}"
-
-    def _enter(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                error = ctypes.get_errno()
-                raise OSError(error, f"setns {self.name}: {os.strerror(error)}")
-        finally:
-            os.close(fd)
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._pool is not None
-        return self._pool.submit(fn, *args).result(timeout=90)
-
-    def delete(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        _run(self.ip, "netns", "delete", self.name)
 
 
 # --- the pieces -------------------------------------------------------------------------------
