@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from meshca.agent.ca_client import CaClient, Signed
+from meshca.agent.runtime import AgentConfig, MeshcaAgent
 from meshca.attest.tokens import TokenStore
 from meshca.issuer.keys import generate_private_key
 from meshca.serve.server import MeshcaServer
@@ -55,3 +56,28 @@ async def ca_api(root: Path, **overrides: Any) -> AsyncIterator[CaApi]:
     config = default_config(root, attest_listen=("127.0.0.1", 0), **overrides)
     async with served(config) as server:
         yield CaApi(server, TokenStore(config.data_dir))
+
+
+@contextlib.asynccontextmanager
+async def agent_for(
+    api: CaApi, root: Path, identity: SpiffeId, name: str = "agent", **overrides: Any
+) -> AsyncIterator[MeshcaAgent]:
+    """A ``meshca agent`` (in-process) attested with a fresh token for ``identity``, its
+    socket at ``<root>/<name>.sock``."""
+    token_file = root / f"{name}.token"
+    token_file.write_text(api.token(identity))
+    config = AgentConfig(
+        server=api.address,
+        attest_server=api.attest_address,
+        bundle=api.server.store.bundle(),
+        data_dir=root / f"{name}-data",
+        socket=root / f"{name}.sock",
+        token_file=token_file,
+        **overrides,
+    )
+    agent = MeshcaAgent(config)
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()

@@ -48,6 +48,21 @@ class Signed:
     reattest_by: datetime
 
 
+@dataclass(frozen=True)
+class ServerState:
+    """What ``GetBundle`` says: the bundle, the agent's entitlements and maximum age, and
+    the chain meshca signs with now (empty when a remote backend signs)."""
+
+    bundle: TrustBundle
+    entitled: tuple[SpiffeId, ...]
+    reattest_by: datetime
+    signing_chain: tuple[x509.Certificate, ...]
+
+    def issued(self, svid: X509Svid) -> bool:
+        """Whether ``svid`` comes from the CA meshca signs with now (True when unknown)."""
+        return not self.signing_chain or svid.intermediates == self.signing_chain
+
+
 def bare_csr(key: PrivateKey) -> bytes:
     """A CSR that names nothing: the agent's first, before it knows its ID."""
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
@@ -160,11 +175,12 @@ class CaClient:
         assert isinstance(response, ca_pb2.SvidResponse)
         return self._signed(response, None)
 
-    def fetch_bundle(self) -> tuple[TrustBundle, tuple[SpiffeId, ...], datetime]:
+    def fetch_bundle(self) -> ServerState:
         response = self._call("GetBundle", ca_pb2.GetBundleRequest(), self._stub())
         assert isinstance(response, ca_pb2.BundleResponse)
-        return (
+        return ServerState(
             _bundle(self.trust_domain, list(response.bundle)),
             tuple(SpiffeId.parse(i) for i in response.entitled),
             datetime.fromtimestamp(response.reattest_by, UTC),
+            tuple(x509.load_der_x509_certificate(d) for d in response.signing_chain),
         )

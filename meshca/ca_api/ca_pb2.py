@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshca/ca_api/ca.proto\x12\x0cmeshca.ca.v1\"E\n\x12\x41ttestAgentRequest\x12\x10\n\x08\x61ttestor\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"J\n\x13SignWorkloadRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\x12\n\x10GetBundleRequest\"l\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x0e\n\x06\x62undle\x18\x03 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x04 \x03(\t\x12\x13\n\x0breattest_by\x18\x05 \x01(\x03\"G\n\x0e\x42undleResponse\x12\x0e\n\x06\x62undle\x18\x01 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x02 \x03(\t\x12\x13\n\x0breattest_by\x18\x03 \x01(\x03\x32\xbb\x02\n\x07\x41gentCA\x12K\n\x0b\x41ttestAgent\x12 .meshca.ca.v1.AttestAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\nRenewAgent\x12\x1f.meshca.ca.v1.RenewAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12M\n\x0cSignWorkload\x12!.meshca.ca.v1.SignWorkloadRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\tGetBundle\x12\x1e.meshca.ca.v1.GetBundleRequest\x1a\x1c.meshca.ca.v1.BundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshca/ca_api/ca.proto\x12\x0cmeshca.ca.v1\"E\n\x12\x41ttestAgentRequest\x12\x10\n\x08\x61ttestor\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"J\n\x13SignWorkloadRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\x12\n\x10GetBundleRequest\"l\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x0e\n\x06\x62undle\x18\x03 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x04 \x03(\t\x12\x13\n\x0breattest_by\x18\x05 \x01(\x03\"^\n\x0e\x42undleResponse\x12\x0e\n\x06\x62undle\x18\x01 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x02 \x03(\t\x12\x13\n\x0breattest_by\x18\x03 \x01(\x03\x12\x15\n\rsigning_chain\x18\x04 \x03(\x0c\x32\xbb\x02\n\x07\x41gentCA\x12K\n\x0b\x41ttestAgent\x12 .meshca.ca.v1.AttestAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\nRenewAgent\x12\x1f.meshca.ca.v1.RenewAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12M\n\x0cSignWorkload\x12!.meshca.ca.v1.SignWorkloadRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\tGetBundle\x12\x1e.meshca.ca.v1.GetBundleRequest\x1a\x1c.meshca.ca.v1.BundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SVIDRESPONSE']._serialized_start=241
   _globals['_SVIDRESPONSE']._serialized_end=349
   _globals['_BUNDLERESPONSE']._serialized_start=351
-  _globals['_BUNDLERESPONSE']._serialized_end=422
-  _globals['_AGENTCA']._serialized_start=425
-  _globals['_AGENTCA']._serialized_end=740
+  _globals['_BUNDLERESPONSE']._serialized_end=445
+  _globals['_AGENTCA']._serialized_start=448
+  _globals['_AGENTCA']._serialized_end=763
 # @@protoc_insertion_point(module_scope)

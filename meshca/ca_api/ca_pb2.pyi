@@ -51,11 +51,13 @@ class SvidResponse(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...
 
 class BundleResponse(_message.Message):
-    __slots__ = ("bundle", "entitled", "reattest_by")
+    __slots__ = ("bundle", "entitled", "reattest_by", "signing_chain")
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     ENTITLED_FIELD_NUMBER: _ClassVar[int]
     REATTEST_BY_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_CHAIN_FIELD_NUMBER: _ClassVar[int]
     bundle: _containers.RepeatedScalarFieldContainer[bytes]
     entitled: _containers.RepeatedScalarFieldContainer[str]
     reattest_by: int
-    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...
+    signing_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ..., signing_chain: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -30,7 +30,7 @@ from meshca.attest.attestor import AttestationError, Attestor
 from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2, ca_pb2_grpc
-from meshca.issuer import Issuer, IssuerError, X509Svid
+from meshca.issuer import Issuer, IssuerError, SignerAuthority, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import SvidError
 from meshca.issuer.svid import spiffe_id_of
@@ -246,10 +246,17 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         self, request: ca_pb2.GetBundleRequest, context: Context
     ) -> ca_pb2.BundleResponse:
         record = await self._agent(context)
+        authority = self.issuer.authority
+        chain = (
+            (authority.signer.certificate, *authority.signer.intermediates)
+            if isinstance(authority, SignerAuthority)
+            else ()
+        )
         return ca_pb2.BundleResponse(
             bundle=self._bundle_der(),
             entitled=[str(i) for i in record.entitled()],
             reattest_by=int(record.reattest_by.timestamp()),
+            signing_chain=[c.public_bytes(serialization.Encoding.DER) for c in chain],
         )
 
 

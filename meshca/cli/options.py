@@ -223,8 +223,9 @@ OPTIONS: tuple[Option, ...] = (
         "leaf_ttl",
         parse_duration,
         "24h",
-        "lifetime of an issued SVID (init checks that the CA covers 6 of them)",
-        ("issue", "serve"),
+        "lifetime of an issued SVID (init checks that the CA covers 6 of them; agent: "
+        "default meshca's)",
+        ("issue", "serve", "agent"),
         flag="--ttl",
         metavar="D",
         aliases=("--leaf-ttl",),
@@ -313,7 +314,7 @@ OPTIONS: tuple[Option, ...] = (
         parse_log_level,
         "info",
         "log level: debug, info, warning or error",
-        ("serve",),
+        ("serve", "agent"),
         metavar="LEVEL",
     ),
     Option(
@@ -322,7 +323,7 @@ OPTIONS: tuple[Option, ...] = (
         "text",
         "log format on stderr, one event per line: text, or json (ts, level, logger, msg "
         "and the event's fields, such as caller, peer and request_id)",
-        ("serve",),
+        ("serve", "agent"),
         metavar="FORMAT",
     ),
     Option(
@@ -447,9 +448,74 @@ OPTIONS: tuple[Option, ...] = (
         "server",
         parse_server_address,
         None,
-        "meshca's SDS and ADS address: unix:///path/to/socket or HOST:PORT",
+        "bootstrap: meshca's SDS and ADS address, unix:///path/to/socket or HOST:PORT; "
+        "agent: meshca serve's mutual-TLS listener (--listen), HOST:PORT",
+        ("bootstrap", "agent"),
+        metavar="ADDR",
+    ),
+    Option(
+        "agent",
+        parse_server_address,
+        None,
+        "a bootstrap for an Envoy behind 'meshca agent': its socket, unix:///path (no "
+        "certificate directory needed)",
         ("bootstrap",),
         metavar="ADDR",
+    ),
+    # meshca agent (docs/agent.md)
+    Option(
+        "attest_server",
+        parse_server_address,
+        None,
+        "meshca serve's attestation listener (--attest-listen), HOST:PORT, where the join "
+        "token is exchanged (default: --server)",
+        ("agent",),
+        metavar="ADDR",
+    ),
+    Option(
+        "token_file",
+        _path,
+        None,
+        "a file holding the join token from 'meshca token create' (read when the agent "
+        "must attest: first start, or after meshca refused its SVID)",
+        ("agent",),
+        metavar="FILE",
+        is_path=True,
+    ),
+    Option(
+        "trust_bundle",
+        _path,
+        None,
+        "PEM roots to trust meshca with before it sends its own ('meshca bundle')",
+        ("agent",),
+        metavar="FILE",
+        is_path=True,
+    ),
+    Option(
+        "socket",
+        _path,
+        None,
+        "the agent's Unix socket: SDS for Envoy and the SPIFFE Workload API",
+        ("agent",),
+        metavar="PATH",
+        is_path=True,
+    ),
+    Option(
+        "socket_mode",
+        parse_socket_mode,
+        "0600",
+        "permissions of the agent's socket: 0600, or 0660 to admit its group",
+        ("agent",),
+        metavar="MODE",
+    ),
+    Option(
+        "poll_interval",
+        parse_duration,
+        "5s",
+        "how often the agent asks meshca for the trust bundle and signing CA (root and CA "
+        "rotations are followed within this delay)",
+        ("agent",),
+        metavar="D",
     ),
     Option(
         "cert_dir",

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from meshca.attest.state_file import StateFileError
 from meshca.attest.tokens import TokenError
-from meshca.cli.commands import bootstrap, bundle, ca, init, inspect, issue, serve, token
+from meshca.cli.commands import (
+    agent,
+    bootstrap,
+    bundle,
+    ca,
+    init,
+    inspect,
+    issue,
+    serve,
+    token,
+)
 from meshca.cli.options import ConfigError
 from meshca.envoy.mesh import MeshError
 from meshca.issuer import IssuerError
@@ -27,6 +37,7 @@ COMMANDS = (
     bootstrap.register,
     ca.register,
     token.register,
+    agent.register,
 )
 
 # Exceptions that mean "refused" (exit 1, one line), not "bug" (traceback).

@@ -92,9 +92,19 @@ def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
             f"({settings.source('trust_domain')})"
         )
     server = settings["server"]
+    agent = settings["agent"]
+    if agent is not None:
+        if server is not None:
+            raise UsageError("give --server or --agent, not both")
+        if isinstance(agent, TcpServer):
+            raise UsageError(
+                f"--agent {agent}: meshca agent listens on a Unix socket (unix:///path)"
+            )
+        server = agent
     if server is None:
         raise UsageError(
-            f"give --server: unix:///path/to/meshca.sock or HOST:PORT (see 'meshca {NAME} --help')"
+            "give --server (unix:///path/to/meshca.sock or HOST:PORT) or --agent "
+            f"unix:///path (see 'meshca {NAME} --help')"
         )
     if args.allow and args.inbound is None:
         raise UsageError("--allow applies to --inbound")

@@ -1,0 +1,196 @@
+"""``meshca agent``'s wiring: credential -> CSR client -> secret store -> SDS and the
+Workload API on one Unix socket.
+
+Start-up: load the saved agent SVID (or attest with the join token), then listen. Then
+three things run until stopped: the agent SVID's renewal, a poll of meshca's bundle and
+signing CA (``--poll-interval``), and the store's own renewal of workload SVIDs at
+half-life with jitter. When meshca is down, renewals back off and the cached SVIDs keep
+being served until they expire; nothing is written to disk but the agent's own SVID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from meshca.agent.authority import RemoteAuthority
+from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, ServerState
+from meshca.agent.callers import SidecarAuthenticator
+from meshca.agent.credential import AgentCredential, AgentError
+from meshca.agent.workload_api import WorkloadApiServicer, add_workload_api_to_server
+from meshca.issuer import Issuer, IssuerError, TrustBundle, TtlPolicy
+from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
+from meshca.spiffe import SpiffeId
+from meshca.store import SecretStore
+from meshca.xds.stats import XdsStats
+from meshca.xds.uds import UdsFrontDoor
+
+log = logging.getLogger("meshca.agent")
+
+DEFAULT_SOCKET_MODE = 0o600
+DEFAULT_POLL_INTERVAL = 5.0
+WARM_RETRY = 2.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str  # HOST:PORT of meshca serve's mutual-TLS listener
+    attest_server: str | None  # HOST:PORT of its --attest-listen (None: same as server)
+    bundle: TrustBundle  # roots to trust meshca with until it sends its own
+    data_dir: Path  # where the agent SVID is kept
+    socket: Path
+    token_file: Path | None = None
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    leaf_ttl: timedelta | None = None  # None: meshca's leaf TTL
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    private_dir: Path | None = None  # the front door's (tests: a short path)
+
+
+class MeshcaAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.client = CaClient(
+            config.server,
+            config.bundle.trust_domain,
+            config.bundle,
+            attest_server=config.attest_server,
+        )
+        self.credential = AgentCredential(self.client, config.data_dir, config.token_file)
+        self.authority = RemoteAuthority(self.client, config.leaf_ttl)
+        self.issuer = Issuer(self.authority, TtlPolicy())
+        self.store = SecretStore(self.issuer, ttl=config.leaf_ttl)
+        self.front_door = UdsFrontDoor(
+            config.socket, mode=config.socket_mode, private_dir=config.private_dir
+        )
+        self.stats = XdsStats()
+        self.identity: SpiffeId | None = None
+        self.sds: SecretDiscoveryServicer | None = None
+        self.workload_api: WorkloadApiServicer | None = None
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.credential.establish)
+        except (CaRefused, CaUnavailable) as exc:
+            raise AgentError(f"cannot attest at meshca: {exc}") from None
+        entitled = await self._entitlements()
+        if len(entitled) != 1:
+            raise AgentError(
+                "this agent is in sidecar mode and needs exactly one workload identity; "
+                f"meshca entitles it to {len(entitled)}"
+            )
+        self.identity = entitled[0]
+        authenticator = SidecarAuthenticator(self.identity, self.front_door.peer_creds)
+        self.sds = SecretDiscoveryServicer(self.store, authenticator, lambda ns, svc: None)
+        self.workload_api = WorkloadApiServicer(self.store, authenticator)
+        self.store.start()
+        self.store.retain(self.identity)  # the agent exists for it: never swept as idle
+        server = grpc.aio.server()
+        add_sds_to_server(self.sds, server)
+        add_workload_api_to_server(self.workload_api, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_insecure_port(self.front_door.prepare())
+        await server.start()
+        self._server = server
+        await self.front_door.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [
+            asyncio.create_task(self.credential.run(), name="agent-svid"),
+            asyncio.create_task(self._poll(), name="agent-poll"),
+            asyncio.create_task(self._warm(), name="agent-warm"),
+        ]
+        log.info("serving %s on unix:%s", self.identity, self.config.socket)
+
+    async def _entitlements(self) -> tuple[SpiffeId, ...]:
+        state = await asyncio.to_thread(self.client.fetch_bundle)
+        return state.entitled
+
+    async def _warm(self) -> None:
+        """Get the workload's SVID before anyone asks, so it is cached if meshca goes down."""
+        assert self.identity is not None
+        while True:
+            try:
+                await self.store.svid(self.identity)
+                return
+            except IssuerError as exc:
+                log.warning("cannot get the SVID of %s yet: %s", self.identity, exc)
+                await asyncio.sleep(WARM_RETRY)
+
+    async def poll_once(self) -> None:
+        """Follow meshca: a changed bundle is pushed to every stream; SVIDs from a CA
+        meshca no longer signs with are renewed at once (so a root rotation's last step,
+        which drops the old root, finds nothing of this agent still under it)."""
+        state = await asyncio.to_thread(self.client.fetch_bundle)
+        if state.bundle != self.client.bundle:
+            self.client.use(bundle=state.bundle)
+            self.store.refresh_bundle()
+            log.info("trust bundle changed: %d roots", len(state.bundle))
+        svid = self.credential.svid
+        if svid is not None and not state.issued(svid):
+            await asyncio.to_thread(self.credential.renew_now)
+        stale = [sid for sid in self.store.identities() if not self._current(sid, state)]
+        for spiffe_id in stale:
+            await self.store.renew(spiffe_id)
+
+    def _current(self, spiffe_id: SpiffeId, state: ServerState) -> bool:
+        svid = self.store.cached(spiffe_id)
+        return svid is None or state.issued(svid)
+
+    async def _poll(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            try:
+                await self.poll_once()
+                if failures:
+                    log.info("meshca reachable again after %d failed poll(s)", failures)
+                failures = 0
+            except IssuerError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("cannot reach meshca (%s): serving cached SVIDs", exc)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.front_door.close()
+        if self._server is not None:
+            await self._server.stop(0)
+        if self.sds is not None:
+            self.sds.close()
+        self.store.stop()
+        self.client.close()
+
+    async def run(self, on_ready: Callable[[MeshcaAgent], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready(self)
+            await stop.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signum)
+            await self.stop()
