@@ -29,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from meshca.issuer import Issuer, IssuerError, TrustBundle, X509Svid
 from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, issued_at, renewal_time
 from meshca.spiffe import SpiffeId
+from meshca.util.formats import rfc3339, serial_hex
 from meshca.util.retry import Backoff
 
 log = logging.getLogger("meshca.store")
@@ -185,7 +186,7 @@ class SecretStore:
                 self._renewal_failed(spiffe_id, entry, exc)
                 if datetime.now(UTC) >= entry.svid.not_after:
                     raise SvidExpiredError(
-                        f"the SVID of {spiffe_id} expired at {entry.svid.not_after.isoformat()} "
+                        f"the SVID of {spiffe_id} expired at {rfc3339(entry.svid.not_after)} "
                         f"and cannot be renewed: {exc}"
                     ) from exc
                 return entry.svid  # due, unexpired: served through a backend outage
@@ -322,10 +323,20 @@ class SecretStore:
                     spiffe_id,
                     previous.failures,
                 )
-            log.info("renewed %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
+            log.info(
+                "renewed %s serial=%s not_after=%s",
+                spiffe_id,
+                serial_hex(svid.serial),
+                rfc3339(svid.not_after),
+            )
             self._notify(SvidChanged(svid))
         else:
-            log.info("issued %s serial=%x not_after=%s", spiffe_id, svid.serial, svid.not_after)
+            log.info(
+                "issued %s serial=%s not_after=%s",
+                spiffe_id,
+                serial_hex(svid.serial),
+                rfc3339(svid.not_after),
+            )
         self.refresh_bundle()
         return svid
 
@@ -366,7 +377,7 @@ class SecretStore:
                 "with backoff",
                 spiffe_id,
                 exc,
-                entry.svid.not_after.isoformat(),
+                rfc3339(entry.svid.not_after),
             )
         elif expired and not entry.expiry_reported:
             entry.expiry_reported = True
@@ -374,7 +385,7 @@ class SecretStore:
                 "the SVID of %s expired at %s and is no longer served; renewal keeps failing "
                 "(%d attempts, last: %s)",
                 spiffe_id,
-                entry.svid.not_after.isoformat(),
+                rfc3339(entry.svid.not_after),
                 entry.failures,
                 exc,
             )

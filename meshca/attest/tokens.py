@@ -25,6 +25,7 @@ from meshca.attest.state_file import (
     write_document,
 )
 from meshca.spiffe import SpiffeId
+from meshca.util.formats import rfc3339
 
 TOKENS_FILE = "tokens.json"
 TOKEN_BYTES = 32
@@ -146,7 +147,7 @@ class TokenStore:
             raise TokenError("join token refused: unknown, already used, or expired")
         if found.expires <= now:
             raise TokenError(
-                f"join token {found.id} refused: it expired at {found.expires.isoformat()}"
+                f"join token {found.id} refused: it expired at {rfc3339(found.expires)}"
             )
         return found
 

@@ -53,6 +53,7 @@ from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.issuer.verify import self_check, verify_chain
 from meshca.spiffe import TrustDomain
 from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
+from meshca.util.formats import name_text, rfc3339
 
 CA_DIR = "ca"
 BACKUP_DIR = "backup"
@@ -245,9 +246,9 @@ def read_cacerts(source: Path, trust_domain: TrustDomain) -> tuple[Signer, Trust
         raise CaError(f"{cert_file} is not a CA certificate (needs CA=true and keyCertSign)")
     now = utcnow()
     if now >= ca_cert.not_valid_after_utc:
-        raise CaError(f"{cert_file} expired at {ca_cert.not_valid_after_utc.isoformat()}")
+        raise CaError(f"{cert_file} expired at {rfc3339(ca_cert.not_valid_after_utc)}")
     if now < ca_cert.not_valid_before_utc:
-        raise CaError(f"{cert_file} is not valid before {ca_cert.not_valid_before_utc.isoformat()}")
+        raise CaError(f"{cert_file} is not valid before {rfc3339(ca_cert.not_valid_before_utc)}")
     bundle = TrustBundle.of(trust_domain, roots)
     root_ders = set(bundle.roots)
     intermediates = tuple(
@@ -312,7 +313,7 @@ def mint_own_intermediate(
             what = (
                 "the adopted CA"
                 if cert is path[0]
-                else f"the CA above it ({cert.subject.rfc4514_string()})"
+                else f"the CA above it ({name_text(cert.subject)})"
             )
             raise CaError(
                 f"{what} has path length {limit}: it may not sign this replica's own "

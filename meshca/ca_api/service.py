@@ -35,6 +35,7 @@ from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import SvidError
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError
+from meshca.util.formats import rfc3339, serial_hex
 
 log = logging.getLogger("meshca.ca_api")
 
@@ -148,7 +149,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
             await self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"agent {caller} reached its maximum age at {record.reattest_by.isoformat()}: "
+                f"agent {caller} reached its maximum age at {rfc3339(record.reattest_by)}: "
                 "attest again",
             )
         return record
@@ -192,7 +193,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
             agent_id,
             attestation.attestor,
             ", ".join(str(i) for i in record.entitled()) or "registration entries",
-            record.reattest_by.isoformat(),
+            rfc3339(record.reattest_by),
         )
         return self._response(svid, record)
 
@@ -210,10 +211,10 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {record.agent_id} is at its maximum age "
-                f"({record.reattest_by.isoformat()}): attest again",
+                f"({rfc3339(record.reattest_by)}): attest again",
             )
         svid = await self._sign(context, record.agent_id, csr, ttl)
-        log.info("renewed agent %s serial=%x", record.agent_id, svid.serial)
+        log.info("renewed agent %s serial=%s", record.agent_id, serial_hex(svid.serial))
         return self._response(svid, record)
 
     async def SignWorkload(
@@ -234,11 +235,11 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
         svid = await self._sign(context, spiffe_id, csr, ttl)
         log.info(
-            "signed %s for agent %s serial=%x not_after=%s",
+            "signed %s for agent %s serial=%s not_after=%s",
             spiffe_id,
             record.agent_id,
-            svid.serial,
-            svid.not_after.isoformat(),
+            serial_hex(svid.serial),
+            rfc3339(svid.not_after),
         )
         return self._response(svid, record)
 

@@ -22,6 +22,7 @@ from meshca.issuer.errors import IssuerError, SignerError
 from meshca.issuer.keys import PrivateKey, PublicKey
 from meshca.issuer.leaf_template import LeafTemplate
 from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.util.formats import rfc3339
 
 DEFAULT_SKEW = timedelta(minutes=1)
 
@@ -145,11 +146,9 @@ class Signer:
     def check_can_sign(self, now: datetime) -> None:
         not_before, not_after = self._validity
         if now >= not_after:
-            raise SignerError(
-                f"the signing CA expired at {not_after.isoformat()}; it signs nothing"
-            )
+            raise SignerError(f"the signing CA expired at {rfc3339(not_after)}; it signs nothing")
         if now < not_before:
-            raise SignerError(f"the signing CA is not valid before {not_before.isoformat()}")
+            raise SignerError(f"the signing CA is not valid before {rfc3339(not_before)}")
 
 
 def _leaf_template_for(

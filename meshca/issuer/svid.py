@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from meshca.issuer.errors import PemError, SvidError
 from meshca.issuer.keys import PrivateKey, key_type_of, private_key_pem
 from meshca.spiffe import SpiffeId, SpiffeIdError
+from meshca.util.formats import rfc3339, serial_hex
 
 # cryptography parses certificate fields lazily: a damaged field raises one of these
 # when it is first read, long after the PEM loaded.
@@ -118,7 +119,8 @@ class X509Svid:
     private_key: PrivateKey | None = None
 
     def __repr__(self) -> str:  # never show key material
-        return f"X509Svid({self.spiffe_id}, serial={self.serial:x}, not_after={self.not_after})"
+        serial, not_after = serial_hex(self.serial), rfc3339(self.not_after)
+        return f"X509Svid({self.spiffe_id}, serial={serial}, not_after={not_after})"
 
     @property
     def leaf(self) -> x509.Certificate:

@@ -14,6 +14,7 @@ from meshca.issuer.keys import generate_private_key, key_type_of
 from meshca.issuer.profile import Signer, build_leaf, utcnow
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId
+from meshca.util.formats import name_text
 
 MAX_CHAIN = 8
 
@@ -52,7 +53,7 @@ def verify_chain(
     for _ in range(MAX_CHAIN):
         if not (current.not_valid_before_utc <= now <= current.not_valid_after_utc):
             raise ChainError(
-                f"certificate {current.subject.rfc4514_string() or '(empty subject)'} "
+                f"certificate {name_text(current.subject) or '(empty subject)'} "
                 f"is outside its validity period"
             )
         for root in bundle:

@@ -15,6 +15,7 @@ from meshca.issuer.svid import fingerprint
 from meshca.rotation.journal import SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.util.durations import format_duration
+from meshca.util.formats import rfc3339
 
 log = logging.getLogger("meshca.rotation")
 
@@ -58,20 +59,20 @@ def expiry_warnings(
     expires = signer.not_after
     if replacement_problem is not None:
         warnings.append(
-            f"the signing CA expires at {expires.isoformat()} and no successor can be "
+            f"the signing CA expires at {rfc3339(expires)} and no successor can be "
             f"prepared ({replacement_problem}); every certificate meshca serves expires "
             "unrenewed by then"
         )
     elif expires - now < leaf_ttl:
         warnings.append(
-            f"the signing CA expires at {expires.isoformat()}, within one leaf lifetime "
+            f"the signing CA expires at {rfc3339(expires)}, within one leaf lifetime "
             f"({format_duration(leaf_ttl)}): new certificates are cut short to end with it"
         )
     notice = max(ROOT_EXPIRY_NOTICE, CA_TO_LEAF_TTL_RATIO * leaf_ttl)
     for root in bundle:
         if root.not_valid_after_utc - now < notice:
             warnings.append(
-                f"root {fingerprint(root)} expires at {root.not_valid_after_utc.isoformat()}: "
+                f"root {fingerprint(root)} expires at {rfc3339(root.not_valid_after_utc)}: "
                 "replace it before then ('meshca ca rotate-root')"
             )
     return warnings

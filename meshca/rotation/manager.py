@@ -54,6 +54,7 @@ from meshca.rotation.journal import (
     slot_record,
 )
 from meshca.store import SecretStore
+from meshca.util.formats import rfc3339
 
 log = logging.getLogger("meshca.rotation")
 
@@ -386,15 +387,15 @@ class RotationManager:
                 "prepared a signing CA under a new root in slot %s (the signing CA ends %s); "
                 "root %s (ends %s) added to the trust bundle",
                 slot_id,
-                ca.signer.not_after.isoformat(),
+                rfc3339(ca.signer.not_after),
                 fingerprint(ca.root),
-                ca.root.not_valid_after_utc.isoformat(),
+                rfc3339(ca.root.not_valid_after_utc),
             )
         else:
             log.info(
                 "prepared a new signing CA under the same root in slot %s (it ends %s)",
                 slot_id,
-                ca.signer.not_after.isoformat(),
+                rfc3339(ca.signer.not_after),
             )
         return record
 

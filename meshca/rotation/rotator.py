@@ -23,6 +23,7 @@ from meshca.issuer.svid import fingerprint
 from meshca.rotation.acks import bundle_holds, certificate_not_under
 from meshca.rotation.journal import RotationError, SlotKind, SlotRecord
 from meshca.rotation.manager import RotationManager, Schedule
+from meshca.util.formats import rfc3339
 
 log = logging.getLogger("meshca.rotation")
 
@@ -57,7 +58,7 @@ class Rotator:
                     "a root rotation is held at step %d while the signing CA nears its end "
                     "(%s): finish or roll it back",
                     journal.root_rotation.done,
-                    schedule.not_after.isoformat(),
+                    rfc3339(schedule.not_after),
                 )
             return self._next_look(now, [schedule.activate_at])
         due: list[datetime] = []
@@ -104,7 +105,7 @@ class Rotator:
                         "no new root can be prepared (%s): preparing a signing CA under the "
                         "current root meanwhile (it ends with the root)",
                         fingerprint(active.root),
-                        active.root.not_valid_after_utc.isoformat(),
+                        rfc3339(active.root.not_valid_after_utc),
                         notice,
                     )
                 self.root_notice = notice

@@ -8,6 +8,7 @@ from typing import Any
 from meshca.issuer.svid import fingerprint
 from meshca.rotation.journal import SigningCa, SlotKind
 from meshca.rotation.manager import RotationManager
+from meshca.util.formats import name_text, rfc3339
 
 
 def slot_label(kind: SlotKind, ca: SigningCa) -> str:
@@ -29,8 +30,8 @@ def rotation_status(manager: RotationManager, problem: str | None = None) -> dic
     roots = [
         {
             "fingerprint": fingerprint(root),
-            "subject": root.subject.rfc4514_string(),
-            "not_after": root.not_valid_after_utc.isoformat(),
+            "subject": name_text(root.subject),
+            "not_after": rfc3339(root.not_valid_after_utc),
             "served_under": len(manager.served_under(root)),
         }
         for root in journal.bundle
@@ -44,10 +45,10 @@ def rotation_status(manager: RotationManager, problem: str | None = None) -> dic
                 "status": record.status.value,
                 "kind": record.kind.value,
                 "what": slot_label(record.kind, ca),
-                "subject": ca.signer.certificate.subject.rfc4514_string(),
+                "subject": name_text(ca.signer.certificate.subject),
                 "root": fingerprint(ca.root),
-                "not_before": record.not_before.isoformat(),
-                "not_after": record.not_after.isoformat(),
+                "not_before": rfc3339(record.not_before),
+                "not_after": rfc3339(record.not_after),
             }
         )
     return {
@@ -56,8 +57,8 @@ def rotation_status(manager: RotationManager, problem: str | None = None) -> dic
         "slots": slots,
         "bundle": roots,
         "schedule": {
-            "prepare_at": schedule.prepare_at.isoformat(),
-            "activate_at": schedule.activate_at.isoformat(),
+            "prepare_at": rfc3339(schedule.prepare_at),
+            "activate_at": rfc3339(schedule.activate_at),
         },
         "pending": journal.pending.to_json() if journal.pending else None,
         "problem": problem

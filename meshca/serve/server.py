@@ -43,6 +43,7 @@ from meshca.serve.tls import ServingCredentials
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from meshca.util.durations import format_duration
+from meshca.util.formats import serial_hex
 from meshca.util.netaddr import format_address
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
@@ -291,7 +292,7 @@ class MeshcaServer:
             elif isinstance(event, BundleChanged):
                 credentials.update(bundle=event.bundle)
         if isinstance(event, SvidChanged) and event.spiffe_id == self.server_id:
-            log.info("serving certificate renewed: serial=%x", event.svid.serial)
+            log.info("serving certificate renewed: serial=%s", serial_hex(event.svid.serial))
         elif isinstance(event, BundleChanged):
             log.info("trust bundle changed: %d roots", len(event.bundle))
 

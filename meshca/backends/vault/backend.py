@@ -57,6 +57,7 @@ from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.issuer.verify import verify_chain
 from meshca.spiffe import TrustDomain
 from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir
+from meshca.util.formats import rfc3339, serial_hex
 from meshca.util.retry import Backoff
 
 log = logging.getLogger("meshca.backends.vault")
@@ -255,9 +256,9 @@ class VaultIntermediateAuthority(_VaultAuthority):
         """A new intermediate signed by Vault (not yet in use)."""
         signer = obtain_intermediate(self.pki, ttl)
         log.info(
-            "vault: obtained intermediate serial=%x not_after=%s",
-            signer.certificate.serial_number,
-            signer.not_after.isoformat(),
+            "vault: obtained intermediate serial=%s not_after=%s",
+            serial_hex(signer.certificate.serial_number),
+            rfc3339(signer.not_after),
         )
         return signer
 
@@ -447,6 +448,6 @@ def _check_lifetime(signer: Signer, leaf_ttl: timedelta | None) -> None:
             check_ca_covers_leaves(_remaining(signer), leaf_ttl)
         except TtlError as exc:
             raise BackendError(
-                f"vault: the intermediate Vault signed ends {signer.not_after.isoformat()}: {exc} "
+                f"vault: the intermediate Vault signed ends {rfc3339(signer.not_after)}: {exc} "
                 "(raise --vault-intermediate-ttl, or check the root's expiry in Vault)"
             ) from None

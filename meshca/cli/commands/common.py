@@ -6,10 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from datetime import datetime
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from meshca.backends.local import LocalCa, load_local_ca
 from meshca.cli.options import ConfigError, Settings, add_options
@@ -47,15 +43,6 @@ def open_ca(settings: Settings) -> LocalCa:
             f"{settings.source('trust_domain')} names {settings['trust_domain']}"
         )
     return ca
-
-
-def name_text(name: x509.Name) -> str:
-    """RFC 4514 text, with serialNumber spelled out (meshca's CA subjects carry one)."""
-    return name.rfc4514_string({NameOID.SERIAL_NUMBER: "serialNumber"})
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def write_out(text: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography import x509
 
 from meshca.backends.local import CA_KEY, ROOT_KEY, CaError, LocalCa, import_cacerts, init_local_ca
-from meshca.cli.commands.common import UsageError, add_command, name_text, rfc3339, write_out
+from meshca.cli.commands.common import UsageError, add_command, write_out
 from meshca.cli.commands.vault_backend import init_vault, uses_vault
 from meshca.cli.options import Settings
 from meshca.issuer import IssuerError
@@ -21,6 +21,7 @@ from meshca.issuer.policy import (
     check_ca_covers_leaves,
 )
 from meshca.issuer.svid import MALFORMED_CERTIFICATE, fingerprint
+from meshca.util.formats import name_text, rfc3339
 
 NAME = "init"
 

@@ -17,7 +17,7 @@ from typing import Any
 from cryptography import x509
 
 from meshca.backends.local import CaError, ca_exists, load_local_ca
-from meshca.cli.commands.common import add_command, name_text, rfc3339, write_out
+from meshca.cli.commands.common import add_command, write_out
 from meshca.cli.options import Settings
 from meshca.issuer.errors import ChainError, KeyTypeError, SvidError
 from meshca.issuer.keys import key_type_of
@@ -31,6 +31,7 @@ from meshca.issuer.svid import (
 from meshca.issuer.verify import verify_chain
 from meshca.spiffe import SpiffeId
 from meshca.util.durations import format_duration
+from meshca.util.formats import name_text, rfc3339, serial_hex
 
 NAME = "inspect"
 MAX_FILE_BYTES = 1024 * 1024
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     report: dict[str, Any] = {
         "spiffe_id": str(spiffe_id),
         "issuer": name_text(leaf.issuer),
-        "serial": f"{leaf.serial_number:x}",
+        "serial": serial_hex(leaf.serial_number),
         "not_before": rfc3339(leaf.not_valid_before_utc),
         "not_after": rfc3339(leaf.not_valid_after_utc),
         "time_left": _time_left(leaf, now),

@@ -7,7 +7,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.cli.commands.common import UsageError, add_command, rfc3339, write_out
+from meshca.cli.commands.common import UsageError, add_command, write_out
 from meshca.cli.commands.vault_backend import opened
 from meshca.cli.options import Settings
 from meshca.issuer import Issuer, TtlPolicy, X509Svid
@@ -16,6 +16,7 @@ from meshca.issuer.errors import CsrError
 from meshca.issuer.policy import DEFAULT_LEAF_TTL
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.files import PRIVATE, PUBLIC, atomic_write
+from meshca.util.formats import rfc3339, serial_hex
 
 NAME = "issue"
 CERT_FILE = "cert.pem"
@@ -114,7 +115,7 @@ def _json(svid: X509Svid, paths: dict[str, Path | None]) -> str:
     }
     document.update(
         spiffe_id=str(svid.spiffe_id),
-        serial=f"{svid.serial:x}",
+        serial=serial_hex(svid.serial),
         not_after=rfc3339(svid.not_after),
         key_type=svid.key_type,
     )
@@ -124,7 +125,7 @@ def _json(svid: X509Svid, paths: dict[str, Path | None]) -> str:
 def _text(svid: X509Svid, paths: dict[str, Path | None]) -> str:
     lines = [
         f"Issued {svid.spiffe_id}",
-        f"  serial:    {svid.serial:x}",
+        f"  serial:    {serial_hex(svid.serial)}",
         f"  not after: {rfc3339(svid.not_after)}",
         f"  key type:  {svid.key_type}",
     ]

@@ -11,8 +11,9 @@ import argparse
 import json
 
 from meshca.attest.tokens import TokenStore
-from meshca.cli.commands.common import UsageError, add_command, rfc3339, write_out
+from meshca.cli.commands.common import UsageError, add_command, write_out
 from meshca.cli.options import Settings, add_options
+from meshca.util.formats import rfc3339
 
 NAME = "token"
 
