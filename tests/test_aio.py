@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from grpc_health.v1.health import aio as health_aio
 
+from meshca.backends.opened import OpenedBackend
 from meshca.issuer import Issuer, SignerAuthority
 from meshca.serve.health import HealthMonitor
 from meshca.store import SecretStore
@@ -52,8 +53,10 @@ async def test_stop_ends_the_monitor_when_woken_at_the_same_moment() -> None:
     """A store event arriving just as the server stops used to leave the monitor looping
     (wait_for swallowed the cancel), so shutdown hung."""
     ca = make_ca()
-    store = SecretStore(Issuer(SignerAuthority(ca.signer, ca.bundle)))
-    monitor = HealthMonitor(health_aio.HealthServicer(), store.issuer.authority, store)
+    authority = SignerAuthority(ca.signer, ca.bundle)
+    store = SecretStore(Issuer(authority))
+    backend = OpenedBackend.in_process(authority)
+    monitor = HealthMonitor(health_aio.HealthServicer(), backend, store)
     await monitor.start()
     await asyncio.sleep(0)  # the monitor waits for its next wake-up
     monitor._wake.set()  # an event arrives just as the server stops

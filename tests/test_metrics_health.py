@@ -28,6 +28,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshca.backends.opened import OpenedBackend
 from meshca.backends.vault.backend import open_vault_authority
 from meshca.backends.vault.settings import VaultSettings
 from meshca.issuer import Issuer, Signer, SignerAuthority, TrustBundle
@@ -338,7 +339,7 @@ async def test_health_flips_when_the_signing_ca_expires_and_recovers_with_a_new_
     )
     client = client_svid_from(authority)
     async with (
-        served(config, authority=authority) as server,
+        served(config, backend=OpenedBackend.in_process(authority)) as server,
         health_channel(server) as probe,
         uds_channel(server) as main,
     ):
@@ -437,7 +438,7 @@ async def test_health_and_metrics_follow_a_real_vault_outage(root: Path) -> None
         )
         try:
             async with (
-                served(config, authority=authority) as server,
+                served(config, backend=authority.opened()) as server,
                 health_channel(server) as probe,
                 uds_channel(server) as main,
             ):

@@ -30,6 +30,8 @@ WAIT = 15.0  # an upper bound for a scheduled event to arrive, not an expectatio
 class CountingAuthority:
     """A real authority that counts what it signs."""
 
+    requires_csr = False
+
     def __init__(self, inner: SigningAuthority) -> None:
         self.inner = inner
         self.signed = 0

@@ -641,7 +641,7 @@ async def test_envoy_pair_loses_no_request_through_a_vault_outage_and_a_root_rot
             grace=0.0,
             backend_poll_interval=0.5,  # the server's poll of Vault's roots
         )
-        async with served(serve, authority=authority) as meshca:
+        async with served(serve, backend=authority.opened()) as meshca:
             web, buyer, buyer_port = _envoy_pair(root, serve.uds, app.port)  # type: ignore[arg-type]
             sender = threading.Thread(target=steady_requests, args=(buyer_port,))
             try:

@@ -273,7 +273,7 @@ async def serving(config: ServeConfig, authority: VaultAuthority) -> AsyncIterat
     from tests.serve_harness import served
 
     async with asyncio.timeout(SERVE_LIMIT) as deadline:
-        async with served(config, authority=authority) as meshca:
+        async with served(config, backend=authority.opened()) as meshca:
             yield meshca
     assert not deadline.expired(), f"the server did not stop within {SERVE_LIMIT:g}s"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from meshca.backends.opened import LocalCaRotation, OpenedBackend
 from meshca.issuer import (
     ChainError,
     IssuerError,
@@ -78,6 +79,9 @@ class CaMissingError(CaError):
     pass
 
 
+LOCAL = "local"  # the backend's name (a metrics label)
+
+
 @dataclass(frozen=True)
 class LocalCa:
     """A CA loaded from (or just written to) the data directory."""
@@ -90,6 +94,13 @@ class LocalCa:
 
     def authority(self) -> SignerAuthority:
         return SignerAuthority(self.signer, self.bundle)
+
+    def opened(self) -> OpenedBackend:
+        """The local backend: this CA signs in process (self-checked here), and rotation
+        renews it from the data directory's keys."""
+        authority = self.authority()
+        rotation = LocalCaRotation(self.directory.parent, authority)
+        return OpenedBackend(LOCAL, authority, signer=authority, rotation=rotation)
 
 
 def ca_directory(data_dir: Path) -> Path:

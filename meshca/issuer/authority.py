@@ -55,14 +55,16 @@ class LeafRequest:
 
 
 class SigningAuthority(Protocol):
-    """A root of trust that signs leaves. Implementations must be thread-safe.
-
-    An authority that needs a CSR signed by the leaf key (it signs remotely) sets a
-    ``requires_csr = True`` attribute; the Issuer then puts one in every request.
-    """
+    """A root of trust that signs leaves. Implementations must be thread-safe."""
 
     @property
     def trust_domain(self) -> TrustDomain: ...
+
+    @property
+    def requires_csr(self) -> bool:
+        """True for an authority that signs remotely (Vault per-workload) and wants proof
+        of possession: the Issuer then puts a CSR signed by the leaf key in every request."""
+        ...
 
     def sign(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
         """The signed leaf followed by the intermediates up to (not including) the root."""
@@ -78,6 +80,8 @@ class SignerAuthority:
     signed by a CA whose root is missing from the bundle served beside it. Readers take
     no lock; :meth:`activate` serialises switches.
     """
+
+    requires_csr = False  # the key is here: a public key is all it needs
 
     def __init__(self, signer: Signer, trust_bundle: TrustBundle) -> None:
         self_check(signer, trust_bundle)
@@ -189,7 +193,7 @@ class Issuer:
             resolved, names = self._checked(spiffe_id, ttl, dns_names)
             key = generate_private_key(key_type or self.default_key_type)
             csr = None
-            if getattr(self.authority, "requires_csr", False):
+            if self.authority.requires_csr:
                 csr = workload_csr(key, spiffe_id, names)
             request = LeafRequest(
                 spiffe_id, key.public_key(), resolved, names, self.policy.skew, csr

@@ -19,50 +19,15 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Protocol, runtime_checkable
 
-from meshca.issuer import IssuerError, Signer, SignerAuthority, TrustBundle
+from meshca.backends.opened import IntermediateCa
+from meshca.issuer import IssuerError, TrustBundle
 from meshca.issuer.svid import fingerprint
 from meshca.issuer.verify import self_check
 from meshca.rotation.journal import RotationError, SigningCa
 from meshca.rotation.manager import root_of
 
 log = logging.getLogger("meshca.rotation")
-
-
-@runtime_checkable
-class IntermediateBackend(Protocol):
-    """What rotation uses of a backend that has a remote CA sign meshca's intermediate
-    (``meshca.backends.vault.backend.VaultIntermediateAuthority``)."""
-
-    @property
-    def signer_authority(self) -> SignerAuthority: ...
-
-    @property
-    def healthy(self) -> bool:
-        """False while the backend is unreachable."""
-        ...
-
-    @property
-    def last_error(self) -> str | None:
-        """Why it is unreachable (stable while the outage lasts)."""
-        ...
-
-    def roots(self) -> TrustBundle:
-        """The backend's roots now (blocking; BackendUnavailable during an outage)."""
-        ...
-
-    def obtain_intermediate(self, ttl: timedelta | None = None) -> Signer:
-        """A new intermediate, signed by the backend (blocking)."""
-        ...
-
-    def save_state(self, signer: Signer, bundle: TrustBundle) -> None:
-        """Keep the active intermediate and bundle for the next start."""
-        ...
-
-    def describe(self) -> str:
-        """Where intermediates come from, for messages (``mount 'pki' at https://...``)."""
-        ...
 
 
 class VaultCaSource:
@@ -73,7 +38,7 @@ class VaultCaSource:
     once and retries on its schedule.
     """
 
-    def __init__(self, backend: IntermediateBackend, *, ca_ttl: timedelta | None = None) -> None:
+    def __init__(self, backend: IntermediateCa, *, ca_ttl: timedelta | None = None) -> None:
         self.backend = backend
         self.ca_ttl = ca_ttl
 

@@ -1,13 +1,14 @@
 """The server's poll of a backend's roots: a root added inside the backend (a new Vault
 issuer) reaches the trust bundle, and every proxy, without a restart.
 
-Backends whose bundle can change outside meshca offer ``refresh_bundle()`` (blocking:
-re-read the roots and adopt them). When the signing-CA rotation machinery manages the
-backend's CA (Vault's intermediate mode), the roots are read with the rotation
-service's ``backend_roots`` and handed to the manager, which keeps the journal, the
-authority and the store in step. Roots are read every ``interval`` seconds (60), and
-every ``outage_interval`` (5) while the backend reports itself unreachable. The local
-CA needs no poll: its bundle changes only through rotation, in this process.
+A backend whose bundle can change outside meshca declares it (``OpenedBackend.roots``,
+whose ``refresh_bundle()`` re-reads and adopts the roots, blocking). When the
+signing-CA rotation machinery manages the backend's CA (Vault's intermediate mode),
+the roots are read with the rotation service's ``backend_roots`` and handed to the
+manager, which keeps the journal, the authority and the store in step. Roots are read
+every ``interval`` seconds (60), and every ``outage_interval`` (5) while the backend
+reports itself unreachable. The local CA needs no poll: its bundle changes only through
+rotation, in this process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from meshca.issuer import IssuerError, SigningAuthority, TrustBundle
+from meshca.backends.opened import BackendHealth, OpenedBackend
+from meshca.issuer import IssuerError, TrustBundle
 from meshca.serve.config import DEFAULT_BACKEND_POLL_INTERVAL
 from meshca.serve.rotation import RotationService
 from meshca.store import SecretStore
@@ -31,13 +33,13 @@ DEFAULT_OUTAGE_INTERVAL = 5.0
 class BundlePoll:
     def __init__(
         self,
-        authority: SigningAuthority,
+        health: BackendHealth | None,
         poll: Callable[[], Awaitable[bool]],
         *,
         interval: float = DEFAULT_INTERVAL,
         outage_interval: float = DEFAULT_OUTAGE_INTERVAL,
     ) -> None:
-        self.authority = authority
+        self.health = health
         self._poll = poll
         self.interval = interval
         self.outage_interval = outage_interval
@@ -61,7 +63,8 @@ class BundlePoll:
         return changed
 
     def _healthy(self) -> bool:
-        return getattr(self.authority, "healthy", True) is not False and self._failing is None
+        reachable = self.health is None or self.health.healthy
+        return reachable and self._failing is None
 
     async def _run(self) -> None:
         while True:
@@ -81,14 +84,14 @@ class BundlePoll:
 
 
 def bundle_poll(
-    authority: SigningAuthority,
+    backend: OpenedBackend,
     store: SecretStore,
     rotation: RotationService | None,
     *,
     interval: float = DEFAULT_INTERVAL,
     outage_interval: float = DEFAULT_OUTAGE_INTERVAL,
 ) -> BundlePoll | None:
-    """The poll for ``authority``, or None when its bundle cannot change outside meshca."""
+    """The poll for ``backend``, or None when its bundle cannot change outside meshca."""
     intervals = {"interval": interval, "outage_interval": outage_interval}
     roots = rotation.backend_roots if rotation is not None else None
     if roots is not None and rotation is not None:
@@ -98,13 +101,13 @@ def bundle_poll(
         async def follow() -> bool:
             return await manager.follow_roots(await asyncio.to_thread(read_roots))
 
-        return BundlePoll(authority, follow, **intervals)
-    refresh = getattr(authority, "refresh_bundle", None)
-    if not callable(refresh):
+        return BundlePoll(backend.health, follow, **intervals)
+    source = backend.roots
+    if source is None:
         return None
 
     async def adopt() -> bool:
-        await asyncio.to_thread(refresh)
+        await asyncio.to_thread(source.refresh_bundle)
         return store.refresh_bundle()
 
-    return BundlePoll(authority, adopt, **intervals)
+    return BundlePoll(backend.health, adopt, **intervals)

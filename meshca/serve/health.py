@@ -37,9 +37,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshca.backends.opened import OpenedBackend
 from meshca.issuer import SignerError, SigningAuthority, TrustBundle, X509Svid
 from meshca.issuer.policy import issued_at
-from meshca.issuer.profile import DEFAULT_SKEW, Signer
+from meshca.issuer.profile import DEFAULT_SKEW
 from meshca.serve.config import DEFAULT_HEALTH_INTERVAL
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore, StoreEvent
@@ -75,17 +76,15 @@ def life_left(
 
 
 def backend_problem(
-    authority: SigningAuthority, now: datetime, last_failure: str | None = None
+    backend: OpenedBackend, now: datetime, last_failure: str | None = None
 ) -> str | None:
     """Why the backend cannot sign now, or None when it is reachable."""
-    healthy = getattr(authority, "healthy", None)
-    if healthy is False:
-        detail = getattr(authority, "last_error", None)
-        return f"the signing backend is unreachable ({detail or 'no answer'})"
-    signer = getattr(authority, "signer", None)
-    if isinstance(signer, Signer):
+    health = backend.health
+    if health is not None and not health.healthy:
+        return f"the signing backend is unreachable ({health.last_error or 'no answer'})"
+    if backend.signer is not None:
         try:
-            signer.check_can_sign(now)
+            backend.signer.signer.check_can_sign(now)
         except SignerError as exc:
             return str(exc)
     if last_failure is not None:
@@ -144,7 +143,7 @@ class HealthMonitor:
     def __init__(
         self,
         servicer: Any,  # grpc_health.v1.health.aio.HealthServicer (untyped)
-        authority: SigningAuthority,
+        backend: OpenedBackend,
         store: SecretStore,
         *,
         services: Sequence[str] = (),
@@ -155,7 +154,7 @@ class HealthMonitor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.servicer = servicer
-        self.authority = authority
+        self.backend = backend
         self.store = store
         self.services = ("", *services)
         self.backend_service = backend_service
@@ -200,7 +199,7 @@ class HealthMonitor:
         now = self.clock()
         with self._lock:
             last_failure = self._last_failure
-        backend = backend_problem(self.authority, now, last_failure)
+        backend = backend_problem(self.backend, now, last_failure)
         served: list[tuple[SpiffeId, X509Svid]] = []
         issued: dict[SpiffeId, datetime] = {}
         if backend is not None:  # served certificates matter only while nothing can be signed
@@ -214,7 +213,7 @@ class HealthMonitor:
         if self.serving_id is not None:
             own = (self.serving_id, self.store.cached(self.serving_id))
         return evaluate(
-            ca_loaded=ca_is_loaded(self.authority),
+            ca_loaded=ca_is_loaded(self.backend.authority),
             backend=backend,
             served=served,
             now=now,
@@ -243,7 +242,7 @@ class HealthMonitor:
                 )
             self._published = verdict.serving
         if self.backend_service is not None:
-            reachable = backend_problem(self.authority, self.clock()) is None
+            reachable = backend_problem(self.backend, self.clock()) is None
             if reachable != self._backend_published:
                 await self.servicer.set(self.backend_service, SERVING if reachable else NOT_SERVING)
                 self._backend_published = reachable

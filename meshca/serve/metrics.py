@@ -43,14 +43,13 @@ from prometheus_client.registry import Collector
 
 from meshca import __version__
 from meshca.backends.errors import BackendError, BackendUnavailable
+from meshca.backends.opened import OpenedBackend
 from meshca.issuer import (
     CsrError,
     IssuerError,
     SignerError,
-    SigningAuthority,
     TtlError,
 )
-from meshca.issuer.profile import Signer
 from meshca.store import SecretStore
 from meshca.xds.stats import XdsStats
 
@@ -66,17 +65,6 @@ POLICY_ERRORS: tuple[type[Exception], ...] = (TtlError, CsrError)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_READ_TIMEOUT = 10.0
 HTTP_MAX_HEAD = 16 * 1024
-
-
-def backend_name(authority: SigningAuthority) -> str:
-    """``local`` for a key held in the data directory, else the backend module's name."""
-    name = getattr(authority, "backend", None)
-    if isinstance(name, str) and name:
-        return name
-    module = type(authority).__module__
-    if module.startswith("meshca.backends."):
-        return module.removeprefix("meshca.backends.").split("_")[0].split(".")[0]
-    return "local"
 
 
 def error_kind(error: BaseException) -> str:
@@ -131,14 +119,14 @@ class _StateCollector(Collector):
         stats: XdsStats,
         engines: Mapping[str, StreamSource],
         store: SecretStore,
-        authority: SigningAuthority,
+        opened: OpenedBackend,
         health: HealthView | None,
     ) -> None:
         self.backend = backend
         self.stats = stats
         self.engines = dict(engines)
         self.store = store
-        self.authority = authority
+        self.opened = opened
         self.health = health
 
     def collect(self) -> Iterable[Metric]:
@@ -152,14 +140,13 @@ class _StateCollector(Collector):
             )
             serving.add_metric([], 1.0 if self.health.serving else 0.0)
             yield serving
-        healthy = getattr(self.authority, "healthy", None)
-        if isinstance(healthy, bool):
+        if self.opened.health is not None:
             family = GaugeMetricFamily(
                 "meshca_backend_healthy",
                 "1 while the signing backend answers, 0 during an outage",
                 labels=["backend"],
             )
-            family.add_metric([self.backend], 1.0 if healthy else 0.0)
+            family.add_metric([self.backend], 1.0 if self.opened.health.healthy else 0.0)
             yield family
 
     def _xds(self) -> Iterable[Metric]:
@@ -226,8 +213,8 @@ class _StateCollector(Collector):
             yield soonest
 
     def _ca(self) -> Iterable[Metric]:
-        signer = getattr(self.authority, "signer", None)
-        if isinstance(signer, Signer):
+        if self.opened.signer is not None:
+            signer = self.opened.signer.signer
             expiry = GaugeMetricFamily(
                 "meshca_signing_ca_expiry_timestamp_seconds",
                 "NotAfter of the CA that signs the certificates (unix seconds)",
@@ -300,13 +287,13 @@ class Metrics:
         stats: XdsStats,
         engines: Mapping[str, StreamSource],
         store: SecretStore,
-        authority: SigningAuthority,
+        backend: OpenedBackend,
         health: HealthView | None = None,
     ) -> None:
         """Read the server's state at scrape time, and time every ACK."""
         stats.ack_latency.observers.append(self.ack_seconds.observe)
         self.registry.register(
-            _StateCollector(self.backend, stats, engines, store, authority, health)
+            _StateCollector(self.backend, stats, engines, store, backend, health)
         )
 
     def exposition(self) -> bytes:

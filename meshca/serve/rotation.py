@@ -17,8 +17,13 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.backends.local import ca_exists, load_local_ca
-from meshca.issuer import SignerAuthority, SigningAuthority, TrustBundle
+from meshca.backends.opened import (
+    IntermediateCa,
+    IntermediateRotation,
+    LocalCaRotation,
+    OpenedBackend,
+)
+from meshca.issuer import SignerAuthority, TrustBundle
 from meshca.rotation.acks import AckTracker
 from meshca.rotation.admin import AdminServer, CaOperations
 from meshca.rotation.checks import startup_checks
@@ -34,7 +39,7 @@ from meshca.rotation.manager import (
 from meshca.rotation.operator import ADMIN_SOCKET
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.rotator import Rotator
-from meshca.rotation.vault_ca import IntermediateBackend, VaultCaSource
+from meshca.rotation.vault_ca import VaultCaSource
 from meshca.serve.config import ServeConfig
 from meshca.serve.engine_acks import Engine, EngineAcks
 from meshca.store import SecretStore
@@ -143,33 +148,33 @@ class RotationService:
 
 def open_rotation(
     data_dir: Path,
-    authority: SigningAuthority,
+    backend: OpenedBackend,
     store: SecretStore,
     engine: Engine,
     leaf_ttl: timedelta,
     options: RotationOptions | None = None,
 ) -> RotationService | None:
     """Rotation for a server, opened and checked (TtlError when the CA cannot cover the
-    leaves, RotationError for bad options): the data directory's local CA, or an
-    intermediate Vault signs. None when the authority holds no CA of its own (Vault's
-    per-workload mode), or when another process already rotates this data directory."""
+    leaves, RotationError for bad options), with the CA source the backend declares:
+    the data directory's keys, or intermediates Vault signs. None when the backend
+    declares none (Vault's per-workload mode holds no CA), or when another process
+    already rotates this data directory."""
     options = options or RotationOptions()
     policy = options.policy(leaf_ttl)
     acks = EngineAcks(engine, store)
-    if isinstance(authority, IntermediateBackend):
-        return _vault_rotation(data_dir, authority, store, acks, leaf_ttl, options, policy)
-    if not isinstance(authority, SignerAuthority) or not ca_exists(data_dir):
-        return None
-    if authority.bundle() != load_local_ca(data_dir).bundle:
-        return None
-    source = LocalCaSource(data_dir, authority.trust_domain, ca_ttl=options.ca_ttl)
-    service = _service(data_dir, authority, store, acks, source, options, policy)
-    return _opened(service, leaf_ttl, options.ca_ttl)
+    match backend.rotation:
+        case IntermediateRotation(intermediate):
+            return _vault_rotation(data_dir, intermediate, store, acks, leaf_ttl, options, policy)
+        case LocalCaRotation(ca_data_dir, authority):
+            source = LocalCaSource(ca_data_dir, authority.trust_domain, ca_ttl=options.ca_ttl)
+            service = _service(data_dir, authority, store, acks, source, options, policy)
+            return _opened(service, leaf_ttl, options.ca_ttl)
+    return None
 
 
 def _vault_rotation(
     data_dir: Path,
-    backend: IntermediateBackend,
+    backend: IntermediateCa,
     store: SecretStore,
     acks: AckTracker,
     leaf_ttl: timedelta,

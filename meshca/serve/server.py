@@ -25,11 +25,12 @@ from meshca.attest.attestor import JoinTokenAttestor
 from meshca.attest.records import AgentRecords
 from meshca.attest.tokens import TokenStore
 from meshca.backends.local import load_local_ca
+from meshca.backends.opened import OpenedBackend
 from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
 from meshca.ca_api.service import AgentCaServicer, add_agent_ca_to_server
 from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import Mesh
-from meshca.issuer import Issuer, IssuerError, SignerAuthority, SigningAuthority, TtlPolicy
+from meshca.issuer import Issuer, IssuerError, TtlPolicy
 from meshca.issuer.policy import check_ca_covers_leaves
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.serve.ads import MeshAds
@@ -37,7 +38,7 @@ from meshca.serve.bundle_poll import bundle_poll
 from meshca.serve.config import ServeConfig
 from meshca.serve.health import HealthMonitor, start_health_listener
 from meshca.serve.mesh_reload import MeshFile
-from meshca.serve.metrics import Metrics, MetricsServer, backend_name
+from meshca.serve.metrics import Metrics, MetricsServer
 from meshca.serve.rotation import RotationOptions, open_rotation
 from meshca.serve.tls import ServingCredentials
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -74,11 +75,11 @@ def default_dns_names(namespace: str) -> tuple[str, ...]:
     )
 
 
-def check_ca_lifetime(authority: SigningAuthority, leaf_ttl: timedelta) -> None:
+def check_ca_lifetime(backend: OpenedBackend, leaf_ttl: timedelta) -> None:
     """Refuse a signing CA that cannot cover the leaf rotation schedule (CA >= 6 x leaf)."""
-    if not isinstance(authority, SignerAuthority):
+    if backend.signer is None:
         return
-    cert = authority.signer.certificate
+    cert = backend.signer.signer.certificate
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     try:
         check_ca_covers_leaves(lifetime, leaf_ttl)
@@ -111,20 +112,22 @@ class EveryStream:
 class MeshcaServer:
     """The running server. ``start()`` then ``stop()``; ``run()`` does both around signals."""
 
-    def __init__(self, config: ServeConfig, *, authority: SigningAuthority | None = None) -> None:
+    def __init__(self, config: ServeConfig, *, backend: OpenedBackend | None = None) -> None:
         if config.listen is None and config.uds is None:
             raise ServeError("nothing to listen on: give --listen HOST:PORT and/or --uds PATH")
         self.config = config
-        if authority is None:
-            authority = load_local_ca(config.data_dir).authority()
+        if backend is None:  # the data directory's CA
+            backend = load_local_ca(config.data_dir).opened()
+        self.backend = backend
+        authority = backend.authority
         self.authority = authority
         self.trust_domain: TrustDomain = authority.trust_domain
-        check_ca_lifetime(authority, config.leaf_ttl)
+        check_ca_lifetime(backend, config.leaf_ttl)
         try:
             policy = TtlPolicy(default=config.leaf_ttl, maximum=config.max_leaf_ttl)
         except IssuerError as exc:
             raise ServeError(f"--leaf-ttl: {exc}") from None
-        self.metrics = Metrics(backend_name(authority))
+        self.metrics = Metrics(backend.name)
         self.issuer = Issuer(authority, policy, issue_observers=[self.metrics.observe_issue])
         self.server_id = config.server_id or default_server_id(
             self.trust_domain, config.server_namespace
@@ -169,20 +172,20 @@ class MeshcaServer:
         self.ads_servicer = AggregatedDiscoveryServicer(self.ads.engine, self.authenticator)
         self.rotation = open_rotation(  # the local CA's, or Vault's intermediate's
             config.data_dir,
-            authority,
+            backend,
             self.store,
             EveryStream((self.servicer.engine, self.ads.engine)),
             config.leaf_ttl,
             RotationOptions.of(config),
         )
         self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
-            authority, self.store, self.rotation, interval=config.backend_poll_interval
+            backend, self.store, self.rotation, interval=config.backend_poll_interval
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
         # One health state for the main server and the plaintext health listener.
         self.health_monitor = HealthMonitor(
             self.health,
-            authority,
+            backend,
             self.store,
             services=(SDS_SERVICE, ADS_SERVICE),
             backend_service=BACKEND_SERVICE,
@@ -194,7 +197,7 @@ class MeshcaServer:
             stats=self.stats,
             engines={"sds": self.servicer.engine, "ads": self.ads.engine},
             store=self.store,
-            authority=authority,
+            backend=backend,
             health=self.health_monitor,
         )
         self.metrics_server = MetricsServer(self.metrics)

@@ -31,6 +31,7 @@ from pathlib import Path
 from cryptography import x509
 
 from meshca.backends.errors import BackendError, BackendUnavailable
+from meshca.backends.opened import IntermediateRotation, OpenedBackend
 from meshca.backends.vault.client import VaultClient
 from meshca.backends.vault.pki import VaultPki
 from meshca.backends.vault.settings import VaultMode, VaultSettings
@@ -69,6 +70,9 @@ __all__ = [
     "VaultWorkloadAuthority",
     "open_vault_authority",
 ]
+
+
+VAULT = "vault"  # the backend's name (a metrics label)
 
 
 class _VaultAuthority:
@@ -120,6 +124,11 @@ class VaultWorkloadAuthority(_VaultAuthority):
 
     def bundle(self) -> TrustBundle:
         return self._bundle
+
+    def opened(self) -> OpenedBackend:
+        """This authority with what it can do: it can be unreachable, its roots change
+        inside Vault, and it is closed after use. It holds no key: nothing to rotate."""
+        return OpenedBackend(VAULT, self, health=self, roots=self, close=self.close)
 
     def refresh_bundle(self) -> TrustBundle:
         """Re-read the mount's roots (raises BackendUnavailable during an outage)."""
@@ -215,6 +224,20 @@ class VaultIntermediateAuthority(_VaultAuthority):
     @property
     def signer(self) -> Signer:
         return self._authority.signer
+
+    def opened(self) -> OpenedBackend:
+        """This authority with what it can do: it can be unreachable, its roots change
+        inside Vault, leaves are signed in process (by :attr:`signer_authority`),
+        rotation obtains the next intermediate here, and it is closed after use."""
+        return OpenedBackend(
+            VAULT,
+            self,
+            signer=self._authority,
+            health=self,
+            roots=self,
+            rotation=IntermediateRotation(self),
+            close=self.close,
+        )
 
     def bundle(self) -> TrustBundle:
         return self._authority.bundle()

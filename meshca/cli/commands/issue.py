@@ -79,7 +79,8 @@ def _read_csr(path: Path) -> bytes:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.csr is not None and hasattr(args, "key_type"):
         raise _usage("--key-type does not apply with --csr: the CSR's own key is certified")
-    with opened(settings) as authority:  # the local CA, or Vault
+    with opened(settings) as backend:  # the local CA, or Vault
+        authority = backend.authority
         spiffe_id = _requested_id(args, authority.trust_domain)
         maximum: timedelta = settings["max_leaf_ttl"]
         policy = TtlPolicy(default=min(DEFAULT_LEAF_TTL, maximum), maximum=maximum)

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from meshca.cli.commands.common import UsageError, add_command
-from meshca.cli.commands.vault_backend import close_authority, open_authority
+from meshca.cli.commands.vault_backend import open_backend
 from meshca.cli.options import ConfigError, Settings
 from meshca.serve.config import ServeConfig
 from meshca.util.logs import configure_logging
@@ -106,15 +106,15 @@ def _announce(server: MeshcaServer) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     config = config_from(settings)
     configure_logging(settings["log_level"], settings["log_format"])
-    authority = open_authority(settings, serving=True)  # the local CA, or Vault
+    backend = open_backend(settings, serving=True)  # the local CA, or Vault
     # gRPC and the event loop load only for the command that serves.
     import asyncio
 
     from meshca.serve.server import MeshcaServer
 
     try:
-        server = MeshcaServer(config, authority=authority)
+        server = MeshcaServer(config, backend=backend)
         asyncio.run(server.run(on_ready=_announce))
     finally:
-        close_authority(authority)
+        backend.close()
     return 0

@@ -1,5 +1,6 @@
-"""``--backend vault`` for the commands: settings from the option table, the authority
-and ``meshca init``'s check. Serving from Vault (the roots' poll, the backend's health,
+"""The backend for the commands, chosen once (``--backend``): the local CA or Vault,
+opened as an :class:`~meshca.backends.opened.OpenedBackend`; Vault's settings from the
+option table and ``meshca init``'s check. Serving from Vault (the roots' poll, the backend's health,
 rotation of the intermediate) is the server's, as for the local CA.
 
 Options set as flags, ``MESHCA_VAULT_*`` variables or config keys win; the standard
@@ -14,9 +15,10 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from meshca.backends.opened import OpenedBackend
 from meshca.cli.commands.common import open_ca, write_out
 from meshca.cli.options import Settings
-from meshca.issuer import IssuerError, SigningAuthority
+from meshca.issuer import IssuerError
 
 if TYPE_CHECKING:
     from meshca.backends.vault.settings import VaultSettings
@@ -47,11 +49,12 @@ def vault_settings(settings: Settings, environ: Mapping[str, str] | None = None)
     return VaultSettings.from_env(environ, **explicit)
 
 
-def open_authority(settings: Settings, *, serving: bool = False) -> SigningAuthority:
-    """The data directory's local CA, or Vault. A server also checks the intermediate's
-    lifetime against the leaf TTL and runs token renewal and outage recovery."""
+def open_backend(settings: Settings, *, serving: bool = False) -> OpenedBackend:
+    """The backend, chosen here once and opened with what it can do: the data
+    directory's local CA, or Vault. A server also checks a fresh intermediate's
+    remaining life against the leaf TTL and runs token renewal and outage recovery."""
     if not uses_vault(settings):
-        return open_ca(settings).authority()
+        return open_ca(settings).opened()
     from meshca.backends.vault.backend import open_vault_authority
 
     return open_vault_authority(
@@ -60,22 +63,16 @@ def open_authority(settings: Settings, *, serving: bool = False) -> SigningAutho
         state_dir=settings["data_dir"] / STATE_DIR,
         leaf_ttl=settings["leaf_ttl"] if serving else None,
         start=serving,
-    )
-
-
-def close_authority(authority: SigningAuthority) -> None:
-    close = getattr(authority, "close", None)
-    if callable(close):
-        close()
+    ).opened()
 
 
 @contextlib.contextmanager
-def opened(settings: Settings) -> Iterator[SigningAuthority]:
-    authority = open_authority(settings)
+def opened(settings: Settings) -> Iterator[OpenedBackend]:
+    backend = open_backend(settings)
     try:
-        yield authority
+        yield backend
     finally:
-        close_authority(authority)
+        backend.close()
 
 
 def init_vault(settings: Settings) -> int:
