@@ -57,6 +57,7 @@ class ServerState:
     entitled: tuple[SpiffeId, ...]
     reattest_by: datetime
     signing_chain: tuple[x509.Certificate, ...]
+    jwt_bundle: bytes = b""
 
     def issued(self, svid: X509Svid) -> bool:
         """Whether ``svid`` comes from the CA meshca signs with now (True when unknown)."""
@@ -183,4 +184,16 @@ class CaClient:
             tuple(SpiffeId.parse(i) for i in response.entitled),
             datetime.fromtimestamp(response.reattest_by, UTC),
             tuple(x509.load_der_x509_certificate(d) for d in response.signing_chain),
+            bytes(response.jwt_bundle),
         )
+
+    def sign_jwt(
+        self, spiffe_id: SpiffeId, audience: list[str], ttl: timedelta | None = None
+    ) -> tuple[str, datetime]:
+        seconds = int(ttl.total_seconds()) if ttl is not None else 0
+        request = ca_pb2.SignJwtRequest(
+            spiffe_id=str(spiffe_id), audience=audience, ttl_seconds=seconds
+        )
+        response = self._call("SignJwt", request, self._stub())
+        assert isinstance(response, ca_pb2.JwtResponse)
+        return response.token, datetime.fromtimestamp(response.expires_at, UTC)

@@ -26,6 +26,7 @@ from meshca.agent.authority import RemoteAuthority
 from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, ServerState
 from meshca.agent.callers import SidecarAuthenticator
 from meshca.agent.credential import AgentCredential, AgentError
+from meshca.agent.jwt import JwtSvids
 from meshca.agent.workload_api import WorkloadApiServicer, add_workload_api_to_server
 from meshca.issuer import Issuer, IssuerError, TrustBundle, TtlPolicy
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
@@ -68,6 +69,7 @@ class MeshcaAgent:
         self.authority = RemoteAuthority(self.client, config.leaf_ttl)
         self.issuer = Issuer(self.authority, TtlPolicy())
         self.store = SecretStore(self.issuer, ttl=config.leaf_ttl)
+        self.jwt = JwtSvids(self.client)
         self.front_door = UdsFrontDoor(
             config.socket, mode=config.socket_mode, private_dir=config.private_dir
         )
@@ -94,7 +96,7 @@ class MeshcaAgent:
         self.identity = entitled[0]
         authenticator = SidecarAuthenticator(self.identity, self.front_door.peer_creds)
         self.sds = SecretDiscoveryServicer(self.store, authenticator, lambda ns, svc: None)
-        self.workload_api = WorkloadApiServicer(self.store, authenticator)
+        self.workload_api = WorkloadApiServicer(self.store, authenticator, self.jwt)
         self.store.start()
         self.store.retain(self.identity)  # the agent exists for it: never swept as idle
         server = grpc.aio.server()
@@ -115,6 +117,7 @@ class MeshcaAgent:
 
     async def _entitlements(self) -> tuple[SpiffeId, ...]:
         state = await asyncio.to_thread(self.client.fetch_bundle)
+        self.jwt.update_bundle(state.jwt_bundle)
         return state.entitled
 
     async def _warm(self) -> None:
@@ -133,6 +136,7 @@ class MeshcaAgent:
         meshca no longer signs with are renewed at once (so a root rotation's last step,
         which drops the old root, finds nothing of this agent still under it)."""
         state = await asyncio.to_thread(self.client.fetch_bundle)
+        self.jwt.update_bundle(state.jwt_bundle)
         if state.bundle != self.client.bundle:
             self.client.use(bundle=state.bundle)
             self.store.refresh_bundle()

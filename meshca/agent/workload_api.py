@@ -21,9 +21,12 @@ from typing import Any
 import grpc
 import grpc.aio
 from cryptography.hazmat.primitives import serialization
+from google.protobuf import struct_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
+from meshca.agent.jwt import JwtSvids
 from meshca.issuer import IssuerError, TrustBundle, X509Svid
+from meshca.issuer.jwt_svid import JwtError
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from meshca.xds.auth import AuthError, CallerAuthenticator
@@ -55,9 +58,12 @@ def x509_svid_message(svid: X509Svid, bundle: TrustBundle) -> workload_pb2.X509S
 
 
 class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
-    def __init__(self, store: SecretStore, authenticator: CallerAuthenticator) -> None:
+    def __init__(
+        self, store: SecretStore, authenticator: CallerAuthenticator, jwt: JwtSvids
+    ) -> None:
         self.store = store
         self.authenticator = authenticator
+        self.jwt = jwt
         self.streams = 0
 
     async def _identities(self, context: Context) -> tuple[SpiffeId, ...]:
@@ -76,21 +82,25 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         return caller.identities
 
+    def _store_changes(
+        self, relevant: Callable[[StoreEvent], bool]
+    ) -> Callable[[Callable[[], None]], Callable[[], None]]:
+        def subscribe(wake: Callable[[], None]) -> Callable[[], None]:
+            return self.store.subscribe(lambda event: wake() if relevant(event) else None)
+
+        return subscribe
+
     async def _watch(
         self,
         context: Context,
         identities: tuple[SpiffeId, ...],
         build: Callable[[], Any],
-        relevant: Callable[[StoreEvent], bool],
+        subscribe: Callable[[Callable[[], None]], Callable[[], None]],
     ) -> None:
-        """Send ``build()`` now and after every relevant change, until the caller leaves."""
+        """Send ``build()`` now and after every change ``subscribe`` reports, until the
+        caller leaves; an unchanged message is not sent again."""
         changed = asyncio.Event()
-
-        def listen(event: StoreEvent) -> None:
-            if relevant(event):
-                changed.set()
-
-        unsubscribe = self.store.subscribe(listen)
+        unsubscribe = subscribe(changed.set)
         for identity in identities:
             self.store.retain(identity)
         self.streams += 1
@@ -128,7 +138,12 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 isinstance(event, SvidChanged) and event.spiffe_id in identities
             )
 
-        await self._watch(context, identities, lambda: self._x509_response(identities), relevant)
+        await self._watch(
+            context,
+            identities,
+            lambda: self._x509_response(identities),
+            self._store_changes(relevant),
+        )
 
     async def _bundles_response(self) -> workload_pb2.X509BundlesResponse:
         bundle = self.store.bundle()
@@ -137,8 +152,62 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     async def FetchX509Bundles(self, request: Any, context: Context) -> None:
         await self._identities(context)
         await self._watch(
-            context, (), self._bundles_response, lambda e: isinstance(e, BundleChanged)
+            context,
+            (),
+            self._bundles_response,
+            self._store_changes(lambda e: isinstance(e, BundleChanged)),
         )
+
+    # JWT-SVIDs ---------------------------------------------------------------------------
+    async def FetchJWTSVID(
+        self, request: workload_pb2.JWTSVIDRequest, context: Context
+    ) -> workload_pb2.JWTSVIDResponse:
+        identities = await self._identities(context)
+        audience = [a for a in request.audience if a]
+        if not audience:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        if request.spiffe_id:
+            wanted = [i for i in identities if str(i) == request.spiffe_id]
+            if not wanted:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "no identity issued for the requested SPIFFE ID",
+                )
+            identities = tuple(wanted)
+        svids = []
+        for identity in identities:
+            try:
+                token = await self.jwt.svid(identity, audience)
+            except JwtError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except IssuerError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            svids.append(workload_pb2.JWTSVID(spiffe_id=str(identity), svid=token))
+        return workload_pb2.JWTSVIDResponse(svids=svids)
+
+    async def _jwt_bundles_response(self) -> workload_pb2.JWTBundlesResponse:
+        td = self.store.issuer.trust_domain
+        return workload_pb2.JWTBundlesResponse(bundles={td.id: self.jwt.bundle})
+
+    async def FetchJWTBundles(self, request: Any, context: Context) -> None:
+        await self._identities(context)
+        await self._watch(context, (), self._jwt_bundles_response, self.jwt.subscribe)
+
+    async def ValidateJWTSVID(
+        self, request: workload_pb2.ValidateJWTSVIDRequest, context: Context
+    ) -> workload_pb2.ValidateJWTSVIDResponse:
+        await self._identities(context)
+        if not request.audience:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        if not request.svid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        try:
+            spiffe_id, claims = self.jwt.validate(request.svid, request.audience)
+        except JwtError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        struct = struct_pb2.Struct()
+        struct.update(claims)
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(spiffe_id), claims=struct)
 
 
 def add_workload_api_to_server(servicer: WorkloadApiServicer, server: grpc.aio.Server) -> None:

@@ -6,6 +6,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SignJwtRequest(_message.Message):
+    __slots__ = ("spiffe_id", "audience", "ttl_seconds")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    audience: _containers.RepeatedScalarFieldContainer[str]
+    ttl_seconds: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class JwtResponse(_message.Message):
+    __slots__ = ("token", "expires_at")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_at: int
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
 class AttestAgentRequest(_message.Message):
     __slots__ = ("attestor", "evidence", "csr")
     ATTESTOR_FIELD_NUMBER: _ClassVar[int]
@@ -51,13 +69,15 @@ class SvidResponse(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...
 
 class BundleResponse(_message.Message):
-    __slots__ = ("bundle", "entitled", "reattest_by", "signing_chain")
+    __slots__ = ("bundle", "entitled", "reattest_by", "signing_chain", "jwt_bundle")
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     ENTITLED_FIELD_NUMBER: _ClassVar[int]
     REATTEST_BY_FIELD_NUMBER: _ClassVar[int]
     SIGNING_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    JWT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     bundle: _containers.RepeatedScalarFieldContainer[bytes]
     entitled: _containers.RepeatedScalarFieldContainer[str]
     reattest_by: int
     signing_chain: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ..., signing_chain: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    jwt_bundle: bytes
+    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ..., signing_chain: _Optional[_Iterable[bytes]] = ..., jwt_bundle: _Optional[bytes] = ...) -> None: ...

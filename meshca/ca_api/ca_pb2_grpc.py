@@ -54,6 +54,11 @@ class AgentCAStub:
                 request_serializer=meshca_dot_ca__api_dot_ca__pb2.GetBundleRequest.SerializeToString,
                 response_deserializer=meshca_dot_ca__api_dot_ca__pb2.BundleResponse.FromString,
                 _registered_method=True)
+        self.SignJwt = channel.unary_unary(
+                '/meshca.ca.v1.AgentCA/SignJwt',
+                request_serializer=meshca_dot_ca__api_dot_ca__pb2.SignJwtRequest.SerializeToString,
+                response_deserializer=meshca_dot_ca__api_dot_ca__pb2.JwtResponse.FromString,
+                _registered_method=True)
 
 
 class AgentCAServicer:
@@ -88,6 +93,13 @@ class AgentCAServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignJwt(self, request, context):
+        """Sign a JWT-SVID (ES256) for an identity the calling agent is entitled to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentCAServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_AgentCAServicer_to_server(servicer, server):
                     servicer.GetBundle,
                     request_deserializer=meshca_dot_ca__api_dot_ca__pb2.GetBundleRequest.FromString,
                     response_serializer=meshca_dot_ca__api_dot_ca__pb2.BundleResponse.SerializeToString,
+            ),
+            'SignJwt': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignJwt,
+                    request_deserializer=meshca_dot_ca__api_dot_ca__pb2.SignJwtRequest.FromString,
+                    response_serializer=meshca_dot_ca__api_dot_ca__pb2.JwtResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class AgentCA:
             '/meshca.ca.v1.AgentCA/GetBundle',
             meshca_dot_ca__api_dot_ca__pb2.GetBundleRequest.SerializeToString,
             meshca_dot_ca__api_dot_ca__pb2.BundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignJwt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshca.ca.v1.AgentCA/SignJwt',
+            meshca_dot_ca__api_dot_ca__pb2.SignJwtRequest.SerializeToString,
+            meshca_dot_ca__api_dot_ca__pb2.JwtResponse.FromString,
             options,
             channel_credentials,
             insecure,

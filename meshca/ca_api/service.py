@@ -33,6 +33,7 @@ from meshca.ca_api import ca_pb2, ca_pb2_grpc
 from meshca.issuer import Issuer, IssuerError, SignerAuthority, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import SvidError
+from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtError, JwtSigner, jwt_bundle_json
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError
 from meshca.util.formats import rfc3339, serial_hex
@@ -60,6 +61,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         *,
         agent_ttl: timedelta = DEFAULT_AGENT_TTL,
         agent_max_age: timedelta = DEFAULT_AGENT_MAX_AGE,
+        jwt_signer: JwtSigner | None = None,
     ) -> None:
         if agent_ttl < MIN_AGENT_TTL or agent_max_age < agent_ttl:
             raise ValueError("the agent TTL must be at least 1m and at most the agent max age")
@@ -69,6 +71,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         self.agent_ttl = agent_ttl
         self.agent_max_age = agent_max_age
         self.trust_domain = issuer.trust_domain
+        self.jwt_signer = jwt_signer
         self.refusals = 0
 
     # --- shared pieces ----------------------------------------------------------------
@@ -111,6 +114,21 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
             entitled=[str(i) for i in record.entitled()],
             reattest_by=int(record.reattest_by.timestamp()),
         )
+
+    async def _entitled(self, context: Context, record: AgentRecord, text: str) -> SpiffeId:
+        """The SPIFFE ID ``text`` names, when the agent is entitled to it; else the call ends
+        (PERMISSION_DENIED, logged)."""
+        try:
+            spiffe_id = SpiffeId.parse(text)
+        except SpiffeIdError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
+        if spiffe_id not in record.entitled():
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {record.agent_id} is not entitled to {spiffe_id}",
+            )
+        return spiffe_id
 
     async def _agent(self, context: Context) -> AgentRecord:
         """The calling agent's record: mutual TLS with a current agent SVID, or the call ends."""
@@ -221,16 +239,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         self, request: ca_pb2.SignWorkloadRequest, context: Context
     ) -> ca_pb2.SvidResponse:
         record = await self._agent(context)
-        try:
-            spiffe_id = SpiffeId.parse(request.spiffe_id)
-        except SpiffeIdError as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
-        if spiffe_id not in record.entitled():
-            await self._refuse(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"agent {record.agent_id} is not entitled to {spiffe_id}",
-            )
+        spiffe_id = await self._entitled(context, record, request.spiffe_id)
         csr = await self._checked_csr(context, request.csr, spiffe_id)
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
         svid = await self._sign(context, spiffe_id, csr, ttl)
@@ -258,7 +267,27 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
             entitled=[str(i) for i in record.entitled()],
             reattest_by=int(record.reattest_by.timestamp()),
             signing_chain=[c.public_bytes(serialization.Encoding.DER) for c in chain],
+            jwt_bundle=self._jwt_bundle(),
         )
+
+    def _jwt_bundle(self) -> bytes:
+        keys = [self.jwt_signer.key.public_key()] if self.jwt_signer is not None else []
+        return jwt_bundle_json(keys)
+
+    async def SignJwt(self, request: ca_pb2.SignJwtRequest, context: Context) -> ca_pb2.JwtResponse:
+        record = await self._agent(context)
+        spiffe_id = await self._entitled(context, record, request.spiffe_id)
+        if self.jwt_signer is None:
+            await self._refuse(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "this server signs no JWT-SVIDs"
+            )
+        ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_JWT_TTL
+        try:
+            token, expires = self.jwt_signer.sign(spiffe_id, list(request.audience), ttl)
+        except JwtError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("signed a JWT-SVID for %s (agent %s)", spiffe_id, record.agent_id)
+        return ca_pb2.JwtResponse(token=token, expires_at=int(expires.timestamp()))
 
 
 def add_agent_ca_to_server(servicer: AgentCaServicer, server: grpc.aio.Server) -> None:

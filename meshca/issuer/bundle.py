@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,14 +98,23 @@ class TrustBundle:
         return certificates_pem(self.roots)
 
     def jwks(
-        self, sequence: int = 1, refresh_hint: int = DEFAULT_REFRESH_HINT_SECONDS
+        self,
+        sequence: int = 1,
+        refresh_hint: int = DEFAULT_REFRESH_HINT_SECONDS,
+        jwt_authorities: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
-        """The SPIFFE bundle format (a JWK Set with ``x509-svid`` keys)."""
+        """The SPIFFE bundle format: a JWK Set with the ``x509-svid`` roots, then the
+        ``jwt-svid`` authorities given."""
         return {
-            "keys": [_jwk(cert) for cert in self.roots],
+            "keys": [*(_jwk(cert) for cert in self.roots), *jwt_authorities],
             "spiffe_sequence": sequence,
             "spiffe_refresh_hint": refresh_hint,
         }
 
-    def jwks_json(self, sequence: int = 1, refresh_hint: int = DEFAULT_REFRESH_HINT_SECONDS) -> str:
-        return json.dumps(self.jwks(sequence, refresh_hint), indent=2) + "\n"
+    def jwks_json(
+        self,
+        sequence: int = 1,
+        refresh_hint: int = DEFAULT_REFRESH_HINT_SECONDS,
+        jwt_authorities: Sequence[dict[str, Any]] = (),
+    ) -> str:
+        return json.dumps(self.jwks(sequence, refresh_hint, jwt_authorities), indent=2) + "\n"

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from meshca.attest.attestor import JoinTokenAttestor
 from meshca.attest.records import AgentRecords
 from meshca.attest.tokens import TokenStore
+from meshca.backends.jwt_key import load_or_create_jwt_signer
 from meshca.backends.local import load_local_ca
 from meshca.backends.opened import OpenedBackend
 from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
@@ -224,6 +225,7 @@ class MeshcaServer:
                 [JoinTokenAttestor(TokenStore(config.data_dir))],
                 agent_ttl=config.agent_ttl,
                 agent_max_age=config.agent_max_age,
+                jwt_signer=load_or_create_jwt_signer(config.data_dir),
             )
         except ValueError as exc:
             raise ServeError(f"--agent-ttl / --agent-max-age: {exc}") from None

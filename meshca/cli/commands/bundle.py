@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from meshca.backends.jwt_key import load_jwt_signer
 from meshca.cli.commands.common import add_command, open_ca, write_out
 from meshca.cli.options import Settings
+from meshca.issuer.jwt_svid import jwt_authority_jwk
 from meshca.util.files import PUBLIC, atomic_write
 
 NAME = "bundle"
@@ -21,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         summary="print the trust bundle",
         description=(
             "Print the trust bundle (the root certificates peers validate SVIDs against) "
-            "as PEM, or as a SPIFFE bundle: a JWK Set with one x509-svid key per root."
+            "as PEM, or as a SPIFFE bundle: a JWK Set with one x509-svid key per root and, "
+            "once 'meshca serve' has created it, the jwt-svid key that signs JWT-SVIDs."
         ),
     )
     parser.add_argument("--format", choices=FORMATS, default="pem", help="output format")
@@ -32,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     bundle = open_ca(settings).bundle
-    text = bundle.jwks_json() if args.format == "jwks" else bundle.pem().decode()
+    if args.format == "jwks":
+        signer = load_jwt_signer(settings["data_dir"])
+        authorities = [jwt_authority_jwk(signer.key.public_key())] if signer else []
+        text = bundle.jwks_json(jwt_authorities=authorities)
+    else:
+        text = bundle.pem().decode()
     if args.out is not None:
         atomic_write(args.out, text.encode(), PUBLIC)
     else:
