@@ -29,6 +29,7 @@ from meshca.issuer.keys import (
 from meshca.issuer.policy import issued_at, renewal_time
 from meshca.issuer.svid import certificates_pem, load_certificates_pem, spiffe_id_of
 from meshca.util.files import PRIVATE, atomic_write, ensure_private_dir
+from meshca.util.formats import rfc3339, serial_hex
 from meshca.util.retry import Backoff
 
 log = logging.getLogger("meshca.agent")
@@ -115,7 +116,7 @@ class AgentCredential:
             "attested as %s; entitled to %s; must attest again by %s",
             signed.svid.spiffe_id,
             ", ".join(str(i) for i in signed.entitled) or "nothing yet",
-            signed.reattest_by.isoformat(),
+            rfc3339(signed.reattest_by),
         )
         return signed
 
@@ -148,7 +149,9 @@ class AgentCredential:
         self.renewals += 1
         assert self.svid is not None
         log.info(
-            "agent SVID renewed: serial=%x not_after=%s", self.svid.serial, self.svid.not_after
+            "agent SVID renewed: serial=%s not_after=%s",
+            serial_hex(self.svid.serial),
+            rfc3339(self.svid.not_after),
         )
         return self.svid
 

@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import NoReturn, cast
 
 from meshca import __version__
@@ -28,6 +29,31 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Unknown arguments are reported before missing ones (``issue --bogus`` names
+        ``--bogus``, not a missing ``--out``), by the (sub)command they were given to,
+        so the hint names that command's help."""
+        required = [action for action in self._actions if action.required]
+        for action in required:
+            action.required = False
+        try:
+            parsed, extras = super().parse_known_args(args, namespace)
+        finally:
+            for action in required:
+                action.required = True
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        missing = [a for a in required if getattr(parsed, a.dest, None) is None]
+        if missing:
+            names = ", ".join(
+                "/".join(a.option_strings) or a.metavar or a.dest  # type: ignore[misc]
+                for a in missing
+            )
+            self.error(f"the following arguments are required: {names}")
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

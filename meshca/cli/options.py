@@ -279,7 +279,9 @@ OPTIONS: tuple[Option, ...] = (
         "mesh",
         _path,
         None,
-        "mesh file (services and the service accounts behind them), reloaded on change",
+        "mesh file (YAML: workloads, services, traffic splits, access policies; "
+        "docs/mesh.md), from which each proxy's configuration is generated; reloaded on "
+        "change",
         ("serve",),
         metavar="FILE",
         is_path=True,

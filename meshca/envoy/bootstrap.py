@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 
+from meshca.issuer.errors import SvidError
+from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 from meshca.util.netaddr import format_address
 from meshca.xds.resources import TYPE_PREFIX
@@ -115,6 +118,9 @@ def parse_server_address(text: str) -> ServerAddress:
     return parse_host_port(text)
 
 
+MAX_CERT_FILE_BYTES = 1 << 20  # a certificate chain is a few KiB
+
+
 @dataclass(frozen=True)
 class ClientTls:
     """The bootstrap certificate Envoy presents to meshca over TCP (``meshca issue`` output)."""
@@ -124,7 +130,10 @@ class ClientTls:
     bundle: Path
 
     @classmethod
-    def from_dir(cls, cert_dir: Path) -> ClientTls:
+    def from_dir(cls, cert_dir: Path, identity: SpiffeId | None = None) -> ClientTls:
+        """The files in ``cert_dir``; with ``identity``, its certificate must be that
+        identity's (meshca refuses an Envoy whose certificate names another one, which
+        would otherwise show only when Envoy connects)."""
         directory = Path(cert_dir).absolute()
         files = [directory / name for name in (CERT_FILE, KEY_FILE, BUNDLE_FILE)]
         missing = [f.name for f in files if not f.is_file()]
@@ -133,7 +142,28 @@ class ClientTls:
                 f"--cert-dir {directory}: missing {', '.join(missing)} "
                 "(write them with 'meshca issue IDENTITY --out DIR')"
             )
+        if identity is not None:
+            found = _certified_identity(files[0])
+            if found != identity:
+                raise BootstrapError(
+                    f"--cert-dir {directory}: {CERT_FILE} is for {found}, not {identity} "
+                    f"(write one with 'meshca issue {identity} --out DIR')"
+                )
         return cls(*files)
+
+
+def _certified_identity(path: Path) -> SpiffeId:
+    """The SPIFFE ID of the first certificate in ``path`` (a PEM file of bounded size)."""
+    with path.open("rb") as file:
+        data = file.read(MAX_CERT_FILE_BYTES + 1)
+    try:
+        if len(data) > MAX_CERT_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_CERT_FILE_BYTES} bytes")
+        return spiffe_id_of(x509.load_pem_x509_certificate(data))
+    except SvidError as exc:
+        raise BootstrapError(f"{path}: {exc}") from None
+    except ValueError as exc:
+        raise BootstrapError(f"{path}: not a PEM certificate ({exc})") from None
 
 
 @dataclass(frozen=True)

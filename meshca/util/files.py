@@ -164,8 +164,12 @@ def fsync_directory(directory: Path) -> None:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 if missing; tighten it if it exists."""
+    """Create ``path`` with mode 0700 if missing, and its missing parents too (they are
+    meshca's: the data directory above ``vault/`` or ``rotation/``); tighten ``path``
+    if it exists."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in reversed([path, *path.parents]):
+        if not directory.exists():
+            directory.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     return path

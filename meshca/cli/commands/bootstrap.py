@@ -118,7 +118,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
                 f"--server {server} is TCP, where meshca requires a client certificate: "
                 "give --cert-dir with the files of 'meshca issue IDENTITY --out DIR'"
             )
-        client_tls = ClientTls.from_dir(cert_dir)
+        client_tls = ClientTls.from_dir(cert_dir, identity)
     server_id = settings["server_id"] or default_server_id(
         identity.trust_domain, settings["server_namespace"]
     )

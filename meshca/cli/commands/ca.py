@@ -43,10 +43,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = parser.add_subparsers(title="actions", dest="ca_action", metavar="ACTION")
     actions.required = True
     status = actions.add_parser(
-        "status", help="slots, trust bundle, rotation stage, proxies still to ACK"
+        "status",
+        help="slots, trust bundle, rotation stage, proxies still to ACK",
+        description=(
+            "Show the CA slots (active, prepared, retired), the trust bundle's roots and "
+            "how many served SVIDs chain to each, the rotation schedule, a root rotation's "
+            "stage and the proxies that still have to ACK it. Read-only."
+        ),
     )
     status.add_argument("--json", action="store_true", help="print JSON")
-    rotate = actions.add_parser("rotate", help="a new signing CA under the same root, signing now")
+    rotate = actions.add_parser(
+        "rotate",
+        help="a new signing CA under the same root, signing now",
+        description=(
+            "Make a new signing CA under the same root and sign with it now (the trust "
+            "bundle does not change; served SVIDs move to it at their next renewal). Needs "
+            "the root key (<data-dir>/ca/root-key.pem): with the root offline, or when the "
+            "root signs directly, use rotate-root."
+        ),
+    )
     rotate_root = actions.add_parser(
         "rotate-root",
         help="replace the root: every step, one --step, or --rollback",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from meshca.cli.commands.common import UsageError, add_command
@@ -44,6 +45,14 @@ def config_from(settings: Settings) -> ServeConfig:
             "nothing to listen on: give --listen HOST:PORT and/or --uds PATH "
             f"(see 'meshca {NAME} --help')"
         )
+    if uds is None:
+        for name in ("uds_identity", "uds_mode"):
+            if settings.source(name) not in ("unset", "default"):
+                print(
+                    f"meshca: warning: {name} ({settings.source(name)}) has no effect without "
+                    "uds (--uds PATH): no Unix socket is served",
+                    file=sys.stderr,
+                )
     prepare, activate = settings["rotation_prepare_at"], settings["rotation_activate_at"]
     if prepare >= activate:
         raise ConfigError(
