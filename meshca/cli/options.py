@@ -386,8 +386,9 @@ OPTIONS: tuple[Option, ...] = (
         "rotation_resume_grace",
         parse_delay,
         "15s",
-        "after a restart, how long proxies get to reconnect before an interrupted root "
-        "rotation judges who has ACKed (0s: at once)",
+        "after a restart with no record of the connected proxies (a journal from an older "
+        "version), how long proxies get to reconnect before an interrupted root rotation "
+        "judges who has ACKed (0s: at once)",
         ("serve",),
         metavar="D",
     ),

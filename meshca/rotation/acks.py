@@ -53,6 +53,12 @@ class AckTracker(Protocol):
         rotation waits."""
         ...
 
+    def connected(self) -> dict[str, int]:
+        """Every connected proxy, named the same way across its reconnections (node id
+        and identities, no peer address), with how many streams it has open (Envoy opens
+        one per secret): what a restart waits to see again."""
+        ...
+
 
 class NoProxies:
     """The tracker when no server runs: nobody is connected, so nobody is waited for."""
@@ -62,6 +68,9 @@ class NoProxies:
 
     def refusing(self) -> list[str]:
         return []
+
+    def connected(self) -> dict[str, int]:
+        return {}
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

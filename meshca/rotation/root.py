@@ -40,6 +40,7 @@ from meshca.rotation.journal import (
 )
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.operator import LAST_STEP
+from meshca.rotation.proxies import ProxyRecord
 from meshca.rotation.rotator import Rotator
 
 log = logging.getLogger("meshca.rotation")
@@ -120,6 +121,11 @@ class RootRotation:
         # Until then (monotonic), no wait is judged complete: after a restart, proxies
         # connected before it may not have reconnected yet, and would not be counted.
         self._reconnect_until = 0.0
+        # Who was connected, recorded beside the journal; after a restart, the recorded
+        # proxies not seen back yet (each wait holds for them, within its timeout).
+        self.record = ProxyRecord(manager.journals.directory)
+        self._expected: dict[str, int] = {}  # name -> streams it had open
+        self._timeout: timedelta | None = None  # of the operator's last command
 
     @property
     def state(self) -> RootRotationState | None:
@@ -189,6 +195,51 @@ class RootRotation:
         root, or trust only the old root."""
         self._reconnect_until = max(self._reconnect_until, time.monotonic() + grace)
 
+    def record_connected(self) -> None:
+        """While a root rotation is in progress, record who is connected (and who is
+        still expected back) beside the journal; once none is, remove the record."""
+        if self.state is None:
+            self.record.remove()
+            return
+        connected = self.manager.acks.connected()
+        self._back(connected)
+        timeout = self._timeout.total_seconds() if self._timeout is not None else None
+        for name, streams in self._expected.items():  # still expected back: kept
+            connected[name] = max(streams, connected.get(name, 0))
+        self.record.save(connected, timeout)
+
+    def expect_recorded(self) -> bool:
+        """After a restart: wait for the proxies recorded before it (each wait holds until
+        they are back and have acknowledged, within its timeout). False when there is no
+        record to go by (then :meth:`hold_for_reconnects` is the fallback)."""
+        recorded = self.record.load()
+        if self.state is None:
+            self.record.remove()
+            return False
+        if recorded is None:
+            return False
+        self._expected = dict(recorded.proxies)
+        if recorded.timeout is not None:
+            self._timeout = timedelta(seconds=recorded.timeout)
+        log.info(
+            "a root rotation is in progress: its waits hold for the %d proxies connected "
+            "before the restart until they are back and have acknowledged",
+            len(self._expected),
+        )
+        return True
+
+    def _back(self, connected: dict[str, int] | None = None) -> list[str]:
+        """The recorded proxies not connected again since the restart with as many
+        streams as before, as waits name them."""
+        if not self._expected:
+            return []
+        now = self.manager.acks.connected() if connected is None else connected
+        self._expected = {k: n for k, n in self._expected.items() if now.get(k, 0) < n}
+        return [
+            f"{name} (not reconnected since the restart: {now.get(name, 0)} of {n} streams)"
+            for name, n in sorted(self._expected.items())
+        ]
+
     async def resume(self, *, grace: float = 0.0) -> None:
         """After a restart: carry on with what was running when the process stopped.
 
@@ -206,14 +257,14 @@ class RootRotation:
         try:
             if state.rolling_back:
                 log.info("resuming the rollback of the root rotation")
-                await self.rollback()
+                await self.rollback(timeout=self._timeout)
             elif state.running is not None or state.target > state.done:
                 log.info(
                     "resuming the root rotation at step %d (up to step %d)",
                     state.running or state.done + 1,
                     max(state.target, state.running or 0),
                 )
-                await self.run(max(state.target, state.running or 0))
+                await self.run(max(state.target, state.running or 0), timeout=self._timeout)
         except RotationError as exc:
             log.error("the resumed root rotation stopped: %s", exc)
 
@@ -222,6 +273,7 @@ class RootRotation:
         self, step: int, target: int, timeout: timedelta, force: bool = False
     ) -> StepReport:
         log.info("root rotation step %d: %s", step, STEPS[step])
+        self._timeout = timeout
         skipped: list[str] = []
         if step == 1:
             detail = await self._add_new_root(target)
@@ -329,6 +381,7 @@ class RootRotation:
 
     async def _rollback(self, timeout: timedelta, force: bool = False) -> StepReport:
         manager = self.manager
+        self._timeout = timeout
         state = self.state
         if state is None:
             raise RotationError("no root rotation is in progress")
@@ -398,7 +451,8 @@ class RootRotation:
         deadline = max(time.monotonic() + timeout.total_seconds(), self._reconnect_until)
         held = False
         while True:
-            waiting = self.manager.unacked(predicate)
+            # Proxies connected before a restart and not back yet are waited for too.
+            waiting = self.manager.unacked(predicate) + self._back()
             refusing = self.manager.acks.refusing() if waiting else []
             skipped = [name for name in waiting if name in refusing] if skip_refusing else []
             waiting = [name for name in waiting if name not in skipped]
@@ -456,12 +510,16 @@ class RootRotation:
             return []
         new_root = self._new_root()
         if state.rolling_back:
-            return manager.unacked(certificate_not_under(new_root)) + manager.served_under(new_root)
-        if state.done <= 1:
-            return manager.unacked(bundle_holds(new_root))
-        if state.done >= 3:
-            return manager.unacked(certificate_under(new_root)) + self._served_under_old_root()
-        return []
+            waiting = manager.unacked(certificate_not_under(new_root)) + manager.served_under(
+                new_root
+            )
+        elif state.done <= 1:
+            waiting = manager.unacked(bundle_holds(new_root))
+        elif state.done >= 3:
+            waiting = manager.unacked(certificate_under(new_root)) + self._served_under_old_root()
+        else:
+            waiting = []
+        return waiting + self._back()
 
     def status(self) -> dict[str, Any] | None:
         state = self.state

@@ -9,6 +9,7 @@ stream is still waited for.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -40,6 +41,9 @@ class _Stream(Protocol):
     @property
     def node_id(self) -> str: ...
 
+    @property
+    def identity(self) -> str: ...
+
 
 class Engine(Protocol):
     """What is read of :class:`meshca.xds.engine.XdsEngine`."""
@@ -53,6 +57,12 @@ def describe(stream: _Stream) -> str:
     """A proxy as an operator knows it; Envoy opens one stream per secret, so a proxy's
     streams share this name."""
     return f"{stream.node_id or '(no node id)'} ({stream.caller})"
+
+
+def proxy_key(stream: _Stream) -> str:
+    """A proxy as it is known again after it reconnects: its node id and identities,
+    without the peer address that changes with every connection."""
+    return f"{stream.node_id or '(no node id)'} ({stream.identity})"
 
 
 class EngineAcks:
@@ -86,3 +96,7 @@ class EngineAcks:
                 and any(t.nacked for t in stream.types.values())
             }
         )
+
+    def connected(self) -> dict[str, int]:
+        # A stream that has asked for nothing yet was sent nothing: not one to wait for.
+        return dict(Counter(proxy_key(s) for s in self.engine.streams() if s.types))

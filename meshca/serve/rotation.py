@@ -47,9 +47,12 @@ from meshca.util.aio import cancel_and_wait
 
 log = logging.getLogger("meshca.rotation")
 
-# After a restart, proxies reconnect (Envoy retries with backoff) before an interrupted
-# root rotation judges who has acknowledged what.
+# After a restart with no record of who was connected (a journal from an older
+# version), proxies get this long to reconnect before an interrupted root rotation
+# judges who has acknowledged what.
 DEFAULT_RESUME_GRACE = 15.0
+# How often the proxies connected during a root rotation are recorded beside the journal.
+RECORD_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class RotationService:
         # The backend's own roots, for the server's bundle poll (Vault); None: local CA.
         self.backend_roots: Callable[[], TrustBundle] | None = None
         self._resume: asyncio.Task[None] | None = None
+        self._recorder: asyncio.Task[None] | None = None
 
     def open(self, leaf_ttl: timedelta, *, ca_ttl: timedelta | None = None) -> list[str]:
         """Take the journal, finish an interrupted CA creation, and run the start-up
@@ -127,21 +131,39 @@ class RotationService:
 
     async def start(self) -> None:
         self.rotator.start()
-        if self.manager.journal.root_rotation is not None:
-            self.rotation.hold_for_reconnects(self.resume_grace)
+        # After a restart mid-rotation, wait for the proxies recorded before it; with no
+        # record (written by an older version), give proxies a fixed grace to reconnect.
+        recorded = self.rotation.expect_recorded()
+        grace = 0.0 if recorded else self.resume_grace
+        if self.manager.journal.root_rotation is not None and not recorded:
+            self.rotation.hold_for_reconnects(grace)
         try:
             await self.admin.start()
         except BaseException:  # e.g. the admin socket is in use: leave nothing running
             self.rotator.stop()
             raise
-        self._resume = asyncio.get_running_loop().create_task(
-            self.rotation.resume(grace=self.resume_grace)
-        )
+        loop = asyncio.get_running_loop()
+        self._resume = loop.create_task(self.rotation.resume(grace=grace))
+        self._recorder = loop.create_task(self._record_connected())
+
+    async def _record_connected(self) -> None:
+        """Keep the record of connected proxies current while a root rotation runs."""
+        failed = False
+        while True:
+            try:
+                self.rotation.record_connected()
+                failed = False
+            except OSError as exc:
+                if not failed:
+                    log.error("cannot record the connected proxies: %s", exc)
+                failed = True
+            await asyncio.sleep(RECORD_INTERVAL)
 
     async def close(self) -> None:
         await self.admin.close()
-        if self._resume is not None and not self._resume.done():
-            await cancel_and_wait(self._resume)
+        for task in (self._resume, self._recorder):
+            if task is not None and not task.done():
+                await cancel_and_wait(task)
         self.rotator.stop()
         self.manager.close()
 

@@ -177,6 +177,7 @@ class StreamStatus:
     writing: bool
     types: Mapping[str, TypeStatus]
     pending: bool = False  # a request to handle or a change to push: its state is moving
+    identity: str = ""  # the caller's identities, without how it came (stable on reconnect)
 
 
 @dataclass
@@ -264,6 +265,7 @@ class _Stream:
             self.writing,
             {url: state.status() for url, state in self.types.items()},
             bool(self._dirty) or not self._inbox.empty(),
+            self.caller.describe_identities(),
         )
 
     # --- the task -------------------------------------------------------------
