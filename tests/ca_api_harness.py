@@ -60,12 +60,20 @@ async def ca_api(root: Path, **overrides: Any) -> AsyncIterator[CaApi]:
 
 @contextlib.asynccontextmanager
 async def agent_for(
-    api: CaApi, root: Path, identity: SpiffeId, name: str = "agent", **overrides: Any
+    api: CaApi,
+    root: Path,
+    identity: SpiffeId | None,
+    name: str = "agent",
+    token: str | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[MeshcaAgent]:
-    """A ``meshca agent`` (in-process) attested with a fresh token for ``identity``, its
-    socket at ``<root>/<name>.sock``."""
+    """A ``meshca agent`` (in-process) attested with ``token`` or a fresh token for
+    ``identity``, its socket at ``<root>/<name>.sock``."""
     token_file = root / f"{name}.token"
-    token_file.write_text(api.token(identity))
+    if token is None:
+        assert identity is not None
+        token = api.token(identity)
+    token_file.write_text(token)
     config = AgentConfig(
         server=api.address,
         attest_server=api.attest_address,

@@ -49,6 +49,14 @@ class Signed:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """A registration entry as a node-mode agent sees it."""
+
+    spiffe_id: SpiffeId
+    selectors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ServerState:
     """What ``GetBundle`` says: the bundle, the agent's entitlements and maximum age, and
     the chain meshca signs with now (empty when a remote backend signs)."""
@@ -58,6 +66,8 @@ class ServerState:
     reattest_by: datetime
     signing_chain: tuple[x509.Certificate, ...]
     jwt_bundle: bytes = b""
+    node: bool = False
+    entries: tuple[Entry, ...] = ()
 
     def issued(self, svid: X509Svid) -> bool:
         """Whether ``svid`` comes from the CA meshca signs with now (True when unknown)."""
@@ -185,6 +195,8 @@ class CaClient:
             datetime.fromtimestamp(response.reattest_by, UTC),
             tuple(x509.load_der_x509_certificate(d) for d in response.signing_chain),
             bytes(response.jwt_bundle),
+            response.node,
+            tuple(Entry(SpiffeId.parse(e.spiffe_id), tuple(e.selectors)) for e in response.entries),
         )
 
     def sign_jwt(

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshca.agent.authority import RemoteAuthority
 from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, ServerState
-from meshca.agent.callers import SidecarAuthenticator
+from meshca.agent.callers import NodeAuthenticator, SidecarAuthenticator
 from meshca.agent.credential import AgentCredential, AgentError
 from meshca.agent.jwt import JwtSvids
 from meshca.agent.workload_api import WorkloadApiServicer, add_workload_api_to_server
@@ -32,6 +32,7 @@ from meshca.issuer import Issuer, IssuerError, TrustBundle, TtlPolicy
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore
+from meshca.xds.auth import CallerAuthenticator
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import UdsFrontDoor
 
@@ -74,7 +75,8 @@ class MeshcaAgent:
             config.socket, mode=config.socket_mode, private_dir=config.private_dir
         )
         self.stats = XdsStats()
-        self.identity: SpiffeId | None = None
+        self.identity: SpiffeId | None = None  # sidecar mode's one identity
+        self.node: NodeAuthenticator | None = None  # node mode's entries
         self.sds: SecretDiscoveryServicer | None = None
         self.workload_api: WorkloadApiServicer | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
@@ -87,18 +89,26 @@ class MeshcaAgent:
             await asyncio.to_thread(self.credential.establish)
         except (CaRefused, CaUnavailable) as exc:
             raise AgentError(f"cannot attest at meshca: {exc}") from None
-        entitled = await self._entitlements()
-        if len(entitled) != 1:
-            raise AgentError(
-                "this agent is in sidecar mode and needs exactly one workload identity; "
-                f"meshca entitles it to {len(entitled)}"
-            )
-        self.identity = entitled[0]
-        authenticator = SidecarAuthenticator(self.identity, self.front_door.peer_creds)
+        state = await asyncio.to_thread(self.client.fetch_bundle)
+        self.jwt.update_bundle(state.jwt_bundle)
+        authenticator: CallerAuthenticator
+        if state.node:
+            self.node = NodeAuthenticator(self.client.trust_domain, self.front_door.peer_creds)
+            self.node.update(state.entries)
+            authenticator = self.node
+        else:
+            if len(state.entitled) != 1:
+                raise AgentError(
+                    "a sidecar-mode agent needs exactly one workload identity; meshca "
+                    f"entitles it to {len(state.entitled)}"
+                )
+            self.identity = state.entitled[0]
+            authenticator = SidecarAuthenticator(self.identity, self.front_door.peer_creds)
         self.sds = SecretDiscoveryServicer(self.store, authenticator, lambda ns, svc: None)
         self.workload_api = WorkloadApiServicer(self.store, authenticator, self.jwt)
         self.store.start()
-        self.store.retain(self.identity)  # the agent exists for it: never swept as idle
+        if self.identity is not None:  # sidecar: the agent exists for it, never idle
+            self.store.retain(self.identity)
         server = grpc.aio.server()
         add_sds_to_server(self.sds, server)
         add_workload_api_to_server(self.workload_api, server)
@@ -111,14 +121,17 @@ class MeshcaAgent:
         self._tasks = [
             asyncio.create_task(self.credential.run(), name="agent-svid"),
             asyncio.create_task(self._poll(), name="agent-poll"),
-            asyncio.create_task(self._warm(), name="agent-warm"),
         ]
-        log.info("serving %s on unix:%s", self.identity, self.config.socket)
+        if self.identity is not None:
+            self._tasks.append(asyncio.create_task(self._warm(), name="agent-warm"))
+        log.info("serving %s on unix:%s", self.serving, self.config.socket)
 
-    async def _entitlements(self) -> tuple[SpiffeId, ...]:
-        state = await asyncio.to_thread(self.client.fetch_bundle)
-        self.jwt.update_bundle(state.jwt_bundle)
-        return state.entitled
+    @property
+    def serving(self) -> str:
+        if self.identity is not None:
+            return str(self.identity)
+        entries = self.node.entries if self.node is not None else ()
+        return f"{len(entries)} registration entries (node mode)"
 
     async def _warm(self) -> None:
         """Get the workload's SVID before anyone asks, so it is cached if meshca goes down."""
@@ -137,6 +150,8 @@ class MeshcaAgent:
         which drops the old root, finds nothing of this agent still under it)."""
         state = await asyncio.to_thread(self.client.fetch_bundle)
         self.jwt.update_bundle(state.jwt_bundle)
+        if self.node is not None:
+            self.node.update(state.entries)
         if state.bundle != self.client.bundle:
             self.client.use(bundle=state.bundle)
             self.store.refresh_bundle()

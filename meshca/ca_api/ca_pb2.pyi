@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -69,15 +69,29 @@ class SvidResponse(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...
 
 class BundleResponse(_message.Message):
-    __slots__ = ("bundle", "entitled", "reattest_by", "signing_chain", "jwt_bundle")
+    __slots__ = ("bundle", "entitled", "reattest_by", "signing_chain", "jwt_bundle", "node", "entries")
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     ENTITLED_FIELD_NUMBER: _ClassVar[int]
     REATTEST_BY_FIELD_NUMBER: _ClassVar[int]
     SIGNING_CHAIN_FIELD_NUMBER: _ClassVar[int]
     JWT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     bundle: _containers.RepeatedScalarFieldContainer[bytes]
     entitled: _containers.RepeatedScalarFieldContainer[str]
     reattest_by: int
     signing_chain: _containers.RepeatedScalarFieldContainer[bytes]
     jwt_bundle: bytes
-    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ..., signing_chain: _Optional[_Iterable[bytes]] = ..., jwt_bundle: _Optional[bytes] = ...) -> None: ...
+    node: bool
+    entries: _containers.RepeatedCompositeFieldContainer[RegistrationEntry]
+    def __init__(self, bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ..., signing_chain: _Optional[_Iterable[bytes]] = ..., jwt_bundle: _Optional[bytes] = ..., node: _Optional[bool] = ..., entries: _Optional[_Iterable[_Union[RegistrationEntry, _Mapping]]] = ...) -> None: ...
+
+class RegistrationEntry(_message.Message):
+    __slots__ = ("id", "spiffe_id", "selectors")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spiffe_id: str
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ...) -> None: ...

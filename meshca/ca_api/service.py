@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.attest.attestor import AttestationError, Attestor
+from meshca.attest.entries import EntryStore, RegistrationEntry
 from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2, ca_pb2_grpc
@@ -62,6 +63,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         agent_ttl: timedelta = DEFAULT_AGENT_TTL,
         agent_max_age: timedelta = DEFAULT_AGENT_MAX_AGE,
         jwt_signer: JwtSigner | None = None,
+        entries: EntryStore | None = None,
     ) -> None:
         if agent_ttl < MIN_AGENT_TTL or agent_max_age < agent_ttl:
             raise ValueError("the agent TTL must be at least 1m and at most the agent max age")
@@ -72,6 +74,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         self.agent_max_age = agent_max_age
         self.trust_domain = issuer.trust_domain
         self.jwt_signer = jwt_signer
+        self.entries = entries
         self.refusals = 0
 
     # --- shared pieces ----------------------------------------------------------------
@@ -106,12 +109,23 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
     def _bundle_der(self) -> list[bytes]:
         return [root.public_bytes(serialization.Encoding.DER) for root in self.issuer.bundle()]
 
+    def _node_entries(self, record: AgentRecord) -> list[RegistrationEntry]:
+        if not record.node or self.entries is None:
+            return []
+        return self.entries.for_node(record.agent_id)
+
+    def _entitlements(self, record: AgentRecord) -> tuple[SpiffeId, ...]:
+        """Sidecar: the token's identity. Node: the identities of the entries naming it."""
+        if record.node:
+            return tuple(dict.fromkeys(e.spiffe_id for e in self._node_entries(record)))
+        return record.entitled()
+
     def _response(self, svid: X509Svid, record: AgentRecord) -> ca_pb2.SvidResponse:
         return ca_pb2.SvidResponse(
             spiffe_id=str(svid.spiffe_id),
             cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.chain],
             bundle=self._bundle_der(),
-            entitled=[str(i) for i in record.entitled()],
+            entitled=[str(i) for i in self._entitlements(record)],
             reattest_by=int(record.reattest_by.timestamp()),
         )
 
@@ -122,7 +136,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
             spiffe_id = SpiffeId.parse(text)
         except SpiffeIdError as exc:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
-        if spiffe_id not in record.entitled():
+        if spiffe_id not in self._entitlements(record):
             await self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -264,10 +278,17 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         )
         return ca_pb2.BundleResponse(
             bundle=self._bundle_der(),
-            entitled=[str(i) for i in record.entitled()],
+            entitled=[str(i) for i in self._entitlements(record)],
             reattest_by=int(record.reattest_by.timestamp()),
             signing_chain=[c.public_bytes(serialization.Encoding.DER) for c in chain],
             jwt_bundle=self._jwt_bundle(),
+            node=record.node,
+            entries=[
+                ca_pb2.RegistrationEntry(
+                    id=e.id, spiffe_id=str(e.spiffe_id), selectors=list(e.selectors)
+                )
+                for e in self._node_entries(record)
+            ],
         )
 
     def _jwt_bundle(self) -> bytes:

@@ -425,8 +425,8 @@ OPTIONS: tuple[Option, ...] = (
         SpiffeId.parse,
         None,
         "token create: the workload SPIFFE ID the agent admitted by the token may obtain "
-        "(sidecar mode)",
-        ("token",),
+        "(sidecar mode); entry create: the identity the entry grants",
+        ("token", "entry"),
         metavar="ID",
     ),
     Option(
@@ -445,6 +445,27 @@ OPTIONS: tuple[Option, ...] = (
         "token create: a node-mode token (entitlements from registration entries)",
         ("token",),
         switch=True,
+    ),
+    # meshca entry
+    Option(
+        "entry_node",
+        SpiffeId.parse,
+        None,
+        "entry create: the agent ID (spiffe://<td>/meshca/agent/...) that may obtain the "
+        "identity for its local callers",
+        ("entry",),
+        flag="--node",
+        metavar="AGENT_ID",
+    ),
+    Option(
+        "selector",
+        str,
+        None,
+        "entry create: unix:uid:N, unix:gid:N or unix:path:/abs/exe; a caller must match "
+        "every one (repeat the flag)",
+        ("entry",),
+        metavar="SELECTOR",
+        repeatable=True,
     ),
     # meshca bootstrap
     Option(

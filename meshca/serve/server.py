@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshca.attest.attestor import JoinTokenAttestor
+from meshca.attest.entries import EntryStore
 from meshca.attest.records import AgentRecords
 from meshca.attest.tokens import TokenStore
 from meshca.backends.jwt_key import load_or_create_jwt_signer
@@ -226,6 +227,7 @@ class MeshcaServer:
                 agent_ttl=config.agent_ttl,
                 agent_max_age=config.agent_max_age,
                 jwt_signer=load_or_create_jwt_signer(config.data_dir),
+                entries=EntryStore(config.data_dir),
             )
         except ValueError as exc:
             raise ServeError(f"--agent-ttl / --agent-max-age: {exc}") from None

@@ -8,6 +8,7 @@ adds its parser (via :func:`meshca.cli.commands.common.add_command`) and append 
 
 from __future__ import annotations
 
+from meshca.attest.entries import EntryError
 from meshca.attest.state_file import StateFileError
 from meshca.attest.tokens import TokenError
 from meshca.cli.commands import (
@@ -15,6 +16,7 @@ from meshca.cli.commands import (
     bootstrap,
     bundle,
     ca,
+    entry,
     init,
     inspect,
     issue,
@@ -38,6 +40,7 @@ COMMANDS = (
     ca.register,
     token.register,
     agent.register,
+    entry.register,
 )
 
 # Exceptions that mean "refused" (exit 1, one line), not "bug" (traceback).
@@ -50,4 +53,5 @@ REFUSALS: tuple[type[Exception], ...] = (
     OSError,
     TokenError,
     StateFileError,
+    EntryError,
 )

@@ -86,7 +86,7 @@ def config_from(settings: Settings) -> AgentConfig:
 def _announce(agent: MeshcaAgent) -> None:
     print(
         f"meshca agent {agent.credential.svid.spiffe_id if agent.credential.svid else '-'} "
-        f"serving {agent.identity}\nlistening on unix://{agent.config.socket.absolute()}",
+        f"serving {agent.serving}\nlistening on unix://{agent.config.socket.absolute()}",
         flush=True,
     )
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from meshca.attest.attestor import JoinTokenAttestor
 from meshca.attest.tokens import TokenStore
-from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.commands.common import UsageError, add_command, open_ca, write_out
 from meshca.cli.options import Settings, add_options
+from meshca.issuer import IssuerError
+from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.formats import rfc3339
 
 NAME = "token"
+JOIN_TOKEN = JoinTokenAttestor.name
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,14 +54,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         sub.set_defaults(handler=run, command=NAME)
 
 
+def _trust_domain(settings: Settings) -> TrustDomain:
+    """The CA's trust domain when the data directory holds one, else the option's."""
+    try:
+        return open_ca(settings).trust_domain
+    except (IssuerError, OSError):
+        return TrustDomain.parse(str(settings["trust_domain"]))
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     store = TokenStore(settings["data_dir"])
     if args.token_action == "create":
         identity, node = settings["identity"], settings["node"]
         if identity is None and not node:
             raise UsageError("token create needs --identity ID (or --node)")
-        token, _ = store.create(identity, node=node, ttl=settings["token_ttl"])
+        token, record = store.create(identity, node=node, ttl=settings["token_ttl"])
         write_out(token + "\n")
+        if node:  # entries name the agent: say which ID this token's agent will have
+            agent_id = SpiffeId.for_agent(_trust_domain(settings), JOIN_TOKEN, record.id)
+            print(f"agent ID: {agent_id}", file=sys.stderr)
         return 0
     if args.token_action == "delete":
         if not store.delete(args.token_id):

@@ -1,0 +1,69 @@
+"""``meshca entry``: registration entries for node-mode agents (docs/agent.md).
+
+Stored in the data directory (``agents/entries.json``, 0600, under the lock shared with
+``meshca serve``); a running server reads them at each call, and agents pick changes up
+at their next poll.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from meshca.attest.entries import EntryStore
+from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.options import Settings, add_options
+
+NAME = "entry"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(
+        subparsers,
+        NAME,
+        run,
+        summary="registration entries: which identities a node-mode agent serves, to whom",
+        description=(
+            "A registration entry lets the node-mode agent --node AGENT_ID obtain "
+            "--identity ID for local callers matching every --selector (unix:uid:N, "
+            "unix:gid:N, unix:path:/abs/exe)."
+        ),
+    )
+    actions = parser.add_subparsers(title="actions", dest="entry_action", metavar="ACTION")
+    actions.required = True
+    create = actions.add_parser("create", help="add an entry; prints its ID")
+    listing = actions.add_parser("list", help="every entry")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    delete = actions.add_parser("delete", help="remove an entry by its ID")
+    delete.add_argument("entry_id", metavar="ENTRY_ID")
+    for sub in (create, listing, delete):
+        add_options(sub, NAME)
+        sub.set_defaults(handler=run, command=NAME)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    store = EntryStore(settings["data_dir"])
+    if args.entry_action == "create":
+        identity, node, selectors = (
+            settings["identity"],
+            settings["entry_node"],
+            settings["selector"],
+        )
+        if identity is None or node is None or not selectors:
+            raise UsageError("entry create needs --identity ID, --node AGENT_ID and --selector")
+        entry = store.create(identity, node, selectors.split(","))
+        write_out(entry.id + "\n")
+        return 0
+    if args.entry_action == "delete":
+        if not store.delete(args.entry_id):
+            raise UsageError(f"no entry has the ID {args.entry_id!r}")
+        write_out(f"deleted entry {args.entry_id}\n")
+        return 0
+    entries = sorted(store.all().values(), key=lambda e: (str(e.node), str(e.spiffe_id)))
+    if args.json:
+        rows = [{"id": e.id, **e.to_json()} for e in entries]
+        write_out(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for e in entries:
+        write_out(f"{e.id}  {e.spiffe_id}  node {e.node}  {' '.join(e.selectors)}\n")
+    return 0
