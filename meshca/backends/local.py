@@ -17,7 +17,6 @@ it is moved to ``<data-dir>/backup/ca-<timestamp>/`` first.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -53,7 +52,14 @@ from meshca.issuer.profile import build_ca, utcnow
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.issuer.verify import self_check, verify_chain
 from meshca.spiffe import TrustDomain
-from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
+from meshca.util.files import (
+    PRIVATE,
+    PUBLIC,
+    atomic_write,
+    ensure_private_dir,
+    fsync_directory,
+    loose_key_mode,
+)
 from meshca.util.formats import name_text, rfc3339
 
 CA_DIR = "ca"
@@ -364,8 +370,8 @@ def load_local_ca(data_dir: Path) -> LocalCa:
         raise CaError(f"{directory / CA_KEY} does not match {directory / CERT_CHAIN}")
     signer = Signer(key, ca_cert, tuple(chain[1:]))
     bundle = TrustBundle.of(trust_domain, roots)
-    with contextlib.suppress(FileNotFoundError):
-        mode = (directory / CA_KEY).stat().st_mode & 0o777
-        if mode & 0o077:
-            raise CaError(f"{directory / CA_KEY} has mode {mode:o}: private keys must be 0600")
+    for key_file in (CA_KEY, ROOT_KEY):
+        problem = loose_key_mode(directory / key_file)
+        if problem:
+            raise CaError(problem)
     return LocalCa(directory, trust_domain, signer, bundle, origin)

@@ -37,7 +37,14 @@ from meshca.issuer import IssuerError, KeyTypeError, Signer, SvidError, TrustBun
 from meshca.issuer.keys import key_matches, load_private_key_pem, private_key_pem
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.spiffe import SpiffeIdError, TrustDomain
-from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, fsync_directory
+from meshca.util.files import (
+    PRIVATE,
+    PUBLIC,
+    atomic_write,
+    ensure_private_dir,
+    fsync_directory,
+    loose_key_mode,
+)
 
 FORMAT = 1
 ROTATION_DIR = "rotation"
@@ -371,6 +378,9 @@ class JournalStore:
         """A slot's CA as its files hold it (also one written just before a crash, whose
         journal entry was never saved)."""
         directory = self.slot_dir(slot_id)
+        problem = loose_key_mode(directory / CA_KEY)
+        if problem:
+            raise JournalError(f"slot {slot_id}: {problem}")
         try:
             chain = load_certificates_pem((directory / CERT_CHAIN).read_bytes(), CERT_CHAIN)
             key = load_private_key_pem((directory / CA_KEY).read_bytes())

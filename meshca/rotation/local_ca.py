@@ -73,7 +73,13 @@ from meshca.rotation.journal import (
     cert_id,
 )
 from meshca.spiffe import TrustDomain
-from meshca.util.files import PRIVATE, atomic_write, ensure_private_dir, fsync_directory
+from meshca.util.files import (
+    PRIVATE,
+    atomic_write,
+    ensure_private_dir,
+    fsync_directory,
+    loose_key_mode,
+)
 
 log = logging.getLogger("meshca.rotation")
 
@@ -123,6 +129,9 @@ class LocalCaSource:
         return self.root_keys_dir / f"{cert_id(root)}.pem"
 
     def _read_key(self, path: Path) -> PrivateKey | None:
+        problem = loose_key_mode(path)
+        if problem:
+            raise CaError(problem)
         try:
             return load_private_key_pem(path.read_bytes())
         except FileNotFoundError:

@@ -4,6 +4,7 @@ And reading a YAML file whose errors never echo its content."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -163,13 +164,72 @@ def fsync_directory(directory: Path) -> None:
         os.close(dir_fd)
 
 
+def make_private_dirs(path: Path) -> Path:
+    """Create ``path`` and each missing parent with mode 0700 (whatever the umask), so
+    no directory meshca creates on the way to a key is readable by others; existing
+    directories are left as they are."""
+    path = Path(path)
+    missing: list[Path] = []
+    current = path
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: checked by the caller as found
+        os.chmod(directory, 0o700)
+    return path
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` with mode 0700 if missing, and its missing parents too (they are
     meshca's: the data directory above ``vault/`` or ``rotation/``); tighten ``path``
     if it exists."""
-    path = Path(path)
-    for directory in reversed([path, *path.parents]):
-        if not directory.exists():
-            directory.mkdir(mode=0o700, exist_ok=True)
+    make_private_dirs(path)
     os.chmod(path, 0o700)
     return path
+
+
+def loose_key_mode(path: Path) -> str | None:
+    """Why the private key file ``path`` must not be used (group or others may read or
+    write it), with the command that fixes it; None when its mode is private or the file
+    does not exist."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return None
+    if not mode & 0o077:
+        return None
+    return (
+        f"{path} has mode {mode:04o}: private keys must be 0600 (readable by their owner "
+        f"only); run: chmod 600 {path}"
+    )
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse to write keys into ``path`` when another user could read or swap them: the
+    directory must be this user's own, and neither it nor a directory above it may be
+    world-writable without the sticky bit. Raises PermissionError naming the problem."""
+    path = Path(path).absolute()
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise FileExistsError(errno.EEXIST, "File exists (not a directory)", str(path))
+    if info.st_uid != os.geteuid():
+        raise PermissionError(
+            errno.EPERM,
+            f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): "
+            "write keys only into a directory of your own",
+            str(path),
+        )
+    for directory in (path, *path.parents):
+        mode = os.stat(directory).st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            where = "is" if directory == path else f"is inside {directory}, which is"
+            raise PermissionError(
+                errno.EPERM,
+                f"{where} world-writable without the sticky bit: another user could replace "
+                "the files written there",
+                str(path),
+            )

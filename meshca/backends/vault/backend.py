@@ -57,7 +57,7 @@ from meshca.issuer.profile import ca_subject, hash_for, utcnow
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
 from meshca.issuer.verify import verify_chain
 from meshca.spiffe import TrustDomain
-from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir
+from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, loose_key_mode
 from meshca.util.formats import rfc3339, serial_hex
 from meshca.util.retry import Backoff
 
@@ -343,7 +343,11 @@ class IntermediateState:
         self._held = (chain, bundle)
 
     def load(self, trust_domain: TrustDomain) -> tuple[Signer, TrustBundle] | None:
-        """The stored intermediate if it is whole, ours, and still valid; else None."""
+        """The stored intermediate if it is whole, ours, and still valid; else None. A key
+        file others may read is refused (BackendError): that key must be replaced."""
+        problem = loose_key_mode(self.directory / KEY_FILE)
+        if problem:
+            raise BackendError(f"vault: {problem}")
         try:
             meta = json.loads((self.directory / META_FILE).read_text())
             if meta != self.origin:

@@ -15,7 +15,13 @@ from meshca.issuer.csr import MAX_CSR_BYTES
 from meshca.issuer.errors import CsrError
 from meshca.issuer.policy import DEFAULT_LEAF_TTL
 from meshca.spiffe import SpiffeId, TrustDomain
-from meshca.util.files import PRIVATE, PUBLIC, atomic_write
+from meshca.util.files import (
+    PRIVATE,
+    PUBLIC,
+    atomic_write,
+    check_output_dir,
+    make_private_dirs,
+)
 from meshca.util.formats import rfc3339, serial_hex
 
 NAME = "issue"
@@ -79,6 +85,8 @@ def _read_csr(path: Path) -> bytes:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.csr is not None and hasattr(args, "key_type"):
         raise _usage("--key-type does not apply with --csr: the CSR's own key is certified")
+    if args.out.exists():  # refused before anything is issued
+        check_output_dir(args.out)
     with opened(settings) as backend:  # the local CA, or Vault
         authority = backend.authority
         spiffe_id = _requested_id(args, authority.trust_domain)
@@ -96,8 +104,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _write(out: Path, svid: X509Svid, bundle_pem: bytes) -> dict[str, Path | None]:
-    """Key first, then the certificate that matches it, then the bundle; each atomically."""
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Key first, then the certificate that matches it, then the bundle; each atomically,
+    into a directory of this user's own that no other user can write (missing ones are
+    created 0700)."""
+    make_private_dirs(out)
+    check_output_dir(out)
     key_path = None
     if svid.private_key is not None:
         key_path = out / KEY_FILE
