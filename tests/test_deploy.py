@@ -47,7 +47,7 @@ from meshca.cli.main import build_parser
 from meshca.cli.options import OPTIONS, load_settings
 from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import load_mesh
-from meshca.serve.server import default_dns_names
+from meshca.serve.tls import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import free_port, stop_process
 

@@ -18,9 +18,10 @@ from cryptography import x509
 
 from meshca.backends.local import ROOT_KEY, ca_directory, load_local_ca
 from meshca.issuer import Issuer, TrustBundle, TtlError, TtlPolicy
+from meshca.issuer.policy import check_signing_ca
 from meshca.issuer.verify import verify_chain
 from meshca.rotation.acks import AckedSecret, SecretPredicate, issued_by
-from meshca.rotation.checks import check_lifetimes, expiry_warnings, startup_checks
+from meshca.rotation.checks import check_new_ca_ttl, expiry_warnings, startup_checks
 from meshca.rotation.journal import (
     RootRotationState,
     RotationError,
@@ -308,11 +309,11 @@ def test_publishing_the_current_ca_again_changes_nothing(tmp_path: Path) -> None
 def test_start_up_checks(tmp_path: Path) -> None:
     data_dir = init_ca(tmp_path / "data", intermediate_ttl=timedelta(hours=6))
     signer, bundle = load_local_ca(data_dir).signer, load_local_ca(data_dir).bundle
-    check_lifetimes(signer, timedelta(hours=1))
-    with pytest.raises(TtlError, match=r"active signing CA.*at least 6 x the leaf TTL"):
-        check_lifetimes(signer, timedelta(hours=2))
+    check_signing_ca(signer.certificate, timedelta(hours=1))
+    with pytest.raises(TtlError, match=r"at least 6 x the leaf TTL"):
+        check_signing_ca(signer.certificate, timedelta(hours=2))
     with pytest.raises(TtlError, match="configured for new signing CAs"):
-        check_lifetimes(signer, timedelta(minutes=30), ca_ttl=timedelta(hours=2))
+        check_new_ca_ttl(timedelta(hours=2), timedelta(minutes=30))
     assert expiry_warnings(signer, bundle, timedelta(hours=1), replacement_problem=None) == []
     late = signer.not_after - timedelta(minutes=30)
     warnings = expiry_warnings(

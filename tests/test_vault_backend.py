@@ -51,7 +51,7 @@ from meshca.issuer.authority import workload_csr
 from meshca.issuer.keys import PrivateKey, generate_private_key, load_private_key_pem
 from meshca.issuer.svid import spiffe_id_of
 from meshca.serve.config import ServeConfig
-from meshca.serve.server import default_dns_names
+from meshca.serve.tls import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent
 from meshca.util.retry import Backoff, Breaker
@@ -69,6 +69,8 @@ from tests.ca_factory import make_ca
 from tests.envoy_harness import EnvoyProcess, RecordingApp, free_port, http_get
 from tests.serve_harness import clean_env, fetch, served, serving, short_tempdir
 from tests.svid_checks import assert_independently_valid
+
+pytestmark = [pytest.mark.envoy, pytest.mark.vault]
 
 __all__ = ["bao", "mount"]  # the OpenBao fixtures
 

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography import x509
+
 from meshca.issuer.errors import TtlError
 from meshca.issuer.profile import DEFAULT_SKEW
 from meshca.util.durations import format_duration
@@ -73,6 +75,20 @@ def issued_at(
     """
     start = requested if requested is not None else not_before + skew
     return max(not_before, min(start, not_after))
+
+
+def ca_lifetime(cert: x509.Certificate, skew: timedelta = DEFAULT_SKEW) -> timedelta:
+    """A CA certificate's lifetime from issuance (NotBefore is backdated by the skew): the
+    one measure the CA-lifetime rule is applied to."""
+    not_after = cert.not_valid_after_utc
+    return not_after - issued_at(cert.not_valid_before_utc, not_after, skew=skew)
+
+
+def check_signing_ca(cert: x509.Certificate, leaf_ttl: timedelta) -> None:
+    """The start-up rule: the signing CA ``cert`` must live 6 leaf lifetimes (TtlError).
+    ``meshca serve`` applies it once, for every backend whose CA signs in process;
+    ``meshca init --own-intermediate`` warns with it about what serve would refuse."""
+    check_ca_covers_leaves(ca_lifetime(cert), leaf_ttl)
 
 
 def renewal_time(

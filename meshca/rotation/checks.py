@@ -1,16 +1,18 @@
-"""Start-up checks: refuse a CA that cannot cover the leaf schedule, and warn early about
-anything that would let a served certificate expire unrenewed."""
+"""Rotation's start-up checks: refuse a lifetime configured for new signing CAs that
+cannot cover the leaf schedule, and warn early about anything that would let a served
+certificate expire unrenewed.
+
+The active signing CA itself is checked once, by ``meshca serve`` for every backend,
+with :func:`meshca.issuer.policy.check_signing_ca`."""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
 
-from cryptography import x509
-
 from meshca.issuer import Signer, TrustBundle, TtlError
-from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, check_ca_covers_leaves, issued_at
-from meshca.issuer.profile import DEFAULT_SKEW, utcnow
+from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, check_ca_covers_leaves
+from meshca.issuer.profile import utcnow
 from meshca.issuer.svid import fingerprint
 from meshca.rotation.journal import SlotKind
 from meshca.rotation.manager import RotationManager
@@ -22,27 +24,14 @@ log = logging.getLogger("meshca.rotation")
 ROOT_EXPIRY_NOTICE = timedelta(days=30)
 
 
-def ca_lifetime(cert: x509.Certificate, skew: timedelta = DEFAULT_SKEW) -> timedelta:
-    """A CA certificate's lifetime from issuance (NotBefore is backdated by the skew)."""
-    not_after = cert.not_valid_after_utc
-    return not_after - issued_at(cert.not_valid_before_utc, not_after, skew=skew)
-
-
-def check_lifetimes(
-    signer: Signer, leaf_ttl: timedelta, *, ca_ttl: timedelta | None = None
-) -> None:
-    """Refuse (TtlError) when the active CA, or the lifetime configured for new CAs, is
-    shorter than 6 leaf lifetimes: leaves would be cut short and rotation could not
-    keep up."""
+def check_new_ca_ttl(ca_ttl: timedelta, leaf_ttl: timedelta) -> None:
+    """Refuse (TtlError) a lifetime configured for new signing CAs (``--rotation-ca-ttl``)
+    shorter than 6 leaf lifetimes: a configured TTL, not a certificate, so it is not
+    the start-up rule's question."""
     try:
-        check_ca_covers_leaves(ca_lifetime(signer.certificate), leaf_ttl)
+        check_ca_covers_leaves(ca_ttl, leaf_ttl)
     except TtlError as exc:
-        raise TtlError(f"the active signing CA: {exc}") from None
-    if ca_ttl is not None:
-        try:
-            check_ca_covers_leaves(ca_ttl, leaf_ttl)
-        except TtlError as exc:
-            raise TtlError(f"the lifetime configured for new signing CAs: {exc}") from None
+        raise TtlError(f"the lifetime configured for new signing CAs: {exc}") from None
 
 
 def expiry_warnings(
@@ -81,9 +70,11 @@ def expiry_warnings(
 def startup_checks(
     manager: RotationManager, leaf_ttl: timedelta, *, ca_ttl: timedelta | None = None
 ) -> list[str]:
-    """Run both checks on an open manager; log and return the warnings."""
+    """Check the configured lifetime of new CAs and return (and log) the warnings about
+    the open manager's active CA and roots."""
     active = manager.active
-    check_lifetimes(active.signer, leaf_ttl, ca_ttl=ca_ttl)
+    if ca_ttl is not None:
+        check_new_ca_ttl(ca_ttl, leaf_ttl)
     problem = manager.source.problem(active, new_root=manager.next_kind() is SlotKind.ROOT)
     warnings = expiry_warnings(
         active.signer, manager.journal.bundle, leaf_ttl, replacement_problem=problem

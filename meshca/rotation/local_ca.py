@@ -61,10 +61,10 @@ from meshca.issuer.keys import (
     load_private_key_pem,
     private_key_pem,
 )
+from meshca.issuer.policy import ca_lifetime
 from meshca.issuer.profile import DEFAULT_SKEW, build_ca
 from meshca.issuer.svid import fingerprint
 from meshca.issuer.verify import self_check
-from meshca.rotation.checks import ca_lifetime
 from meshca.rotation.journal import (
     ROTATION_DIR,
     JournalStore,

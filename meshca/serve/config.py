@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.envoy.bootstrap import DEFAULT_SERVER_NAMESPACE, parse_host_port
+from meshca.envoy.bootstrap import DEFAULT_SERVER_NAMESPACE, default_server_id, parse_host_port
+from meshca.issuer import IssuerError
 from meshca.issuer.policy import DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL
-from meshca.spiffe import SpiffeId, SpiffeIdError
+from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 from meshca.util.durations import parse_duration
 
 DEFAULT_GRACE = 5.0
@@ -25,8 +26,20 @@ DEFAULT_BACKEND_POLL_INTERVAL = 60.0
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
+class ServeError(IssuerError):
+    """meshca serve cannot start as configured; the message says what to change."""
+
+
+class NothingToListenOn(ServeError):
+    """Neither a TCP address nor a Unix socket was given."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
+    """What ``meshca serve`` runs with. Checks itself: something to listen on at
+    construction, and the identities it names against the CA's trust domain
+    (:meth:`server_identity`) once the backend is known."""
+
     data_dir: Path
     listen: tuple[str, int] | None = None
     uds: Path | None = None
@@ -57,6 +70,36 @@ class ServeConfig:
     attest_listen: tuple[str, int] | None = None  # TLS without client certificates
     agent_ttl: timedelta = timedelta(hours=1)  # agent SVIDs' lifetime
     agent_max_age: timedelta = timedelta(days=30)  # renewals end; the agent attests again
+
+    def __post_init__(self) -> None:
+        if self.listen is None and self.uds is None:
+            raise NothingToListenOn(
+                "nothing to listen on: give --listen HOST:PORT and/or --uds PATH"
+            )
+
+    def server_identity(self, trust_domain: TrustDomain) -> SpiffeId:
+        """meshca's own identity in ``trust_domain`` (``--server-id``, or the default for
+        ``--server-namespace``), once every identity this configuration names is checked:
+        all inside the trust domain, and none of the ``--uds-identity`` mappings meshca's
+        own, whose key would let a workload pose as meshca (ServeError)."""
+        server_id = self.server_id or default_server_id(trust_domain, self.server_namespace)
+        if not server_id.is_member_of(trust_domain):
+            raise ServeError(
+                f"--server-id {server_id} is outside this CA's trust domain {trust_domain}"
+            )
+        for uid, ids in self.uds_identities.items():
+            for spiffe_id in ids:
+                if not spiffe_id.is_member_of(trust_domain):
+                    raise ServeError(
+                        f"--uds-identity {uid}={spiffe_id}: outside this CA's trust domain "
+                        f"{trust_domain}"
+                    )
+                if spiffe_id == server_id:
+                    raise ServeError(
+                        f"--uds-identity {uid}={spiffe_id}: that is meshca's own identity; "
+                        "no workload may hold its key"
+                    )
+        return server_id
 
 
 def parse_listen(text: str) -> tuple[str, int]:

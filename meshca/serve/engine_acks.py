@@ -15,6 +15,7 @@ from typing import Protocol
 
 from meshca.rotation.acks import AckedSecret, SecretPredicate
 from meshca.store import SecretStore
+from meshca.xds.engine import StreamStatus, XdsEngine
 
 
 class _TypeStatus(Protocol):
@@ -100,3 +101,17 @@ class EngineAcks:
     def connected(self) -> dict[str, int]:
         # A stream that has asked for nothing yet was sent nothing: not one to wait for.
         return dict(Counter(proxy_key(s) for s in self.engine.streams() if s.types))
+
+
+class EveryStream:
+    """The streams of several engines seen as one (what root rotation waits on): a
+    proxy on ADS holds the trust bundle as surely as one on SDS."""
+
+    def __init__(self, engines: Sequence[XdsEngine]) -> None:
+        self.engines = tuple(engines)
+
+    def streams(self) -> list[StreamStatus]:
+        return [stream for engine in self.engines for stream in engine.streams()]
+
+    def unsettled(self) -> list[StreamStatus]:
+        return [stream for engine in self.engines for stream in engine.unsettled()]

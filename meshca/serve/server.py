@@ -14,8 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,19 +29,19 @@ from meshca.backends.local import load_local_ca
 from meshca.backends.opened import OpenedBackend
 from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
 from meshca.ca_api.service import AgentCaServicer, add_agent_ca_to_server
-from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import Mesh
 from meshca.issuer import Issuer, IssuerError, TtlPolicy
-from meshca.issuer.policy import check_ca_covers_leaves
+from meshca.issuer.policy import check_signing_ca
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.serve.ads import MeshAds
 from meshca.serve.bundle_poll import bundle_poll
-from meshca.serve.config import ServeConfig
+from meshca.serve.config import ServeConfig, ServeError
+from meshca.serve.engine_acks import EveryStream
 from meshca.serve.health import HealthMonitor, start_health_listener
 from meshca.serve.mesh_reload import MeshFile
 from meshca.serve.metrics import Metrics, MetricsServer
-from meshca.serve.rotation import RotationOptions, open_rotation
-from meshca.serve.tls import ServingCredentials
+from meshca.serve.rotation import RotationOptions, RotationService, open_rotation
+from meshca.serve.tls import ServingCredentials, default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from meshca.util.durations import format_duration
@@ -50,7 +49,6 @@ from meshca.util.formats import serial_hex
 from meshca.util.netaddr import format_address
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
-from meshca.xds.engine import StreamStatus, XdsEngine
 from meshca.xds.server_options import XDS_SERVER_OPTIONS
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
@@ -62,148 +60,38 @@ BACKEND_SERVICE = "meshca.backend"  # gRPC health: NOT_SERVING while the backend
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
-class ServeError(IssuerError):
-    """meshca serve cannot start as configured; the message says what to change."""
-
-
-def default_dns_names(namespace: str) -> tuple[str, ...]:
-    """``localhost`` and the in-cluster names of a ``meshca`` Service in ``namespace``."""
-    return (
-        "localhost",
-        "meshca",
-        f"meshca.{namespace}",
-        f"meshca.{namespace}.svc",
-        f"meshca.{namespace}.svc.cluster.local",
-    )
-
-
-def check_ca_lifetime(backend: OpenedBackend, leaf_ttl: timedelta) -> None:
-    """Refuse a signing CA that cannot cover the leaf rotation schedule (CA >= 6 x leaf)."""
-    if backend.signer is None:
-        return
-    cert = backend.signer.signer.certificate
-    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-    try:
-        check_ca_covers_leaves(lifetime, leaf_ttl)
-    except IssuerError as exc:
-        raise ServeError(
-            f"refusing to serve with --leaf-ttl {format_duration(leaf_ttl)}: {exc}"
-        ) from None
-    remaining = cert.not_valid_after_utc - datetime.now(UTC)
-    if remaining < leaf_ttl:
-        log.warning(
-            "the signing CA expires in %s, less than one leaf TTL: leaves will be cut short",
-            format_duration(max(remaining, timedelta(0))),
-        )
-
-
-class EveryStream:
-    """The streams of several engines seen as one (what root rotation waits on): a
-    proxy on ADS holds the trust bundle as surely as one on SDS."""
-
-    def __init__(self, engines: Sequence[XdsEngine]) -> None:
-        self.engines = tuple(engines)
-
-    def streams(self) -> list[StreamStatus]:
-        return [stream for engine in self.engines for stream in engine.streams()]
-
-    def unsettled(self) -> list[StreamStatus]:
-        return [stream for engine in self.engines for stream in engine.unsettled()]
-
-
 class MeshcaServer:
     """The running server. ``start()`` then ``stop()``; ``run()`` does both around signals."""
 
     def __init__(self, config: ServeConfig, *, backend: OpenedBackend | None = None) -> None:
-        if config.listen is None and config.uds is None:
-            raise ServeError("nothing to listen on: give --listen HOST:PORT and/or --uds PATH")
+        """Wire every part, one constructor per concern, in dependency order. Checks that
+        refuse a configuration (ServeError) run before anything is opened."""
         self.config = config
-        if backend is None:  # the data directory's CA
-            backend = load_local_ca(config.data_dir).opened()
-        self.backend = backend
-        authority = backend.authority
-        self.authority = authority
-        self.trust_domain: TrustDomain = authority.trust_domain
-        check_ca_lifetime(backend, config.leaf_ttl)
-        try:
-            policy = TtlPolicy(default=config.leaf_ttl, maximum=config.max_leaf_ttl)
-        except IssuerError as exc:
-            raise ServeError(f"--leaf-ttl: {exc}") from None
-        self.metrics = Metrics(backend.name)
-        self.issuer = Issuer(authority, policy, issue_observers=[self.metrics.observe_issue])
-        self.server_id = config.server_id or default_server_id(
-            self.trust_domain, config.server_namespace
-        )
-        self._check_identities()
-        dns = config.server_dns
-        if dns is None:
-            dns = default_dns_names(config.server_namespace)
-        self.store = SecretStore(
-            self.issuer,
-            ttl=config.leaf_ttl,
-            dns_names={self.server_id: tuple(dns)},
-            idle_ttl=config.idle_ttl,
-        )
-        self.mesh_file: MeshFile | None = None
-        self._mesh = Mesh.empty(self.trust_domain)
-        if config.mesh_file is not None:
-            self.mesh_file = MeshFile(
-                config.mesh_file,
-                self.trust_domain,
-                self._mesh_changed,
-                interval=config.mesh_poll_interval,
-            )
-            self._mesh = self.mesh_file.mesh
+        self.backend = backend or load_local_ca(config.data_dir).opened()
+        self.authority = self.backend.authority
+        self.trust_domain: TrustDomain = self.authority.trust_domain
+        self.server_id = config.server_identity(self.trust_domain)
+        self._check_signing_ca()
+        self.metrics = Metrics(self.backend.name)
+        self.issuer = self._new_issuer()
+        self.store = self._new_store()
+        self.mesh_file = self._new_mesh_file()
+        self._mesh = self.mesh_file.mesh if self.mesh_file else Mesh.empty(self.trust_domain)
         self.stats = XdsStats()
-        self.front_door: UdsFrontDoor | None = None
-        if config.uds is not None:
-            mode = DEFAULT_SOCKET_MODE if config.uds_mode is None else config.uds_mode
-            self.front_door = UdsFrontDoor(
-                config.uds, mode=mode, private_dir=config.uds_private_dir
-            )
-        self.authenticator = CallerAuthenticator(
-            self.trust_domain,
-            peer_creds=self.front_door.peer_creds if self.front_door else None,
-            uid_identities=dict(config.uds_identities),
-        )
-        self.servicer = SecretDiscoveryServicer(
-            self.store, self.authenticator, self._service_identities, self.stats
-        )
-        # ADS: the generated types plus the SDS servicer's Secret source, one mesh.
+        self.front_door = self._new_front_door()
+        self.authenticator = self._new_authenticator()
+        self.servicer = self._new_sds()
         self.ads = MeshAds(lambda: self._mesh, self.servicer.secrets, self.stats)
         self.ads_servicer = AggregatedDiscoveryServicer(self.ads.engine, self.authenticator)
-        self.rotation = open_rotation(  # the local CA's, or Vault's intermediate's
-            config.data_dir,
-            backend,
-            self.store,
-            EveryStream((self.servicer.engine, self.ads.engine)),
-            config.leaf_ttl,
-            RotationOptions.of(config),
-        )
+        self.rotation = self._new_rotation()
         self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
-            backend, self.store, self.rotation, interval=config.backend_poll_interval
+            self.backend, self.store, self.rotation, interval=config.backend_poll_interval
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
-        # One health state for the main server and the plaintext health listener.
-        self.health_monitor = HealthMonitor(
-            self.health,
-            backend,
-            self.store,
-            services=(SDS_SERVICE, ADS_SERVICE),
-            backend_service=BACKEND_SERVICE,
-            serving_id=self.server_id if config.listen is not None else None,
-            interval=config.health_interval,
-        )
-        self.issuer.issue_observers.append(self.health_monitor.issue_result)
-        self.metrics.watch(
-            stats=self.stats,
-            engines={"sds": self.servicer.engine, "ads": self.ads.engine},
-            store=self.store,
-            backend=backend,
-            health=self.health_monitor,
-        )
-        self.metrics_server = MetricsServer(self.metrics)
+        self.health_monitor = self._new_health_monitor()
+        self.metrics_server = self._new_metrics_server()
         self.agent_ca = self._agent_ca()
+        # listeners, bound by start()
         self.attest_port: int | None = None
         self._attest_server: grpc.aio.Server | None = None
         self._attest_credentials: ServingCredentials | None = None
@@ -214,6 +102,110 @@ class MeshcaServer:
         self._server: grpc.aio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
+
+    # construction, one concern each ---------------------------------------------------
+    def _check_signing_ca(self) -> None:
+        """The start-up CA-lifetime rule, once, for every backend whose CA signs here
+        (a backend that signs remotely, Vault per-workload, keeps its CA's lifetime)."""
+        signer = self.backend.signer
+        if signer is None:
+            return
+        leaf_ttl = self.config.leaf_ttl
+        try:
+            check_signing_ca(signer.signer.certificate, leaf_ttl)
+        except IssuerError as exc:
+            raise ServeError(
+                f"refusing to serve with --leaf-ttl {format_duration(leaf_ttl)}: "
+                f"the active signing CA: {exc}"
+            ) from None
+
+    def _new_issuer(self) -> Issuer:
+        config = self.config
+        try:
+            policy = TtlPolicy(default=config.leaf_ttl, maximum=config.max_leaf_ttl)
+        except IssuerError as exc:
+            raise ServeError(f"--leaf-ttl: {exc}") from None
+        return Issuer(self.authority, policy, issue_observers=[self.metrics.observe_issue])
+
+    def _new_store(self) -> SecretStore:
+        config = self.config
+        dns = config.server_dns
+        if dns is None:
+            dns = default_dns_names(config.server_namespace)
+        return SecretStore(
+            self.issuer,
+            ttl=config.leaf_ttl,
+            dns_names={self.server_id: tuple(dns)},
+            idle_ttl=config.idle_ttl,
+        )
+
+    def _new_mesh_file(self) -> MeshFile | None:
+        config = self.config
+        if config.mesh_file is None:
+            return None
+        return MeshFile(
+            config.mesh_file,
+            self.trust_domain,
+            self._mesh_changed,
+            interval=config.mesh_poll_interval,
+        )
+
+    def _new_front_door(self) -> UdsFrontDoor | None:
+        config = self.config
+        if config.uds is None:
+            return None
+        mode = DEFAULT_SOCKET_MODE if config.uds_mode is None else config.uds_mode
+        return UdsFrontDoor(config.uds, mode=mode, private_dir=config.uds_private_dir)
+
+    def _new_authenticator(self) -> CallerAuthenticator:
+        return CallerAuthenticator(
+            self.trust_domain,
+            peer_creds=self.front_door.peer_creds if self.front_door else None,
+            uid_identities=dict(self.config.uds_identities),
+        )
+
+    def _new_sds(self) -> SecretDiscoveryServicer:
+        # ADS serves the same Secret source (self.servicer.secrets), for one mesh.
+        return SecretDiscoveryServicer(
+            self.store, self.authenticator, self._service_identities, self.stats
+        )
+
+    def _new_rotation(self) -> RotationService | None:
+        """The CA source the backend declares (the local CA's, Vault's intermediate's)."""
+        config = self.config
+        return open_rotation(
+            config.data_dir,
+            self.backend,
+            self.store,
+            EveryStream((self.servicer.engine, self.ads.engine)),
+            config.leaf_ttl,
+            RotationOptions.of(config),
+        )
+
+    def _new_health_monitor(self) -> HealthMonitor:
+        """One health state for the main server and the plaintext health listener."""
+        config = self.config
+        monitor = HealthMonitor(
+            self.health,
+            self.backend,
+            self.store,
+            services=(SDS_SERVICE, ADS_SERVICE),
+            backend_service=BACKEND_SERVICE,
+            serving_id=self.server_id if config.listen is not None else None,
+            interval=config.health_interval,
+        )
+        self.issuer.issue_observers.append(monitor.issue_result)
+        return monitor
+
+    def _new_metrics_server(self) -> MetricsServer:
+        self.metrics.watch(
+            stats=self.stats,
+            engines={"sds": self.servicer.engine, "ads": self.ads.engine},
+            store=self.store,
+            backend=self.backend,
+            health=self.health_monitor,
+        )
+        return MetricsServer(self.metrics)
 
     def _agent_ca(self) -> AgentCaServicer:
         """The CSR API for ``meshca agent``: join tokens and agent records in the data
@@ -256,25 +248,6 @@ class MeshcaServer:
             ) from None
         await server.start()
         self._attest_server = server
-
-    def _check_identities(self) -> None:
-        if not self.server_id.is_member_of(self.trust_domain):
-            raise ServeError(
-                f"--server-id {self.server_id} is outside this CA's trust domain "
-                f"{self.trust_domain}"
-            )
-        for uid, ids in self.config.uds_identities.items():
-            for spiffe_id in ids:
-                if not spiffe_id.is_member_of(self.trust_domain):
-                    raise ServeError(
-                        f"--uds-identity {uid}={spiffe_id}: outside this CA's trust domain "
-                        f"{self.trust_domain}"
-                    )
-                if spiffe_id == self.server_id:  # its key would let a workload pose as meshca
-                    raise ServeError(
-                        f"--uds-identity {uid}={spiffe_id}: that is meshca's own identity; "
-                        "no workload may hold its key"
-                    )
 
     # mesh ---------------------------------------------------------------------------
     @property

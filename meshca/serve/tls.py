@@ -19,6 +19,19 @@ import grpc
 from meshca.issuer import TrustBundle, X509Svid
 
 
+def default_dns_names(namespace: str) -> tuple[str, ...]:
+    """The DNS names meshca's serving certificate carries unless ``--server-dns`` says
+    otherwise: ``localhost`` and the in-cluster names of a ``meshca`` Service in
+    ``namespace``."""
+    return (
+        "localhost",
+        "meshca",
+        f"meshca.{namespace}",
+        f"meshca.{namespace}.svc",
+        f"meshca.{namespace}.svc.cluster.local",
+    )
+
+
 def _certificate_config(svid: X509Svid, bundle: TrustBundle) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration(
         [(svid.private_key_pem(), svid.chain_pem())], root_certificates=bundle.pem()

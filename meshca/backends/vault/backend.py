@@ -461,7 +461,7 @@ def _obtain(
             raise
         log.warning("%s; starting with the stored intermediate until it can be replaced", exc)
         return SignerAuthority(*stored)
-    _check_lifetime(signer, leaf_ttl)
+    _check_fresh_intermediate(signer, leaf_ttl)
     return SignerAuthority(signer, bundle)  # self-check before any use
 
 
@@ -469,7 +469,10 @@ def _remaining(signer: Signer) -> timedelta:
     return signer.not_after - utcnow()
 
 
-def _check_lifetime(signer: Signer, leaf_ttl: timedelta | None) -> None:
+def _check_fresh_intermediate(signer: Signer, leaf_ttl: timedelta | None) -> None:
+    """A freshly minted intermediate's *remaining* life must cover 6 leaves: a question
+    of its own (Vault may cap it at the root's expiry, so it can be born short), asked
+    before it is adopted; the start-up rule is ``meshca serve``'s, on whatever signs."""
     if leaf_ttl is not None:
         try:
             check_ca_covers_leaves(_remaining(signer), leaf_ttl)

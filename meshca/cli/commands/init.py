@@ -19,6 +19,7 @@ from meshca.issuer.policy import (
     CA_TO_LEAF_TTL_RATIO,
     DEFAULT_INTERMEDIATE_TTL,
     check_ca_covers_leaves,
+    check_signing_ca,
 )
 from meshca.issuer.svid import MALFORMED_CERTIFICATE, fingerprint
 from meshca.util.formats import name_text, rfc3339
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     ca_ttl: timedelta = settings["ca_ttl"]
     leaf_ttl: timedelta = settings["leaf_ttl"]
-    check_ca_covers_leaves(ca_ttl, leaf_ttl)
+    check_ca_covers_leaves(ca_ttl, leaf_ttl)  # init's configured TTL, before any CA exists
     signing_ttl = _signing_ttl(ca_ttl, leaf_ttl)
     ca = init_local_ca(
         data_dir,
@@ -173,7 +174,7 @@ def _warn_if_short(ca: LocalCa, leaf_ttl: timedelta) -> None:
     """The own signing CA ends with the adopted CA: say so when that is too soon to serve."""
     cert = ca.signer.certificate
     try:
-        check_ca_covers_leaves(cert.not_valid_after_utc - cert.not_valid_before_utc, leaf_ttl)
+        check_signing_ca(cert, leaf_ttl)  # the rule serve applies, with the same measure
     except IssuerError as exc:
         print(
             f"meshca: warning: this signing CA ends {rfc3339(cert.not_valid_after_utc)}, "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from meshca.cli.commands.common import UsageError, add_command
 from meshca.cli.commands.vault_backend import open_backend
 from meshca.cli.options import ConfigError, Settings
-from meshca.serve.config import ServeConfig
+from meshca.serve.config import NothingToListenOn, ServeConfig
 from meshca.util.logs import configure_logging
 from meshca.util.netaddr import format_address
 
@@ -38,13 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def config_from(settings: Settings) -> ServeConfig:
-    listen = settings["listen"]
     uds = settings["uds"]
-    if listen is None and uds is None:
-        raise UsageError(
-            "nothing to listen on: give --listen HOST:PORT and/or --uds PATH "
-            f"(see 'meshca {NAME} --help')"
-        )
     if uds is None:
         for name in ("uds_identity", "uds_mode"):
             if settings.source(name) not in ("unset", "default"):
@@ -61,10 +55,17 @@ def config_from(settings: Settings) -> ServeConfig:
             f"not earlier than rotation_activate_at {activate:g} "
             f"({settings.source('rotation_activate_at')})"
         )
+    try:
+        return _serve_config(settings)
+    except NothingToListenOn as exc:
+        raise UsageError(f"{exc} (see 'meshca {NAME} --help')") from None
+
+
+def _serve_config(settings: Settings) -> ServeConfig:
     return ServeConfig(
         data_dir=settings["data_dir"],
-        listen=listen,
-        uds=uds,
+        listen=settings["listen"],
+        uds=settings["uds"],
         uds_mode=settings["uds_mode"],
         uds_identities=settings["uds_identity"] or {},
         mesh_file=settings["mesh"],
