@@ -55,7 +55,7 @@ from tests.envoy_harness import (
 TD = TrustDomain("cluster.local")
 SERVER_ID = SpiffeId.from_kubernetes("meshca", "meshca", TD)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
 
 def sid(namespace: str, account: str) -> SpiffeId:

@@ -32,6 +32,8 @@ from tests.envoy_harness import (
 )
 from tests.serve_harness import clean_env, short_tempdir
 
+pytestmark = pytest.mark.envoy
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHES = sorted((REPO / "bench").glob("*.py"))
 # What each bench needs besides Python: its marker.

@@ -13,6 +13,8 @@ from meshca.cli import main
 from tests.cli_harness import assert_refused, clean_environment
 from tests.envoy_harness import validate_config
 
+pytestmark = pytest.mark.envoy
+
 STORE_V1 = "spiffe://cluster.local/ns/bookstore/sa/bookstore-v1"
 
 

@@ -53,6 +53,8 @@ from meshca.xds.resources import (
 )
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document, validate_config
 
+pytestmark = pytest.mark.envoy
+
 TD = TrustDomain("cluster.local")
 MODES = ("intercept", "explicit")
 

@@ -46,7 +46,7 @@ from tests.envoy_harness import (
 )
 from tests.serve_harness import ServeProcess, meshca, serving, short_tempdir
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
 BUYER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/buyer")

@@ -35,7 +35,7 @@ from tests.serve_harness import (
     short_tempdir,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
 WEB = kube_id("shop", "web")
 BUYER = kube_id("shop", "buyer")

@@ -37,7 +37,7 @@ from tests.envoy_harness import (
 from tests.netns_harness import Netns, requirements
 from tests.serve_harness import ServeProcess, serving, short_tempdir
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
 MESHCA = [sys.executable, "-m", "meshca"]
 BOOKSTORE_IP, BOOKSTORE_PORT = "127.0.0.101", 14001

@@ -37,7 +37,7 @@ from tests.envoy_harness import EnvoyProcess, RecordingApp, eventually, http_get
 from tests.netns_harness import Netns, requirements
 from tests.serve_harness import ServeProcess, serving, short_tempdir
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(150)]
 
 MESHCA = [sys.executable, "-m", "meshca"]
 PORT = 14001

@@ -16,7 +16,7 @@ from meshca.rotation.journal import JournalStore
 from tests.envoy_harness import eventually
 from tests.rotation_envoy_harness import rotation_mesh
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.envoy, pytest.mark.timeout(150)]
 
 LEAF_TTL = "4s"
 

@@ -38,6 +38,8 @@ from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.bao_harness import WORKLOAD_ROLE, BaoServer, bao, bao_tls
 
+pytestmark = pytest.mark.vault
+
 __all__ = ["bao", "bao_tls"]  # module-scoped OpenBao fixtures
 
 TD = TrustDomain("cluster.local")

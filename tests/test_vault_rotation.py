@@ -41,6 +41,8 @@ from tests.bao_harness import BaoServer, bao, mount, workload_role
 from tests.serve_harness import short_tempdir
 from tests.svid_checks import assert_independently_valid
 
+pytestmark = pytest.mark.vault
+
 if TYPE_CHECKING:
     from meshca.serve.server import MeshcaServer
 
