@@ -71,6 +71,11 @@ async def test_after_a_restart_the_next_step_waits_for_the_recorded_proxies(
             await first.close()  # the server stops in the middle of the rotation
         await m.b.stop()  # node-b is not back yet when the server is
         await second_stream.stop()
+        engine = m.harness.servicer.engine  # a restarted server starts with no streams
+        await wait_until(
+            lambda: not any(s.node_id == "node-b" for s in engine.streams()),
+            what="node-b's streams gone",
+        )
 
         second = service(m, data_dir)
         await second.start()

@@ -123,7 +123,10 @@ class Option:
 
 
 BACKENDS = ("local", "vault")
-_BACKEND_COMMANDS = ("init", "issue", "serve")
+_BACKEND_COMMANDS = ("init", "issue", "serve", "ca")
+# Commands that only read the trust bundle: Vault's comes from the data directory (or,
+# failing that, from Vault through the standard VAULT_* variables).
+_BUNDLE_READERS = ("bundle", "inspect")
 # --backend vault: (VaultSettings field, metavar, help); the values are checked by
 # meshca.backends.vault.settings, whose errors name these flags (docs/vault.md).
 _VAULT_OPTIONS = (
@@ -610,7 +613,7 @@ OPTIONS: tuple[Option, ...] = (
         parse_backend,
         "local",
         "where the CA lives: local (the data directory) or vault (docs/vault.md)",
-        _BACKEND_COMMANDS,
+        _BACKEND_COMMANDS + _BUNDLE_READERS,
         metavar="NAME",
     ),
     *(_vault_option(*row) for row in _VAULT_OPTIONS),

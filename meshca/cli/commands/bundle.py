@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from meshca.backends.jwt_key import load_jwt_signer
+from meshca.backends.local import ca_exists
 from meshca.cli.commands.common import add_command, open_ca, write_out
+from meshca.cli.commands.vault_backend import uses_stored_vault_roots, vault_trust_bundle
 from meshca.cli.options import Settings
 from meshca.issuer.jwt_svid import jwt_authority_jwk
 from meshca.util.files import PUBLIC, atomic_write
@@ -34,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    bundle = open_ca(settings).bundle
+    if uses_stored_vault_roots(settings, ca_exists(settings["data_dir"])):
+        bundle, _ = vault_trust_bundle(settings)
+    else:
+        bundle = open_ca(settings).bundle
     if args.format == "jwks":
         signer = load_jwt_signer(settings["data_dir"])
         authorities = [jwt_authority_jwk(signer.key.public_key())] if signer else []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshca.cli.commands.common import UsageError, add_command, write_out
 from meshca.cli.options import ConfigError, Settings, add_options
+from meshca.issuer.errors import IssuerError
 from meshca.rotation.operator import ADMIN_SOCKET, LAST_STEP
 from meshca.util.durations import parse_duration
 
@@ -107,6 +108,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         )
 
 
+class PerWorkloadMode(IssuerError):
+    """Vault signs every SVID: meshca holds no CA, so there is no rotation."""
+
+
 def _request(args: argparse.Namespace, timeout: timedelta) -> dict[str, Any]:
     if args.ca_action == "status":
         return {"op": "status"}
@@ -127,12 +132,19 @@ def _direct(
     """Run ``action`` on the data directory itself (no server, so no proxies to wait for)."""
     import asyncio
 
+    from meshca.cli.commands.vault_backend import vault_mode
     from meshca.rotation.admin import CaOperations
     from meshca.rotation.journal import JournalLockedError, RotationError
     from meshca.rotation.local_ca import LocalCaSource, open_local_ca
     from meshca.rotation.manager import RotationManager, RotationPolicy
     from meshca.rotation.root import RootRotation
 
+    if settings["backend"] == "vault" and vault_mode(settings) == "per-workload":
+        raise PerWorkloadMode(
+            "in Vault per-workload mode Vault signs every SVID and meshca holds no CA of "
+            "its own: there is no CA rotation to report or run (the server opens no admin "
+            "socket); rotate the issuer in Vault"
+        )
     if settings["backend"] == "vault":
         raise RotationError(
             f"with --backend vault, 'meshca ca' talks to the running 'meshca serve' through "
@@ -192,7 +204,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         async def action(operations: CaOperations) -> dict[str, Any]:
             return await operations.perform(request)
 
-        result = _direct(data_dir, settings, action)
+        try:
+            result = _direct(data_dir, settings, action)
+        except PerWorkloadMode as exc:
+            if args.ca_action != "status":
+                raise
+            note = str(exc)
+            answer = {"backend": "vault", "mode": "per-workload", "rotation": None, "note": note}
+            write_out(json.dumps(answer, indent=2) + "\n" if args.json else note + "\n")
+            return 0
     if args.json:
         write_out(json.dumps(result, indent=2) + "\n")
     elif args.ca_action == "status":

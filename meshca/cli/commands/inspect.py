@@ -18,8 +18,9 @@ from cryptography import x509
 
 from meshca.backends.local import CaError, ca_exists, load_local_ca
 from meshca.cli.commands.common import add_command, write_out
+from meshca.cli.commands.vault_backend import uses_stored_vault_roots, vault_trust_bundle
 from meshca.cli.options import Settings
-from meshca.issuer.errors import ChainError, KeyTypeError, SvidError
+from meshca.issuer.errors import ChainError, IssuerError, KeyTypeError, SvidError
 from meshca.issuer.keys import key_type_of
 from meshca.issuer.profile import utcnow
 from meshca.issuer.svid import (
@@ -117,19 +118,28 @@ def _check_chain(
     now: datetime,
 ) -> ChainCheck:
     data_dir: Path = settings["data_dir"]
-    if not ca_exists(data_dir):
+    local = ca_exists(data_dir)
+    if uses_stored_vault_roots(settings, local):
+        try:
+            bundle, where = vault_trust_bundle(settings)
+        except IssuerError as exc:
+            return ChainCheck(False, False, f"not checked: {exc}")
+    elif not local:
         return ChainCheck(False, False, f"not checked: no CA in {data_dir}")
-    try:
-        ca = load_local_ca(data_dir)
-    except CaError as exc:
-        return ChainCheck(False, False, f"not checked: {exc}")
-    where = f"the trust bundle in {ca.directory}"
-    if spiffe_id.trust_domain != ca.trust_domain:
+    else:
+        try:
+            ca = load_local_ca(data_dir)
+        except CaError as exc:
+            return ChainCheck(False, False, f"not checked: {exc}")
+        bundle, where = ca.bundle, f"the trust bundle in {ca.directory}"
+    if spiffe_id.trust_domain != bundle.trust_domain:
         return ChainCheck(
-            True, False, f"not trusted: the CA's trust domain is {ca.trust_domain}, not the SVID's"
+            True,
+            False,
+            f"not trusted: the CA's trust domain is {bundle.trust_domain}, not the SVID's",
         )
     try:
-        verify_chain(leaf, intermediates, ca.bundle, now=now)
+        verify_chain(leaf, intermediates, bundle, now=now)
     except ChainError as exc:
         return ChainCheck(True, False, f"does not verify against {where}: {exc}")
     return ChainCheck(True, True, f"verifies against {where}")

@@ -13,18 +13,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshca.backends.opened import OpenedBackend
 from meshca.cli.commands.common import open_ca, write_out
 from meshca.cli.options import Settings
-from meshca.issuer import IssuerError
+from meshca.issuer import IssuerError, TrustBundle
 
 if TYPE_CHECKING:
     from meshca.backends.vault.settings import VaultSettings
 
 VAULT = "vault"
 STATE_DIR = "vault"  # <data-dir>/vault keeps the intermediate across restarts
+ROOTS_FILE = "root-cert.pem"  # in STATE_DIR: the roots served (as the Vault backend writes)
 
 
 def uses_vault(settings: Settings) -> bool:
@@ -47,6 +49,48 @@ def vault_settings(settings: Settings, environ: Mapping[str, str] | None = None)
             continue  # the environment beats the config file, as for every option
         explicit[field.name] = settings[name]
     return VaultSettings.from_env(environ, **explicit)
+
+
+def stored_roots_path(settings: Settings) -> Path:
+    """Where a server holding a Vault-signed intermediate keeps the trust bundle it serves
+    (Vault's roots, and during a rotation every root still in use)."""
+    return Path(settings["data_dir"]) / STATE_DIR / ROOTS_FILE
+
+
+def uses_stored_vault_roots(settings: Settings, local_ca: bool) -> bool:
+    """Whether the commands that read the trust bundle take Vault's: ``--backend vault``,
+    or a data directory without a local CA that holds Vault's roots."""
+    return uses_vault(settings) or (not local_ca and stored_roots_path(settings).exists())
+
+
+def vault_trust_bundle(settings: Settings) -> tuple[TrustBundle, str]:
+    """(the trust bundle in Vault mode, where it was read): the copy on disk that the
+    server serves, or else Vault's roots read now; IssuerError saying why neither can."""
+    path = stored_roots_path(settings)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    except OSError as exc:
+        raise IssuerError(f"cannot read Vault's roots in {path}: {exc.strerror}") from None
+    if data is not None:
+        return TrustBundle.from_pem(settings["trust_domain"], data), f"the trust bundle in {path}"
+    try:
+        with opened(settings) as backend:
+            return backend.authority.bundle(), "Vault's roots"
+    except IssuerError as exc:
+        raise IssuerError(
+            f"no copy of Vault's roots in {path} (meshca serve keeps one there when Vault "
+            f"signs its intermediate; per-workload mode keeps none), and Vault cannot be "
+            f"read: {exc}"
+        ) from None
+
+
+def vault_mode(settings: Settings) -> str:
+    """The Vault mode asked for (``--vault-mode``), read without needing the rest of the
+    settings (address, token) to be complete."""
+    mode = settings["vault_mode"]
+    return str(mode).strip().lower() if mode else "intermediate"
 
 
 def open_backend(settings: Settings, *, serving: bool = False) -> OpenedBackend:
