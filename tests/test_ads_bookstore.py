@@ -31,7 +31,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshca.backends.local import init_local_ca
 from meshca.envoy.ads_bootstrap import build_ads_bootstrap
-from meshca.envoy.bootstrap import BootstrapSpec, ClientTls, TcpServer
+from meshca.envoy.bootstrap import BootstrapSpec, ClientTls
 from meshca.envoy.mesh import Mesh, parse_mesh
 from meshca.issuer import Issuer, X509Svid
 from meshca.issuer.keys import private_key_pem
@@ -40,6 +40,7 @@ from meshca.serve.ads import MeshAds
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
 from meshca.util.files import PRIVATE, atomic_write
+from meshca.util.netaddr import TcpServer
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
 from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE

@@ -36,7 +36,7 @@ from meshca.envoy.ads_bootstrap import (
     WORKLOAD_METADATA,
     build_ads_bootstrap,
 )
-from meshca.envoy.bootstrap import BootstrapError, BootstrapSpec, Inbound, UnixServer
+from meshca.envoy.bootstrap import BootstrapError, BootstrapSpec, Inbound
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, load_mesh, parse_mesh
 from meshca.envoy.snapshot import Snapshot
@@ -44,6 +44,7 @@ from meshca.envoy.xds import GenerationError
 from meshca.issuer import Issuer
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.files import PRIVATE, atomic_write
+from meshca.util.netaddr import UnixServer
 from meshca.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,

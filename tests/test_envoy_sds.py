@@ -30,13 +30,13 @@ from meshca.envoy.bootstrap import (
     BootstrapSpec,
     ClientTls,
     Outbound,
-    TcpServer,
     build_bootstrap,
     outbound_resources,
     sds_secret,
     validation_from_sds,
 )
 from meshca.spiffe import SpiffeId
+from meshca.util.netaddr import TcpServer
 from tests.envoy_harness import (
     EnvoyProcess,
     RecordingApp,

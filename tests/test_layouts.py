@@ -12,11 +12,12 @@ from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import descriptor_pool, message_factory
 
 from meshca.envoy.ads_bootstrap import LAYOUT_METADATA, build_ads_bootstrap
-from meshca.envoy.bootstrap import BootstrapError, BootstrapSpec, UnixServer
+from meshca.envoy.bootstrap import BootstrapError, BootstrapSpec
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, MeshError, load_mesh, parse_mesh
 from meshca.envoy.xds import GenerationError
 from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.util.netaddr import UnixServer
 from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshca.serve.config import parse_listen
-from meshca.util.netaddr import format_address
+from meshca.util.netaddr import AddressError, format_address, parse_server_address
 from tests.serve_harness import announced_tcp_port
 
 
@@ -37,3 +37,18 @@ def test_the_announced_tcp_port_is_read_for_ipv4_and_ipv6() -> None:
     assert announced_tcp_port(lines + "listening on tcp 127.0.0.1:40123 (mutual TLS)\n") == 40123
     assert announced_tcp_port(lines + "listening on tcp [::1]:40124 (mutual TLS)\n") == 40124
     assert announced_tcp_port(lines + "listening on unix:///tmp/x.sock\n") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("unix:run/meshca.sock", "needs an absolute path"),
+        ("::1:15012", r"IPv6 address in brackets, like \[::1\]:15012"),
+        ("localhost:99999", r"99999 is not a port number \(1-65535\)"),
+        ("localhost", "is not HOST:PORT"),
+        ("a b:80", "is not a host name or address"),
+    ],
+)
+def test_an_address_that_does_not_parse_is_refused_with_the_reason(text: str, reason: str) -> None:
+    with pytest.raises(AddressError, match=reason):
+        parse_server_address(text)

@@ -29,14 +29,7 @@ from meshca.backends.vault.client import VaultClient
 from meshca.backends.vault.pki import VaultPki, chain_above
 from meshca.backends.vault.settings import VaultSettings
 from meshca.cli.main import main as cli_main
-from meshca.envoy.bootstrap import (
-    BootstrapSpec,
-    Inbound,
-    Outbound,
-    TcpServer,
-    UnixServer,
-    build_bootstrap,
-)
+from meshca.envoy.bootstrap import BootstrapSpec, Inbound, Outbound, build_bootstrap
 from meshca.issuer import (
     CsrError,
     Issuer,
@@ -54,6 +47,7 @@ from meshca.serve.config import ServeConfig
 from meshca.serve.tls import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import BundleChanged, SecretStore, StoreEvent
+from meshca.util.netaddr import TcpServer, UnixServer
 from meshca.util.retry import Backoff, Breaker
 from tests.bao_harness import (
     WORKLOAD_ROLE,

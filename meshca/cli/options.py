@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from meshca.backends.vault.settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
-from meshca.envoy.bootstrap import parse_port, parse_server_address
 from meshca.issuer.errors import IssuerError
 from meshca.issuer.keys import KeyType
 from meshca.serve.config import (
@@ -36,6 +35,7 @@ from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.durations import parse_duration
 from meshca.util.files import CONFIG_MAX_BYTES, YamlFileError, read_yaml
 from meshca.util.logs import parse_log_format
+from meshca.util.netaddr import parse_port, parse_server_address
 
 ENV_PREFIX = "MESHCA_"
 EVERY_COMMAND = "*"

@@ -10,7 +10,6 @@ resources.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,13 @@ from cryptography import x509
 from meshca.issuer.errors import SvidError
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
-from meshca.util.netaddr import format_address
+from meshca.util.netaddr import (
+    ServerAddress,
+    TcpServer,
+    UnixServer,
+    parse_host_port,
+    parse_port,
+)
 from meshca.xds.resources import TYPE_PREFIX
 
 SDS_CLUSTER = "meshca_sds"
@@ -48,74 +53,6 @@ def default_server_id(
 ) -> SpiffeId:
     """meshca's own identity: ``spiffe://<td>/ns/<namespace>/sa/meshca``."""
     return SpiffeId.from_kubernetes(namespace, SERVER_SERVICE_ACCOUNT, trust_domain)
-
-
-@dataclass(frozen=True)
-class UnixServer:
-    path: Path
-
-    def __str__(self) -> str:
-        return f"unix://{self.path}"
-
-
-@dataclass(frozen=True)
-class TcpServer:
-    host: str
-    port: int
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
-    def __str__(self) -> str:
-        return format_address(self.host, self.port)
-
-
-ServerAddress = UnixServer | TcpServer
-
-
-def parse_port(text: str, what: str = "") -> int:
-    prefix = f"{what}: " if what else ""
-    try:
-        port = int(text)
-    except ValueError:
-        raise BootstrapError(f"{prefix}{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise BootstrapError(f"{prefix}{port} is not a port number (1-65535)")
-    return port
-
-
-def parse_host_port(text: str, what: str = "") -> TcpServer:
-    """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    prefix = f"{what}: " if what else ""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise BootstrapError(f"{prefix}{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise BootstrapError(f"{prefix}write an IPv6 address in brackets, like [::1]:{port}")
-    if not host or any(c in host for c in "/ @?#"):
-        raise BootstrapError(f"{prefix}{host!r} is not a host name or address")
-    return TcpServer(host, parse_port(port, what))
-
-
-def parse_server_address(text: str) -> ServerAddress:
-    """``unix:///abs/path`` (or ``unix:/abs/path``) for the Unix socket, else ``HOST:PORT``."""
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path.startswith("/"):
-            raise BootstrapError(
-                f"{text!r}: a Unix socket needs an absolute path (unix:///run/meshca.sock)"
-            )
-        return UnixServer(Path(path))
-    return parse_host_port(text)
 
 
 MAX_CERT_FILE_BYTES = 1 << 20  # a certificate chain is a few KiB

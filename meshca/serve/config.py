@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.envoy.bootstrap import DEFAULT_SERVER_NAMESPACE, default_server_id, parse_host_port
+from meshca.envoy.bootstrap import DEFAULT_SERVER_NAMESPACE, default_server_id
 from meshca.issuer import IssuerError
 from meshca.issuer.policy import DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 from meshca.util.durations import parse_duration
+from meshca.util.netaddr import parse_host_port
 
 DEFAULT_GRACE = 5.0
 DEFAULT_IDLE_TTL = timedelta(minutes=10)

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 
 from meshca.cli.commands.common import UsageError, add_command
 from meshca.cli.options import ConfigError, Settings
-from meshca.envoy.bootstrap import TcpServer
 from meshca.issuer import IssuerError, TrustBundle
 from meshca.util.logs import configure_logging
-from meshca.util.netaddr import format_address
+from meshca.util.netaddr import TcpServer, format_address
 
 if TYPE_CHECKING:
     from meshca.agent.runtime import AgentConfig, MeshcaAgent

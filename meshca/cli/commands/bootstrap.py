@@ -12,7 +12,6 @@ from meshca.envoy.bootstrap import (
     BootstrapError,
     BootstrapSpec,
     ClientTls,
-    TcpServer,
     default_server_id,
     parse_inbound,
     parse_outbound,
@@ -20,6 +19,7 @@ from meshca.envoy.bootstrap import (
 )
 from meshca.spiffe import SpiffeId
 from meshca.util.files import PUBLIC, atomic_write
+from meshca.util.netaddr import AddressError, TcpServer
 
 NAME = "bootstrap"
 
@@ -151,7 +151,7 @@ def _render(args: argparse.Namespace, settings: Settings) -> str:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         text = _render(args, settings)
-    except BootstrapError as exc:
+    except (BootstrapError, AddressError) as exc:
         raise ConfigError(str(exc)) from None
     if args.out is None:
         write_out(text)
