@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sds_fanout.py
 	$(BIN)/python bench/xds_scale.py
 	$(BIN)/python bench/vault_issue.py
+	$(BIN)/python bench/agent.py
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak_rotation.py

@@ -36,6 +36,7 @@ log = logging.getLogger("meshca.agent.workload_api")
 Context = grpc.aio.ServicerContext[Any, Any]
 HEADER = "workload.spiffe.io"
 SERVICE_NAME = "SpiffeWorkloadAPI"
+MAX_CACHED_RESPONSES = 1024
 
 
 def _der(certs: Any) -> bytes:
@@ -65,6 +66,10 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self.authenticator = authenticator
         self.jwt = jwt
         self.streams = 0
+        self._x509_cache: dict[
+            tuple[SpiffeId, ...],
+            tuple[tuple[tuple[X509Svid, ...], TrustBundle], workload_pb2.X509SVIDResponse],
+        ] = {}
 
     async def _identities(self, context: Context) -> tuple[SpiffeId, ...]:
         metadata = dict(context.invocation_metadata() or ())
@@ -104,7 +109,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         for identity in identities:
             self.store.retain(identity)
         self.streams += 1
-        last: bytes | None = None
+        last: Any = None
         try:
             while True:
                 changed.clear()
@@ -112,10 +117,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                     message = await build()
                 except IssuerError as exc:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-                data = message.SerializeToString(deterministic=True)
-                if data != last:
+                if message is not last and message != last:
                     await context.write(message)
-                    last = data
+                    last = message
                 await changed.wait()
         finally:
             self.streams -= 1
@@ -126,9 +130,18 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     async def _x509_response(
         self, identities: tuple[SpiffeId, ...]
     ) -> workload_pb2.X509SVIDResponse:
-        svids = [await self.store.svid(identity) for identity in identities]
+        svids = tuple([await self.store.svid(identity) for identity in identities])
         bundle = self.store.bundle()
-        return workload_pb2.X509SVIDResponse(svids=[x509_svid_message(s, bundle) for s in svids])
+        # Every stream of these identities gets the same message, built once per change.
+        key = (svids, bundle)
+        cached = self._x509_cache.get(identities)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        message = workload_pb2.X509SVIDResponse(svids=[x509_svid_message(s, bundle) for s in svids])
+        if len(self._x509_cache) >= MAX_CACHED_RESPONSES:
+            self._x509_cache.clear()
+        self._x509_cache[identities] = (key, message)
+        return message
 
     async def FetchX509SVID(self, request: Any, context: Context) -> None:
         identities = await self._identities(context)

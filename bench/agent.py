@@ -1,0 +1,423 @@
+"""meshca agent: CSR signing over gRPC, and Workload API fan-out after a rotation.
+
+Run: ``.venv/bin/python bench/agent.py [--agents 8] [--seconds 5] [--streams 1000]``
+(``--smoke``: tiny counts, for the test that runs every bench).
+
+A child process hosts ``meshca serve`` (mutual TLS and the attestation listener on
+loopback) and one ``meshca agent`` (sidecar mode) on a Unix socket, both in-process,
+and obeys one-line commands on stdin. This process is the client.
+
+Figures:
+  csr_per_s            SignWorkload calls/s at meshca serve from ``--agents`` concurrent
+                       agents (each its own agent SVID and connection, one thread each)
+  sign_csr_per_s       baseline: ``Issuer.sign_csr`` in this process, same CSR, one core
+  csr_ratio            csr_per_s / sign_csr_per_s (goal >= 0.5)
+  fanout_s             from a renewal in the agent until every one of ``--streams``
+                       ``FetchX509SVID`` streams has the new SVID
+  baseline_health_s    the same fan-out of gRPC health ``Watch`` status changes over the
+                       same connections; ``fanout_ratio`` = fanout_s / baseline_health_s
+  agent_bytes_per_stream  RSS growth of the child while the streams are open, / N
+SPIRE (spire-server + spire-agent v1.13, built with ``go install`` into
+~/.cache/meshca/spire) is the intended peer; it is reported as skipped when Go or that
+build is missing (this bench does not build it). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
+HEALTH_SERVICE = "bench"
+SPIRE_CACHE = Path.home() / ".cache" / "meshca" / "spire"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- the child: meshca serve + meshca agent, in-process ---------------------------------
+
+
+async def host(root: Path) -> None:
+    from meshca.agent.runtime import AgentConfig, MeshcaAgent
+    from meshca.attest.tokens import TokenStore
+    from meshca.backends.local import init_local_ca
+    from meshca.serve.config import ServeConfig
+    from meshca.serve.server import MeshcaServer
+    from meshca.spiffe import SpiffeId, TrustDomain
+
+    raise_fd_limit()
+    data = root / "data"
+    init_local_ca(data, TrustDomain("cluster.local"))
+    server = MeshcaServer(
+        ServeConfig(
+            data_dir=data,
+            listen=("127.0.0.1", 0),
+            attest_listen=("127.0.0.1", 0),
+            grace=0.0,
+        )
+    )
+    await server.start()
+    tokens = TokenStore(data)
+    identity = SpiffeId.parse(WORKLOAD)
+    token_file = root / "agent.token"
+    token_file.write_text(tokens.create(identity)[0])
+    agent = MeshcaAgent(
+        AgentConfig(
+            server=f"localhost:{server.tcp_port}",
+            attest_server=f"localhost:{server.attest_port}",
+            bundle=server.store.bundle(),
+            data_dir=root / "agent-data",
+            socket=root / "agent.sock",
+            token_file=token_file,
+            poll_interval=3600.0,
+        )
+    )
+    await agent.start()
+    await agent.store.svid(identity)
+    await agent.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    loop = asyncio.get_running_loop()
+
+    def reply(document: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(document) + "\n")
+        sys.stdout.flush()
+
+    reply(
+        {
+            "port": server.tcp_port,
+            "attest_port": server.attest_port,
+            "socket": str(agent.config.socket),
+            "bundle": server.store.bundle().pem().decode(),
+        }
+    )
+    status = health_pb2.HealthCheckResponse.SERVING
+    while True:
+        line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+        if line in ("", "quit"):
+            break
+        if line == "token":
+            reply({"token": tokens.create(identity)[0]})
+        elif line == "rss":
+            gc.collect()
+            reply({"rss": rss_bytes()})
+        elif line == "rotate":
+            changed_at = time.monotonic()
+            svid = await agent.store.renew(identity)
+            reply({"changed_at": changed_at, "serial": svid.serial})
+        elif line == "health":
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if status == health_pb2.HealthCheckResponse.SERVING
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            changed_at = time.monotonic()
+            await agent.health.set(HEALTH_SERVICE, status)
+            reply({"changed_at": changed_at})
+    await agent.stop()
+    await server.stop(0)
+
+
+class Child:
+    def __init__(self, root: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--role", "host", "--root", str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lock = threading.Lock()
+        self.hello = self.ask_sync(None)
+
+    def ask_sync(self, command: str | None) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        with self.lock:
+            if command is not None:
+                self.process.stdin.write(command + "\n")
+                self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the meshca process exited ({self.process.wait()})")
+        return dict(json.loads(line))
+
+    async def ask(self, command: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.ask_sync, command)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# --- CSR signing throughput ---------------------------------------------------------------
+
+
+def workload_csr_der() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    from meshca.issuer.authority import workload_csr
+    from meshca.issuer.keys import generate_private_key
+    from meshca.spiffe import SpiffeId
+
+    csr = workload_csr(generate_private_key(), SpiffeId.parse(WORKLOAD), ())
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def sign_csr_rate(seconds: float, csr: bytes) -> float:
+    """The baseline: Issuer.sign_csr in this process, one thread."""
+    from meshca.backends.local import init_local_ca, load_local_ca
+    from meshca.issuer import Issuer
+    from meshca.spiffe import SpiffeId, TrustDomain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_local_ca(Path(tmp) / "ca", TrustDomain("cluster.local"))
+        issuer = Issuer(load_local_ca(Path(tmp) / "ca").authority())
+        spiffe_id = SpiffeId.parse(WORKLOAD)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            issuer.sign_csr(spiffe_id, csr)
+            count += 1
+        return count / (time.perf_counter() - started)
+
+
+def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> float:
+    from meshca.agent.ca_client import CaClient
+    from meshca.issuer import TrustBundle
+    from meshca.issuer.keys import generate_private_key
+    from meshca.spiffe import SpiffeId, TrustDomain
+
+    td = TrustDomain("cluster.local")
+    bundle = TrustBundle.from_pem(td, child.hello["bundle"].encode())
+    clients = []
+    for _ in range(agents):
+        client = CaClient(
+            f"localhost:{child.hello['port']}",
+            td,
+            bundle,
+            attest_server=f"localhost:{child.hello['attest_port']}",
+        )
+        signed = client.attest(child.ask_sync("token")["token"], generate_private_key())
+        client.use(signed.svid, signed.bundle)
+        client.sign(SpiffeId.parse(WORKLOAD), csr)  # connect and warm up
+        clients.append(client)
+    counts = [0] * agents
+    start = threading.Barrier(agents + 1)
+    deadline = [0.0]
+
+    def hammer(index: int) -> None:
+        spiffe_id = SpiffeId.parse(WORKLOAD)
+        start.wait()
+        while time.perf_counter() < deadline[0]:
+            clients[index].sign(spiffe_id, csr)
+            counts[index] += 1
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(agents)]
+    for thread in threads:
+        thread.start()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    start.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    for client in clients:
+        client.close()
+    return sum(counts) / elapsed
+
+
+# --- Workload API fan-out -----------------------------------------------------------------
+
+
+async def bounded(coroutines: list[Any], limit: int) -> None:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(coroutine: Any) -> None:
+        async with semaphore:
+            await coroutine
+
+    await asyncio.gather(*(run(c) for c in coroutines))
+
+
+async def fanout(child: Child, streams: int, channels: list[Any]) -> dict[str, Any]:
+    metadata = (("workload.spiffe.io", "true"),)
+    stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(c) for c in channels]
+    before = await child.ask("rss")
+    calls: list[Any] = []
+    first: set[bytes] = set()
+
+    async def open_stream(stub: Any) -> None:
+        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata)
+        calls.append(call)
+        first.add((await call.read()).svids[0].x509_svid)
+
+    await bounded([open_stream(stubs[i % len(stubs)]) for i in range(streams)], 500)
+    await asyncio.sleep(0.5)
+    during = await child.ask("rss")
+    arrivals: list[float] = []
+    received: set[bytes] = set()
+
+    async def next_svid(call: Any) -> None:
+        response = await call.read()
+        arrivals.append(time.monotonic())
+        received.add(response.svids[0].x509_svid)
+
+    waiting = [asyncio.ensure_future(next_svid(c)) for c in calls]
+    await asyncio.sleep(0.2)
+    change = await child.ask("rotate")
+    await asyncio.wait_for(asyncio.gather(*waiting), 300)
+    if len(first) != 1 or len(received) != 1 or received == first:
+        raise SystemExit("the streams did not all receive the same, renewed SVID")
+    for call in calls:
+        call.cancel()
+    return {
+        "fanout_s": round(max(arrivals) - change["changed_at"], 4),
+        "agent_rss_before_mb": round(before["rss"] / 2**20, 1),
+        "agent_rss_streams_mb": round(during["rss"] / 2**20, 1),
+        "agent_bytes_per_stream": round((during["rss"] - before["rss"]) / streams),
+    }
+
+
+async def health_fanout(child: Child, streams: int, channels: list[Any]) -> float:
+    stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
+    request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+    calls: list[Any] = []
+
+    async def first(stub: Any) -> None:
+        call = stub.Watch(request)
+        calls.append(call)
+        await call.read()
+
+    await bounded([first(stubs[i % len(stubs)]) for i in range(streams)], 500)
+    arrivals: list[float] = []
+
+    async def next_status(call: Any) -> None:
+        await call.read()
+        arrivals.append(time.monotonic())
+
+    waiting = [asyncio.ensure_future(next_status(c)) for c in calls]
+    await asyncio.sleep(0.2)
+    change = await child.ask("health")
+    await asyncio.wait_for(asyncio.gather(*waiting), 300)
+    for call in calls:
+        call.cancel()
+    return max(arrivals) - change["changed_at"]
+
+
+def spire_status() -> str:
+    if shutil.which("go") is None:
+        return "skipped: no Go"
+    if not (SPIRE_CACHE / "spire-agent").exists():
+        return f"skipped: spire-server and spire-agent are not built in {SPIRE_CACHE}"
+    return "skipped: the SPIRE peer run is not implemented in this bench yet"
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    raise_fd_limit()
+    root = Path(tempfile.mkdtemp(prefix="mca-agent-bench-"))
+    child: Child | None = None
+    try:
+        child = Child(root)
+        csr = workload_csr_der()
+        baseline = sign_csr_rate(args.seconds, csr)
+        rate = await asyncio.to_thread(csr_rate, child, args.agents, args.seconds, csr)
+        result: dict[str, Any] = {
+            "agents": args.agents,
+            "csr_per_s": round(rate, 1),
+            "sign_csr_per_s": round(baseline, 1),
+            "csr_ratio": round(rate / baseline, 3),
+            "goal_csr_ratio_0_5": rate / baseline >= 0.5,
+            "streams": args.streams,
+            "channels": args.channels,
+        }
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(f"unix:{child.hello['socket']}", options=options)
+            for _ in range(args.channels)
+        ]
+        result.update(await fanout(child, args.streams, channels))
+        await asyncio.sleep(0.3)
+        health = await health_fanout(child, args.streams, channels)
+        result["baseline_health_s"] = round(health, 4)
+        result["fanout_ratio"] = round(result["fanout_s"] / health, 2)
+        result["spire"] = spire_status()
+        for channel in channels:
+            await channel.close()
+        return result
+    finally:
+        if child is not None:
+            child.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(result: dict[str, Any]) -> None:
+    print(f"CSR signing at meshca serve over gRPC, {result['agents']} concurrent agents")
+    print(f"  gRPC SignWorkload        {result['csr_per_s']:.0f} /s")
+    print(f"  in-process sign_csr      {result['sign_csr_per_s']:.0f} /s")
+    print(f"  ratio                    {result['csr_ratio']:.2f} (goal >= 0.5)")
+    print(
+        f"Workload API fan-out: {result['streams']} FetchX509SVID streams on "
+        f"{result['channels']} connections"
+    )
+    print(f"  renewal -> last stream   {result['fanout_s']:.3f} s")
+    print(
+        f"  baseline (health Watch)  {result['baseline_health_s']:.3f} s "
+        f"-> ratio {result['fanout_ratio']:.2f}"
+    )
+    print(
+        f"  agent memory per stream  {result['agent_bytes_per_stream'] / 1024:.1f} KB "
+        f"(RSS {result['agent_rss_before_mb']} -> {result['agent_rss_streams_mb']} MB)"
+    )
+    print(f"SPIRE: {result['spire']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=("client", "host"), default="client")
+    parser.add_argument("--root", type=Path)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--channels", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (the bench test)")
+    args = parser.parse_args()
+    if args.role == "host":
+        asyncio.run(host(args.root))
+        return
+    if args.smoke:
+        args.agents, args.seconds, args.streams, args.channels = 2, 0.5, 20, 2
+    result = asyncio.run(main_async(args))
+    report(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
