@@ -340,6 +340,17 @@ class SecretStore:
         self.refresh_bundle()
         return svid
 
+    def retry_failing_now(self) -> list[SpiffeId]:
+        """The backend answers again: renew at once every SVID whose renewal failed (due
+        or overdue), instead of when its backoff timer fires. Returns those identities."""
+        now = datetime.now(UTC)
+        failing = [sid for sid, entry in self._entries.items() if entry.failures]
+        for spiffe_id in failing:
+            self._schedule(spiffe_id, now)
+        if failing:
+            log.info("backend healthy again: renewing %d identities now", len(failing))
+        return failing
+
     async def renew(self, spiffe_id: SpiffeId) -> X509Svid:
         """Re-issue now (and push), whatever the schedule says."""
         async with self._lock(spiffe_id):

@@ -35,6 +35,11 @@ class BackendHealth(Protocol):
         """Why it is unreachable (stable while the outage lasts)."""
         ...
 
+    def on_recovery(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) each time the backend is seen healthy
+        again after an outage; returns a function that stops the calls."""
+        ...
+
 
 class RootsSource(Protocol):
     """A backend whose roots can change outside meshca (a new Vault issuer)."""

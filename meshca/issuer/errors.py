@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# What a remote caller (SDS, ADS, the CA API) is told when signing fails: the detail (a
+# Vault address, a backend's own wording) goes to the server log only.
+BACKEND_UNAVAILABLE = "the CA's backend is unavailable"
+
 
 class IssuerError(Exception):
     """Base class: a request the issuer refuses (bad input or a state that forbids signing)."""

@@ -12,6 +12,7 @@ be dropped) and wakes exactly the streams a store event affects.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.type.matcher.v3 import string_pb2
 
 from meshca.issuer import IssuerError, TrustBundle, X509Svid
+from meshca.issuer.errors import BACKEND_UNAVAILABLE
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from meshca.xds.auth import Caller, Forbidden, own_identity
@@ -38,6 +40,8 @@ from meshca.xds.resources import (
 )
 
 ServiceIdentities = Callable[[str, str], tuple[SpiffeId, ...] | None]
+
+log = logging.getLogger("meshca.sds")
 
 
 def tls_certificate_secret(name: str, svid: X509Svid) -> secret_pb2.Secret:
@@ -154,8 +158,11 @@ class SecretSource:
         try:
             svid = await self.store.svid(identity)
         except IssuerError as exc:
+            # The detail (a Vault address, a refusal's wording) is for the operator only.
+            log.warning("cannot issue a certificate for %s: %s", identity, exc)
             return ResourceError(
-                grpc.StatusCode.UNAVAILABLE, f"cannot issue a certificate for {identity}: {exc}"
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot issue a certificate for {identity}: {BACKEND_UNAVAILABLE}",
             )
         key = identity if request.identity is None else None
         return self._cached(

@@ -18,6 +18,7 @@ from meshca.issuer.policy import DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 from meshca.util.durations import parse_duration
 from meshca.util.netaddr import parse_host_port
+from meshca.util.retry import Backoff
 
 DEFAULT_GRACE = 5.0
 DEFAULT_IDLE_TTL = timedelta(minutes=10)
@@ -55,6 +56,7 @@ class ServeConfig:
     server_namespace: str = DEFAULT_SERVER_NAMESPACE
     server_dns: tuple[str, ...] | None = None
     idle_ttl: timedelta = DEFAULT_IDLE_TTL
+    renew_backoff: Backoff | None = None  # failed renewals' retries (None: 1 s doubling to 60 s)
     grace: float = DEFAULT_GRACE
     metrics_listen: tuple[str, int] | None = None  # plain HTTP /metrics
     health_listen: tuple[str, int] | None = None  # plaintext gRPC health service only

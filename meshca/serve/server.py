@@ -43,7 +43,13 @@ from meshca.serve.metrics import Metrics, MetricsServer
 from meshca.serve.rotation import RotationOptions, RotationService, open_rotation
 from meshca.serve.tls import ServingCredentials, default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
-from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.store import (
+    DEFAULT_RENEW_BACKOFF,
+    BundleChanged,
+    SecretStore,
+    StoreEvent,
+    SvidChanged,
+)
 from meshca.util.durations import format_duration
 from meshca.util.formats import serial_hex
 from meshca.util.netaddr import format_address
@@ -101,6 +107,7 @@ class MeshcaServer:
         self.tcp_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._stop_recovery: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
 
     # construction, one concern each ---------------------------------------------------
@@ -137,6 +144,7 @@ class MeshcaServer:
             ttl=config.leaf_ttl,
             dns_names={self.server_id: tuple(dns)},
             idle_ttl=config.idle_ttl,
+            backoff=config.renew_backoff or DEFAULT_RENEW_BACKOFF,
         )
 
     def _new_mesh_file(self) -> MeshFile | None:
@@ -282,6 +290,13 @@ class MeshcaServer:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until judged
         self.store.start()
         self._unsubscribe = self.store.subscribe(self._store_event)
+        if self.backend.health is not None:  # renewals that failed run when it is back
+            loop = asyncio.get_running_loop()
+
+            def recovered() -> None:  # in the thread that saw the backend answer
+                loop.call_soon_threadsafe(self.store.retry_failing_now)
+
+            self._stop_recovery = self.backend.health.on_recovery(recovered)
         server = grpc.aio.server(options=XDS_SERVER_OPTIONS)
         add_sds_to_server(self.servicer, server)
         add_ads_to_server(self.ads_servicer, server)
@@ -366,6 +381,8 @@ class MeshcaServer:
             await self.mesh_file.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._stop_recovery is not None:
+            self._stop_recovery()
         if self.bundle_poll is not None:
             await self.bundle_poll.stop()
         if self.rotation is not None:

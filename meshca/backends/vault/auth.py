@@ -24,6 +24,7 @@ from meshca.backends.vault.settings import (
     AuthMethod,
     VaultSettings,
     VaultSettingsError,
+    clean_secret,
     hint,
 )
 from meshca.util.retry import Backoff
@@ -59,15 +60,16 @@ class TokenGrant:
 
 
 def _read_secret(path: Path, setting: str) -> str:
+    """The one-line secret in ``path`` (see :func:`clean_secret`), re-read at each use."""
     try:
-        value = path.read_text().strip()
+        value = path.read_text()
     except OSError as exc:
         raise VaultSettingsError(
             f"vault: cannot read {path}: {exc.strerror} (check {hint(setting)})"
         ) from None
-    if not value:
-        raise VaultSettingsError(f"vault: {path} is empty (check {hint(setting)})")
-    return value
+    except UnicodeDecodeError:
+        raise VaultSettingsError(f"vault: {path} is not text (check {hint(setting)})") from None
+    return clean_secret(value, setting, f"{path} ({hint(setting)})")
 
 
 def _grant_from_login(response: dict[str, Any], now: float) -> TokenGrant:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -96,6 +97,10 @@ class _VaultAuthority:
     @property
     def last_error(self) -> str | None:
         return self.client.last_error
+
+    def on_recovery(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """See :meth:`meshca.backends.vault.client.VaultClient.on_recovery`."""
+        return self.client.on_recovery(callback)
 
     def describe(self) -> str:
         """Which Vault and mount, for messages."""

@@ -10,6 +10,7 @@ exponential backoff and jitter, so the backend recovers by itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -97,9 +98,11 @@ def _describe(exc: Exception, addr: str) -> str:
         return f"vault: {addr} is rate-limiting requests (429)"
     if isinstance(exc, hvac.exceptions.BadGateway):
         return f"vault: {addr} answered 502 bad gateway (a proxy in front of Vault?)"
-    detail = str(exc) or type(exc).__name__
+    # Only the kind of any other failure: its text can quote the request (a header
+    # holding the token, in requests' InvalidHeader), and this line reaches the log.
+    detail = type(exc).__name__
     if isinstance(exc, hvac.exceptions.VaultError):
-        detail = ", ".join(exc.errors or []) or type(exc).__name__
+        detail = ", ".join(exc.errors or []) or detail
     return f"vault: {addr} failed: {detail}"
 
 
@@ -142,6 +145,7 @@ class VaultClient:
         self.keeper = TokenKeeper(login_method(settings), self.send, clock=clock)
         self._stop = threading.Event()
         self._outage = threading.Event()
+        self._recovery_listeners: list[Callable[[], None]] = []
         self._monitor: threading.Thread | None = None
 
     # health -----------------------------------------------------------------------
@@ -170,6 +174,22 @@ class VaultClient:
             log.warning(
                 "vault: %s reachable again after %d failure(s)", self.settings.addr, failures
             )
+            for listener in list(self._recovery_listeners):
+                try:
+                    listener()
+                except Exception:  # a broken listener must not fail the request
+                    log.exception("vault: recovery listener failed")
+
+    def on_recovery(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (in the thread that saw it) whenever Vault answers again after
+        an outage; returns the function that stops the calls."""
+        self._recovery_listeners.append(callback)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._recovery_listeners.remove(callback)
+
+        return stop
 
     def probe(self) -> bool:
         """Ask ``sys/health`` (unauthenticated); records the outcome. True when usable."""

@@ -78,6 +78,34 @@ def hint(setting: str) -> str:
     return f"{flag} / {env}"
 
 
+SECRET_NAMES = {
+    "token": "the token",
+    "token_file": "the token",
+    "secret_id": "the AppRole secret ID",
+    "secret_id_file": "the AppRole secret ID",
+    "k8s_jwt_file": "the service-account token",
+}
+
+
+def clean_secret(value: str, setting: str, where: str = "") -> str:
+    """A token or secret ID as sent in a header or login: surrounding whitespace (the
+    newline that ends a file or an ``echo``) dropped; empty, or holding a line break,
+    a control character or anything but printable ASCII inside, refused. The error names
+    where the value came from and never the value (it would reach logs and callers)."""
+    what = SECRET_NAMES.get(setting, "the secret")
+    source = where or hint(setting)
+    cleaned = value.strip()
+    if not cleaned:
+        raise VaultSettingsError(f"vault: {what} from {source} is empty")
+    if not all("!" <= c <= "~" for c in cleaned):
+        raise VaultSettingsError(
+            f"vault: {what} from {source} holds a line break, a control character or a "
+            "space: it must be one line of printable characters (check that the file "
+            "holds the token alone)"
+        )
+    return cleaned
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -126,6 +154,10 @@ class VaultSettings:
                 f"(check {hint('addr')})"
             )
         object.__setattr__(self, "addr", addr)
+        for secret in ("token", "secret_id"):
+            value = getattr(self, secret)
+            if value is not None:
+                object.__setattr__(self, secret, clean_secret(value, secret))
         mount = self.mount.strip().strip("/")
         if not mount or any(c.isspace() for c in mount):
             raise VaultSettingsError(
