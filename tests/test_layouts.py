@@ -101,6 +101,13 @@ def test_ports_the_proxy_listens_on_are_refused_in_the_mesh_file(port: int) -> N
         parse_mesh(document, TD)
 
 
+def test_service_ports_the_proxy_listens_on_are_refused() -> None:
+    document = bookstore_document()
+    document["services"][0]["ports"] = [{"port": 15006, "target_port": 14001}]
+    with pytest.raises(MeshError, match=r"services\[0\]\.ports\[0\]\.port: 15006 is reserved"):
+        parse_mesh(document, TD)
+
+
 def test_an_unknown_layout_in_the_mesh_file_is_refused() -> None:
     document = bookstore_document()
     document["workloads"][2]["layout"] = "linkerd"

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -159,3 +160,27 @@ async def test_a_secret_whose_service_is_removed_is_a_removal_not_an_error(
         assert await again.nothing_within(0.1)
         stream.cancel()
         again.cancel()
+
+
+def _with_layout(layout: str) -> Any:
+    request = sotw(type_url=CLUSTER_TYPE, node_id=str(BUYER))
+    request.node.metadata.fields["meshca.layout"].string_value = layout
+    return request
+
+
+async def test_the_node_metadata_picks_the_layout_and_a_bad_one_is_refused(
+    server: MeshcaServer,
+) -> None:
+    async with mtls_channel(server, client_svid(server, BUYER)) as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        stream = await open_sotw(stub, _with_layout("istio-sidecar"))
+        assert cluster_names(await stream.recv()) == {
+            "outbound|8080||web.shop.svc.cluster.local",
+            "BlackHoleCluster",
+            "PassthroughCluster",
+        }
+        stream.cancel()
+        refused = await open_sotw(stub, _with_layout("ambient"))
+        error = await refused.error()
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "layout 'ambient' is not one of osm, istio-sidecar" in (error.details() or "")

@@ -172,6 +172,16 @@ def _port_list(raw_ports: list[Any], where: str) -> list[tuple[str, dict[str, An
     return out
 
 
+def _check_reserved(port: int, where: str) -> None:
+    """The proxy's own listeners use these in intercept mode (Istio's hand-off listeners
+    would also be named after a service port there)."""
+    if port in RESERVED_PORTS:
+        raise MeshError(
+            f"{where}: {port} is reserved for {RESERVED_PORTS[port]} "
+            f"(the proxy listens on {', '.join(map(str, RESERVED_PORTS))})"
+        )
+
+
 def _workload(raw: Any, where: str) -> Workload:
     allowed = (
         "name", "namespace", "service_account", "address", "ports", "labels",
@@ -181,11 +191,7 @@ def _workload(raw: Any, where: str) -> Workload:
     ports = []
     for pwhere, port in _port_list(_list(entry, "ports", where), where):
         _mapping(port, pwhere, ("port", "protocol"))
-        if port["port"] in RESERVED_PORTS:
-            raise MeshError(
-                f"{pwhere}.port: {port['port']} is reserved for {RESERVED_PORTS[port['port']]} "
-                f"(the proxy listens on {', '.join(map(str, RESERVED_PORTS))})"
-            )
+        _check_reserved(port["port"], f"{pwhere}.port")
         ports.append(WorkloadPort(port["port"], _protocol(port, pwhere)))
     layout = _field(entry, "layout", where, str, required=False)
     if layout is not None and layout not in LAYOUTS:
@@ -238,6 +244,7 @@ def _service(raw: Any, where: str, workloads: Mapping[str, Workload]) -> Service
     ports = []
     for pwhere, port in _port_list(_list(entry, "ports", where), where):
         _mapping(port, pwhere, ("port", "protocol", "target_port", "timeout"))
+        _check_reserved(port["port"], f"{pwhere}.port")
         target = port.get("target_port")
         if target is not None:
             target = _port_number(target, f"{pwhere}.target_port")
