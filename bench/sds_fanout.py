@@ -1,6 +1,7 @@
 """SDS fan-out: N concurrent StreamSecrets streams, one trust-bundle change, every ACK timed.
 
-Run: ``.venv/bin/python bench/sds_fanout.py [--streams 2000] [--transport uds|tcp]``
+Run: ``.venv/bin/python bench/sds_fanout.py [--streams 2000] [--transport uds|tcp]
+[--cases bundle,envoy-like,issuance,burst] [--max-opening 1000|0]``
 
 A ``meshca serve`` server (``MeshcaServer``, in-process in a child process of its own)
 holds the streams; this process is the client: grpc.aio over ``--channels`` separate
@@ -19,6 +20,20 @@ Figures:
   baseline             the same fan-out of a trivial message over the same connections:
                        gRPC's own health service pushing a status change to N ``Watch``
                        streams. ``ratio`` = push_to_last_ack / baseline.
+
+The realistic cases (``--cases``; all but ``burst`` by default):
+  envoy-like           the bundle fan-out again with one connection per stream, as each
+                       Envoy has (mutual TLS on loopback; ``envoy_like_*`` figures)
+  issuance             stream i asks for workload i's certificate (one caller holding all
+                       the identities, ``--workloads``): new identities per second, in
+                       wall time and per server CPU-second; then the same streams again
+                       (already held: serving alone), and the same shape against a plain
+                       grpc.aio servicer (the ceiling of a Python gRPC server)
+  burst                every stream opened at once with no client-side bound, against
+                       meshca and two plain grpc.aio servers (gRPC's default options; the
+                       options meshca sets), multiplexed and one connection per stream:
+                       answered, and the status codes of the refused
+``--max-opening 0`` opens the streams of every case at once.
 The last line is one JSON object with every figure.
 """
 
@@ -35,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -72,7 +88,42 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def serve(data_dir: Path, socket_path: Path) -> None:
+def workload_id(index: int) -> str:
+    """The identity of the ``index``-th workload of the served-issuance case."""
+    return f"spiffe://cluster.local/ns/bench/sa/w{index}"
+
+
+class PlainSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+    """The reference: a plain grpc.aio SDS servicer answering each first request with one
+    fixed resource and ignoring ACKs (no authentication, no engine, no issuance)."""
+
+    answer = discovery_pb2.DiscoveryResponse(version_info="1", nonce="1", type_url=SECRET_TYPE)
+    answer.resources.add(type_url=SECRET_TYPE, value=b"\n\x06ROOTCA")
+
+    async def StreamSecrets(self, requests: Any, context: Any) -> None:
+        async for request in requests:
+            if not request.response_nonce:
+                await context.write(self.answer)
+
+
+async def start_plain_servers(directory: Path) -> tuple[list[Any], dict[str, str]]:
+    """Plain grpc.aio servers on Unix sockets: one with gRPC's default options, one with
+    the options meshca's xDS server uses."""
+    from meshca.xds.server_options import XDS_SERVER_OPTIONS
+
+    servers, paths = [], {}
+    for name, options in (("plain_default", []), ("plain_raised", XDS_SERVER_OPTIONS)):
+        plain = grpc.aio.server(options=options)
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(PlainSds(), plain)
+        path = directory / f"{name}.sock"
+        plain.add_insecure_port(f"unix:{path}")
+        await plain.start()
+        servers.append(plain)
+        paths[name] = str(path)
+    return servers, paths
+
+
+async def serve(data_dir: Path, socket_path: Path, workloads: int = 0) -> None:
     """Run meshca serve in-process and obey one-line commands on stdin."""
     from meshca.issuer import SignerAuthority
     from meshca.issuer.keys import generate_private_key
@@ -86,7 +137,12 @@ async def serve(data_dir: Path, socket_path: Path) -> None:
         data_dir=data_dir,
         listen=("127.0.0.1", 0),
         uds=socket_path,
-        uds_identities={os.getuid(): (SpiffeId.parse(CLIENT_ID),)},
+        uds_identities={
+            os.getuid(): (
+                SpiffeId.parse(CLIENT_ID),
+                *(SpiffeId.parse(workload_id(i)) for i in range(workloads)),
+            )
+        },
         grace=0.0,
     )
     server = MeshcaServer(config)
@@ -98,7 +154,8 @@ async def serve(data_dir: Path, socket_path: Path) -> None:
         sys.stdout.write(json.dumps(document) + "\n")
         sys.stdout.flush()
 
-    reply({"port": server.tcp_port, "uds": str(socket_path)})
+    plain_servers, plain_paths = await start_plain_servers(socket_path.parent)
+    reply({"port": server.tcp_port, "uds": str(socket_path), **plain_paths})
     health_status = health_pb2.HealthCheckResponse.SERVING
     while True:
         line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
@@ -132,6 +189,8 @@ async def serve(data_dir: Path, socket_path: Path) -> None:
             while sum(server.stats.acks.values()) < target and time.monotonic() < deadline:
                 await asyncio.sleep(0.001)
             reply({"at": time.monotonic(), "acks": sum(server.stats.acks.values())})
+        elif line == "cpu":  # this process's CPU seconds (user + system) so far
+            reply({"cpu": time.process_time(), "held": len(server.store.identities())})
         elif line == "stats":
             latency = server.stats.ack_latency
             reply(
@@ -142,6 +201,8 @@ async def serve(data_dir: Path, socket_path: Path) -> None:
                     "server_ack_latency_p99": latency.quantile(0.99),
                 }
             )
+    for plain in plain_servers:
+        await plain.stop(0)
     await server.stop(0)
 
 
@@ -149,9 +210,11 @@ async def serve(data_dir: Path, socket_path: Path) -> None:
 
 
 class ServerProcess:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, workloads: int = 0, cpu: int | None = None) -> None:
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
         self.process = subprocess.Popen(
             [
+                *pin,
                 sys.executable,
                 __file__,
                 "--role",
@@ -160,6 +223,8 @@ class ServerProcess:
                 str(root / "data"),
                 "--socket",
                 str(root / "sds.sock"),
+                "--workloads",
+                str(workloads),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -258,6 +323,10 @@ class SdsStream:
 
 
 async def bounded(coroutines: list[Any], limit: int) -> None:
+    """Run ``coroutines`` with at most ``limit`` in flight (0: all at once)."""
+    if limit <= 0:
+        await asyncio.gather(*coroutines)
+        return
     semaphore = asyncio.Semaphore(limit)
 
     async def run(coroutine: Any) -> None:
@@ -274,7 +343,7 @@ async def sds_fanout(
     stubs = [sds_pb2_grpc.SecretDiscoveryServiceStub(c) for c in channels]
     streams = [SdsStream(stubs[i % len(stubs)]) for i in range(args.streams)]
     opened = time.monotonic()
-    await bounded([s.subscribe() for s in streams], 1000)
+    await bounded([s.subscribe() for s in streams], args.max_opening)
     subscribe_all = time.monotonic() - opened
     await asyncio.sleep(0.5)  # let the server settle before measuring memory
     during = await server.ask("rss")
@@ -321,7 +390,7 @@ async def health_fanout(
         calls.append(call)
         await call.read()
 
-    await bounded([first(stubs[i % len(stubs)]) for i in range(args.streams)], 1000)
+    await bounded([first(stubs[i % len(stubs)]) for i in range(args.streams)], args.max_opening)
     arrivals: list[float] = []
 
     async def next_status(call: Any) -> None:
@@ -337,6 +406,165 @@ async def health_fanout(
     return max(arrivals) - change["changed_at"]
 
 
+# --- the realistic cases ------------------------------------------------------------------
+
+
+async def envoy_like_fanout(
+    args: argparse.Namespace, root: Path, server: ServerProcess
+) -> dict[str, Any]:
+    """The bundle fan-out again, each stream on a connection of its own, as each Envoy
+    has: mutual TLS on loopback (the Unix socket admits only a few connections per uid)."""
+    one_each = argparse.Namespace(**{**vars(args), "channels": args.streams, "transport": "tcp"})
+    channels = make_channels(one_each, root, server.hello)
+    try:
+        result = await sds_fanout(one_each, server, channels)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {f"envoy_like_{name}": value for name, value in result.items()}
+
+
+async def served_issuance(
+    args: argparse.Namespace, server: ServerProcess, channels: list[Any]
+) -> dict[str, Any]:
+    """New identities over SDS: stream ``i`` asks for workload ``i``'s certificate (one
+    caller holding every identity), so each first response is an issuance. Timed from
+    the first open to the last certificate received, and in the server's CPU seconds."""
+    stubs = [sds_pb2_grpc.SecretDiscoveryServiceStub(c) for c in channels]
+    calls: list[Any] = []
+    latencies: list[float] = []
+
+    async def open_one(stubs: list[Any], index: int) -> None:
+        name = workload_id(index)
+        call = stubs[index % len(stubs)].StreamSecrets()
+        calls.append(call)
+        sent = time.monotonic()
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                type_url=SECRET_TYPE,
+                resource_names=[name],
+                node=base_pb2.Node(id=name, cluster="bench"),
+            )
+        )
+        response = await call.read()
+        if response is grpc.aio.EOF or not response.resources:
+            raise RuntimeError(f"{name}: stream ended or sent nothing: {await call.code()}")
+        latencies.append(time.monotonic() - sent)
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                type_url=SECRET_TYPE,
+                resource_names=[name],
+                version_info=response.version_info,
+                response_nonce=response.nonce,
+            )
+        )
+
+    async def one_pass(stubs: list[Any]) -> tuple[float, float, int]:
+        """(seconds, server CPU seconds, identities newly held) of opening every stream."""
+        calls.clear()
+        latencies.clear()
+        before = await server.ask("cpu")
+        started = time.monotonic()
+        await bounded([open_one(stubs, i) for i in range(args.workloads)], args.max_opening)
+        elapsed = time.monotonic() - started
+        after = await server.ask("cpu")
+        for call in calls:
+            call.cancel()
+        return elapsed, after["cpu"] - before["cpu"], after["held"] - before["held"]
+
+    elapsed, server_cpu, issued = await one_pass(stubs)
+    if issued < args.workloads:
+        raise SystemExit(f"the server issued {issued} identities of {args.workloads}")
+    p50, p99 = quantile(latencies, 0.5), quantile(latencies, 0.99)
+    await asyncio.sleep(0.5)
+    # The same streams again: every certificate is held already, so this is the cost of
+    # serving alone (gRPC, the engine, authorization), without issuance.
+    again, again_cpu, _ = await one_pass(stubs)
+    await asyncio.sleep(0.5)
+    # The reference: the same streams against a plain grpc.aio servicer (one connection
+    # per meshca channel, straight to its socket), what any Python gRPC server costs.
+    address = f"unix:{server.hello['plain_raised']}"
+    local = [("grpc.use_local_subchannel_pool", 1)]
+    plain_channels = [grpc.aio.insecure_channel(address, options=local) for _ in channels]
+    plain_stubs = [sds_pb2_grpc.SecretDiscoveryServiceStub(c) for c in plain_channels]
+    plain, plain_cpu, _ = await one_pass(plain_stubs)
+    for channel in plain_channels:
+        await channel.close()
+    n = args.workloads
+    return {
+        "issuance_identities": n,
+        "issuance_s": round(elapsed, 4),
+        "issuance_per_s": round(n / elapsed, 1),
+        "issuance_server_cpu_s": round(server_cpu, 4),
+        "issuance_per_server_cpu_s": round(n / server_cpu, 1),
+        "issuance_p50_s": round(p50, 4),
+        "issuance_p99_s": round(p99, 4),
+        "held_per_s": round(n / again, 1),
+        "held_per_server_cpu_s": round(n / again_cpu, 1),
+        "plain_grpc_per_s": round(n / plain, 1),
+        "plain_grpc_per_server_cpu_s": round(n / plain_cpu, 1),
+    }
+
+
+async def open_all_at_once(channels: list[Any], streams: int) -> dict[str, Any]:
+    """Open ``streams`` ROOTCA streams at once, with no client-side bound; how many were
+    answered, and the status codes that ended the others."""
+    stubs = [sds_pb2_grpc.SecretDiscoveryServiceStub(c) for c in channels]
+    calls: list[Any] = []
+
+    async def one(index: int) -> str:
+        call = stubs[index % len(stubs)].StreamSecrets()
+        calls.append(call)
+        try:
+            await call.write(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=SECRET_TYPE, resource_names=["ROOTCA"], node=SdsStream.node
+                )
+            )
+            response = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "EOF" if response is grpc.aio.EOF else "OK"
+
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(one(i) for i in range(streams)))
+    elapsed = time.monotonic() - started
+    for call in calls:
+        call.cancel()
+    failed = Counter(o for o in outcomes if o != "OK")
+    return {"answered": outcomes.count("OK"), "failed": dict(failed), "s": round(elapsed, 2)}
+
+
+async def burst_opens(
+    args: argparse.Namespace, root: Path, server: ServerProcess
+) -> dict[str, Any]:
+    """Every stream opened at once, against meshca and against plain grpc.aio servers
+    (gRPC's default options, and the options meshca's xDS server sets), multiplexed on a
+    few connections and one connection per stream (as Envoys connect)."""
+    local = [("grpc.use_local_subchannel_pool", 1)]
+    results: dict[str, Any] = {}
+    for layout, connections in (("multiplexed", args.channels), ("envoy_like", args.streams)):
+        for target in ("meshca", "plain_default", "plain_raised"):
+            if target == "meshca":
+                transport = "tcp" if layout == "envoy_like" else args.transport
+                shaped = argparse.Namespace(
+                    **{**vars(args), "channels": connections, "transport": transport}
+                )
+                channels = make_channels(shaped, root, server.hello)
+            else:
+                address = f"unix:{server.hello[target]}"
+                channels = [
+                    grpc.aio.insecure_channel(address, options=local) for _ in range(connections)
+                ]
+            try:
+                results[f"burst_{layout}_{target}"] = await open_all_at_once(channels, args.streams)
+            finally:
+                for channel in channels:
+                    await channel.close()
+            await asyncio.sleep(0.5)
+    return results
+
+
 async def client(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
     root = Path(tempfile.mkdtemp(prefix="mca-bench-"))
@@ -347,15 +575,23 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
             check=True,
             capture_output=True,
         )
-        server = ServerProcess(root)
+        server = ServerProcess(root, args.workloads, args.server_cpu)
         channels = make_channels(args, root, server.hello)
         result: dict[str, Any] = {
             "streams": args.streams,
             "channels": args.channels,
             "transport": args.transport,
         }
+        if "issuance" in args.cases:
+            result.update(await served_issuance(args, server, channels))
+            await asyncio.sleep(0.5)
         result.update(await sds_fanout(args, server, channels))
         await asyncio.sleep(0.5)
+        if "envoy-like" in args.cases:
+            result.update(await envoy_like_fanout(args, root, server))
+            await asyncio.sleep(0.5)
+        if "burst" in args.cases:
+            result.update(await burst_opens(args, root, server))
         baseline = await health_fanout(args, server, channels)
         result["baseline_health_fanout_s"] = round(baseline, 4)
         result["ratio_vs_baseline"] = round(result["push_to_last_ack_s"] / baseline, 2)
@@ -398,7 +634,41 @@ def report(result: dict[str, Any]) -> None:
         f"  baseline (health Watch)    {result['baseline_health_fanout_s']:.3f} s "
         f"-> ratio {result['ratio_vs_baseline']:.2f}"
     )
+    report_realistic(result)
     print(json.dumps(result))
+
+
+def report_realistic(result: dict[str, Any]) -> None:
+    for name, burst in result.items():
+        if name.startswith("burst_"):
+            print(
+                f"  all at once: {name[6:]:<26} {burst['answered']} answered, "
+                f"failed {burst['failed'] or 'none'} ({burst['s']:.1f} s)"
+            )
+    if "issuance_per_s" in result:
+        print(
+            f"  new identities over SDS    {result['issuance_per_s']:.0f}/s "
+            f"({result['issuance_identities']} streams, one identity each; "
+            f"{result['issuance_per_server_cpu_s']:.0f} per server CPU-second; "
+            f"p50 / p99 {result['issuance_p50_s'] * 1000:.0f} / "
+            f"{result['issuance_p99_s'] * 1000:.0f} ms)"
+        )
+        print(
+            f"  same streams, already held {result['held_per_s']:.0f}/s "
+            f"({result['held_per_server_cpu_s']:.0f} per server CPU-second: serving alone)"
+        )
+        print(
+            f"  plain grpc.aio, same shape {result['plain_grpc_per_s']:.0f}/s "
+            f"({result['plain_grpc_per_server_cpu_s']:.0f} per server CPU-second: the ceiling "
+            "of any Python gRPC server here)"
+        )
+    if "envoy_like_push_to_last_ack_s" in result:
+        print(
+            f"  one connection per stream  bundle change -> last ACK "
+            f"{result['envoy_like_push_to_last_ack_s']:.3f} s; subscribe all "
+            f"{result['envoy_like_subscribe_all_s']:.2f} s; "
+            f"{result['envoy_like_server_bytes_per_stream'] / 1024:.1f} KB per stream"
+        )
 
 
 def main() -> None:
@@ -406,6 +676,21 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--channels", type=int, default=0, help="default: one per 250 streams")
     parser.add_argument("--transport", choices=("uds", "tcp"), default="uds")
+    parser.add_argument(
+        "--cases",
+        default="bundle,envoy-like,issuance",
+        help="comma-separated: bundle (always), envoy-like, issuance, burst",
+    )
+    parser.add_argument(
+        "--workloads", type=int, default=0, help="issuance case: identities (default: --streams)"
+    )
+    parser.add_argument(
+        "--max-opening",
+        type=int,
+        default=1000,
+        help="streams being opened at once (0: no bound, every stream at once)",
+    )
+    parser.add_argument("--server-cpu", type=int, help="pin the server process to this CPU")
     parser.add_argument("--role", choices=("client", "server"), default="client")
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--socket", type=Path, help=argparse.SUPPRESS)
@@ -416,11 +701,14 @@ def main() -> None:
     if args.smoke:
         args.streams = 4
     if args.role == "server":
-        asyncio.run(serve(args.data_dir, args.socket))
+        asyncio.run(serve(args.data_dir, args.socket, args.workloads))
         return
     if args.streams < 1:
         parser.error("--streams must be at least 1")
     args.channels = args.channels or max(1, args.streams // 250)
+    args.cases = set(args.cases.split(","))
+    if "issuance" in args.cases:
+        args.workloads = args.workloads or args.streams
     report(asyncio.run(client(args)))
 
 
