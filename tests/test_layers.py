@@ -205,3 +205,64 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert not [m for m in loaded for h in SERVER_LIBRARIES if m == h or m.startswith(h + ".")]
+
+
+# What each file command must not load: the other backends, the Envoy modules, the serve
+# runtime and its libraries, YAML (no config file is given), logging, token handling.
+NOT_FOR_FILE_COMMANDS = (
+    *SERVER_LIBRARIES,
+    "requests",
+    "yaml",
+    "logging",
+    "meshca.backends.vault.backend",
+    "meshca.envoy",
+    "meshca.serve",
+    "meshca.xds",
+    "meshca.rotation.manager",
+    "meshca.attest",
+    "meshca.agent",
+    "meshca.ca_api",
+)
+_ONE_COMMAND = """
+import contextlib, io, json, sys
+from meshca.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    assert main({argv!r}) == 0
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["issue", "spiffe://cluster.local/a", "--out", "o"],
+        ["inspect", "o/cert.pem"],
+        ["bundle"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_file_commands_load_only_what_they_use(tmp_path: Path, argv: list[str]) -> None:
+    """``meshca issue``, ``inspect`` and ``bundle`` start in a fraction of the time the
+    whole package takes to import (bench/cli_startup.py): each loads the issuer and the
+    local CA, not what the other commands need."""
+    env = {"PATH": "/usr/bin:/bin"}
+    for setup in (["init"], ["issue", "spiffe://cluster.local/a", "--out", "o"]):
+        prepared = subprocess.run(
+            [sys.executable, "-m", "meshca", *setup],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert prepared.returncode == 0, prepared.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_COMMAND.format(argv=argv)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert not [m for m in loaded for h in NOT_FOR_FILE_COMMANDS if m == h or m.startswith(h + ".")]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn, cast
 
 from meshca import __version__
-from meshca.cli.commands import COMMANDS, REFUSALS
+from meshca.cli.commands import COMMANDS, is_refusal
 from meshca.cli.commands.common import UsageError
 from meshca.cli.options import EVERY_COMMAND, add_options, load_settings
 
@@ -100,7 +100,9 @@ def _run(argv: list[str] | None) -> int:
     except UsageError as exc:
         _fail(str(exc))
         return 2
-    except REFUSALS as exc:
+    except Exception as exc:
+        if not is_refusal(exc):
+            raise
         if isinstance(exc, BrokenPipeError):
             return _broken_pipe()
         _fail(_describe(exc))

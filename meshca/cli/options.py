@@ -11,6 +11,7 @@ its ``register``; it never reads ``os.environ`` or the config file itself.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -21,24 +22,37 @@ from typing import Any
 from meshca.backends.vault.settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
 from meshca.issuer.errors import IssuerError
 from meshca.issuer.keys import KeyType
-from meshca.serve.config import (
-    parse_delay,
-    parse_dns_names,
-    parse_fraction,
-    parse_listen,
-    parse_log_level,
-    parse_namespace,
-    parse_socket_mode,
-    parse_uds_identities,
-)
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.durations import parse_duration
 from meshca.util.files import CONFIG_MAX_BYTES, YamlFileError, read_yaml
-from meshca.util.logs import parse_log_format
 from meshca.util.netaddr import parse_port, parse_server_address
 
 ENV_PREFIX = "MESHCA_"
 EVERY_COMMAND = "*"
+
+
+def _lazy(module: str, name: str) -> Callable[[str], Any]:
+    """The parser ``name`` of ``module``, imported when an option first uses it: the
+    table below names the parsers of every command, and each command loads only its
+    own (``meshca issue`` never loads the serve runtime or the Envoy modules)."""
+
+    def parse(text: str) -> Any:
+        return getattr(importlib.import_module(module), name)(text)
+
+    parse.__name__ = name
+    return parse
+
+
+_SERVE = "meshca.serve.config"
+parse_delay = _lazy(_SERVE, "parse_delay")
+parse_dns_names = _lazy(_SERVE, "parse_dns_names")
+parse_fraction = _lazy(_SERVE, "parse_fraction")
+parse_listen = _lazy(_SERVE, "parse_listen")
+parse_log_level = _lazy(_SERVE, "parse_log_level")
+parse_namespace = _lazy(_SERVE, "parse_namespace")
+parse_socket_mode = _lazy(_SERVE, "parse_socket_mode")
+parse_uds_identities = _lazy(_SERVE, "parse_uds_identities")
+parse_log_format = _lazy("meshca.util.logs", "parse_log_format")
 
 
 class ConfigError(ValueError):

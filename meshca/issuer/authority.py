@@ -7,7 +7,6 @@ root of trust and the act of signing. ``backends`` implement :class:`SigningAuth
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +31,6 @@ from meshca.issuer.profile import DEFAULT_SKEW, Signer, build_leaf, check_dns_na
 from meshca.issuer.svid import X509Svid
 from meshca.issuer.verify import self_check
 from meshca.spiffe import SpiffeId, TrustDomain
-
-log = logging.getLogger("meshca.issuer")
 
 IssueObserver = Callable[[float, BaseException | None], None]
 """Told, in the issuing thread, how long one issuance took (seconds) and how it ended
@@ -151,7 +148,9 @@ class Issuer:
             try:
                 observe(elapsed, error)
             except Exception:
-                log.exception("an issuance observer failed")
+                import logging  # only here: `meshca issue` does not load logging
+
+                logging.getLogger("meshca.issuer").exception("an issuance observer failed")
 
     @property
     def trust_domain(self) -> TrustDomain:

@@ -6,16 +6,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import stat
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import yaml
-from yaml.composer import Composer, ComposerError
-from yaml.constructor import SafeConstructor
-from yaml.resolver import Resolver
 
 PRIVATE = 0o600
 PUBLIC = 0o644
@@ -30,44 +24,6 @@ class YamlFileError(ValueError):
 # and no aliases (a 371-byte "billion laughs" file expands to gigabytes when walked).
 MESH_MAX_BYTES = 4 * 1024 * 1024
 CONFIG_MAX_BYTES = 256 * 1024
-
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
-
-
-try:  # libyaml's parser when installed (several times faster on a large file)
-    from yaml._yaml import CParser as _Parser
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml.parser import Parser as _Parser  # type: ignore[assignment]
-
-
-class _SafeLoader(Composer, _Parser, SafeConstructor, Resolver):
-    """PyYAML's safe loader, composing in Python on libyaml's events: a worker thread
-    parsing a large file then lets the event loop run between events (libyaml's own
-    composer holds the GIL for the whole document). Aliases are refused where first
-    seen: walking nested aliases expands them (a few hundred bytes become gigabytes)."""
-
-    def __init__(self, stream: str) -> None:
-        _Parser.__init__(self, stream)
-        Composer.__init__(self)
-        SafeConstructor.__init__(self)
-        Resolver.__init__(self)
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event: Any = self.peek_event()
-            raise ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
-        return super().compose_node(parent, index)
-
-
-class _NumbersAsTextLoader(_SafeLoader):
-    """Numbers stay the text that was written: ``uds_mode: 0660`` is "0660", not the
-    integer 432 that YAML 1.1 reads (every option parses its value from text anyway)."""
-
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
-        for first, resolvers in Resolver.yaml_implicit_resolvers.items()
-    }
 
 
 def _read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
@@ -91,15 +47,6 @@ def _read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
     return data
 
 
-_QUOTED = re.compile(r"'[^']{3,}'|\"[^\"]{3,}\"")
-
-
-def _without_content(problem: str | None) -> str | None:
-    """A parser's problem without the file text it quotes (a tag, an anchor name): only
-    a quoted single character (``'\\t'``) is kept, it says what to fix."""
-    return _QUOTED.sub("(...)", problem) if problem else problem
-
-
 def read_yaml(
     path: Path, what: str, *, max_bytes: int = MESH_MAX_BYTES, numbers_as_text: bool = False
 ) -> Any:
@@ -108,27 +55,20 @@ def read_yaml(
     Only the problem and line are reported for invalid YAML: the text around it might
     be a key or a token (a key file passed by mistake), and error messages reach logs.
     Files over ``max_bytes``, files that are not regular files and aliases are refused.
-    ``numbers_as_text`` keeps numbers as written (see :class:`_NumbersAsTextLoader`).
+    ``numbers_as_text`` keeps numbers as written (``uds_mode: 0660`` stays "0660").
+    PyYAML is loaded here, on first use: commands that read no YAML never pay for it.
     """
+    from meshca.util.yaml_text import parse_yaml
+
     data = _read_bounded(Path(path), what, max_bytes)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise YamlFileError(f"{what} {path} is not UTF-8 text") from None
-    loader = _NumbersAsTextLoader if numbers_as_text else _SafeLoader
     try:
-        parser = loader(text)
-        try:
-            document = parser.get_single_data()
-        finally:
-            parser.dispose()
-    except yaml.YAMLError as exc:
-        problem = _without_content(getattr(exc, "problem", None))
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        detail = f" ({problem}{where})" if problem else ""
-        raise YamlFileError(f"{what} {path} is not valid YAML{detail}") from None
-    return document
+        return parse_yaml(text, numbers_as_text=numbers_as_text)
+    except ValueError as exc:
+        raise YamlFileError(f"{what} {path} is not valid YAML{exc}") from None
 
 
 def atomic_write(path: Path, data: bytes, mode: int = PUBLIC) -> None:

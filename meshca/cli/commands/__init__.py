@@ -8,9 +8,8 @@ adds its parser (via :func:`meshca.cli.commands.common.add_command`) and append 
 
 from __future__ import annotations
 
-from meshca.attest.entries import EntryError
-from meshca.attest.state_file import StateFileError
-from meshca.attest.tokens import TokenError
+import sys
+
 from meshca.cli.commands import (
     agent,
     bootstrap,
@@ -23,11 +22,6 @@ from meshca.cli.commands import (
     serve,
     token,
 )
-from meshca.cli.options import ConfigError
-from meshca.envoy.mesh import MeshError
-from meshca.issuer import IssuerError
-from meshca.spiffe import SpiffeIdError
-from meshca.util.durations import DurationError
 
 # The command registry, in the order `meshca --help` lists them.
 COMMANDS = (
@@ -43,15 +37,27 @@ COMMANDS = (
     entry.register,
 )
 
-# Exceptions that mean "refused" (exit 1, one line), not "bug" (traceback).
-REFUSALS: tuple[type[Exception], ...] = (
-    IssuerError,
-    SpiffeIdError,
-    DurationError,
-    MeshError,
-    ConfigError,
-    OSError,
-    TokenError,
-    StateFileError,
-    EntryError,
+# Exceptions that mean "refused" (exit 1, one line), not "bug" (traceback), by module
+# and name: a command loads only the modules it uses, and an exception can only come
+# from a module that was loaded, so these are looked up when one is raised.
+REFUSALS: tuple[tuple[str, str], ...] = (
+    ("meshca.issuer.errors", "IssuerError"),
+    ("meshca.spiffe", "SpiffeIdError"),
+    ("meshca.util.durations", "DurationError"),
+    ("meshca.envoy.model", "MeshError"),
+    ("meshca.cli.options", "ConfigError"),
+    ("meshca.attest.tokens", "TokenError"),
+    ("meshca.attest.state_file", "StateFileError"),
+    ("meshca.attest.entries", "EntryError"),
 )
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is bad input or a refused request (OSError included)."""
+    if isinstance(exc, OSError):
+        return True
+    for module_name, name in REFUSALS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, getattr(module, name)):
+            return True
+    return False

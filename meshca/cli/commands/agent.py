@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from meshca.cli.commands.common import UsageError, add_command
 from meshca.cli.options import ConfigError, Settings
 from meshca.issuer import IssuerError, TrustBundle
-from meshca.util.logs import configure_logging
 from meshca.util.netaddr import TcpServer, format_address
 
 if TYPE_CHECKING:
@@ -92,6 +91,8 @@ def _announce(agent: MeshcaAgent) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     config = config_from(settings)
+    from meshca.util.logs import configure_logging
+
     configure_logging(settings["log_level"], settings["log_format"])
     import asyncio
 

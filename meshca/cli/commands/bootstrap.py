@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshca.cli.commands.common import UsageError, add_command, write_out
 from meshca.cli.options import ConfigError, Settings, option
-from meshca.envoy.bootstrap import (
-    BootstrapError,
-    BootstrapSpec,
-    ClientTls,
-    default_server_id,
-    parse_inbound,
-    parse_outbound,
-    render_bootstrap,
-)
 from meshca.spiffe import SpiffeId
 from meshca.util.files import PUBLIC, atomic_write
 from meshca.util.netaddr import AddressError, TcpServer
+
+if TYPE_CHECKING:  # the Envoy modules load when this command runs, not with every command
+    from meshca.envoy.bootstrap import BootstrapSpec
 
 NAME = "bootstrap"
 
@@ -84,6 +79,14 @@ def _check_shape(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
+    from meshca.envoy.bootstrap import (
+        BootstrapSpec,
+        ClientTls,
+        default_server_id,
+        parse_inbound,
+        parse_outbound,
+    )
+
     _check_shape(args, settings)
     identity = SpiffeId.parse(args.identity)
     if settings.is_explicit("trust_domain") and settings["trust_domain"] != identity.trust_domain:
@@ -134,6 +137,8 @@ def _spec(args: argparse.Namespace, settings: Settings) -> BootstrapSpec:
 
 
 def _render(args: argparse.Namespace, settings: Settings) -> str:
+    from meshca.envoy.bootstrap import render_bootstrap
+
     spec = _spec(args, settings)
     if not settings["ads"]:
         return render_bootstrap(spec)
@@ -149,6 +154,8 @@ def _render(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.envoy.bootstrap import BootstrapError
+
     try:
         text = _render(args, settings)
     except (BootstrapError, AddressError) as exc:

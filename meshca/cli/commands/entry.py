@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from meshca.attest.entries import EntryStore
 from meshca.cli.commands.common import UsageError, add_command, write_out
 from meshca.cli.options import Settings, add_options
 
@@ -42,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.attest.entries import EntryStore  # loaded by this command only
+
     store = EntryStore(settings["data_dir"])
     if args.entry_action == "create":
         identity, node, selectors = (

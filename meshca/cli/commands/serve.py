@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING
 from meshca.cli.commands.common import UsageError, add_command
 from meshca.cli.commands.vault_backend import open_backend
 from meshca.cli.options import ConfigError, Settings
-from meshca.serve.config import NothingToListenOn, ServeConfig
-from meshca.util.logs import configure_logging
 from meshca.util.netaddr import format_address
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the serve runtime loads when this command runs, not with every command
+    from meshca.serve.config import ServeConfig
     from meshca.serve.server import MeshcaServer
 
 NAME = "serve"
@@ -55,6 +54,8 @@ def config_from(settings: Settings) -> ServeConfig:
             f"not earlier than rotation_activate_at {activate:g} "
             f"({settings.source('rotation_activate_at')})"
         )
+    from meshca.serve.config import NothingToListenOn
+
     try:
         return _serve_config(settings)
     except NothingToListenOn as exc:
@@ -62,6 +63,8 @@ def config_from(settings: Settings) -> ServeConfig:
 
 
 def _serve_config(settings: Settings) -> ServeConfig:
+    from meshca.serve.config import ServeConfig
+
     return ServeConfig(
         data_dir=settings["data_dir"],
         listen=settings["listen"],
@@ -114,6 +117,8 @@ def _announce(server: MeshcaServer) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.util.logs import configure_logging
+
     config = config_from(settings)
     configure_logging(settings["log_level"], settings["log_format"])
     backend = open_backend(settings, serving=True)  # the local CA, or Vault

@@ -11,8 +11,6 @@ import argparse
 import json
 import sys
 
-from meshca.attest.attestor import JoinTokenAttestor
-from meshca.attest.tokens import TokenStore
 from meshca.cli.commands.common import UsageError, add_command, open_ca, write_out
 from meshca.cli.options import Settings, add_options
 from meshca.issuer import IssuerError
@@ -20,7 +18,6 @@ from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.formats import rfc3339
 
 NAME = "token"
-JOIN_TOKEN = JoinTokenAttestor.name
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +60,9 @@ def _trust_domain(settings: Settings) -> TrustDomain:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.attest.attestor import JoinTokenAttestor  # loaded by this command only
+    from meshca.attest.tokens import TokenStore
+
     store = TokenStore(settings["data_dir"])
     if args.token_action == "create":
         identity, node = settings["identity"], settings["node"]
@@ -71,7 +71,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         token, record = store.create(identity, node=node, ttl=settings["token_ttl"])
         write_out(token + "\n")
         if node:  # entries name the agent: say which ID this token's agent will have
-            agent_id = SpiffeId.for_agent(_trust_domain(settings), JOIN_TOKEN, record.id)
+            agent_id = SpiffeId.for_agent(
+                _trust_domain(settings), JoinTokenAttestor.name, record.id
+            )
             print(f"agent ID: {agent_id}", file=sys.stderr)
         return 0
     if args.token_action == "delete":
