@@ -125,7 +125,7 @@ async def start_plain_servers(directory: Path) -> tuple[list[Any], dict[str, str
 
 async def serve(data_dir: Path, socket_path: Path, workloads: int = 0) -> None:
     """Run meshca serve in-process and obey one-line commands on stdin."""
-    from meshca.issuer import SignerAuthority
+    from meshca.issuer import ActiveSigner
     from meshca.issuer.keys import generate_private_key
     from meshca.issuer.profile import build_ca
     from meshca.serve.config import ServeConfig
@@ -166,7 +166,7 @@ async def serve(data_dir: Path, socket_path: Path, workloads: int = 0) -> None:
             reply({"rss": rss_bytes(), "streams": server.stats.active_streams})
         elif line == "bundle":
             authority = server.authority
-            assert isinstance(authority, SignerAuthority)
+            assert isinstance(authority, ActiveSigner)
             key = generate_private_key()
             new_root = build_ca(server.trust_domain, key, timedelta(days=3650))
             bundle = server.store.bundle().with_root(new_root)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from grpc_health.v1.health import aio as health_aio
 
 from meshca.backends.opened import OpenedBackend
-from meshca.issuer import Issuer, SignerAuthority
+from meshca.issuer import ActiveSigner, Issuer
 from meshca.serve.health import HealthMonitor
 from meshca.store import SecretStore
-from meshca.util.aio import cancel_and_wait, wait_event
+from meshca.util.aio import Periodic, cancel_and_wait, wait_event
 from tests.ca_factory import make_ca
 
 
@@ -53,17 +54,49 @@ async def test_stop_ends_the_monitor_when_woken_at_the_same_moment() -> None:
     """A store event arriving just as the server stops used to leave the monitor looping
     (wait_for swallowed the cancel), so shutdown hung."""
     ca = make_ca()
-    authority = SignerAuthority(ca.signer, ca.bundle)
+    authority = ActiveSigner(ca.signer, ca.bundle)
     store = SecretStore(Issuer(authority))
     backend = OpenedBackend.in_process(authority)
     monitor = HealthMonitor(health_aio.HealthServicer(), backend, store)
     await monitor.start()
     await asyncio.sleep(0)  # the monitor waits for its next wake-up
-    monitor._wake.set()  # an event arrives just as the server stops
-    running = monitor._task
+    monitor._periodic.wake()  # an event arrives just as the server stops
+    running = monitor._periodic._task
     stopping = asyncio.create_task(monitor.stop())
     done, _ = await asyncio.wait({stopping}, timeout=5)
     if not done:
         stopping.cancel()
     assert done, "HealthMonitor.stop() did not end the monitor's task"
     assert running is not None and running.cancelled()
+
+
+async def test_periodic_runs_its_step_at_each_interval_and_at_once_when_woken() -> None:
+    """The loop the background tasks share: a failing step is logged and the loop goes
+    on; wake() runs the step without waiting out the interval; stop() ends it."""
+    ran = asyncio.Event()
+    calls: list[int] = []
+
+    async def step() -> None:
+        calls.append(len(calls))
+        ran.set()
+        if len(calls) == 1:
+            raise RuntimeError("a surprise")
+
+    interval = 60.0
+    periodic = Periodic(step, lambda: interval, log=logging.getLogger("test"), what="step")
+    periodic.start()
+    periodic.wake()  # the first step fails ...
+    assert await wait_event(ran, 5)
+    ran.clear()
+    periodic.wake()  # ... and the loop is still there
+    assert await wait_event(ran, 5)
+    assert calls == [0, 1]
+    interval = 0.01  # read at each turn
+    ran.clear()
+    periodic.wake()
+    assert await wait_event(ran, 5)
+    ran.clear()
+    assert await wait_event(ran, 5)  # and again after the (now short) interval
+    task = periodic._task
+    await periodic.stop()
+    assert task is not None and task.done() and not periodic.running

@@ -1,4 +1,4 @@
-"""The issuer core: the X.509-SVID and CA profiles of DESIGN.md, CSR intake, TTL policy,
+"""The issuer core: the X.509-SVID and CA profiles of docs/design.md, CSR intake, TTL policy,
 the self-check, renewal timing and the trust bundle. Every SVID issued here is also
 checked by py-spiffe and ``openssl verify``."""
 
@@ -22,13 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshca.issuer import (
+    ActiveSigner,
     ChainError,
     CsrError,
     Issuer,
     IssuerError,
     KeyType,
     Signer,
-    SignerAuthority,
     SignerError,
     SvidError,
     TrustBundle,
@@ -73,7 +73,7 @@ def ca() -> InMemoryCa:
 
 @pytest.fixture(scope="module")
 def issuer(ca: InMemoryCa) -> Issuer:
-    return Issuer(SignerAuthority(ca.signer, ca.bundle))
+    return Issuer(ActiveSigner(ca.signer, ca.bundle))
 
 
 def ext(cert: x509.Certificate, kind: type[Any]) -> x509.Extension[Any]:
@@ -84,7 +84,7 @@ def ski_of(cert: x509.Certificate) -> bytes:
     return bytes(ext(cert, x509.SubjectKeyIdentifier).value.digest)
 
 
-# The reference implementation: the leaf profile of DESIGN.md through CertificateBuilder.
+# The reference implementation: the leaf profile of docs/design.md through CertificateBuilder.
 def reference_leaf(
     signer: Signer,
     public_key: PublicKey,
@@ -191,7 +191,7 @@ def test_leaf_profile_for_every_key_type(ca: InMemoryCa, key_type: KeyType, tmp_
 @pytest.mark.parametrize("signer_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048])
 def test_every_signer_key_type_issues_valid_svids(signer_type: KeyType, tmp_path: Path) -> None:
     ca = make_ca(signer_type)
-    issuer = Issuer(SignerAuthority(ca.signer, ca.bundle))
+    issuer = Issuer(ActiveSigner(ca.signer, ca.bundle))
     svid = issuer.issue(WORKLOAD, dns_names=("web.default.svc",))
     assert_leaf_profile(svid, ca.signer, KeyType.EC_P256)
     expected_hash = hashes.SHA384 if signer_type is KeyType.EC_P384 else hashes.SHA256
@@ -241,7 +241,7 @@ def test_serials_are_random_positive_128_bit_and_distinct(issuer: Issuer) -> Non
 
 def test_not_before_is_backdated_by_the_skew(ca: InMemoryCa) -> None:
     skew = timedelta(seconds=10)
-    issuer = Issuer(SignerAuthority(ca.signer, ca.bundle), TtlPolicy(skew=skew))
+    issuer = Issuer(ActiveSigner(ca.signer, ca.bundle), TtlPolicy(skew=skew))
     before = utcnow()
     svid = issuer.issue(WORKLOAD, ttl=timedelta(hours=1))
     after = utcnow()
@@ -251,7 +251,7 @@ def test_not_before_is_backdated_by_the_skew(ca: InMemoryCa) -> None:
 
 def test_not_after_is_clipped_at_the_signers_not_after(tmp_path: Path) -> None:
     ca = make_ca(signer_ttl=timedelta(hours=2))
-    issuer = Issuer(SignerAuthority(ca.signer, ca.bundle))
+    issuer = Issuer(ActiveSigner(ca.signer, ca.bundle))
     svid = issuer.issue(WORKLOAD, ttl=timedelta(hours=24))
     assert svid.not_after == ca.signer.not_after
     assert_independently_valid(svid, ca.bundle, tmp_path)
@@ -269,7 +269,7 @@ def test_an_expired_signer_signs_nothing() -> None:
     with pytest.raises(SignerError, match="expired"):
         build_leaf(ca.signer, key.public_key(), WORKLOAD, timedelta(hours=1))
     with pytest.raises(SignerError, match="expired"):
-        SignerAuthority(ca.signer, ca.bundle)
+        ActiveSigner(ca.signer, ca.bundle)
 
 
 def test_a_signer_not_yet_valid_signs_nothing() -> None:
@@ -636,7 +636,7 @@ def test_default_ttl_is_24_hours(issuer: Issuer) -> None:
 
 
 def test_ttl_over_the_maximum_is_refused_with_a_clear_message(ca: InMemoryCa) -> None:
-    issuer = Issuer(SignerAuthority(ca.signer, ca.bundle), TtlPolicy(maximum=timedelta(hours=48)))
+    issuer = Issuer(ActiveSigner(ca.signer, ca.bundle), TtlPolicy(maximum=timedelta(hours=48)))
     with pytest.raises(TtlError) as refused:
         issuer.issue(WORKLOAD, ttl=timedelta(hours=49))
     assert str(refused.value) == "TTL 2d1h refused: the maximum is 2d"
@@ -683,7 +683,7 @@ def test_durations_parse_compound_forms_and_format_the_shortest() -> None:
 def test_observers_see_every_issuance_and_how_it_ended(ca: InMemoryCa) -> None:
     seen: list[tuple[float, BaseException | None]] = []
     issuer = Issuer(
-        SignerAuthority(ca.signer, ca.bundle),
+        ActiveSigner(ca.signer, ca.bundle),
         TtlPolicy(maximum=timedelta(days=1)),
         issue_observers=[lambda seconds, error: seen.append((seconds, error))],
     )
@@ -704,7 +704,7 @@ def test_a_failing_observer_neither_fails_the_issuance_nor_stops_the_others(
         raise RuntimeError("observer bug")
 
     later: list[BaseException | None] = []
-    issuer = Issuer(SignerAuthority(ca.signer, ca.bundle), issue_observers=[broken])
+    issuer = Issuer(ActiveSigner(ca.signer, ca.bundle), issue_observers=[broken])
     issuer.issue_observers.append(lambda seconds, error: later.append(error))
     assert issuer.issue(WORKLOAD).spiffe_id == WORKLOAD
     assert later == [None]
@@ -724,15 +724,15 @@ def test_self_check_catches_a_key_that_does_not_match_the_certificate(ca: InMemo
     with pytest.raises(SignerError, match="self-check"):
         self_check(impostor, ca.bundle)
     with pytest.raises(SignerError, match="self-check"):
-        SignerAuthority(impostor, ca.bundle)
-    authority = SignerAuthority(ca.signer, ca.bundle)
+        ActiveSigner(impostor, ca.bundle)
+    authority = ActiveSigner(ca.signer, ca.bundle)
     with pytest.raises(SignerError):
         authority.activate(impostor)
     assert authority.signer is ca.signer  # a failed switch keeps the old signer
 
 
 def test_activate_switches_signer_and_bundle_together(ca: InMemoryCa) -> None:
-    authority = SignerAuthority(ca.signer, ca.bundle)
+    authority = ActiveSigner(ca.signer, ca.bundle)
     new = make_ca()
     both = ca.bundle.with_root(new.root.certificate)
     authority.activate(bundle=both)  # the new root first: the signer stays
@@ -772,7 +772,7 @@ def test_verify_chain_refusals(issuer: Issuer, ca: InMemoryCa) -> None:
 
 def test_two_level_intermediates_chain_to_the_root(tmp_path: Path) -> None:
     ca = make_ca(levels=2)
-    svid = Issuer(SignerAuthority(ca.signer, ca.bundle)).issue(WORKLOAD)
+    svid = Issuer(ActiveSigner(ca.signer, ca.bundle)).issue(WORKLOAD)
     assert len(svid.chain) == 3
     assert_independently_valid(svid, ca.bundle, tmp_path)
 
@@ -817,7 +817,7 @@ def test_life_starts_when_requested_within_the_certificates_validity() -> None:
 
 def test_renewal_follows_the_certificates_own_not_after() -> None:
     ca = make_ca(signer_ttl=timedelta(hours=2))
-    svid = Issuer(SignerAuthority(ca.signer, ca.bundle)).issue(WORKLOAD)  # clipped to 2 h
+    svid = Issuer(ActiveSigner(ca.signer, ca.bundle)).issue(WORKLOAD)  # clipped to 2 h
     issued = issued_at(svid.not_before, svid.not_after)
     renew = renewal_time(issued, svid.not_after, rng=random.Random(1))
     life = svid.not_after - (svid.not_before + DEFAULT_SKEW)

@@ -1,5 +1,6 @@
-"""The dependency direction of docs/DESIGN: ``cli`` -> ``serve`` (the server wiring) ->
-``sds`` -> ``xds``; ``envoy`` -> ``issuer`` -> ``spiffe``; ``util`` beneath all. Read from
+"""The dependency direction of docs/design.md, as mapped in docs/architecture.md:
+``cli`` -> ``serve`` (the server wiring) -> ``sds`` -> ``xds``; ``serve`` -> ``envoy``,
+``rotation`` -> ``backends`` -> ``issuer`` -> ``spiffe``; ``util`` beneath all. Read from
 the source (every import, also those inside functions), so a stray import fails here
 rather than in review."""
 

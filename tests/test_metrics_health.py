@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshca.backends.opened import OpenedBackend
 from meshca.backends.vault.backend import open_vault_authority
 from meshca.backends.vault.settings import VaultSettings
-from meshca.issuer import Issuer, Signer, SignerAuthority, TrustBundle
+from meshca.issuer import ActiveSigner, Issuer, Signer, TrustBundle
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca
 from meshca.serve.health import evaluate, life_left
@@ -290,7 +290,7 @@ def test_the_policy_keeps_serving_through_an_outage_while_certificates_are_comfo
     left, NOT_SERVING once one has less; backend up: SERVING."""
     root_key = generate_private_key()
     root_cert = build_ca(TD, root_key, timedelta(days=30))
-    authority = SignerAuthority(Signer(root_key, root_cert), TrustBundle.of(TD, [root_cert]))
+    authority = ActiveSigner(Signer(root_key, root_cert), TrustBundle.of(TD, [root_cert]))
     svid = Issuer(authority).issue(A, ttl=timedelta(hours=1))
     issued = svid.not_before + timedelta(minutes=1)  # the backdating skew
     served = [(A, svid)]
@@ -313,14 +313,14 @@ def test_the_policy_keeps_serving_through_an_outage_while_certificates_are_comfo
     assert evaluate(ca_loaded=True, backend=None, served=[], now=late, own=(A, svid)).serving
 
 
-def short_lived_authority(lifetime: timedelta) -> tuple[SignerAuthority, Signer]:
+def short_lived_authority(lifetime: timedelta) -> tuple[ActiveSigner, Signer]:
     """A root that lasts, and a signing CA under it that expires after ``lifetime``."""
     root_key = generate_private_key()
     root_cert = build_ca(TD, root_key, timedelta(days=30))
     root_signer = Signer(root_key, root_cert)
     key = generate_private_key()
     cert = build_ca(TD, key, lifetime, parent=root_signer, role="intermediate", path_length=0)
-    return SignerAuthority(Signer(key, cert), TrustBundle.of(TD, [root_cert])), root_signer
+    return ActiveSigner(Signer(key, cert), TrustBundle.of(TD, [root_cert])), root_signer
 
 
 async def test_health_flips_when_the_signing_ca_expires_and_recovers_with_a_new_one(
@@ -382,7 +382,7 @@ async def test_health_flips_when_the_signing_ca_expires_and_recovers_with_a_new_
         assert value(await scrape(server), "meshca_health_serving") == 1
 
 
-def client_svid_from(authority: SignerAuthority) -> Any:
+def client_svid_from(authority: ActiveSigner) -> Any:
     return Issuer(authority).issue(B, ttl=timedelta(minutes=1))
 
 
@@ -391,7 +391,7 @@ def test_served_certificate_lifetimes_are_measured_from_issuance() -> None:
     issued has all of its life left (the health policy and the renewal schedule agree)."""
     root_key = generate_private_key()
     root_cert = build_ca(TD, root_key, timedelta(days=30))
-    authority = SignerAuthority(Signer(root_key, root_cert), TrustBundle.of(TD, [root_cert]))
+    authority = ActiveSigner(Signer(root_key, root_cert), TrustBundle.of(TD, [root_cert]))
     svid = Issuer(authority).issue(A, ttl=timedelta(hours=1))
     now = datetime.now(UTC)
     assert life_left(svid, now) > 0.99

@@ -27,7 +27,7 @@ from meshca.backends.local import load_local_ca
 from meshca.cli.commands.serve import config_from
 from meshca.cli.main import build_parser
 from meshca.cli.options import load_settings
-from meshca.issuer import Issuer, IssuerError, Signer, SignerAuthority, X509Svid
+from meshca.issuer import ActiveSigner, Issuer, IssuerError, Signer, X509Svid
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca, build_leaf
 from meshca.issuer.svid import spiffe_id_of
@@ -206,7 +206,7 @@ async def test_a_bundle_change_reaches_new_handshakes(server: MeshcaServer) -> N
 
     assert await try_fetch() == grpc.StatusCode.UNAVAILABLE
     authority = server.authority
-    assert isinstance(authority, SignerAuthority)
+    assert isinstance(authority, ActiveSigner)
     authority.activate(authority.signer, roots.with_root(new_root.certificate))
     assert server.store.refresh_bundle()
     assert await try_fetch() == grpc.StatusCode.OK

@@ -1,4 +1,4 @@
-"""SPIFFE ID and trust-domain rules (DESIGN.md, Contracts), cross-checked with py-spiffe."""
+"""SPIFFE ID and trust-domain rules (docs/design.md, Contracts), cross-checked with py-spiffe."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ VALID_IDS = [
     "spiffe://" + "t" * MAX_TRUST_DOMAIN_BYTES + "/p",
 ]
 
-# (input, rule): one case per rule of DESIGN.md; each must be refused naming that rule.
+# (input, rule): one case per rule of docs/design.md; each must be refused naming that rule.
 INVALID_IDS = [
     ("", "empty"),
     ("http://example.org/workload", "scheme"),

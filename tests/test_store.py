@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from meshca.backends.errors import BackendUnavailable
-from meshca.issuer import Issuer, LeafRequest, SignerAuthority, TrustBundle, TtlPolicy
+from meshca.issuer import ActiveSigner, Issuer, LeafRequest, TrustBundle, TtlPolicy
 from meshca.issuer.authority import SigningAuthority
 from meshca.serve.health import life_left
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -55,7 +55,7 @@ def ca() -> InMemoryCa:
 
 @pytest.fixture
 def authority(ca: InMemoryCa) -> CountingAuthority:
-    return CountingAuthority(SignerAuthority(ca.signer, ca.bundle))
+    return CountingAuthority(ActiveSigner(ca.signer, ca.bundle))
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ async def test_the_scheduler_sweeps_idle_identities(issuer: Issuer) -> None:
 
 
 async def test_bundle_change_is_notified_once(ca: InMemoryCa) -> None:
-    authority = SignerAuthority(ca.signer, ca.bundle)
+    authority = ActiveSigner(ca.signer, ca.bundle)
     store = SecretStore(Issuer(authority))
     events, _ = collect(store)
     assert store.refresh_bundle() is False
@@ -247,7 +247,7 @@ class RecordingBackoff(Backoff):
 
 async def test_renewal_is_scheduled_from_the_issue_time_not_the_backdated_not_before() -> None:
     ca = make_ca(now=datetime.now(UTC) - timedelta(days=1))  # lets leaves backdate an hour
-    authority = BackdatingAuthority(SignerAuthority(ca.signer, ca.bundle))
+    authority = BackdatingAuthority(ActiveSigner(ca.signer, ca.bundle))
     ttl = timedelta(seconds=20)
     store = SecretStore(Issuer(authority, TtlPolicy(default=ttl)), ttl=ttl)  # type: ignore[arg-type]
     svid = await store.svid(WEB)
@@ -265,7 +265,7 @@ async def test_renewal_is_scheduled_from_the_issue_time_not_the_backdated_not_be
 async def test_failed_renewals_back_off_and_are_logged_once_per_streak(
     ca: InMemoryCa, caplog: pytest.LogCaptureFixture
 ) -> None:
-    authority = FlakyAuthority(SignerAuthority(ca.signer, ca.bundle))
+    authority = FlakyAuthority(ActiveSigner(ca.signer, ca.bundle))
     backoff = RecordingBackoff(initial=0.05, maximum=0.2)
     issuer = Issuer(authority, TtlPolicy(skew=timedelta(seconds=1)))  # type: ignore[arg-type]
     store = SecretStore(
@@ -299,7 +299,7 @@ async def test_failed_renewals_back_off_and_are_logged_once_per_streak(
 async def test_an_expired_svid_is_never_served(
     ca: InMemoryCa, caplog: pytest.LogCaptureFixture
 ) -> None:
-    authority = FlakyAuthority(SignerAuthority(ca.signer, ca.bundle))
+    authority = FlakyAuthority(ActiveSigner(ca.signer, ca.bundle))
     policy = TtlPolicy(default=timedelta(seconds=1), skew=timedelta(0))
     store = SecretStore(Issuer(authority, policy), ttl=timedelta(seconds=1))  # type: ignore[arg-type]
     first = await store.svid(WEB)

@@ -31,11 +31,11 @@ from meshca.backends.vault.settings import VaultSettings
 from meshca.cli.main import main as cli_main
 from meshca.envoy.bootstrap import BootstrapSpec, Inbound, Outbound, build_bootstrap
 from meshca.issuer import (
+    ActiveSigner,
     CsrError,
     Issuer,
     KeyType,
     Signer,
-    SignerAuthority,
     TrustBundle,
     TtlPolicy,
     X509Svid,
@@ -217,7 +217,7 @@ def test_each_intermediate_has_a_unique_subject_and_switching_takes_effect(
     # backdated by meshca's 1-minute skew, like its own CAs (the rotation schedule relies on it)
     assert after.not_after - after.certificate.not_valid_before_utc == timedelta(hours=2, minutes=1)
     assert intermediate_authority.signer is before  # obtained, not yet in use
-    intermediate_authority.signer_authority.activate(after)  # what rotation does
+    intermediate_authority.active_signer.activate(after)  # what rotation does
     svid = Issuer(intermediate_authority).issue(WEB)
     assert svid.intermediates == (after.certificate,)
 
@@ -267,7 +267,7 @@ def test_intermediate_state_rewrites_only_what_changed(tmp_path: Path) -> None:
     assert new_root in again[1]
 
 
-class _RotatedMeanwhile(SignerAuthority):
+class _RotatedMeanwhile(ActiveSigner):
     """Rotation switches the signer just before the next :meth:`activate` takes the lock."""
 
     def __init__(self, signer: Signer, bundle: TrustBundle, rotated: Signer) -> None:

@@ -100,7 +100,7 @@ def open_manager(
 ) -> RotationManager:
     manager = RotationManager(
         data_dir,
-        authority.signer_authority,
+        authority.active_signer,
         VaultCaSource(authority),
         store=store,
         acks=acks,

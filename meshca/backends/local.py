@@ -30,12 +30,12 @@ from cryptography import x509
 
 from meshca.backends.opened import LocalCaRotation, OpenedBackend
 from meshca.issuer import (
+    ActiveSigner,
     ChainError,
     IssuerError,
     KeyType,
     KeyTypeError,
     Signer,
-    SignerAuthority,
     SvidError,
     TrustBundle,
 )
@@ -98,8 +98,8 @@ class LocalCa:
     bundle: TrustBundle
     origin: str
 
-    def authority(self) -> SignerAuthority:
-        return SignerAuthority(self.signer, self.bundle)
+    def authority(self) -> ActiveSigner:
+        return ActiveSigner(self.signer, self.bundle)
 
     def opened(self) -> OpenedBackend:
         """The local backend: this CA signs in process (self-checked here), and rotation

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
-from meshca.issuer import Signer, SignerAuthority, SigningAuthority, TrustBundle
+from meshca.issuer import ActiveSigner, Signer, SigningAuthority, TrustBundle
 
 
 class BackendHealth(Protocol):
@@ -54,7 +54,7 @@ class IntermediateCa(BackendHealth, Protocol):
     mode): what signing-CA rotation uses of it."""
 
     @property
-    def signer_authority(self) -> SignerAuthority: ...
+    def active_signer(self) -> ActiveSigner: ...
 
     def roots(self) -> TrustBundle:
         """The backend's roots now (blocking; BackendUnavailable during an outage)."""
@@ -79,7 +79,7 @@ class LocalCaRotation:
     switches ``authority``'s signer."""
 
     data_dir: Path
-    authority: SignerAuthority
+    authority: ActiveSigner
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,14 @@ class OpenedBackend:
 
     name: str  # a metrics label: "local", "vault"
     authority: SigningAuthority
-    signer: SignerAuthority | None = None
+    signer: ActiveSigner | None = None
     health: BackendHealth | None = None
     roots: RootsSource | None = None
     rotation: LocalCaRotation | IntermediateRotation | None = None
     close: Callable[[], None] = _nothing
 
     @classmethod
-    def in_process(cls, authority: SignerAuthority, *, name: str = "local") -> OpenedBackend:
+    def in_process(cls, authority: ActiveSigner, *, name: str = "local") -> OpenedBackend:
         """A key held in this process and nothing else: no health to watch, no roots to
         follow, no rotation (a CA not kept in a data directory, e.g. in tests)."""
         return cls(name, authority, signer=authority)

@@ -31,7 +31,7 @@ from meshca.attest.entries import EntryStore, RegistrationEntry
 from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2, ca_pb2_grpc
-from meshca.issuer import Issuer, IssuerError, SignerAuthority, X509Svid
+from meshca.issuer import ActiveSigner, Issuer, IssuerError, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import SvidError
 from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtError, JwtSigner, jwt_bundle_json
@@ -282,7 +282,7 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
         authority = self.issuer.authority
         chain = (
             (authority.signer.certificate, *authority.signer.intermediates)
-            if isinstance(authority, SignerAuthority)
+            if isinstance(authority, ActiveSigner)
             else ()
         )
         return ca_pb2.BundleResponse(

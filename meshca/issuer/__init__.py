@@ -1,6 +1,9 @@
-"""The X.509-SVID profile, keys, CSR checks, TTL policy, signing and rotation timing."""
+"""The X.509-SVID profile, keys, CSR checks, TTL policy (leaf renewal timing and the
+CA-lifetime rule) and signing: the :class:`SigningAuthority` protocol backends implement,
+:class:`ActiveSigner` for a key held in this process, and the :class:`Issuer`. When a
+signing CA is replaced is rotation's business (``meshca.rotation.rotator``)."""
 
-from meshca.issuer.authority import Issuer, LeafRequest, SignerAuthority, SigningAuthority
+from meshca.issuer.authority import ActiveSigner, Issuer, LeafRequest, SigningAuthority
 from meshca.issuer.bundle import TrustBundle
 from meshca.issuer.errors import (
     ChainError,
@@ -17,6 +20,7 @@ from meshca.issuer.profile import Signer
 from meshca.issuer.svid import X509Svid
 
 __all__ = [
+    "ActiveSigner",
     "ChainError",
     "CsrError",
     "Issuer",
@@ -25,7 +29,6 @@ __all__ = [
     "KeyTypeError",
     "LeafRequest",
     "Signer",
-    "SignerAuthority",
     "SignerError",
     "SigningAuthority",
     "SvidError",

@@ -2,7 +2,7 @@
 
 The issuer owns policy (TTLs, key types, which trust domain); an authority owns a
 root of trust and the act of signing. ``backends`` implement :class:`SigningAuthority`
-(and may use :class:`SignerAuthority` when they hold a signing key themselves).
+(and may use :class:`ActiveSigner` when they hold a signing key themselves).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class SigningAuthority(Protocol):
     def bundle(self) -> TrustBundle: ...
 
 
-class SignerAuthority:
+class ActiveSigner:
     """An authority whose signing key is held in this process (local CA, Vault intermediate).
 
     The signer and the bundle are held as one pair, replaced at once, so a leaf is never
@@ -165,7 +165,7 @@ class Issuer:
         issuance inline (a thread hand-off costs more than the work); RSA key generation
         (up to seconds) and remote signing belong in a thread."""
         return (
-            isinstance(self.authority, SignerAuthority)
+            isinstance(self.authority, ActiveSigner)
             and not (key_type or self.default_key_type).is_rsa
         )
 

@@ -1,4 +1,4 @@
-"""The certificate profiles: the X.509-SVID leaf and meshca's CA certificates (DESIGN.md).
+"""The certificate profiles: the X.509-SVID leaf and meshca's CA certificates (docs/design.md).
 
 Everything here is decided by meshca, never copied from a request: the identity is
 what the caller asked for and was allowed, and nothing in a CSR but its public key is
@@ -195,7 +195,7 @@ def build_leaf(
     now: datetime | None = None,
     skew: timedelta = DEFAULT_SKEW,
 ) -> x509.Certificate:
-    """Sign an X.509-SVID for ``spiffe_id`` over ``public_key`` (the profile of DESIGN.md).
+    """Sign an X.509-SVID for ``spiffe_id`` over ``public_key`` (the profile of docs/design.md).
 
     Extensions, in order: SAN (critical: the subject is empty), BasicConstraints CA=false
     (critical), KeyUsage (critical; digitalSignature, + keyEncipherment for RSA keys),

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from meshca.issuer import SignerAuthority, TrustBundle
+from meshca.issuer import ActiveSigner, TrustBundle
 from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, DEFAULT_LEAF_TTL
 from meshca.issuer.profile import DEFAULT_SKEW
 from meshca.issuer.svid import fingerprint
@@ -152,7 +152,7 @@ class RotationManager:
     def __init__(
         self,
         data_dir: Path,
-        authority: SignerAuthority,
+        authority: ActiveSigner,
         source: CaSource,
         *,
         store: SecretStore | None = None,

@@ -46,7 +46,7 @@ class VaultCaSource:
         """Whether Vault holds a root that outlives the active one (as last polled)."""
         return any(
             root != active.root and root.not_valid_after_utc > active.root.not_valid_after_utc
-            for root in self.backend.signer_authority.bundle()
+            for root in self.backend.active_signer.bundle()
         )
 
     def describe(self, active: SigningCa) -> str:

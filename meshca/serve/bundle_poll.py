@@ -22,7 +22,7 @@ from meshca.issuer import IssuerError, TrustBundle
 from meshca.serve.config import DEFAULT_BACKEND_POLL_INTERVAL
 from meshca.serve.rotation import RotationService
 from meshca.store import SecretStore
-from meshca.util.aio import cancel_and_wait
+from meshca.util.aio import Periodic
 
 log = logging.getLogger("meshca.server")
 
@@ -43,8 +43,10 @@ class BundlePoll:
         self._poll = poll
         self.interval = interval
         self.outage_interval = outage_interval
-        self._task: asyncio.Task[None] | None = None
         self._failing: str | None = None
+        self._periodic = Periodic(
+            self.poll, self._next_interval, log=log, what="applying the backend's roots"
+        )
 
     async def poll(self) -> bool:
         """Read the roots once and apply them; returns whether the bundle changed.
@@ -62,25 +64,15 @@ class BundlePoll:
             self._failing = None
         return changed
 
-    def _healthy(self) -> bool:
+    def _next_interval(self) -> float:
         reachable = self.health is None or self.health.healthy
-        return reachable and self._failing is None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval if self._healthy() else self.outage_interval)
-            try:
-                await self.poll()
-            except Exception:  # a bug must not end the poll
-                log.exception("the backend's roots could not be applied")
+        return self.interval if reachable and self._failing is None else self.outage_interval
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._periodic.stop()
 
 
 def bundle_poll(

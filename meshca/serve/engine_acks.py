@@ -23,7 +23,7 @@ class _TypeStatus(Protocol):
     def nacked(self) -> bool: ...
 
 
-class _Stream(Protocol):
+class _StreamView(Protocol):
     @property
     def id(self) -> int: ...
 
@@ -46,28 +46,28 @@ class _Stream(Protocol):
     def identity(self) -> str: ...
 
 
-class Engine(Protocol):
+class EngineView(Protocol):
     """What is read of :class:`meshca.xds.engine.XdsEngine`."""
 
-    def streams(self) -> Sequence[_Stream]: ...
+    def streams(self) -> Sequence[_StreamView]: ...
 
-    def unsettled(self) -> Sequence[_Stream]: ...
+    def unsettled(self) -> Sequence[_StreamView]: ...
 
 
-def describe(stream: _Stream) -> str:
+def describe(stream: _StreamView) -> str:
     """A proxy as an operator knows it; Envoy opens one stream per secret, so a proxy's
     streams share this name."""
     return f"{stream.node_id or '(no node id)'} ({stream.caller})"
 
 
-def proxy_key(stream: _Stream) -> str:
+def proxy_key(stream: _StreamView) -> str:
     """A proxy as it is known again after it reconnects: its node id and identities,
     without the peer address that changes with every connection."""
     return f"{stream.node_id or '(no node id)'} ({stream.identity})"
 
 
 class EngineAcks:
-    def __init__(self, engine: Engine, store: SecretStore) -> None:
+    def __init__(self, engine: EngineView, store: SecretStore) -> None:
         self.engine = engine
         self.store = store
 

@@ -44,7 +44,7 @@ from meshca.issuer.profile import DEFAULT_SKEW
 from meshca.serve.config import DEFAULT_HEALTH_INTERVAL
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore, StoreEvent
-from meshca.util.aio import cancel_and_wait, wait_event
+from meshca.util.aio import Periodic
 from meshca.util.netaddr import format_address
 
 log = logging.getLogger("meshca.health")
@@ -166,8 +166,9 @@ class HealthMonitor:
         self._lock = threading.Lock()
         self._last_failure: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(
+            self.evaluate, lambda: self.interval, log=log, what="health evaluation"
+        )
         self._unsubscribe: Callable[[], None] | None = None
         self._published: bool | None = None
         self._backend_published: bool | None = None
@@ -191,7 +192,7 @@ class HealthMonitor:
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop is shutting down
-            loop.call_soon_threadsafe(self._wake.set)
+            loop.call_soon_threadsafe(self._periodic.wake)
 
     # evaluation -----------------------------------------------------------------------
     def check(self) -> Verdict:
@@ -254,24 +255,14 @@ class HealthMonitor:
         self._loop = asyncio.get_running_loop()
         self._unsubscribe = self.store.subscribe(self._store_event)
         verdict = await self.evaluate()
-        self._task = self._loop.create_task(self._run())
+        self._periodic.start()
         return verdict
-
-    async def _run(self) -> None:
-        while True:
-            await wait_event(self._wake, self.interval)
-            self._wake.clear()
-            try:
-                await self.evaluate()
-            except Exception:
-                log.exception("health evaluation failed")
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._periodic.stop()
         self._loop = None
 
 

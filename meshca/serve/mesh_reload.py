@@ -18,7 +18,7 @@ from pathlib import Path
 from meshca.envoy.mesh import Mesh, MeshError, load_mesh
 from meshca.serve.config import DEFAULT_POLL_INTERVAL
 from meshca.spiffe import TrustDomain
-from meshca.util.aio import cancel_and_wait
+from meshca.util.aio import Periodic
 
 log = logging.getLogger("meshca.mesh")
 
@@ -52,7 +52,7 @@ class MeshFile:
         self.mesh = load_mesh(self.path, trust_domain)  # a bad file at start-up is fatal
         self.reloads = 0
         self.failed_reloads = 0
-        self._task: asyncio.Task[None] | None = None
+        self._poll = Periodic(self._reload, lambda: self.interval, log=log, what="mesh file check")
 
     def check(self) -> bool:
         """Reload if the file changed since the last look; True when a new mesh is in use."""
@@ -83,18 +83,11 @@ class MeshFile:
         return True
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._poll())
+        self._poll.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._poll.stop()
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                # Reading and validating a large file takes a while: never on the loop.
-                self._apply(await asyncio.to_thread(self._load_if_changed))
-            except Exception:  # the watcher must outlive any surprise
-                log.exception("mesh file check failed")
+    async def _reload(self) -> None:
+        # Reading and validating a large file takes a while: never on the loop.
+        self._apply(await asyncio.to_thread(self._load_if_changed))

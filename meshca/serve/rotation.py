@@ -23,7 +23,7 @@ from meshca.backends.opened import (
     LocalCaRotation,
     OpenedBackend,
 )
-from meshca.issuer import SignerAuthority, TrustBundle
+from meshca.issuer import ActiveSigner, TrustBundle
 from meshca.rotation.acks import AckTracker
 from meshca.rotation.admin import AdminServer, CaOperations
 from meshca.rotation.checks import startup_checks
@@ -41,7 +41,7 @@ from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.rotator import Rotator
 from meshca.rotation.vault_ca import VaultCaSource
 from meshca.serve.config import ServeConfig
-from meshca.serve.engine_acks import Engine, EngineAcks
+from meshca.serve.engine_acks import EngineAcks, EngineView
 from meshca.store import SecretStore
 from meshca.util.aio import cancel_and_wait
 
@@ -94,7 +94,7 @@ class RotationService:
     def __init__(
         self,
         data_dir: Path,
-        authority: SignerAuthority,
+        authority: ActiveSigner,
         store: SecretStore | None,
         *,
         acks: AckTracker | None = None,
@@ -172,7 +172,7 @@ def open_rotation(
     data_dir: Path,
     backend: OpenedBackend,
     store: SecretStore,
-    engine: Engine,
+    engine: EngineView,
     leaf_ttl: timedelta,
     options: RotationOptions | None = None,
 ) -> RotationService | None:
@@ -203,7 +203,7 @@ def _vault_rotation(
     options: RotationOptions,
     policy: RotationPolicy,
 ) -> RotationService | None:
-    authority = backend.signer_authority
+    authority = backend.active_signer
     roots = authority.bundle()  # Vault's roots as read at start (or stored, in an outage)
     source = VaultCaSource(backend, ca_ttl=options.ca_ttl)
     service = _service(data_dir, authority, store, acks, source, options, policy)
@@ -216,7 +216,7 @@ def _vault_rotation(
 
 def _service(
     data_dir: Path,
-    authority: SignerAuthority,
+    authority: ActiveSigner,
     store: SecretStore,
     acks: AckTracker,
     source: CaSource,

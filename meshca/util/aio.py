@@ -1,15 +1,18 @@
-"""Small asyncio pieces shared by the server's background tasks.
+"""Small asyncio pieces shared by the server's background tasks, and the one loop they
+run on (:class:`Periodic`).
 
-Both exist because of how Python 3.11's ``asyncio.wait_for`` and a bare
-``suppress(CancelledError)`` treat cancellation: ``wait_for`` can swallow a cancel
-that lands as the awaited thing completes (a loop around it then never ends), and
-suppressing CancelledError around ``await task`` also hides a cancellation aimed at
-the caller.
+``wait_event`` and ``cancel_and_wait`` exist because of how Python 3.11's
+``asyncio.wait_for`` and a bare ``suppress(CancelledError)`` treat cancellation:
+``wait_for`` can swallow a cancel that lands as the awaited thing completes (a loop
+around it then never ends), and suppressing CancelledError around ``await task`` also
+hides a cancellation aimed at the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -34,3 +37,53 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
+
+
+class Periodic:
+    """A background step on the event loop: ``step`` runs every ``interval()`` seconds,
+    or at once after :meth:`wake`, until :meth:`stop`. A step that raises is logged and
+    the loop goes on: a watcher must outlive any surprise. (The mesh file's poll, the
+    backend roots' poll and the health monitor each run on one.)"""
+
+    def __init__(
+        self,
+        step: Callable[[], Awaitable[object]],
+        interval: Callable[[], float],
+        *,
+        log: logging.Logger,
+        what: str,
+    ) -> None:
+        self._step = step
+        self._interval = interval
+        self._log = log
+        self._what = what
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        """Start on the running loop (a second call does nothing)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def wake(self) -> None:
+        """Run the step now rather than at the end of the interval (on the loop's thread;
+        from another thread, through ``loop.call_soon_threadsafe``)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Cancel the loop and wait until it has ended."""
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+    async def _run(self) -> None:
+        while True:
+            await wait_event(self._wake, self._interval())
+            self._wake.clear()
+            try:
+                await self._step()
+            except Exception:
+                self._log.exception("%s failed", self._what)

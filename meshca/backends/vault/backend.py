@@ -37,11 +37,11 @@ from meshca.backends.vault.client import VaultClient
 from meshca.backends.vault.pki import VaultPki
 from meshca.backends.vault.settings import VaultMode, VaultSettings
 from meshca.issuer import (
+    ActiveSigner,
     ChainError,
     KeyTypeError,
     LeafRequest,
     Signer,
-    SignerAuthority,
     SignerError,
     SvidError,
     TrustBundle,
@@ -125,7 +125,7 @@ class VaultWorkloadAuthority(_VaultAuthority):
     def __init__(self, client: VaultClient, pki: VaultPki, bundle: TrustBundle) -> None:
         super().__init__(client, pki)
         self._bundle = bundle
-        self._chain_check = ChainCheck()
+        self._chain_check = VaultChainVerifier()
 
     def bundle(self) -> TrustBundle:
         return self._bundle
@@ -166,7 +166,7 @@ class VaultWorkloadAuthority(_VaultAuthority):
         return chain
 
 
-class ChainCheck:
+class VaultChainVerifier:
     """Checks that Vault's leaves chain to the bundle, at the cost of a signature check
     per CA chain rather than per leaf.
 
@@ -219,7 +219,7 @@ class VaultIntermediateAuthority(_VaultAuthority):
         self,
         client: VaultClient,
         pki: VaultPki,
-        authority: SignerAuthority,
+        authority: ActiveSigner,
         state: IntermediateState | None = None,
     ) -> None:
         super().__init__(client, pki)
@@ -232,7 +232,7 @@ class VaultIntermediateAuthority(_VaultAuthority):
 
     def opened(self) -> OpenedBackend:
         """This authority with what it can do: it can be unreachable, its roots change
-        inside Vault, leaves are signed in process (by :attr:`signer_authority`),
+        inside Vault, leaves are signed in process (by :attr:`active_signer`),
         rotation obtains the next intermediate here, and it is closed after use."""
         return OpenedBackend(
             VAULT,
@@ -272,7 +272,7 @@ class VaultIntermediateAuthority(_VaultAuthority):
 
     # what the signing-CA rotation machinery uses (meshca.rotation.vault_ca) ------------
     @property
-    def signer_authority(self) -> SignerAuthority:
+    def active_signer(self) -> ActiveSigner:
         """The in-process authority that signs leaves: rotation switches its signer."""
         return self._authority
 
@@ -439,7 +439,7 @@ def _open_intermediate(
     return VaultIntermediateAuthority(client, pki, authority, state)
 
 
-def _reuse(pki: VaultPki, signer: Signer, stored_roots: TrustBundle) -> SignerAuthority | None:
+def _reuse(pki: VaultPki, signer: Signer, stored_roots: TrustBundle) -> ActiveSigner | None:
     """The stored intermediate under Vault's current roots (the stored ones while Vault
     is unreachable); None when it no longer chains to them."""
     try:
@@ -448,7 +448,7 @@ def _reuse(pki: VaultPki, signer: Signer, stored_roots: TrustBundle) -> SignerAu
         log.warning("%s; starting with the stored roots", exc)
         bundle = stored_roots
     try:
-        return SignerAuthority(signer, bundle)  # self-check before any use
+        return ActiveSigner(signer, bundle)  # self-check before any use
     except SignerError:
         log.warning("vault: the stored intermediate no longer chains to the mount's roots")
         return None
@@ -456,7 +456,7 @@ def _reuse(pki: VaultPki, signer: Signer, stored_roots: TrustBundle) -> SignerAu
 
 def _obtain(
     pki: VaultPki, stored: tuple[Signer, TrustBundle] | None, leaf_ttl: timedelta | None
-) -> SignerAuthority:
+) -> ActiveSigner:
     """A new intermediate; during an outage the stored one, however old, if there is one."""
     try:
         bundle = pki.roots()
@@ -465,9 +465,9 @@ def _obtain(
         if stored is None:
             raise
         log.warning("%s; starting with the stored intermediate until it can be replaced", exc)
-        return SignerAuthority(*stored)
+        return ActiveSigner(*stored)
     _check_fresh_intermediate(signer, leaf_ttl)
-    return SignerAuthority(signer, bundle)  # self-check before any use
+    return ActiveSigner(signer, bundle)  # self-check before any use
 
 
 def _remaining(signer: Signer) -> timedelta:

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 @dataclass(frozen=True)
-class ChainCheck:
+class ChainVerdict:
     checked: bool
     verified: bool
     detail: str
@@ -116,24 +116,24 @@ def _check_chain(
     spiffe_id: SpiffeId,
     settings: Settings,
     now: datetime,
-) -> ChainCheck:
+) -> ChainVerdict:
     data_dir: Path = settings["data_dir"]
     local = ca_exists(data_dir)
     if uses_stored_vault_roots(settings, local):
         try:
             bundle, where = vault_trust_bundle(settings)
         except IssuerError as exc:
-            return ChainCheck(False, False, f"not checked: {exc}")
+            return ChainVerdict(False, False, f"not checked: {exc}")
     elif not local:
-        return ChainCheck(False, False, f"not checked: no CA in {data_dir}")
+        return ChainVerdict(False, False, f"not checked: no CA in {data_dir}")
     else:
         try:
             ca = load_local_ca(data_dir)
         except CaError as exc:
-            return ChainCheck(False, False, f"not checked: {exc}")
+            return ChainVerdict(False, False, f"not checked: {exc}")
         bundle, where = ca.bundle, f"the trust bundle in {ca.directory}"
     if spiffe_id.trust_domain != bundle.trust_domain:
-        return ChainCheck(
+        return ChainVerdict(
             True,
             False,
             f"not trusted: the CA's trust domain is {bundle.trust_domain}, not the SVID's",
@@ -141,8 +141,8 @@ def _check_chain(
     try:
         verify_chain(leaf, intermediates, bundle, now=now)
     except ChainError as exc:
-        return ChainCheck(True, False, f"does not verify against {where}: {exc}")
-    return ChainCheck(True, True, f"verifies against {where}")
+        return ChainVerdict(True, False, f"does not verify against {where}: {exc}")
+    return ChainVerdict(True, True, f"verifies against {where}")
 
 
 def _time_left(leaf: x509.Certificate, now: datetime) -> str:
