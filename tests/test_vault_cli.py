@@ -17,7 +17,7 @@ from meshca.issuer import Issuer, TtlPolicy
 from meshca.issuer.svid import certificates_pem
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.bao_harness import BaoServer, bao, mount
-from tests.cli_harness import Run, clean_environment, runner
+from tests.cli_harness import Run, assert_one_line_error, clean_environment, meshca_process, runner
 
 __all__ = ["bao", "mount"]  # the OpenBao fixtures
 
@@ -85,3 +85,19 @@ def test_bundle_says_why_when_neither_disk_nor_vault_has_the_roots(
     assert f"no copy of Vault's roots in {data_dir / 'vault' / 'root-cert.pem'}" in err
     assert "Vault cannot be read" in err and "meshca init" not in err
     assert err.count("\n") == 1
+
+
+def test_a_one_shot_command_with_vault_down_prints_its_verdict_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a real process nothing has installed a log handler: the backend's retry
+    narration (a server's log line) must not reach the terminal beside the verdict."""
+    monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("VAULT_TOKEN", "t")
+    for argv in (
+        ["bundle", "--backend", "vault", "--data-dir", "data"],
+        ["issue", "spiffe://cluster.local/a", "--out", "out", "--backend", "vault"],
+    ):
+        result = meshca_process(*argv, cwd=tmp_path)
+        assert result.returncode == 1, argv
+        assert_one_line_error(result.stderr, "cannot reach http://127.0.0.1:1")
