@@ -209,12 +209,11 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
 
 
 # What each file command must not load: the other backends, the Envoy modules, the serve
-# runtime and its libraries, YAML (no config file is given), logging, token handling.
+# runtime and its libraries, YAML (no config file is given), token handling.
 NOT_FOR_FILE_COMMANDS = (
     *SERVER_LIBRARIES,
     "requests",
     "yaml",
-    "logging",
     "meshca.backends.vault.backend",
     "meshca.envoy",
     "meshca.serve",
