@@ -4,11 +4,13 @@ with Istio's capture rules, Envoys configured only over ADS by ``meshca serve``.
 bookbuyer's app dials the bookstore ClusterIP; iptables sends the connection to
 ``virtualOutbound`` (15001), which hands it to ``0.0.0.0_14001``; the route ``14001``
 splits it between bookstore-v1 and -v2 over mTLS (``outbound|14001|v1|...`` clusters,
-Istio's SNI). In each bookstore pod, PREROUTING sends it to ``virtualInbound`` (15006),
-whose chain checks the caller's SPIFFE ID and forwards to the app on 127.0.0.1. The
-pods are linked by veth pairs (bookbuyer to each bookstore) with link-local addresses
-that exist only inside these namespaces. bookbuyer asks for the layout in its bootstrap
-(``--layout``); the bookstores' entries in the mesh file say it.
+Istio's SNI). In bookstore-v1's pod, PREROUTING sends it to ``virtualInbound`` (15006),
+whose chain checks the caller's SPIFFE ID and forwards to the app on 127.0.0.1.
+bookstore-v2 runs the ``osm`` layout (``inbound-listener`` on 15003): the two layouts
+interoperate. The pods are linked by veth pairs (bookbuyer to each bookstore) with
+link-local addresses that exist only inside these namespaces. bookbuyer asks for its
+layout in its bootstrap (``--layout``); the bookstores' entries in the mesh file say
+theirs.
 
 Then: STRICT refuses plaintext, PERMISSIVE (a live mesh-file change) accepts it while
 mTLS still works, a caller the policy does not name is refused by RBAC, and a
@@ -47,6 +49,8 @@ PODS = {  # workload -> (its address, bookbuyer's address on that link)
     "bookstore-v1": ("169.254.11.2", "169.254.11.1"),
     "bookstore-v2": ("169.254.12.2", "169.254.12.1"),
 }
+LAYOUTS = {"bookstore-v1": "istio-sidecar", "bookstore-v2": "osm"}  # in the mesh file
+INBOUND = {"istio-sidecar": 15006, "osm": 15003}
 
 
 def identity(namespace: str, account: str) -> str:
@@ -64,7 +68,7 @@ def mesh_document(mtls: str = "strict") -> dict[str, Any]:
     for name, (address, _) in PODS.items():
         workloads.append(
             {"name": name, "namespace": "bookstore", "service_account": name,
-             "address": address, "ports": [PORT], "layout": "istio-sidecar",
+             "address": address, "ports": [PORT], "layout": LAYOUTS[name],
              "labels": {"app": "bookstore", "version": name.rsplit("-", 1)[1]}}
         )  # fmt: skip
     return {
@@ -129,8 +133,9 @@ def _pod_rules(netns: Netns, iptables: str, name: str) -> None:
             netns.exec(iptables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d",
                        f"{destination}/32", "-j", "REDIRECT", "--to-ports", "15001")  # fmt: skip
         return
+    inbound = str(INBOUND[LAYOUTS[name]])
     netns.exec(iptables, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", str(PORT),
-               "-j", "REDIRECT", "--to-ports", "15006")  # fmt: skip
+               "-j", "REDIRECT", "--to-ports", inbound)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +194,12 @@ def test_the_proxies_carry_istios_names(pods: Pods) -> None:
     assert {"virtualOutbound::0.0.0.0:15001", "0.0.0.0_14001::0.0.0.0:14001"} <= set(buyer.split())
     store = pods.netns["bookstore-v1"].run(pods.envoys["bookstore-v1"].get, "/listeners")[1]
     assert "virtualInbound::0.0.0.0:15006" in store.split()
+    osm = pods.netns["bookstore-v2"].run(pods.envoys["bookstore-v2"].get, "/listeners")[1]
+    assert "inbound-listener::0.0.0.0:15003" in osm.split()
 
 
 def test_a_connection_to_the_cluster_ip_is_split_over_mtls(pods: Pods) -> None:
+    """Also across layouts: bookstore-v2's proxy is in OSM's."""
     eventually(lambda: pods.dial(CLUSTER_IP)[0] == 200, "bookbuyer -> ClusterIP answers")
     seen: Counter[str] = Counter()
     for _ in range(30):
