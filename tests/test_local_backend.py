@@ -21,6 +21,7 @@ from meshca.backends.local import (
     init_local_ca,
     load_local_ca,
 )
+from meshca.backends.opened import LocalCaRotation, OpenedBackend
 from meshca.issuer import Issuer, KeyType, SignerError
 from meshca.issuer.keys import generate_private_key, private_key_pem
 from meshca.issuer.profile import build_ca, build_leaf, utcnow
@@ -424,3 +425,18 @@ def test_build_ca_root_is_self_signed_and_unique() -> None:
     second = build_ca(TRUST_DOMAIN, key, timedelta(days=1))
     assert first.subject != second.subject
     first.verify_directly_issued_by(first)
+
+
+def test_the_local_backend_is_opened_with_what_it_can_do(tmp_path: Path) -> None:
+    """What serve relies on instead of probing: the data directory's CA signs here and is
+    rotated from the data directory's keys; it has no outage to report and no roots
+    that change outside meshca."""
+    data_dir = tmp_path / "data"
+    init_local_ca(data_dir, TRUST_DOMAIN)
+    backend = load_local_ca(data_dir).opened()
+    assert backend.name == "local"
+    assert backend.signer is backend.authority
+    assert backend.health is None and backend.roots is None
+    assert isinstance(backend.rotation, LocalCaRotation)
+    assert backend.rotation.data_dir == data_dir and backend.rotation.authority is backend.signer
+    assert OpenedBackend.in_process(backend.signer).rotation is None  # a key not kept on disk

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.backends.errors import BackendError, BackendUnavailable
+from meshca.backends.opened import IntermediateRotation
 from meshca.backends.vault.backend import (
     IntermediateState,
     VaultIntermediateAuthority,
@@ -826,3 +827,18 @@ async def _fetch_over_uds(socket_path: Path) -> tuple[list[Any], str]:
             health_pb2.HealthCheckRequest(service="meshca.backend"), timeout=10
         )
         return secrets, health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+def test_each_vault_mode_is_opened_with_what_it_can_do(
+    workload_authority: VaultWorkloadAuthority, intermediate_authority: VaultIntermediateAuthority
+) -> None:
+    """Both modes can be unreachable and follow roots added in Vault; only the
+    intermediate holds a key here, and only it is rotated by meshca."""
+    workload = workload_authority.opened()
+    assert (workload.name, workload.signer, workload.rotation) == ("vault", None, None)
+    assert workload.health is workload_authority and workload.roots is workload_authority
+    opened = intermediate_authority.opened()
+    assert opened.signer is intermediate_authority.active_signer
+    assert opened.health is intermediate_authority and opened.roots is intermediate_authority
+    assert isinstance(opened.rotation, IntermediateRotation)
+    assert opened.rotation.backend is intermediate_authority
