@@ -27,7 +27,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
 
 from meshca.issuer.keys import KeyType, generate_private_key, private_key_pem
-from meshca.util.logs import WITHHELD, bind, bound, make_handler, parse_log_format
+from meshca.util.logs import REDACTED, bind, bound, make_handler, parse_log_format
 from tests.serve_harness import (
     MESHCA,
     SECRET_TYPE,
@@ -312,7 +312,7 @@ async def test_bound_fields_belong_to_the_task_that_bound_them(
 
 
 @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048])
-def test_private_key_material_is_withheld_in_every_shape(
+def test_private_key_material_is_redacted_in_every_shape_and_the_event_kept(
     capture: tuple[logging.Logger, io.StringIO, list[str]], key_type: KeyType
 ) -> None:
     logger, buffer, formats = capture
@@ -346,11 +346,17 @@ def test_private_key_material_is_withheld_in_every_shape(
         assert line not in out
     lines = out.splitlines()
     assert len(lines) == 2 * (len(shapes) + 1)
-    assert all(WITHHELD in line for line in lines)
-    assert all("meshca.test.logs" in line and "test_logs.py" in line for line in lines)
+    assert all(REDACTED in line for line in lines)
+    assert all("meshca.test.logs" in line for line in lines)
     json_events = events("\n".join(lines[: len(shapes) + 1]))
     assert {e["level"] for e in json_events} == {"warning", "error"}  # raised to be seen
+    # the events themselves are kept: what was logged, minus the key
+    assert [e["msg"].split(":")[0] for e in json_events[:-2]] == [
+        m.split(":")[0] for m, _, _ in shapes[:-1]
+    ]
+    assert json_events[-2]["key"].strip() == REDACTED
     assert json_events[-1]["caller"] == "spiffe://td/ns/a/sa/a"  # harmless fields stay
+    assert json_events[-1]["msg"] == "while parsing" and "ValueError" in json_events[-1]["exc"]
 
 
 def test_certificates_and_ordinary_text_are_not_withheld(

@@ -14,9 +14,15 @@ Fields bound with :func:`bind` live in a context variable: a gRPC handler binds 
 caller, peer and request id once, and every event logged while serving that call (in
 its task, or in tasks it starts) carries them.
 
-A filter on the handler refuses to emit anything that looks like private key material
-(a PEM ``PRIVATE KEY`` block, or the base64 opening of a PKCS#8 key): such an event is
-replaced by a warning that says where it came from, without its content.
+A filter on the handler never emits anything that looks like private key material (a
+PEM ``PRIVATE KEY`` block or marker, or the base64 opening of a PKCS#8 key): the
+material is redacted from the message, fields and traceback (to the end of the text
+when its end cannot be told), and the event itself is kept, raised to WARNING, so a
+request that merely carries such text (an impersonation attempt) is still seen.
+
+What a caller sends can reach a log line; :func:`shorten` bounds each such value, and
+:class:`Throttle` keeps one caller's repeated warnings to one per interval, with a count
+of those held back.
 
 This module imports nothing of meshca, so any layer may use it.
 """
@@ -30,14 +36,17 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
 LOG_FORMATS = ("text", "json")
 WITHHELD = "log event withheld: it contained what looks like private key material"
+REDACTED = "[redacted: private key material]"
+SHORTEN_LIMIT = 256  # characters of one caller-supplied value in a log line
 
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "meshca_log_context", default=MappingProxyType({})
@@ -53,6 +62,16 @@ _KEY_MATERIAL = re.compile(
     r"|AgEAMBMGByqGSM49AgEG"  # PKCS#8, id-ecPublicKey (P-256: 19-byte AlgorithmIdentifier)
     r"|AgEAMBAGByqGSM49AgEG"  # PKCS#8, id-ecPublicKey (P-384, P-521)
     r"|ADANBgkqhkiG9w0BAQEFAAS"  # PKCS#8, rsaEncryption
+)
+
+_PKCS8_OPENING = r"(?:AgEAMBMGByqGSM49AgEG|AgEAMBAGByqGSM49AgEG|ADANBgkqhkiG9w0BAQEFAAS)"
+_KEY_END = r"(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z)"
+# What is redacted: a PEM block (to its END line, else to the end of the text), a base64
+# run that opens like a PKCS#8 key (likewise), and any stray marker.
+_REDACT = (
+    re.compile(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY.*?" + _KEY_END, re.S),
+    re.compile(r"[A-Za-z0-9+/]*" + _PKCS8_OPENING + ".*?" + _KEY_END, re.S),
+    re.compile(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY|PRIVATE KEY-----"),
 )
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
@@ -90,6 +109,52 @@ def looks_like_key_material(text: str) -> bool:
     return _KEY_MATERIAL.search(text) is not None
 
 
+def redact_key_material(text: str) -> str:
+    """``text`` with anything that looks like private key material replaced by REDACTED."""
+    for pattern in _REDACT:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+def shorten(value: object, limit: int = SHORTEN_LIMIT) -> str:
+    """``value`` as text of at most about ``limit`` characters, marked when cut."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
+class Throttle:
+    """At most one event per key per ``interval`` seconds (a bounded number of keys).
+
+    ``allow(key)`` is None when the event should be held back; otherwise the number of
+    events held back since the last one allowed (0 the first time).
+    """
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 4096) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[Hashable, tuple[float, int]] = {}
+
+    def allow(self, key: Hashable) -> int | None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval}
+            if len(self._last) >= self.max_keys:
+                return None  # too many distinct keys at once: hold back until some expire
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0
+
+
+def suppressed_note(held_back: int) -> str:
+    """What a throttled log line appends: how many like it were held back."""
+    return f" ({held_back} similar events held back)" if held_back else ""
+
+
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields of an event: the bound context, then ``extra=`` values."""
     fields: dict[str, Any] = dict(getattr(record, "meshca_context", None) or {})
@@ -110,12 +175,44 @@ class ContextFilter(logging.Filter):
 
 
 class KeyMaterialFilter(logging.Filter):
-    """Withholds any event whose text, arguments, fields or traceback look like a key."""
+    """Redacts what looks like a key from an event's text, fields and traceback; withholds
+    the event only if something still looks like one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if looks_like_key_material(_full_text(record)):
-            _withhold(record)
+            _redact(record)
+            if looks_like_key_material(_full_text(record)):
+                _withhold(record)
         return True
+
+
+def _redact(record: logging.LogRecord) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:
+        message = f"{record.msg} {record.args!r}"
+    exc = record.exc_text or ""
+    if record.exc_info:
+        exc = "".join(traceback.format_exception(*record.exc_info))
+    for key in [k for k in record.__dict__ if k not in _STANDARD and k != "meshca_context"]:
+        value = getattr(record, key)
+        text = value if isinstance(value, str) else repr(value)
+        if looks_like_key_material(text):
+            setattr(record, key, redact_key_material(text))
+    record.meshca_context = {
+        k: redact_key_material(v if isinstance(v, str) else repr(v))
+        if looks_like_key_material(v if isinstance(v, str) else repr(v))
+        else v
+        for k, v in (getattr(record, "meshca_context", None) or {}).items()
+    }
+    record.msg = redact_key_material(message)
+    record.args = ()
+    record.exc_info = None
+    record.exc_text = redact_key_material(exc.rstrip("\n")) or None
+    if record.stack_info:
+        record.stack_info = redact_key_material(record.stack_info)
+    if record.levelno < logging.WARNING:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
 
 
 def _full_text(record: logging.LogRecord) -> str:
