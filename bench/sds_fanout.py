@@ -144,6 +144,10 @@ async def serve(data_dir: Path, socket_path: Path, workloads: int = 0) -> None:
             )
         },
         grace=0.0,
+        # one client process stands in for thousands of proxies of one identity and uid
+        max_streams_per_caller=1_000_000,
+        uds_max_connections_per_uid=1_000_000,
+        max_connections=1_000_000,
     )
     server = MeshcaServer(config)
     await server.start()

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
 
 from meshca.backends.local import LocalCa, init_local_ca
-from meshca.envoy.mesh import Mesh, Service
+from meshca.envoy.mesh import AccessPolicy, Mesh, Service
 from meshca.issuer import Issuer, X509Svid
 from meshca.issuer.keys import private_key_pem
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
@@ -47,6 +48,7 @@ SERVER_NAME = "localhost"
 # A client that never reads: no window growth, so the server's writes to it block early.
 NO_WINDOW_GROWTH = (("grpc.http2.bdp_probe", 0),)
 TIMEOUT = 10.0
+CLIENT_TTL = timedelta(days=2)  # a bootstrap certificate longer-lived than served SVIDs
 
 DEFAULT_SERVICES = (
     Service(
@@ -63,6 +65,10 @@ def k8s(namespace: str, account: str) -> SpiffeId:
     return SpiffeId.from_kubernetes(namespace, account, TRUST_DOMAIN)
 
 
+# bookbuyer may call bookstore (so it may learn who serves it), and nothing else is allowed
+DEFAULT_POLICIES = (AccessPolicy("bookstore/bookstore", (k8s("bookbuyer", "bookbuyer"),)),)
+
+
 @dataclass
 class MeshRef:
     """The current mesh, swappable under a running servicer."""
@@ -71,6 +77,9 @@ class MeshRef:
 
     def service_identities(self, namespace: str, service: str) -> tuple[SpiffeId, ...] | None:
         return self.mesh.service_identities(namespace, service)
+
+    def may_reach(self, caller: SpiffeId, namespace: str, service: str) -> bool:
+        return self.mesh.may_reach(caller, namespace, service)
 
 
 @dataclass
@@ -103,8 +112,10 @@ class SdsHarness:
         self._channels.append(channel)
         return channel
 
-    def client_svid(self, identity: SpiffeId) -> X509Svid:
-        return self.issuer.issue(identity)
+    def client_svid(self, identity: SpiffeId, ttl: timedelta = CLIENT_TTL) -> X509Svid:
+        """A client certificate for ``identity``; it outlives what the server issues (24 h),
+        whose SVIDs never outlive the certificate that asks for them."""
+        return self.issuer.issue(identity, ttl=ttl)
 
     def mtls_channel(
         self,
@@ -160,6 +171,7 @@ async def sds_harness(
     tmp_path: Path,
     *,
     services: Sequence[Service] = DEFAULT_SERVICES,
+    policies: Sequence[AccessPolicy] = DEFAULT_POLICIES,
     uid_identities: Mapping[int, Sequence[SpiffeId]] | None = None,
     uds: bool = False,
     ads_sources: Sequence[ResourceSource] = (),
@@ -188,8 +200,10 @@ async def sds_harness(
             peer_creds=door.peer_creds if door is not None else None,
             uid_identities=uid_identities,
         )
-        mesh_ref = MeshRef(Mesh(TRUST_DOMAIN, services=tuple(services)))
-        servicer = SecretDiscoveryServicer(store, authenticator, mesh_ref.service_identities)
+        mesh_ref = MeshRef(Mesh(TRUST_DOMAIN, services=tuple(services), policies=tuple(policies)))
+        servicer = SecretDiscoveryServicer(
+            store, authenticator, mesh_ref.service_identities, may_reach=mesh_ref.may_reach
+        )
         cleanup.callback(servicer.close)
         server = grpc.aio.server()
         add_sds_to_server(servicer, server)

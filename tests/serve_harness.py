@@ -83,9 +83,11 @@ def default_config(root: Path, **overrides: Any) -> ServeConfig:
 
 
 def client_svid(
-    server: MeshcaServer, spiffe_id: SpiffeId, ttl: timedelta | None = None
+    server: MeshcaServer, spiffe_id: SpiffeId, ttl: timedelta = timedelta(days=2)
 ) -> X509Svid:
-    """A client certificate from the server's own CA (what ``meshca issue`` would write)."""
+    """A client certificate from the server's own CA (what ``meshca issue --ttl 2d`` would
+    write: longer-lived than the SVIDs served, which never outlive the certificate that
+    asks for them)."""
     return Issuer(server.authority).issue(spiffe_id, ttl=ttl)
 
 
@@ -169,6 +171,14 @@ def meshca(*args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def with_open_files(count: int | None, command: list[str]) -> list[str]:
+    """``command`` run with at most ``count`` open files, soft and hard (``ulimit -n``),
+    set by a shell before it execs (no Python runs between fork and exec)."""
+    if count is None:
+        return command
+    return ["/bin/sh", "-c", 'ulimit -n "$0" && exec "$@"', str(count), *command]
+
+
 @contextlib.contextmanager
 def serving(
     root: Path,
@@ -176,15 +186,19 @@ def serving(
     *args: str,
     name: str = "meshca",
     env: dict[str, str] | None = None,
+    open_files: int | None = None,
 ) -> Iterator[ServeProcess]:
     """``meshca serve --uds <root>/<name>.sock ARGS`` (in ``env``, else a clean
-    environment), until it says it listens (``tcp_port`` is where, with ``--listen``);
-    stopped by PID (SIGTERM) on the way out."""
+    environment; ``open_files``: its ``ulimit -n``), until it says it listens
+    (``tcp_port`` is where, with ``--listen``); stopped by PID (SIGTERM) on the way out."""
     uds = root / f"{name}.sock"
     stdout, stderr = root / f"{name}.out", root / f"{name}.log"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(
-            [*MESHCA, "serve", "--data-dir", str(data_dir), "--uds", str(uds), *args],
+            with_open_files(
+                open_files,
+                [*MESHCA, "serve", "--data-dir", str(data_dir), "--uds", str(uds), *args],
+            ),
             stdout=out,
             stderr=err,
             stdin=subprocess.DEVNULL,

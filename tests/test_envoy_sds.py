@@ -53,6 +53,7 @@ BUYER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/buyer")
 INTRUDER = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/intruder")
 LEAF_TTL = "8s"
 MESH = """
+access: {mode: permissive}  # every identity may call (and so validate) every service
 services:
   - name: web
     namespace: shop

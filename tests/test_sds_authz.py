@@ -187,14 +187,19 @@ async def test_nodes_consistent_with_the_caller_are_served(h: SdsHarness, node_i
     assert "default" in secrets_of(response)
 
 
-async def test_validation_contexts_are_public_to_authenticated_callers(h: SdsHarness) -> None:
+async def test_bundles_are_public_and_a_services_identities_go_to_its_callers(
+    h: SdsHarness,
+) -> None:
     stub = h.stub(h.mtls_channel(A))
     names = ["root-cert-for-mtls-inbound:bookstore/bookstore-v1", "spiffe://cluster.local"]
-    names.append("root-cert-for-mtls-outbound:bookbuyer/bookbuyer")
+    names.append("root-cert-for-mtls-outbound:bookstore/bookstore")  # a policy allows A
     response = await stub.FetchSecrets(sotw(names), timeout=10)
     secrets = secrets_of(response)
     assert set(secrets) == set(names)
     assert all(not s.HasField("tls_certificate") for s in secrets.values())
+    # no policy lets A call bookbuyer: who serves it is not A's to know
+    result = await call(stub, "fetch", ["root-cert-for-mtls-outbound:bookbuyer/bookbuyer"])
+    assert_refused(result, grpc.StatusCode.PERMISSION_DENIED, "may not call service")
 
 
 @pytest.mark.parametrize("rpc", RPCS)

@@ -22,6 +22,7 @@ from meshca.issuer import IssuerError
 from meshca.xds.engine import Resource, ResourceError
 from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE
 from tests.sds_harness import (
+    DEFAULT_POLICIES,
     NO_WINDOW_GROWTH,
     TRUST_DOMAIN,
     SdsHarness,
@@ -266,6 +267,7 @@ async def test_mesh_reload_pushes_changed_validation_contexts(h: SdsHarness) -> 
                     service_accounts=("bookstore-v3",),
                 ),
             ),
+            policies=DEFAULT_POLICIES,
         )
     )
     second = await stream.recv()

@@ -44,6 +44,7 @@ def _lazy(module: str, name: str) -> Callable[[str], Any]:
 
 
 _SERVE = "meshca.serve.config"
+parse_count = _lazy(_SERVE, "parse_count")
 parse_delay = _lazy(_SERVE, "parse_delay")
 parse_dns_names = _lazy(_SERVE, "parse_dns_names")
 parse_fraction = _lazy(_SERVE, "parse_fraction")
@@ -361,6 +362,51 @@ OPTIONS: tuple[Option, ...] = (
         "present no client certificate, such as the kubelet's; port 0 picks one)",
         ("serve",),
         metavar="HOST:PORT",
+    ),
+    # limits on what callers can make meshca serve hold (docs/serve.md, "Limits")
+    Option(
+        "max_connections",
+        parse_count,
+        "1024",
+        "most TCP (mutual TLS) connections at once; also at most a quarter of the open-file "
+        "limit. Connections beyond it are closed at once",
+        ("serve",),
+        metavar="N",
+    ),
+    Option(
+        "max_connection_age",
+        parse_duration,
+        "1h",
+        "a connection is closed after this long (open streams get 1 minute to move to a "
+        "new one), so the client certificate is checked again at least this often",
+        ("serve",),
+        metavar="D",
+    ),
+    Option(
+        "uds_max_connections_per_uid",
+        parse_count,
+        "64",
+        "most Unix-socket connections one uid may hold open",
+        ("serve",),
+        metavar="N",
+    ),
+    Option(
+        "max_streams_per_caller",
+        parse_count,
+        "1000",
+        "most SDS and ADS streams one caller (an mTLS identity, a Unix-socket uid) may hold "
+        "open; more are refused with RESOURCE_EXHAUSTED",
+        ("serve",),
+        metavar="N",
+    ),
+    Option(
+        "max_names_per_caller",
+        parse_count,
+        "10000",
+        "most resource names one caller may watch over all its streams (and ask for in one "
+        "request); more are refused with RESOURCE_EXHAUSTED",
+        ("serve",),
+        metavar="N",
     ),
     # signing-CA rotation (docs/rotation.md)
     Option(

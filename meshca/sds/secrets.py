@@ -3,8 +3,9 @@
 This is the engine's resource source for the Secret type, and where authorization
 happens: a TlsCertificate (which carries a private key) is built only for one of the
 caller's own identities; anything else is PERMISSION_DENIED, never silently answered
-with the caller's own certificate. Validation contexts hold public material and are
-served to any authenticated caller.
+with the caller's own certificate. Validation contexts hold public material; the one of
+a service (the identities behind it) is served only to callers the mesh policy lets
+call that service, the bundle to any authenticated caller.
 
 It also keeps the store informed (retain/release per stream, so unused identities can
 be dropped) and wakes exactly the streams a store event affects.
@@ -24,6 +25,7 @@ from envoy.type.matcher.v3 import string_pb2
 
 from meshca.issuer import IssuerError, TrustBundle, X509Svid
 from meshca.issuer.errors import BACKEND_UNAVAILABLE
+from meshca.sds.bounded import BoundedSvids
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
 from meshca.xds.auth import Caller, Forbidden, own_identity
@@ -40,6 +42,7 @@ from meshca.xds.resources import (
 )
 
 ServiceIdentities = Callable[[str, str], tuple[SpiffeId, ...] | None]
+MayReach = Callable[[SpiffeId, str, str], bool]  # (caller identity, namespace, service)
 
 log = logging.getLogger("meshca.sds")
 
@@ -90,10 +93,18 @@ class SecretSource:
     type_url = SECRET_TYPE
     wildcard = False
 
-    def __init__(self, store: SecretStore, service_identities: ServiceIdentities) -> None:
+    def __init__(
+        self,
+        store: SecretStore,
+        service_identities: ServiceIdentities,
+        may_reach: MayReach | None = None,
+    ) -> None:
         self.store = store
         self.trust_domain = store.issuer.trust_domain
         self.service_identities = service_identities
+        # Whether an identity may call a service (the mesh policy): the identities behind
+        # a service are told only to callers that may call it. None: every caller may.
+        self.may_reach = may_reach
         self._watches: dict[int, _Watch] = {}
         self._cert_watchers: dict[SpiffeId, set[int]] = {}
         self._bundle_watchers: set[int] = set()
@@ -102,6 +113,7 @@ class SecretSource:
         self._requests: dict[str, SecretRequest] = {}
         # name -> {identity for 'default' (else None): (inputs, Resource)}
         self._cache: dict[str, dict[SpiffeId | None, tuple[tuple[object, ...], Resource]]] = {}
+        self.bounded = BoundedSvids(store)
         self._unsubscribe = store.subscribe(self._on_store_event)
 
     def close(self) -> None:
@@ -134,7 +146,7 @@ class SecretSource:
                 return await self._certificate(caller, node, request)
             if isinstance(request, BundleRequest):
                 return self._bundle(request)
-            return self._outbound(request)
+            return self._outbound(caller, request)
         except Forbidden as exc:
             return ResourceError(grpc.StatusCode.PERMISSION_DENIED, str(exc))
 
@@ -155,8 +167,8 @@ class SecretSource:
         self, caller: Caller, node: Any, request: CertificateRequest
     ) -> Resource | ResourceError:
         identity = self.authorized_identity(caller, node, request)
-        try:
-            svid = await self.store.svid(identity)
+        try:  # never outliving the caller's own certificate (meshca.sds.bounded)
+            svid = await self.bounded.svid(caller, identity)
         except IssuerError as exc:
             # The detail (a Vault address, a refusal's wording) is for the operator only.
             log.warning("cannot issue a certificate for %s: %s", identity, exc)
@@ -181,7 +193,9 @@ class SecretSource:
             request.name, None, (bundle,), lambda: validation_context_secret(request.name, bundle)
         )
 
-    def _outbound(self, request: OutboundValidationRequest) -> Resource | ResourceError:
+    def _outbound(
+        self, caller: Caller, request: OutboundValidationRequest
+    ) -> Resource | ResourceError:
         service = f"{request.namespace}/{request.service}"
         peers = self.service_identities(request.namespace, request.service)
         if peers is None:
@@ -194,6 +208,15 @@ class SecretSource:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"secret name {request.name!r}: service {service} lists no service accounts; "
                 "refusing a validation context that would accept any identity",
+            )
+        if self.may_reach is not None and not any(
+            self.may_reach(identity, request.namespace, request.service)
+            for identity in caller.identities
+        ):
+            return ResourceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"secret name {request.name!r}: caller {caller} may not call service {service} "
+                "(mesh access policy), so it is not told who serves it",
             )
         bundle = self.store.bundle()
         return self._cached(

@@ -15,11 +15,13 @@ import grpc
 import grpc.aio
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from meshca.sds.secrets import SecretSource
+from meshca.sds.secrets import MayReach, SecretSource
 from meshca.spiffe import SpiffeId
-from meshca.store import SecretStore
+from meshca.store import BundleChanged, SecretStore, StoreEvent
 from meshca.xds.auth import Caller, CallerAuthenticator, Context, authenticate_or_abort
+from meshca.xds.credentials import CredentialWatch
 from meshca.xds.engine import XdsEngine
+from meshca.xds.limits import CallerLimits
 from meshca.xds.resources import SECRET_TYPE
 from meshca.xds.stats import XdsStats
 
@@ -35,12 +37,17 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         authenticator: CallerAuthenticator,
         service_identities: Callable[[str, str], tuple[SpiffeId, ...] | None],
         stats: XdsStats | None = None,
+        limits: CallerLimits | None = None,
+        may_reach: MayReach | None = None,
     ) -> None:
         self.store = store
         self.authenticator = authenticator
         self.stats = stats or XdsStats()
-        self.secrets = SecretSource(store, service_identities)
-        self.engine = XdsEngine([self.secrets], self.stats)
+        self.secrets = SecretSource(store, service_identities, may_reach)
+        self.engine = XdsEngine([self.secrets], self.stats, limits=limits)
+        # ends a stream whose client certificate expires or leaves the bundle's trust
+        self.credentials = CredentialWatch(store.bundle)
+        self._unsubscribe = store.subscribe(self._on_store_event)
 
     def resources_changed(self) -> None:
         """An input other than the store changed (the mesh file): recompute every stream."""
@@ -49,17 +56,30 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
     def close(self) -> None:
         """Stop listening to the store (the server is shutting down)."""
         self.secrets.close()
+        self._unsubscribe()
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        if isinstance(event, BundleChanged):
+            self.credentials.bundle_changed()
 
     async def _authenticate(self, context: Context) -> Caller:
         return await authenticate_or_abort(self.authenticator, self.stats, context)
 
     async def StreamSecrets(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
         caller = await self._authenticate(context)
-        await self.engine.run_sotw(caller, request_iterator, context, default_type_url=SECRET_TYPE)
+        await self.credentials.serve(
+            caller,
+            self.engine.run_sotw(caller, request_iterator, context, default_type_url=SECRET_TYPE),
+            context,
+        )
 
     async def DeltaSecrets(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
         caller = await self._authenticate(context)
-        await self.engine.run_delta(caller, request_iterator, context, default_type_url=SECRET_TYPE)
+        await self.credentials.serve(
+            caller,
+            self.engine.run_delta(caller, request_iterator, context, default_type_url=SECRET_TYPE),
+            context,
+        )
 
     async def FetchSecrets(self, request: Any, context: Context) -> Any:
         caller = await self._authenticate(context)

@@ -49,6 +49,7 @@ from meshca.xds.engine import (
     StreamRefused,
     XdsEngine,
 )
+from meshca.xds.limits import CallerLimits
 from meshca.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -194,12 +195,17 @@ class MeshAds:
     """The ADS engine over a changing mesh; ``mesh_changed`` after each reload."""
 
     def __init__(
-        self, mesh: Callable[[], Mesh], secrets: SecretSource, stats: XdsStats | None = None
+        self,
+        mesh: Callable[[], Mesh],
+        secrets: SecretSource,
+        stats: XdsStats | None = None,
+        limits: CallerLimits | None = None,
     ) -> None:
         self.snapshots = ProxySnapshots(mesh)
         self.engine = XdsEngine(
             ads_sources(self.snapshots, secrets),
             stats,
+            limits=limits,
             absent_types=(*GENERATED_TYPES, SECRET_TYPE),
         )
 

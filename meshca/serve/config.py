@@ -25,7 +25,22 @@ DEFAULT_IDLE_TTL = timedelta(minutes=10)
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEALTH_INTERVAL = 5.0
 DEFAULT_BACKEND_POLL_INTERVAL = 60.0
+# Connections (docs/serve.md, "Limits"): a connection is re-established at least this
+# often, so the certificate that opened it is checked again; open streams get the grace
+# to move to the new connection.
+DEFAULT_MAX_CONNECTION_AGE = timedelta(hours=1)
+DEFAULT_CONNECTION_AGE_GRACE = timedelta(minutes=1)
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0  # seconds a TCP connection may take to complete TLS
+DEFAULT_MAX_CONNECTIONS = 1024  # TCP connections at once (also bounded by the fd limit)
+DEFAULT_UDS_MAX_CONNECTIONS_PER_UID = 64
+DEFAULT_MAX_STREAMS_PER_CALLER = 1000
+DEFAULT_MAX_NAMES_PER_CALLER = 10_000
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# The kernel reports these uids for callers it cannot map (a user namespace's overflow
+# uid, 65534 by default, and the 16- and 32-bit "no uid" values): mapping one would give
+# every such caller that identity.
+UNMAPPABLE_UIDS = frozenset({65534, 65535, 2**32 - 1})
+MAX_UID = 2**32 - 2
 
 
 class ServeError(IssuerError):
@@ -73,6 +88,14 @@ class ServeConfig:
     attest_listen: tuple[str, int] | None = None  # TLS without client certificates
     agent_ttl: timedelta = timedelta(hours=1)  # agent SVIDs' lifetime
     agent_max_age: timedelta = timedelta(days=30)  # renewals end; the agent attests again
+    # limits on what callers can make the server hold (docs/serve.md, "Limits")
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE
+    connection_age_grace: timedelta = DEFAULT_CONNECTION_AGE_GRACE
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    uds_max_connections_per_uid: int = DEFAULT_UDS_MAX_CONNECTIONS_PER_UID
+    max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
+    max_names_per_caller: int = DEFAULT_MAX_NAMES_PER_CALLER
 
     def __post_init__(self) -> None:
         if self.listen is None and self.uds is None:
@@ -112,6 +135,17 @@ def parse_listen(text: str) -> tuple[str, int]:
         return server.host, 0
     server = parse_host_port(text)
     return server.host, server.port
+
+
+def parse_count(text: str) -> int:
+    """A positive whole number (a limit)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 10**9:
+        raise ValueError(f"{text!r} is not between 1 and 1000000000")
+    return value
 
 
 def parse_fraction(text: str) -> float:
@@ -164,6 +198,13 @@ def parse_uds_identities(text: str) -> dict[int, tuple[SpiffeId, ...]]:
         except SpiffeIdError as exc:
             raise ValueError(f"{item!r}: {exc}") from None
         uid = int(uid_text)
+        if uid in UNMAPPABLE_UIDS:
+            raise ValueError(
+                f"{item!r}: uid {uid} is the overflow uid (or -1) that the kernel reports for "
+                "callers it cannot map (e.g. from another user namespace); map a uid of its own"
+            )
+        if uid > MAX_UID:
+            raise ValueError(f"{item!r}: uid {uid} is not a valid uid (at most {MAX_UID})")
         if spiffe_id not in mapping.get(uid, ()):
             mapping[uid] = (*mapping.get(uid, ()), spiffe_id)
     if not mapping:

@@ -38,6 +38,7 @@ from meshca.serve.bundle_poll import bundle_poll
 from meshca.serve.config import ServeConfig, ServeError
 from meshca.serve.engine_acks import EveryStream
 from meshca.serve.health import HealthMonitor, start_health_listener
+from meshca.serve.listeners import grpc_server_options, quiet_loop_errors, raise_open_file_limit
 from meshca.serve.mesh_reload import MeshFile
 from meshca.serve.metrics import Metrics, MetricsServer
 from meshca.serve.rotation import RotationOptions, RotationService, open_rotation
@@ -55,6 +56,7 @@ from meshca.util.formats import serial_hex
 from meshca.util.netaddr import format_address
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
+from meshca.xds.limits import CallerLimits
 from meshca.xds.server_options import XDS_SERVER_OPTIONS
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
@@ -86,9 +88,13 @@ class MeshcaServer:
         self.stats = XdsStats()
         self.front_door = self._new_front_door()
         self.authenticator = self._new_authenticator()
+        # One budget per caller over SDS and ADS together (docs/serve.md, "Limits").
+        self.limits = CallerLimits(config.max_streams_per_caller, config.max_names_per_caller)
         self.servicer = self._new_sds()
-        self.ads = MeshAds(lambda: self._mesh, self.servicer.secrets, self.stats)
-        self.ads_servicer = AggregatedDiscoveryServicer(self.ads.engine, self.authenticator)
+        self.ads = MeshAds(lambda: self._mesh, self.servicer.secrets, self.stats, self.limits)
+        self.ads_servicer = AggregatedDiscoveryServicer(
+            self.ads.engine, self.authenticator, self.servicer.credentials
+        )
         self.rotation = self._new_rotation()
         self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
             self.backend, self.store, self.rotation, interval=config.backend_poll_interval
@@ -163,19 +169,32 @@ class MeshcaServer:
         if config.uds is None:
             return None
         mode = DEFAULT_SOCKET_MODE if config.uds_mode is None else config.uds_mode
-        return UdsFrontDoor(config.uds, mode=mode, private_dir=config.uds_private_dir)
+        mapped = frozenset(config.uds_identities)
+        return UdsFrontDoor(
+            config.uds,
+            mode=mode,
+            private_dir=config.uds_private_dir,
+            max_per_uid=config.uds_max_connections_per_uid,
+            admits=mapped.__contains__,  # unmapped uids are closed at once
+        )
 
     def _new_authenticator(self) -> CallerAuthenticator:
         return CallerAuthenticator(
             self.trust_domain,
             peer_creds=self.front_door.peer_creds if self.front_door else None,
             uid_identities=dict(self.config.uds_identities),
+            bundle=lambda: self.store.bundle(),  # client certificates must chain to it now
         )
 
     def _new_sds(self) -> SecretDiscoveryServicer:
         # ADS serves the same Secret source (self.servicer.secrets), for one mesh.
         return SecretDiscoveryServicer(
-            self.store, self.authenticator, self._service_identities, self.stats
+            self.store,
+            self.authenticator,
+            self._service_identities,
+            self.stats,
+            self.limits,
+            may_reach=self._may_reach,
         )
 
     def _new_rotation(self) -> RotationService | None:
@@ -265,6 +284,9 @@ class MeshcaServer:
     def _service_identities(self, namespace: str, service: str) -> tuple[SpiffeId, ...] | None:
         return self._mesh.service_identities(namespace, service)
 
+    def _may_reach(self, caller: SpiffeId, namespace: str, service: str) -> bool:
+        return self._mesh.may_reach(caller, namespace, service)
+
     def _mesh_changed(self, mesh: Mesh) -> None:
         self._mesh = mesh
         self.servicer.resources_changed()
@@ -297,7 +319,11 @@ class MeshcaServer:
                 loop.call_soon_threadsafe(self.store.retry_failing_now)
 
             self._stop_recovery = self.backend.health.on_recovery(recovered)
-        server = grpc.aio.server(options=XDS_SERVER_OPTIONS)
+        quiet_loop_errors(asyncio.get_running_loop())
+        files = raise_open_file_limit()
+        if self.front_door is not None:
+            self.front_door.max_connections = min(self.front_door.max_connections, files // 8)
+        server = grpc.aio.server(options=[*XDS_SERVER_OPTIONS, *grpc_server_options(config, files)])
         add_sds_to_server(self.servicer, server)
         add_ads_to_server(self.ads_servicer, server)
         add_agent_ca_to_server(self.agent_ca, server)

@@ -23,24 +23,30 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 from cryptography import x509
 
-from meshca.issuer.errors import SvidError
+from meshca.issuer.bundle import TrustBundle
+from meshca.issuer.errors import ChainError, KeyTypeError, SvidError
+from meshca.issuer.keys import key_type_of
 from meshca.issuer.svid import spiffe_id_of
+from meshca.issuer.verify import verify_chain
 from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain
-from meshca.util.logs import bind
+from meshca.util.logs import Throttle, bind, suppressed_note
 from meshca.xds.stats import XdsStats
 
 log = logging.getLogger("meshca.sds")  # refused calls keep the logger name they had
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _request_ids = itertools.count(1)
+WARNING_INTERVAL = 10.0  # seconds between repeated warnings about one caller or host
+_auth_warnings = Throttle(WARNING_INTERVAL)  # refused calls: one warning per peer host
 
 MTLS = "mtls"
 UDS = "uds"
@@ -99,6 +105,10 @@ class Caller:
     index: IdentitySet | None = field(default=None, repr=False, compare=False)
     node: Any = field(default=None, repr=False, compare=False)
     node_matches: tuple[SpiffeId, ...] | None = field(default=None, repr=False, compare=False)
+    uid: int | None = None  # Unix socket: the kernel's word for who is calling
+    # mutual TLS: the client certificate chain (leaf first) that authenticated the call;
+    # what the caller obtains never outlives it (meshca.sds.bounded, meshca.xds.credentials)
+    chain: tuple[x509.Certificate, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.index is None or self.index.ordered is not self.identities:
@@ -111,6 +121,19 @@ class Caller:
 
     def may_hold(self, spiffe_id: SpiffeId) -> bool:
         return spiffe_id in self.identity_set.members
+
+    @property
+    def not_after(self) -> datetime | None:
+        """When the credential that authenticated the call expires (None: a Unix-socket
+        caller, authenticated afresh by the kernel on every connection)."""
+        return self.chain[0].not_valid_after_utc if self.chain else None
+
+    @property
+    def account(self) -> str:
+        """Whom per-caller limits count against: the uid, or the certificate's identity."""
+        if self.uid is not None:
+            return f"uid {self.uid}"
+        return self.describe_identities()
 
     def with_node(self, node: Any) -> Caller:
         """This caller bound to its stream's ``node`` once that node was checked;
@@ -154,8 +177,10 @@ class CallerAuthenticator:
         trust_domain: TrustDomain,
         peer_creds: PeerCredLookup | None = None,
         uid_identities: Mapping[int, Sequence[SpiffeId]] | None = None,
+        bundle: Callable[[], TrustBundle] | None = None,
     ) -> None:
         self.trust_domain = trust_domain
+        self.bundle = bundle  # the current trust bundle a client certificate must chain to
         self.peer_creds = peer_creds
         self.uid_identities: dict[int, tuple[SpiffeId, ...]] = {}
         for uid, identities in (uid_identities or {}).items():
@@ -180,14 +205,24 @@ class CallerAuthenticator:
         identities = self.uid_identities.get(cred.uid)
         if not identities:
             raise AuthError(f"Unix-socket caller {described} is not mapped to any identity")
-        return Caller(identities, UDS, described, self._uid_index[cred.uid])
+        return Caller(identities, UDS, described, self._uid_index[cred.uid], uid=cred.uid)
 
     def _tls_caller(self, context: grpc.aio.ServicerContext[Any, Any], peer: str) -> Caller:
-        pems = list(context.auth_context().get("x509_pem_cert", ()))
+        auth = context.auth_context()
+        pems = list(auth.get("x509_pem_cert", ()))
         if not pems:
             raise AuthError(f"caller {peer} presented no client certificate")
         try:
-            spiffe_id = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+            leaf = x509.load_pem_x509_certificate(pems[0])
+            presented = b"".join(auth.get("x509_pem_cert_chain", ()))
+            above = x509.load_pem_x509_certificates(presented) if presented.strip() else []
+            chain = (leaf, *(c for c in above if c != leaf))
+            spiffe_id = spiffe_id_of(leaf)
+            key_type_of(leaf.public_key())  # the key policy CSRs are held to
+        except KeyTypeError as exc:
+            raise AuthError(
+                f"caller {peer}: client certificate refused by the key policy: {exc}"
+            ) from None
         except (SvidError, ValueError) as exc:
             raise AuthError(
                 f"caller {peer}: client certificate is not an X.509-SVID: {exc}"
@@ -198,7 +233,27 @@ class CallerAuthenticator:
             )
         if spiffe_id.is_agent:  # an agent SVID is for the CSR API, never a workload's key
             raise AuthError(f"caller {peer}: {spiffe_id} is an agent SVID, not a workload's")
-        return Caller((spiffe_id,), MTLS, peer)
+        caller = Caller((spiffe_id,), MTLS, peer, chain=chain)
+        if self.bundle is not None:
+            problem = credential_problem(caller, self.bundle(), datetime.now(UTC))
+            if problem is not None:
+                raise AuthError(f"caller {peer}: {problem}")
+        return caller
+
+
+def credential_problem(caller: Caller, bundle: TrustBundle, now: datetime) -> str | None:
+    """Why ``caller``'s client certificate does not authenticate it now (expired, or no
+    longer chaining to ``bundle`` after a root rotation); None if it does."""
+    if not caller.chain:
+        return None
+    leaf, *intermediates = caller.chain
+    if now >= leaf.not_valid_after_utc:
+        return f"its client certificate expired at {leaf.not_valid_after_utc.isoformat()}"
+    try:
+        verify_chain(leaf, intermediates, bundle, now=now)
+    except ChainError as exc:
+        return f"its client certificate no longer chains to the trust bundle: {exc}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -314,5 +369,14 @@ async def authenticate_or_abort(
         return caller
     except AuthError as exc:
         stats.auth_failures += 1
-        log.warning("refused an xDS call: %s", exc)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        message = bounded_text(str(exc), 1024)
+        held_back = _auth_warnings.allow(_peer_host(context.peer() or ""))
+        if held_back is not None:
+            log.warning("refused an xDS call: %s%s", message, suppressed_note(held_back))
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.1:5555`` -> ``ipv4:10.0.0.1``: repeated failures of one host count
+    as one, whatever port each connection came from."""
+    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer

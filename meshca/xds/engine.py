@@ -63,15 +63,17 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from meshca.util.aio import wait_event
-from meshca.xds.auth import Caller, Forbidden, bounded_text
+from meshca.util.logs import Throttle, shorten, suppressed_note
+from meshca.xds.auth import WARNING_INTERVAL, Caller, Forbidden, bounded_text
+from meshca.xds.limits import CallerLimits
 from meshca.xds.resources import TYPE_PREFIX, content_version, set_version
 from meshca.xds.stats import XdsStats
 
 log = logging.getLogger("meshca.xds")
 
 WILDCARD = "*"
-DEFAULT_MAX_NAMES = 10_000
 INBOX_SIZE = 64
+MAX_MESSAGE = 1024  # characters of a refusal message (it can echo what the caller sent)
 # Stream ids are unique in the process, so one source can serve several engines (SDS, ADS).
 _stream_ids = itertools.count(1)
 
@@ -319,15 +321,19 @@ class _Stream:
 
     async def _refuse(self, refusal: StreamRefused) -> None:
         self.engine.stats.refusals[refusal.code.name] += 1
-        log.warning(
-            "%s stream %d refused (%s): caller %s: %s",
-            self.kind,
-            self.id,
-            refusal.code.name,
-            self.caller,
-            refusal.message,
-        )
-        await self.context.abort(refusal.code, refusal.message)
+        message = shorten(refusal.message, MAX_MESSAGE)
+        held_back = self.engine.warnings.allow((self.caller.account, refusal.code))
+        if held_back is not None:
+            log.warning(
+                "%s stream %d refused (%s): caller %s: %s%s",
+                self.kind,
+                self.id,
+                refusal.code.name,
+                self.caller,
+                message,
+                suppressed_note(held_back),
+            )
+        await self.context.abort(refusal.code, message)
 
     # --- request handling shared by both variants ---------------------------------
     def _accept_node(self, request: Any, names: Iterable[str]) -> None:
@@ -358,16 +364,19 @@ class _Stream:
         if request.HasField("error_detail"):
             state.nacked = True
             stats.nacks[type_url] += 1
-            log.warning(
-                "%s stream %d: caller %s rejected version %s of %s (nonce %s): %s",
-                self.kind,
-                self.id,
-                self.caller,
-                state.sent_version,
-                type_url,
-                state.nonce,
-                request.error_detail.message or f"code {request.error_detail.code}",
-            )
+            held_back = self.engine.warnings.allow((self.caller.account, "nack", type_url))
+            if held_back is not None:
+                log.warning(
+                    "%s stream %d: caller %s rejected version %s of %s (nonce %s): %s%s",
+                    self.kind,
+                    self.id,
+                    self.caller,
+                    state.sent_version,
+                    type_url,
+                    state.nonce,
+                    shorten(request.error_detail.message or f"code {request.error_detail.code}"),
+                    suppressed_note(held_back),
+                )
         else:
             state.nacked = False
             state.acked_version = state.sent_version
@@ -375,13 +384,12 @@ class _Stream:
             stats.ack_latency.record(time.monotonic() - state.sent_at)
 
     def _subscribe(self, type_url: str, state: _TypeState, names: frozenset[str] | None) -> None:
-        if names is not None and len(names) > self.engine.max_names:
-            raise StreamRefused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(names)} resource names on one stream; at most {self.engine.max_names}",
-            )
         if names == state.names:
             return
+        count = len(names) if names is not None else 0  # a wildcard's size is the mesh's
+        problem = self.engine.limits.watch(self.caller, self.id, type_url, count)
+        if problem is not None:
+            raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         added = names - state.names if names is not None and state.names is not None else set()
         state.unserved = (state.unserved | added) & names if names is not None else set()
         state.names = names
@@ -576,7 +584,7 @@ class XdsEngine:
         sources: Sequence[ResourceSource],
         stats: XdsStats | None = None,
         *,
-        max_names: int = DEFAULT_MAX_NAMES,
+        limits: CallerLimits | None = None,
         absent_types: Iterable[str] = (),
     ) -> None:
         self.sources: dict[str, ResourceSource] = {s.type_url: s for s in sources}
@@ -586,7 +594,9 @@ class XdsEngine:
             raise ValueError(f"absent_types names types that are not served: {unknown}")
         self._type_order = [s.type_url for s in sources]  # ADS: make before break
         self.stats = stats or XdsStats()
-        self.max_names = max_names
+        self.limits = limits or CallerLimits()  # shared by the engines of one server
+        # one warning per caller and kind per interval; the rest are counted in the next
+        self.warnings = Throttle(WARNING_INTERVAL)
         self._streams: dict[int, _Stream] = {}
         self._unsettled: set[int] = set()
         self._all_settled = asyncio.Event()
@@ -638,20 +648,26 @@ class XdsEngine:
                 raise StreamRefused(
                     grpc.StatusCode.INVALID_ARGUMENT, "name the resources to fetch (resource_names)"
                 )
-            if len(names) > self.max_names:
-                raise StreamRefused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_names} names"
-                )
+            problem = self.limits.request(len(names))
+            if problem is not None:
+                raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
             resolution = await source.resolve(
                 caller, node, None if source.wildcard and not names else names
             )
             self._refuse_first(type_url, resolution.values())
         except StreamRefused as refusal:
             self.stats.refusals[refusal.code.name] += 1
-            log.warning(
-                "fetch refused (%s): caller %s: %s", refusal.code.name, caller, refusal.message
-            )
-            await context.abort(refusal.code, refusal.message)
+            message = shorten(refusal.message, MAX_MESSAGE)
+            held_back = self.warnings.allow((caller.account, refusal.code))
+            if held_back is not None:
+                log.warning(
+                    "fetch refused (%s): caller %s: %s%s",
+                    refusal.code.name,
+                    caller,
+                    message,
+                    suppressed_note(held_back),
+                )
+            await context.abort(refusal.code, message)
         current = {n: r for n, r in resolution.items() if isinstance(r, Resource)}
         return discovery_pb2.DiscoveryResponse(
             version_info=set_version({n: r.version for n, r in current.items()}),
@@ -673,7 +689,18 @@ class XdsEngine:
             error = min(errors, key=lambda e: _CODE_PRIORITY.get(e.code, 9))
             raise StreamRefused(error.code, error.message)
 
+    @property
+    def max_names(self) -> int:
+        return self.limits.max_names
+
+    @max_names.setter
+    def max_names(self, value: int) -> None:
+        self.limits.max_names = value
+
     async def _run(self, stream: _Stream, requests: AsyncIterator[Any]) -> None:
+        problem = self.limits.open_stream(stream.caller)
+        if problem is not None:
+            await stream._refuse(StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, problem))
         self._streams[stream.id] = stream
         self.stats.streams_opened += 1
         log.debug("%s stream %d opened by %s", stream.kind, stream.id, stream.caller)
@@ -684,6 +711,8 @@ class XdsEngine:
         except Exception:
             log.exception("%s stream %d from %s failed", stream.kind, stream.id, stream.caller)
             await stream.context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
+        finally:
+            self.limits.close_stream(stream.caller, stream.id)
 
     def _forget(self, stream: _Stream) -> None:
         if self._streams.pop(stream.id, None) is not None:

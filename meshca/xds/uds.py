@@ -9,6 +9,12 @@ peer (``context.peer() == "unix:<path>"``), and :class:`PeerCredTable` maps it b
 the caller. Nobody else can reach the private socket (directory mode), and a socket
 that is not bound reports ``unix:``, which maps to nobody, so the peer string cannot be
 forged by a local process.
+
+Before relaying, the door decides from the credentials alone: a uid the server does not
+admit (``admits``: those mapped to an identity) is closed at once, before any gRPC is
+spoken, and so is a connection past ``max_per_uid`` for its uid, so one member of the
+socket's group cannot take every relay slot. Refusals are logged once per kind per
+interval.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import os
 import socket
 import struct
 import tempfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from meshca.util.files import ensure_private_dir
+from meshca.util.logs import Throttle, suppressed_note
 from meshca.util.unix_socket import UnixSocketError, bind_listening_socket, check_path_length
 from meshca.xds.auth import PeerCred
 
@@ -31,6 +40,8 @@ log = logging.getLogger("meshca.uds")
 
 DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_PER_UID = 64  # one uid cannot take every relay slot
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between warnings about refused connections of a kind
 BACKEND_SOCKET = "grpc.sock"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -121,6 +132,7 @@ class _Relay:
         self.public = _Side(self)
         self.backend = _Side(self)
         self.peer = ""
+        self.uid: int | None = None  # counted against this uid's cap while open
         self.closed = False
         self.task: asyncio.Task[None] | None = None
 
@@ -131,16 +143,28 @@ class _Relay:
         try:
             cred = read_peer_cred(sock)
         except OSError as exc:
-            log.warning("refused a Unix-socket connection: no peer credentials (%s)", exc)
+            self.door._refused(("no-cred",), f"no peer credentials ({exc})")
             transport.close()
             return
+        problem = self.door._admit(cred)
+        if problem is not None:
+            self.door._refused((problem[0], cred.uid), problem[1])
+            transport.close()
+            return
+        self.uid = cred.uid
+        self.door._per_uid[cred.uid] += 1
         self.task = asyncio.get_running_loop().create_task(self._connect(cred))
 
     async def _connect(self, cred: PeerCred) -> None:
         door = self.door
         loop = asyncio.get_running_loop()
         path = door.private_dir / f"c{next(door._counter)}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of file descriptors: refuse this one, keep serving
+            door._refused(("relay",), f"cannot open a relay socket ({exc})")
+            self.close()
+            return
         try:
             sock.setblocking(False)
             sock.bind(str(path))
@@ -154,7 +178,7 @@ class _Relay:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            log.error("cannot relay a Unix-socket connection to the gRPC server: %s", exc)
+            door._refused(("relay",), f"cannot relay it to the gRPC server ({exc})")
             self.close()
             return
         if self.closed:  # the caller left while we were connecting
@@ -178,6 +202,9 @@ class _Relay:
         if not self.closed:
             self.closed = True
             self.door._relays.discard(self)
+        if self.uid is not None:
+            self.door._released(self.uid)
+            self.uid = None
         if self.peer:
             self.door.peer_creds.remove(self.peer)
         for side in (self.public, self.backend):
@@ -206,10 +233,17 @@ class UdsFrontDoor:
         mode: int = DEFAULT_SOCKET_MODE,
         private_dir: Path | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_uid: int = DEFAULT_MAX_PER_UID,
+        admits: Callable[[int], bool] | None = None,
     ) -> None:
         self.public_path = Path(public_path).absolute()
         self.mode = check_socket_mode(mode)
         self.max_connections = max_connections
+        self.max_per_uid = max_per_uid
+        # Which uids may connect at all (those mapped to an identity); None: every uid.
+        self.admits = admits
+        self._per_uid: Counter[int] = Counter()
+        self._warnings = Throttle(REFUSAL_LOG_INTERVAL)
         check_path_length(self.public_path, "socket path")
         self._owns_private_dir = private_dir is None
         self._private_dir = None if private_dir is None else Path(private_dir).absolute()
@@ -252,11 +286,34 @@ class UdsFrontDoor:
         )
         log.info("listening on unix:%s (mode %04o)", self.public_path, self.mode)
 
+    def _admit(self, cred: PeerCred) -> tuple[str, str] | None:
+        """(kind, why) a connection from ``cred`` is closed at once; None to relay it."""
+        if self.admits is not None and not self.admits(cred.uid):
+            return "unmapped", f"uid {cred.uid} (pid {cred.pid}) is not mapped to any identity"
+        if self._per_uid[cred.uid] >= self.max_per_uid:
+            return (
+                "per-uid",
+                f"uid {cred.uid} already holds {self._per_uid[cred.uid]} connections, "
+                f"the most one uid may (uds_max_connections_per_uid)",
+            )
+        return None
+
+    def _released(self, uid: int) -> None:
+        self._per_uid[uid] -= 1
+        if self._per_uid[uid] <= 0:
+            del self._per_uid[uid]
+
+    def _refused(self, key: tuple[object, ...], why: str) -> None:
+        """Log a refused connection, once per kind (and uid) per interval."""
+        held_back = self._warnings.allow(key)
+        if held_back is not None:
+            log.warning("closed a Unix-socket connection: %s%s", why, suppressed_note(held_back))
+
     def _accept(self) -> asyncio.Protocol:
         relay = _Relay(self)
         relay.public = _PublicSide(relay)
         if len(self._relays) >= self.max_connections:
-            log.warning("refused a Unix-socket connection: %d already open", len(self._relays))
+            self._refused(("full",), f"{len(self._relays)} already open")
             relay.closed = True
             relay.public = _Refused(relay)
             return relay.public

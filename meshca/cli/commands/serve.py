@@ -87,6 +87,11 @@ def _serve_config(settings: Settings) -> ServeConfig:
         attest_listen=settings["attest_listen"],
         agent_ttl=settings["agent_ttl"],
         agent_max_age=settings["agent_max_age"],
+        max_connections=settings["max_connections"],
+        max_connection_age=settings["max_connection_age"],
+        uds_max_connections_per_uid=settings["uds_max_connections_per_uid"],
+        max_streams_per_caller=settings["max_streams_per_caller"],
+        max_names_per_caller=settings["max_names_per_caller"],
     )
 
 
