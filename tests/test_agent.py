@@ -156,3 +156,26 @@ async def test_the_agent_follows_ca_and_root_rotations_without_stranding_itself(
         assert bundle is not None and set(bundle.x509_authorities) == set(server.store.bundle())
     finally:
         await asyncio.to_thread(source.close)
+
+
+async def test_a_restarted_agent_resumes_without_a_new_token(running: Running) -> None:
+    """The agent SVID is kept (0600) in the agent's data directory; the token was spent."""
+    first = running.agent.credential.svid
+    assert first is not None
+    saved = running.agent.config.data_dir / "agent"
+    assert {p.name: p.stat().st_mode & 0o777 for p in saved.iterdir()} == {
+        "agent-svid.pem": 0o600,
+        "agent-key.pem": 0o600,
+    }
+    await running.agent.stop()
+    restarted = MeshcaAgent(running.agent.config)  # same token file: already used
+    await restarted.start()
+    try:
+        assert restarted.credential.svid is not None
+        assert restarted.credential.svid.spiffe_id == first.spiffe_id
+        assert restarted.credential.svid.serial != first.serial  # renewed, not re-attested
+        with WorkloadApiClient(running.endpoint) as client:
+            svid = await asyncio.to_thread(client.fetch_x509_svid, 10)
+        assert str(svid.spiffe_id) == str(WORKLOAD)
+    finally:
+        await restarted.stop()
