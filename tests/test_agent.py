@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -179,3 +179,35 @@ async def test_a_restarted_agent_resumes_without_a_new_token(running: Running) -
         assert str(svid.spiffe_id) == str(WORKLOAD)
     finally:
         await restarted.stop()
+
+
+async def test_the_agent_exposes_prometheus_metrics(running: Running) -> None:
+    """Wired as 'meshca agent --metrics-listen' wires it: serve's registry and endpoint."""
+    from meshca.agent.metrics import BACKEND
+    from meshca.serve.metrics import Metrics, MetricsServer
+
+    await running.agent.stop()
+    metrics = Metrics(BACKEND)
+    config = replace(running.agent.config, metrics_listen=("127.0.0.1", 0))
+    agent = MeshcaAgent(config, metrics=metrics, metrics_server=MetricsServer(metrics))
+    await agent.start()
+    try:
+        await agent.store.svid(WORKLOAD)
+        assert agent.metrics_server is not None and agent.metrics_server.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        text = (await reader.read()).decode()
+        writer.close()
+    finally:
+        await agent.stop()
+    assert text.startswith("HTTP/1.1 200")
+    assert 'meshca_certificates_issued_total{backend="agent",result="success"}' in text
+    for name in (
+        "meshca_agent_svid_expiry_timestamp_seconds",
+        "meshca_agent_reattest_by_timestamp_seconds",
+        "meshca_agent_meshca_reachable 1.0",
+        'meshca_agent_streams{api="workload_api"}',
+        "meshca_served_certificates 1.0",
+    ):
+        assert name in text, name

@@ -27,6 +27,7 @@ from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, ServerSta
 from meshca.agent.callers import NodeAuthenticator, SidecarAuthenticator
 from meshca.agent.credential import AgentCredential, AgentError
 from meshca.agent.jwt import JwtSvids
+from meshca.agent.metrics import MetricsEndpoint, MetricsRegistry, register_agent_collector
 from meshca.agent.workload_api import WorkloadApiServicer, add_workload_api_to_server
 from meshca.issuer import Issuer, IssuerError, TrustBundle, TtlPolicy
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
@@ -54,11 +55,18 @@ class AgentConfig:
     socket_mode: int = DEFAULT_SOCKET_MODE
     leaf_ttl: timedelta | None = None  # None: meshca's leaf TTL
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics (plain HTTP)
     private_dir: Path | None = None  # the front door's (tests: a short path)
 
 
 class MeshcaAgent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        metrics: MetricsRegistry | None = None,
+        metrics_server: MetricsEndpoint | None = None,
+    ) -> None:
         self.config = config
         self.client = CaClient(
             config.server,
@@ -68,7 +76,12 @@ class MeshcaAgent:
         )
         self.credential = AgentCredential(self.client, config.data_dir, config.token_file)
         self.authority = RemoteAuthority(self.client, config.leaf_ttl)
-        self.issuer = Issuer(self.authority, TtlPolicy())
+        self.metrics_server = metrics_server
+        self.poll_failures = 0
+        observers = [metrics.observe_issue] if metrics is not None else []
+        self.issuer = Issuer(self.authority, TtlPolicy(), issue_observers=observers)
+        if metrics is not None:
+            register_agent_collector(metrics.registry, self)
         self.store = SecretStore(self.issuer, ttl=config.leaf_ttl)
         self.jwt = JwtSvids(self.client)
         self.front_door = UdsFrontDoor(
@@ -118,6 +131,12 @@ class MeshcaAgent:
         self._server = server
         await self.front_door.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen is not None and self.metrics_server is not None:
+            try:
+                await self.metrics_server.start(*self.config.metrics_listen)
+            except OSError as exc:
+                await self.stop()
+                raise AgentError(f"--metrics-listen: {exc.strerror or exc}") from None
         self._tasks = [
             asyncio.create_task(self.credential.run(), name="agent-svid"),
             asyncio.create_task(self._poll(), name="agent-poll"),
@@ -168,17 +187,16 @@ class MeshcaAgent:
         return svid is None or state.issued(svid)
 
     async def _poll(self) -> None:
-        failures = 0
         while True:
             await asyncio.sleep(self.config.poll_interval)
             try:
                 await self.poll_once()
-                if failures:
-                    log.info("meshca reachable again after %d failed poll(s)", failures)
-                failures = 0
+                if self.poll_failures:
+                    log.info("meshca reachable again after %d failed poll(s)", self.poll_failures)
+                self.poll_failures = 0
             except IssuerError as exc:
-                failures += 1
-                if failures == 1:
+                self.poll_failures += 1
+                if self.poll_failures == 1:
                     log.warning("cannot reach meshca (%s): serving cached SVIDs", exc)
 
     async def stop(self) -> None:
@@ -190,6 +208,8 @@ class MeshcaAgent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         await self.front_door.close()
         if self._server is not None:
             await self._server.stop(0)

@@ -351,7 +351,7 @@ OPTIONS: tuple[Option, ...] = (
         parse_listen,
         None,
         "serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; port 0 picks one)",
-        ("serve",),
+        ("serve", "agent"),
         metavar="HOST:PORT",
     ),
     Option(

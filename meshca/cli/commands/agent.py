@@ -78,15 +78,20 @@ def config_from(settings: Settings) -> AgentConfig:
         socket_mode=settings["socket_mode"],
         leaf_ttl=settings["leaf_ttl"] if settings.is_explicit("leaf_ttl") else None,
         poll_interval=settings["poll_interval"].total_seconds(),
+        metrics_listen=settings["metrics_listen"],
     )
 
 
 def _announce(agent: MeshcaAgent) -> None:
-    print(
+    lines = [
         f"meshca agent {agent.credential.svid.spiffe_id if agent.credential.svid else '-'} "
-        f"serving {agent.serving}\nlistening on unix://{agent.config.socket.absolute()}",
-        flush=True,
-    )
+        f"serving {agent.serving}"
+    ]
+    listen, server = agent.config.metrics_listen, agent.metrics_server
+    if listen is not None and server is not None and server.port is not None:
+        lines.append(f"metrics on http://{format_address(listen[0], server.port)}/metrics")
+    lines.append(f"listening on unix://{agent.config.socket.absolute()}")
+    print("\n".join(lines), flush=True)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -96,8 +101,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings["log_level"], settings["log_format"])
     import asyncio
 
+    from meshca.agent.metrics import BACKEND
     from meshca.agent.runtime import MeshcaAgent
+    from meshca.serve.metrics import Metrics, MetricsServer
 
-    agent = MeshcaAgent(config)
+    metrics = Metrics(BACKEND)
+    agent = MeshcaAgent(config, metrics=metrics, metrics_server=MetricsServer(metrics))
     asyncio.run(agent.run(on_ready=_announce))
     return 0
