@@ -222,7 +222,7 @@ def test_issue_by_namespace_and_service_account_json(
     result = json.loads(out)
     leaf = load_chain(tmp_path / "o/cert.pem")[0]
     assert result["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/cart"
-    assert result["serial"] == f"{leaf.serial_number:x}"
+    assert result["serial"] == f"{leaf.serial_number:032x}"
     assert result["not_after"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(hours=2) + SKEW
     for name in ("cert", "key", "bundle"):
@@ -308,7 +308,7 @@ def test_inspect_describes_the_svid_and_verifies_it(
     assert (code, err) == (0, "")
     assert "SPIFFE ID:   spiffe://cluster.local/ns/a/sa/db" in out
     assert f"SHA-256:     {fingerprint(leaf)}" in out
-    assert f"serial:      {leaf.serial_number:x}" in out
+    assert f"serial:      {leaf.serial_number:032x}" in out
     assert "key type:    ec-p256" in out
     assert "chain:       verifies against the trust bundle" in out
     code, out, _ = run("--data-dir", shared_ca, "inspect", "o/cert.pem", "--json")
