@@ -7,14 +7,17 @@ Every issued SVID is checked by two independent implementations: py-spiffe and
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from tests.cli_harness import (
     meshca_process,
     runner,
 )
+from tests.serve_harness import short_tempdir
 from tests.svid_checks import OPENSSL, openssl_verify
 
 REPO = Path(__file__).resolve().parent.parent
@@ -452,37 +456,83 @@ def test_console_script_and_module_exit_codes(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stderr == ""
 
 
-def test_ctrl_c_exits_130_quietly(tmp_path: Path) -> None:
-    """The process blocks reading its config from a FIFO; SIGINT arrives while it waits."""
-    fifo = tmp_path / "config.fifo"
-    os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        [*MESHCA, "--config", str(fifo), "bundle"],
-        cwd=tmp_path,
-        env=child_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    opened, done = threading.Event(), threading.Event()
+@contextlib.contextmanager
+def silent_admin_socket() -> Iterator[tuple[Path, threading.Event]]:
+    """A data directory whose admin socket takes ``meshca ca status``'s request and never
+    answers (a server busy elsewhere); the event is set once the request has arrived, so
+    the command is then waiting for the answer."""
+    with short_tempdir("mca-int-") as root:
+        data_dir = root / "data"
+        data_dir.mkdir(mode=0o700)
+        received = threading.Event()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(data_dir / "admin.sock"))
+            listener.listen(1)
+            listener.settimeout(60)
 
-    def hold_writer_end() -> None:
-        with open(fifo, "w"):  # returns once meshca has opened the FIFO to read
-            opened.set()
-            done.wait(timeout=60)
+            def take_the_request() -> None:
+                with contextlib.suppress(OSError), listener.accept()[0] as connection:
+                    if connection.recv(65536):
+                        received.set()
+                    connection.recv(1)  # holds the connection open until the client goes
 
-    threading.Thread(target=hold_writer_end, daemon=True).start()
+            threading.Thread(target=take_the_request, daemon=True).start()
+            yield data_dir, received
+
+
+def ca_status(data_dir: Path) -> list[str]:
+    return ["ca", "status", "--data-dir", str(data_dir), "--timeout", "60s"]
+
+
+def interrupted(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """SIGINT to ``proc`` (Ctrl-C), then its exit code and output."""
     try:
-        assert opened.wait(timeout=60)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
-        done.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130
-    assert (out, err) == ("", "")
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_while_waiting_exits_130_quietly(tmp_path: Path) -> None:
+    """SIGINT arrives while the command waits for the server's answer."""
+    with silent_admin_socket() as (data_dir, received):
+        proc = subprocess.Popen(
+            [*MESHCA, *ca_status(data_dir)],
+            cwd=tmp_path,
+            env=child_environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert received.wait(timeout=60), "the command never sent its request"
+        assert interrupted(proc) == (130, "", "")
+
+
+def test_ctrl_c_while_meshca_is_still_starting_exits_130_quietly(tmp_path: Path) -> None:
+    """SIGINT arrives while the command modules are still being imported (most of the
+    start-up; a second or more on a busy machine). The interpreter's ``-X importtime``
+    report says when the first of them has loaded: the signal is sent then."""
+    with silent_admin_socket() as (data_dir, _):
+        proc = subprocess.Popen(
+            [MESHCA[0], "-X", "importtime", *MESHCA[1:], *ca_status(data_dir)],
+            cwd=tmp_path,
+            env=child_environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        report = []
+        for line in proc.stderr:
+            report.append(line)
+            if re.search(r"\|\s+meshca\.cli\.", line):  # one of them has loaded
+                break
+        code, out, err = interrupted(proc)
+    errors = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert (code, out, errors) == (130, "", []), "".join(report[-5:])
 
 
 def test_make_run_example_keeps_an_existing_ca(tmp_path: Path) -> None:
