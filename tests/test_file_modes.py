@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_harness import Run, assert_one_line_error, clean_environment, runner
+from tests.serve_harness import serving, short_tempdir
 
 GOOD_ID = "spiffe://cluster.local/ns/a/sa/b"
 OTHER_UID = 54321  # no account needs to exist: only the owner number matters
@@ -126,3 +127,15 @@ def test_a_key_file_others_may_read_is_refused(
     assert_one_line_error(err, f"{key} has mode {mode:04o}: private keys must be 0600")
     assert f"run: chmod 600 {key}" in err
     assert not Path("out").exists()
+
+
+def test_an_unquoted_uds_mode_in_the_config_file_is_the_mode_written(ca_dir: Path) -> None:
+    """YAML 1.1 reads ``0640`` as the integer 416; the config file keeps what was
+    written, so the socket gets mode 0640 (416 read as octal would be refused as 0416)."""
+    with short_tempdir() as root:
+        config = root / "meshca.yaml"
+        config.write_text("uds_mode: 0640\n")
+        data_dir = root / "data"
+        shutil.copytree(ca_dir, data_dir)
+        with serving(root, data_dir, "--config", str(config)) as running:
+            assert _mode(running.uds) == 0o640
