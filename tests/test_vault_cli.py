@@ -46,6 +46,7 @@ def test_ca_status_in_per_workload_mode_says_there_is_no_rotation(tmp_path: Path
     assert code == 1 and "no CA rotation" in err and "start" not in err
 
 
+@pytest.mark.vault
 def test_bundle_and_inspect_read_vaults_roots_from_disk(
     tmp_path: Path, cli: Run, bao: BaoServer, mount: str
 ) -> None:
