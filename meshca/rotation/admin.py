@@ -36,21 +36,21 @@ from typing import Any
 
 from meshca.issuer import IssuerError
 from meshca.rotation.acks import bundle_holds
+from meshca.rotation.admin_client import AdminUnavailable, admin_request
 from meshca.rotation.journal import RotationError, SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.status import rotation_status
 from meshca.util.durations import MAX_DURATION
-from meshca.util.unix_socket import bind_listening_socket, reachable
+from meshca.util.unix_socket import bind_listening_socket
+
+__all__ = ["AdminServer", "AdminUnavailable", "CaOperations", "admin_request"]
 
 log = logging.getLogger("meshca.rotation")
 
 SOCKET_MODE = 0o600
+LISTED = 100  # proxies named in a status; the counts say how many there are in all
 MAX_REQUEST = 64 * 1024
-
-
-class AdminUnavailable(Exception):
-    """No server answers on the admin socket."""
 
 
 class CaOperations:
@@ -70,14 +70,24 @@ class CaOperations:
             waiting = data["root_rotation"]["waiting_on"]
         elif prepared is not None and prepared.kind is SlotKind.ROOT:
             waiting = manager.unacked(bundle_holds(manager.ca(prepared.id).root))
-        data["waiting_on"] = waiting
-        data["connected"] = manager.unacked(lambda secret: False)  # everyone watching
+        # Bounded whatever the number of proxies: the first names, and how many in all.
+        data["waiting_on"], data["waiting_count"] = waiting[:LISTED], len(waiting)
+        if data["root_rotation"] is not None:
+            data["root_rotation"]["waiting_on"] = waiting[:LISTED]
+        connected = manager.acks.connected()
+        data["connected"], data["connected_count"] = sorted(connected)[:LISTED], len(connected)
         return data
+
+    async def _reply(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a change, with the status after it. Built once the streams the
+        change woke have started their pushes: the operator's reply never delays them."""
+        await asyncio.sleep(0)
+        return {**result, "status": self.status()}
 
     async def rotate(self) -> dict[str, Any]:
         record = await self.manager.rotate_now()
         self.rotation.rotator.replan()
-        return {"activated": record.id, "status": self.status()}
+        return await self._reply({"activated": record.id})
 
     async def rotate_root(
         self, *, step: int | None, rollback: bool, timeout: timedelta, force: bool = False
@@ -88,7 +98,7 @@ class CaOperations:
             reports = [await self.rotation.step(step, timeout=timeout, force=force)]
         else:
             reports = await self.rotation.run(timeout=timeout, force=force)
-        return {"steps": [r.to_json() for r in reports], "status": self.status()}
+        return await self._reply({"steps": [r.to_json() for r in reports]})
 
     async def perform(self, request: dict[str, Any]) -> dict[str, Any]:
         """Carry out one request (the admin protocol's JSON object); RotationError when
@@ -223,55 +233,3 @@ def _client_gone(
     except OSError:
         return "its client's connection failed before the server got to it"
     return "its client closed the connection before the server got to it" if not data else None
-
-
-def admin_request(path: Path, request: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-    """Send one request to a running server and wait at most ``timeout`` seconds in all;
-    AdminUnavailable when none listens.
-
-    The request carries its ``deadline`` (wall-clock seconds): a server that gets to it
-    later, when this client has given up, does not carry it out."""
-    path = Path(path)
-    if not path.exists():
-        raise AdminUnavailable(f"no admin socket at {path}")
-    give_up = time.monotonic() + timeout
-    request = {**request, "deadline": time.time() + timeout}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.settimeout(timeout)
-            try:
-                with reachable(path) as address:
-                    sock.connect(address)
-            except (ConnectionRefusedError, FileNotFoundError):
-                raise AdminUnavailable(f"nothing listens on {path}") from None
-            sock.sendall((json.dumps(request) + "\n").encode())
-            chunks = []
-            while True:
-                sock.settimeout(max(give_up - time.monotonic(), 0.001))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-        except TimeoutError:
-            raise RotationError(
-                f"the server at {path} did not answer within {timeout:g}s: it may be stopped "
-                "or overloaded (see its log); it will not carry out this request unless it "
-                "had already started it"
-            ) from None
-    if not chunks:
-        raise RotationError(
-            f"the server at {path} closed the connection without answering (did it stop?); "
-            "'meshca ca status' shows where the rotation is"
-        )
-    try:
-        response = json.loads(b"".join(chunks))
-    except ValueError:
-        raise RotationError("the server sent an unreadable answer") from None
-    if not isinstance(response, dict):
-        raise RotationError("the server sent an unreadable answer")
-    if not response.get("ok"):
-        raise RotationError(str(response.get("error", "refused")))
-    result = response.get("result", {})
-    return result if isinstance(result, dict) else {}

@@ -33,9 +33,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshca.issuer import IssuerError, KeyTypeError, Signer, SvidError, TrustBundle
+from meshca.issuer import KeyTypeError, Signer, SvidError, TrustBundle
 from meshca.issuer.keys import key_matches, load_private_key_pem, private_key_pem
 from meshca.issuer.svid import certificates_pem, load_certificates_pem
+from meshca.rotation.errors import RotationError as RotationError
 from meshca.spiffe import SpiffeIdError, TrustDomain
 from meshca.util.files import (
     PRIVATE,
@@ -56,10 +57,6 @@ CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
 CERT_CHAIN = "cert-chain.pem"
 ROOT_CERT = "root-cert.pem"
-
-
-class RotationError(IssuerError):
-    """A rotation step refused or impossible; the message says why and what to do."""
 
 
 class JournalError(RotationError):

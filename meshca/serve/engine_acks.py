@@ -53,17 +53,13 @@ class EngineView(Protocol):
 
     def unsettled(self) -> Sequence[_StreamView]: ...
 
+    def proxies(self) -> Sequence[tuple[str, str]]: ...
+
 
 def describe(stream: _StreamView) -> str:
     """A proxy as an operator knows it; Envoy opens one stream per secret, so a proxy's
     streams share this name."""
     return f"{stream.node_id or '(no node id)'} ({stream.caller})"
-
-
-def proxy_key(stream: _StreamView) -> str:
-    """A proxy as it is known again after it reconnects: its node id and identities,
-    without the peer address that changes with every connection."""
-    return f"{stream.node_id or '(no node id)'} ({stream.identity})"
 
 
 class EngineAcks:
@@ -100,7 +96,8 @@ class EngineAcks:
 
     def connected(self) -> dict[str, int]:
         # A stream that has asked for nothing yet was sent nothing: not one to wait for.
-        return dict(Counter(proxy_key(s) for s in self.engine.streams() if s.types))
+        proxies = self.engine.proxies()
+        return dict(Counter(f"{node or '(no node id)'} ({who})" for node, who in proxies))
 
 
 class EveryStream:
@@ -115,3 +112,6 @@ class EveryStream:
 
     def unsettled(self) -> list[StreamStatus]:
         return [stream for engine in self.engines for stream in engine.unsettled()]
+
+    def proxies(self) -> list[tuple[str, str]]:
+        return [proxy for engine in self.engines for proxy in engine.proxies()]

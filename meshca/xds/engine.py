@@ -249,6 +249,19 @@ class _Stream:
         self._dirty: set[str] = set()
         self._nonces = itertools.count(1)
         self._reader_done = False
+        # (caller, node) -> (description, identities, node id): worked out once, not on
+        # every status read (rotation reads every stream's status while it waits).
+        self._names: tuple[Caller, Any, str, str, str] | None = None
+
+    def names(self) -> tuple[str, str, str]:
+        """(the caller as logs name it, its identities, the node id), cached."""
+        cached = self._names
+        if cached is None or cached[0] is not self.caller or cached[1] is not self.node:
+            node_id = str(self.node.id) if self.node is not None else ""
+            caller = self.caller
+            cached = (caller, self.node, str(caller), caller.describe_identities(), node_id)
+            self._names = cached
+        return cached[2], cached[3], cached[4]
 
     # --- what sources and the engine call ---------------------------------------
     def wake(self, type_url: str | None = None) -> None:
@@ -258,16 +271,16 @@ class _Stream:
         self.engine._mark(self, settled=False)
 
     def status(self) -> StreamStatus:
-        node_id = str(self.node.id) if self.node is not None else ""
+        caller, identity, node_id = self.names()
         return StreamStatus(
             self.id,
             self.kind,
-            str(self.caller),
+            caller,
             node_id,
             self.writing,
             {url: state.status() for url, state in self.types.items()},
             bool(self._dirty) or not self._inbox.empty(),
-            self.caller.describe_identities(),
+            identity,
         )
 
     # --- the task -------------------------------------------------------------
@@ -737,6 +750,11 @@ class XdsEngine:
 
     def streams(self) -> list[StreamStatus]:
         return [s.status() for s in self._streams.values()]
+
+    def proxies(self) -> list[tuple[str, str]]:
+        """(node id, identities) of every stream that has asked for something: who is
+        connected, without a full :meth:`streams` view of each."""
+        return [(s.names()[2], s.names()[1]) for s in self._streams.values() if s.types]
 
     def unsettled(self) -> list[StreamStatus]:
         """Streams with a push to make or a response not yet ACKed (NACKed ones included)."""

@@ -180,7 +180,7 @@ def _direct(
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from meshca.rotation.admin import AdminUnavailable, admin_request
+    from meshca.rotation.admin_client import AdminUnavailable, admin_request
 
     try:
         timeout = parse_duration(args.timeout)
@@ -260,9 +260,9 @@ def format_status(status: dict[str, Any], *, server: bool) -> str:
             + f"; next: step {rotation['next_step']} ({rotation['next_step_title']})"
         )
     waiting = status.get("waiting_on") or []
-    lines.append(
-        f"proxies still to ACK: {', '.join(waiting)}" if waiting else "proxies still to ACK: none"
-    )
+    more = int(status.get("waiting_count", len(waiting))) - len(waiting)
+    shown = ", ".join(waiting) + (f" and {more} more" if more > 0 else "")
+    lines.append(f"proxies still to ACK: {shown}" if waiting else "proxies still to ACK: none")
     if status.get("problem"):
         lines.append(f"problem: {status['problem']}")
     elif status.get("renewal"):
