@@ -52,8 +52,10 @@ async def test_a_refusing_proxy_is_named_and_can_be_gone_on_without(
         assert code == 1
         assert "node-b" in err and "refused" in err and "node-a" not in err
         assert "--force-unacked" in err and err.count("\n") == 1
-        rotation = (await status(tmp_path))["root_rotation"]
+        now = await status(tmp_path)
+        rotation = now["root_rotation"]
         assert isinstance(rotation, dict) and rotation["done"] == 1  # held, not moved on
+        assert now["connected_count"] == 2 and now["waiting_count"] == 1
 
         # The operator goes on without it; the log says who was left behind.
         caplog.set_level(logging.WARNING, logger="meshca.rotation")

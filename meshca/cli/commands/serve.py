@@ -130,11 +130,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # gRPC and the event loop load only for the command that serves.
     import asyncio
 
+    from meshca.serve.gc_tuning import settle_after_start_up
     from meshca.serve.server import MeshcaServer
+
+    def ready(server: MeshcaServer) -> None:
+        _announce(server)
+        settle_after_start_up()
 
     try:
         server = MeshcaServer(config, backend=backend)
-        asyncio.run(server.run(on_ready=_announce))
+        asyncio.run(server.run(on_ready=ready))
     finally:
         backend.close()
     return 0
