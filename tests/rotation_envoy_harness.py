@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ class Load:
             status, body = http_get(self.port, "/load")
             self.results[status] += 1
             if status != 200 and len(self.failures) < 20:
-                self.failures.append(f"{status}: {body[:200]}")
+                # the wall-clock time, to set beside meshca's and Envoy's logs
+                when = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
+                self.failures.append(f"{when} {status}: {body[:200]}")
             time.sleep(self.interval)
 
     def stop(self) -> None:
