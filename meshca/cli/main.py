@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_subparsers(title="commands", dest="command", metavar="COMMAND"),
     )
     subparsers.required = True
-    for register in COMMANDS:
-        register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 

@@ -1,8 +1,8 @@
-"""The ``meshca`` commands: one module per command, each exposing ``register(subparsers)``.
+"""The ``meshca`` commands: one module per command, each declaring its ``COMMAND``.
 
-To add a command, write ``meshca/cli/commands/<name>.py`` with a ``register`` function that
-adds its parser (via :func:`meshca.cli.commands.common.add_command`) and append it to
-:data:`COMMANDS`. Errors a command raises for bad input or a refused request belong in
+To add a command, write ``meshca/cli/commands/<name>.py`` ending in ``COMMAND = Command(...)``
+(:class:`meshca.cli.commands.common.Command`: its help, arguments and handler) and append
+it to :data:`COMMANDS`. Errors a command raises for bad input or a refused request belong in
 :data:`REFUSALS`: the command line prints them as one line and exits 1.
 """
 
@@ -25,16 +25,16 @@ from meshca.cli.commands import (
 
 # The command registry, in the order `meshca --help` lists them.
 COMMANDS = (
-    init.register,
-    issue.register,
-    inspect.register,
-    bundle.register,
-    serve.register,
-    bootstrap.register,
-    ca.register,
-    token.register,
-    agent.register,
-    entry.register,
+    init.COMMAND,
+    issue.COMMAND,
+    inspect.COMMAND,
+    bundle.COMMAND,
+    serve.COMMAND,
+    bootstrap.COMMAND,
+    ca.COMMAND,
+    token.COMMAND,
+    agent.COMMAND,
+    entry.COMMAND,
 )
 
 # Exceptions that mean "refused" (exit 1, one line), not "bug" (traceback), by module

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshca.cli.commands.common import UsageError, add_command
+from meshca.cli.commands.common import Command, UsageError
 from meshca.cli.options import ConfigError, Settings
 from meshca.issuer import IssuerError, TrustBundle
 from meshca.util.netaddr import TcpServer, format_address
@@ -16,23 +16,6 @@ if TYPE_CHECKING:
     from meshca.agent.runtime import AgentConfig, MeshcaAgent
 
 NAME = "agent"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="keep workload keys local; serve SDS and the SPIFFE Workload API on a socket",
-        description=(
-            "Attest to 'meshca serve' with a one-time join token (--token-file), then keep "
-            "an agent SVID renewed over mutual TLS. Workload keys are generated here, in "
-            "memory; only CSRs go to meshca. On --socket: SDS for Envoy (SotW, Delta, "
-            "Fetch; 'meshca bootstrap --agent unix:///path') and the SPIFFE Workload API "
-            "(py-spiffe, go-spiffe). Cached SVIDs keep being served while meshca is down. "
-            "Stops on SIGTERM or SIGINT."
-        ),
-    )
 
 
 def _tcp(settings: Settings, name: str, flag: str) -> str | None:
@@ -109,3 +92,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     agent = MeshcaAgent(config, metrics=metrics, metrics_server=MetricsServer(metrics))
     asyncio.run(agent.run(on_ready=_announce))
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="keep workload keys local; serve SDS and the SPIFFE Workload API on a socket",
+    description=(
+        "Attest to 'meshca serve' with a one-time join token (--token-file), then keep "
+        "an agent SVID renewed over mutual TLS. Workload keys are generated here, in "
+        "memory; only CSRs go to meshca. On --socket: SDS for Envoy (SotW, Delta, "
+        "Fetch; 'meshca bootstrap --agent unix:///path') and the SPIFFE Workload API "
+        "(py-spiffe, go-spiffe). Cached SVIDs keep being served while meshca is down. "
+        "Stops on SIGTERM or SIGINT."
+    ),
+)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.commands.common import Command, UsageError, arg, write_out
 from meshca.cli.options import ConfigError, Settings, option
 from meshca.spiffe import SpiffeId
 from meshca.util.files import PUBLIC, atomic_write
@@ -17,48 +17,6 @@ if TYPE_CHECKING:  # the Envoy modules load when this command runs, not with eve
     from meshca.envoy.bootstrap import BootstrapSpec
 
 NAME = "bootstrap"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="write an Envoy bootstrap that uses meshca's SDS (or ADS)",
-        description=(
-            "Write an Envoy bootstrap (YAML) for IDENTITY whose static cluster "
-            "'meshca_sds' reaches meshca over its Unix socket (--server unix:///path) or "
-            "over mutual TLS (--server HOST:PORT with --cert-dir from 'meshca issue'; "
-            "only meshca's own SPIFFE ID is accepted from the server). --inbound and "
-            "--outbound add a minimal listener pair for trying it out. With --ads that "
-            "cluster is the only static piece: listeners, clusters, routes, endpoints and "
-            "secrets come from meshca over ADS, generated from its mesh file for IDENTITY "
-            "(--capture says how traffic reaches the proxy)."
-        ),
-    )
-    parser.add_argument("identity", metavar="IDENTITY", help="the SPIFFE ID this Envoy serves")
-    parser.add_argument("--out", type=Path, metavar="FILE", help="write here (default stdout)")
-    parser.add_argument(
-        "--inbound",
-        metavar="PORT:APP_PORT",
-        help="add an mTLS listener on 127.0.0.1:PORT forwarding to a local app on APP_PORT",
-    )
-    parser.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="with --inbound: a client identity to admit (repeatable; default any in the "
-        "trust domain)",
-    )
-    parser.add_argument(
-        "--outbound",
-        metavar="PORT:HOST:PORT",
-        help="add a plain HTTP listener on 127.0.0.1:PORT forwarding over mTLS to HOST:PORT",
-    )
-    parser.add_argument(
-        "--upstream-id", metavar="ID", help="with --outbound: the identity the upstream must have"
-    )
 
 
 ADS_ONLY = ("capture", "layout", "workload", "delta")
@@ -168,3 +126,47 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # Without --disable-hot-restart a second Envoy on the machine cannot bind base id 0.
     write_out(f"  run: envoy -c {args.out} --disable-hot-restart\n")
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="write an Envoy bootstrap that uses meshca's SDS (or ADS)",
+    description=(
+        "Write an Envoy bootstrap (YAML) for IDENTITY whose static cluster "
+        "'meshca_sds' reaches meshca over its Unix socket (--server unix:///path) or "
+        "over mutual TLS (--server HOST:PORT with --cert-dir from 'meshca issue'; "
+        "only meshca's own SPIFFE ID is accepted from the server). --inbound and "
+        "--outbound add a minimal listener pair for trying it out. With --ads that "
+        "cluster is the only static piece: listeners, clusters, routes, endpoints and "
+        "secrets come from meshca over ADS, generated from its mesh file for IDENTITY "
+        "(--capture says how traffic reaches the proxy)."
+    ),
+    arguments=(
+        arg("identity", metavar="IDENTITY", help="the SPIFFE ID this Envoy serves"),
+        arg("--out", type=Path, metavar="FILE", help="write here (default stdout)"),
+        arg(
+            "--inbound",
+            metavar="PORT:APP_PORT",
+            help="add an mTLS listener on 127.0.0.1:PORT forwarding to a local app on APP_PORT",
+        ),
+        arg(
+            "--allow",
+            action="append",
+            default=[],
+            metavar="ID",
+            help="with --inbound: a client identity to admit (repeatable; default any in the "
+            "trust domain)",
+        ),
+        arg(
+            "--outbound",
+            metavar="PORT:HOST:PORT",
+            help="add a plain HTTP listener on 127.0.0.1:PORT forwarding over mTLS to HOST:PORT",
+        ),
+        arg(
+            "--upstream-id",
+            metavar="ID",
+            help="with --outbound: the identity the upstream must have",
+        ),
+    ),
+)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from meshca.backends.jwt_key import load_jwt_signer
 from meshca.backends.local import ca_exists
-from meshca.cli.commands.common import add_command, open_ca, write_out
+from meshca.cli.commands.common import Command, arg, open_ca, write_out
 from meshca.cli.commands.vault_backend import uses_stored_vault_roots, vault_trust_bundle
 from meshca.cli.options import Settings
 from meshca.issuer.jwt_svid import jwt_authority_jwk
@@ -15,24 +15,6 @@ from meshca.util.files import PUBLIC, atomic_write
 
 NAME = "bundle"
 FORMATS = ("pem", "jwks")
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="print the trust bundle",
-        description=(
-            "Print the trust bundle (the root certificates peers validate SVIDs against) "
-            "as PEM, or as a SPIFFE bundle: a JWK Set with one x509-svid key per root and, "
-            "once 'meshca serve' has created it, the jwt-svid key that signs JWT-SVIDs."
-        ),
-    )
-    parser.add_argument("--format", choices=FORMATS, default="pem", help="output format")
-    parser.add_argument(
-        "--out", type=Path, metavar="FILE", help="write to FILE (atomically) instead of stdout"
-    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -51,3 +33,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         write_out(text)
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="print the trust bundle",
+    description=(
+        "Print the trust bundle (the root certificates peers validate SVIDs against) "
+        "as PEM, or as a SPIFFE bundle: a JWK Set with one x509-svid key per root and, "
+        "once 'meshca serve' has created it, the jwt-svid key that signs JWT-SVIDs."
+    ),
+    arguments=(
+        arg("--format", choices=FORMATS, default="pem", help="output format"),
+        arg(
+            "--out", type=Path, metavar="FILE", help="write to FILE (atomically) instead of stdout"
+        ),
+    ),
+)

@@ -14,8 +14,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshca.cli.commands.common import UsageError, add_command, write_out
-from meshca.cli.options import ConfigError, Settings, add_options
+from meshca.cli.commands.common import (
+    CONFIGURATION,
+    Action,
+    Command,
+    OneOf,
+    UsageError,
+    arg,
+    write_out,
+)
+from meshca.cli.options import ConfigError, Settings
 from meshca.issuer.errors import IssuerError
 from meshca.rotation.operator import ADMIN_SOCKET, LAST_STEP
 from meshca.util.durations import parse_duration
@@ -28,84 +36,6 @@ NAME = "ca"
 DEFAULT_TIMEOUT = "5m"
 DEFAULT_STATUS_TIMEOUT = "30s"
 _ANSWER_MARGIN = 30.0  # seconds the client waits beyond the server's own timeout
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="show and rotate the signing CA and the root",
-        description=(
-            "Inspect and rotate the CA. Talks to a running 'meshca serve' through "
-            f"<data-dir>/{ADMIN_SOCKET}; without one, acts on the data directory directly."
-        ),
-    )
-    actions = parser.add_subparsers(title="actions", dest="ca_action", metavar="ACTION")
-    actions.required = True
-    status = actions.add_parser(
-        "status",
-        help="slots, trust bundle, rotation stage, proxies still to ACK",
-        description=(
-            "Show the CA slots (active, prepared, retired), the trust bundle's roots and "
-            "how many served SVIDs chain to each, the rotation schedule, a root rotation's "
-            "stage and the proxies that still have to ACK it. Read-only."
-        ),
-    )
-    status.add_argument("--json", action="store_true", help="print JSON")
-    rotate = actions.add_parser(
-        "rotate",
-        help="a new signing CA under the same root, signing now",
-        description=(
-            "Make a new signing CA under the same root and sign with it now (the trust "
-            "bundle does not change; served SVIDs move to it at their next renewal). Needs "
-            "the root key (<data-dir>/ca/root-key.pem): with the root offline, or when the "
-            "root signs directly, use rotate-root."
-        ),
-    )
-    rotate_root = actions.add_parser(
-        "rotate-root",
-        help="replace the root: every step, one --step, or --rollback",
-        description=(
-            "Root rotation in five steps: 1 add the new root to the bundle; 2 wait for "
-            "every proxy to ACK it; 3 sign under the new root and re-issue every SVID; "
-            "4 wait for those ACKs; 5 remove the old root. Without --step every remaining "
-            "step runs. --rollback returns to the old root (until step 5 starts)."
-        ),
-    )
-    which = rotate_root.add_mutually_exclusive_group()
-    which.add_argument(
-        "--step", type=int, choices=range(1, LAST_STEP + 1), metavar="N", help="run step N only"
-    )
-    which.add_argument("--rollback", action="store_true", help="return to the old root")
-    rotate_root.add_argument(
-        "--force-unacked",
-        action="store_true",
-        help=(
-            "when a wait times out, or only proxies that refuse (NACK) the change are left, "
-            "go on without them (logged) instead of holding the rotation"
-        ),
-    )
-    for sub in (status, rotate, rotate_root):
-        add_options(sub, NAME)
-        sub.set_defaults(handler=run, command=NAME)
-    status.add_argument(
-        "--timeout",
-        default=DEFAULT_STATUS_TIMEOUT,
-        metavar="D",
-        help=f"longest wait for the server's answer (default {DEFAULT_STATUS_TIMEOUT})",
-    )
-    for sub in (rotate, rotate_root):
-        sub.add_argument("--json", action="store_true", help="print JSON")
-        sub.add_argument(
-            "--timeout",
-            default=DEFAULT_TIMEOUT,
-            metavar="D",
-            help=(
-                f"longest wait for proxies' ACKs (default {DEFAULT_TIMEOUT}); the command "
-                f"gives up {_ANSWER_MARGIN:g}s later if the server has not answered"
-            ),
-        )
 
 
 class PerWorkloadMode(IssuerError):
@@ -280,3 +210,85 @@ def format_outcome(result: dict[str, Any], *, server: bool) -> str:
     lines.append("")
     lines.append(format_status(result["status"], server=server).rstrip("\n"))
     return "\n".join(lines) + "\n"
+
+
+_JSON = arg("--json", action="store_true", help="print JSON")
+_WAIT = arg(
+    "--timeout",
+    default=DEFAULT_TIMEOUT,
+    metavar="D",
+    help=(
+        f"longest wait for proxies' ACKs (default {DEFAULT_TIMEOUT}); the command "
+        f"gives up {_ANSWER_MARGIN:g}s later if the server has not answered"
+    ),
+)
+COMMAND = Command(
+    NAME,
+    run,
+    summary="show and rotate the signing CA and the root",
+    description=(
+        "Inspect and rotate the CA. Talks to a running 'meshca serve' through "
+        f"<data-dir>/{ADMIN_SOCKET}; without one, acts on the data directory directly."
+    ),
+    actions=(
+        Action(
+            "status",
+            "slots, trust bundle, rotation stage, proxies still to ACK",
+            "Show the CA slots (active, prepared, retired), the trust bundle's roots and "
+            "how many served SVIDs chain to each, the rotation schedule, a root rotation's "
+            "stage and the proxies that still have to ACK it. Read-only.",
+            arguments=(
+                _JSON,
+                CONFIGURATION,
+                arg(
+                    "--timeout",
+                    default=DEFAULT_STATUS_TIMEOUT,
+                    metavar="D",
+                    help=f"longest wait for the server's answer (default {DEFAULT_STATUS_TIMEOUT})",
+                ),
+            ),
+        ),
+        Action(
+            "rotate",
+            "a new signing CA under the same root, signing now",
+            "Make a new signing CA under the same root and sign with it now (the trust "
+            "bundle does not change; served SVIDs move to it at their next renewal). Needs "
+            "the root key (<data-dir>/ca/root-key.pem): with the root offline, or when the "
+            "root signs directly, use rotate-root.",
+            arguments=(CONFIGURATION, _JSON, _WAIT),
+        ),
+        Action(
+            "rotate-root",
+            "replace the root: every step, one --step, or --rollback",
+            "Root rotation in five steps: 1 add the new root to the bundle; 2 wait for "
+            "every proxy to ACK it; 3 sign under the new root and re-issue every SVID; "
+            "4 wait for those ACKs; 5 remove the old root. Without --step every remaining "
+            "step runs. --rollback returns to the old root (until step 5 starts).",
+            arguments=(
+                OneOf(
+                    (
+                        arg(
+                            "--step",
+                            type=int,
+                            choices=range(1, LAST_STEP + 1),
+                            metavar="N",
+                            help="run step N only",
+                        ),
+                        arg("--rollback", action="store_true", help="return to the old root"),
+                    )
+                ),
+                arg(
+                    "--force-unacked",
+                    action="store_true",
+                    help=(
+                        "when a wait times out, or only proxies that refuse (NACK) the change "
+                        "are left, go on without them (logged) instead of holding the rotation"
+                    ),
+                ),
+                CONFIGURATION,
+                _JSON,
+                _WAIT,
+            ),
+        ),
+    ),
+)

@@ -1,11 +1,14 @@
-"""What every command shares: how a subcommand is declared and how it opens the data
-directory's CA (refusing a trust domain that contradicts the CA's)."""
+"""What every command shares: how a subcommand is declared (a :class:`Command`, data that
+becomes its parser) and how it opens the data directory's CA (refusing a trust domain that
+contradicts the CA's)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from meshca.backends.local import LocalCa, load_local_ca
 from meshca.cli.options import ConfigError, Settings, add_options
@@ -17,19 +20,87 @@ class UsageError(Exception):
     """A command line whose shape is wrong (exit 2), found after argparse accepted it."""
 
 
-def add_command(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    handler: Handler,
-    *,
-    summary: str,
-    description: str,
-) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` with the configuration options it offers."""
-    parser = subparsers.add_parser(name, help=summary, description=description)
-    parser.set_defaults(handler=handler, command=name)
-    add_options(parser, name)
-    return parser
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a command line: ``add_argument``'s names and keywords, as data."""
+
+    names: tuple[str, ...]
+    keywords: Mapping[str, Any]
+
+
+def arg(*names: str, **keywords: Any) -> Arg:
+    return Arg(names, keywords)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Arguments of which at most one may be given (a mutually exclusive group)."""
+
+    arguments: tuple[Arg, ...]
+
+
+class _ConfigurationOptions:
+    """Where a parser's configuration options stand among its own arguments."""
+
+
+CONFIGURATION = _ConfigurationOptions()
+"""Marks where the configuration options come in an argument list (and so in the usage
+line); where it is absent, they come first."""
+
+Argument = Arg | OneOf | _ConfigurationOptions
+
+
+@dataclass(frozen=True)
+class Action:
+    """A command's sub-action (``meshca ca rotate``): its help and its own arguments."""
+
+    name: str
+    summary: str
+    description: str | None = None
+    arguments: tuple[Argument, ...] = ()
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``meshca`` subcommand, declared: its help, its arguments and what runs it. The
+    configuration options it offers come from the option table (``cli/options.py``)."""
+
+    name: str
+    handler: Handler
+    summary: str
+    description: str
+    arguments: tuple[Argument, ...] = ()
+    actions: tuple[Action, ...] = ()
+
+    def register(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        """Add this command's parser (and one per action) to ``subparsers``."""
+        parser = subparsers.add_parser(self.name, help=self.summary, description=self.description)
+        self._fill(parser, self.arguments)
+        if not self.actions:
+            return
+        actions = parser.add_subparsers(
+            title="actions", dest=f"{self.name}_action", metavar="ACTION"
+        )
+        actions.required = True
+        for action in self.actions:
+            sub = actions.add_parser(
+                action.name, help=action.summary, description=action.description
+            )
+            self._fill(sub, action.arguments)
+
+    def _fill(self, parser: argparse.ArgumentParser, arguments: tuple[Argument, ...]) -> None:
+        parser.set_defaults(handler=self.handler, command=self.name)
+        if CONFIGURATION not in arguments:
+            arguments = (CONFIGURATION, *arguments)
+        for argument in arguments:
+            if isinstance(argument, Arg):
+                parser.add_argument(*argument.names, **argument.keywords)
+            elif isinstance(argument, OneOf):
+                group = parser.add_mutually_exclusive_group()
+                for each in argument.arguments:
+                    group.add_argument(*each.names, **each.keywords)
+            else:
+                add_options(parser, self.name)
 
 
 def open_ca(settings: Settings) -> LocalCa:

@@ -10,34 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from meshca.cli.commands.common import UsageError, add_command, write_out
-from meshca.cli.options import Settings, add_options
+from meshca.cli.commands.common import CONFIGURATION, Action, Command, UsageError, arg, write_out
+from meshca.cli.options import Settings
 
 NAME = "entry"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="registration entries: which identities a node-mode agent serves, to whom",
-        description=(
-            "A registration entry lets the node-mode agent --node AGENT_ID obtain "
-            "--identity ID for local callers matching every --selector (unix:uid:N, "
-            "unix:gid:N, unix:path:/abs/exe)."
-        ),
-    )
-    actions = parser.add_subparsers(title="actions", dest="entry_action", metavar="ACTION")
-    actions.required = True
-    create = actions.add_parser("create", help="add an entry; prints its ID")
-    listing = actions.add_parser("list", help="every entry")
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    delete = actions.add_parser("delete", help="remove an entry by its ID")
-    delete.add_argument("entry_id", metavar="ENTRY_ID")
-    for sub in (create, listing, delete):
-        add_options(sub, NAME)
-        sub.set_defaults(handler=run, command=NAME)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -68,3 +44,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for e in entries:
         write_out(f"{e.id}  {e.spiffe_id}  node {e.node}  {' '.join(e.selectors)}\n")
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="registration entries: which identities a node-mode agent serves, to whom",
+    description=(
+        "A registration entry lets the node-mode agent --node AGENT_ID obtain "
+        "--identity ID for local callers matching every --selector (unix:uid:N, "
+        "unix:gid:N, unix:path:/abs/exe)."
+    ),
+    actions=(
+        Action("create", "add an entry; prints its ID"),
+        Action(
+            "list",
+            "every entry",
+            arguments=(arg("--json", action="store_true", help="print JSON"), CONFIGURATION),
+        ),
+        Action(
+            "delete",
+            "remove an entry by its ID",
+            arguments=(arg("entry_id", metavar="ENTRY_ID"), CONFIGURATION),
+        ),
+    ),
+)

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography import x509
 
 from meshca.backends.local import CA_KEY, ROOT_KEY, CaError, LocalCa, import_cacerts, init_local_ca
-from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.commands.common import Command, UsageError, arg, write_out
 from meshca.cli.commands.vault_backend import init_vault, uses_vault
 from meshca.cli.options import Settings
 from meshca.issuer import IssuerError
@@ -25,52 +25,6 @@ from meshca.issuer.svid import MALFORMED_CERTIFICATE, fingerprint
 from meshca.util.formats import name_text, rfc3339
 
 NAME = "init"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="create the CA in the data directory",
-        description=(
-            "Create a self-signed root and an intermediate signing CA under it in "
-            "<data-dir>/ca, or adopt an existing CA with --from-cacerts. An existing CA "
-            "is never replaced unless --force is given (the old one is kept in a backup). "
-            "For replicas that share a root but no signing key, give each one "
-            "--from-cacerts DIR --own-intermediate."
-        ),
-    )
-    parser.add_argument(
-        "--from-cacerts",
-        metavar="DIR",
-        type=Path,
-        help="adopt a CA from Istio's cacerts layout or a kubernetes.io/tls secret directory",
-    )
-    parser.add_argument(
-        "--own-intermediate",
-        action="store_true",
-        help=(
-            "with --from-cacerts: mint this data directory's own signing CA (fresh key, "
-            "unique subject, path length 0) under the adopted CA, which must be allowed to "
-            "sign CAs; the adopted CA's key is not kept"
-        ),
-    )
-    parser.add_argument(
-        "--path-length",
-        metavar="N",
-        type=_path_length,
-        default=0,
-        help=(
-            "path length of a new signing CA: 0 (default) signs only SVIDs; 1 also lets it "
-            "sign one level of CAs, as replicas initialised with --own-intermediate need"
-        ),
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing CA (moved to <data-dir>/backup/ first)",
-    )
 
 
 def _path_length(text: str) -> int:
@@ -181,3 +135,49 @@ def _warn_if_short(ca: LocalCa, leaf_ttl: timedelta) -> None:
             f"with the adopted CA: {exc}; 'meshca serve' will refuse it",
             file=sys.stderr,
         )
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="create the CA in the data directory",
+    description=(
+        "Create a self-signed root and an intermediate signing CA under it in "
+        "<data-dir>/ca, or adopt an existing CA with --from-cacerts. An existing CA "
+        "is never replaced unless --force is given (the old one is kept in a backup). "
+        "For replicas that share a root but no signing key, give each one "
+        "--from-cacerts DIR --own-intermediate."
+    ),
+    arguments=(
+        arg(
+            "--from-cacerts",
+            metavar="DIR",
+            type=Path,
+            help="adopt a CA from Istio's cacerts layout or a kubernetes.io/tls secret directory",
+        ),
+        arg(
+            "--own-intermediate",
+            action="store_true",
+            help=(
+                "with --from-cacerts: mint this data directory's own signing CA (fresh key, "
+                "unique subject, path length 0) under the adopted CA, which must be allowed to "
+                "sign CAs; the adopted CA's key is not kept"
+            ),
+        ),
+        arg(
+            "--path-length",
+            metavar="N",
+            type=_path_length,
+            default=0,
+            help=(
+                "path length of a new signing CA: 0 (default) signs only SVIDs; 1 also lets it "
+                "sign one level of CAs, as replicas initialised with --own-intermediate need"
+            ),
+        ),
+        arg(
+            "--force",
+            action="store_true",
+            help="replace an existing CA (moved to <data-dir>/backup/ first)",
+        ),
+    ),
+)

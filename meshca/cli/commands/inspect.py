@@ -17,7 +17,7 @@ from typing import Any
 from cryptography import x509
 
 from meshca.backends.local import CaError, ca_exists, load_local_ca
-from meshca.cli.commands.common import add_command, write_out
+from meshca.cli.commands.common import Command, arg, write_out
 from meshca.cli.commands.vault_backend import uses_stored_vault_roots, vault_trust_bundle
 from meshca.cli.options import Settings
 from meshca.issuer.errors import ChainError, IssuerError, KeyTypeError, SvidError
@@ -36,22 +36,6 @@ from meshca.util.formats import name_text, rfc3339, serial_hex
 
 NAME = "inspect"
 MAX_FILE_BYTES = 1024 * 1024
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="describe an X.509-SVID and check it",
-        description=(
-            "Show an X.509-SVID's SPIFFE ID, issuer, validity, key type and fingerprint; "
-            "when the data directory holds a CA, also whether the chain verifies against "
-            "its trust bundle. Exits 1 naming the rule when the file is not a valid SVID."
-        ),
-    )
-    parser.add_argument("file", type=Path, metavar="FILE", help="PEM (leaf first) or DER")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 @dataclass(frozen=True)
@@ -199,3 +183,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
         raise SvidError("validity", f"{args.file} is {report['time_left']}")
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="describe an X.509-SVID and check it",
+    description=(
+        "Show an X.509-SVID's SPIFFE ID, issuer, validity, key type and fingerprint; "
+        "when the data directory holds a CA, also whether the chain verifies against "
+        "its trust bundle. Exits 1 naming the rule when the file is not a valid SVID."
+    ),
+    arguments=(
+        arg("file", type=Path, metavar="FILE", help="PEM (leaf first) or DER"),
+        arg("--json", action="store_true", help="print the result as JSON"),
+    ),
+)

@@ -7,7 +7,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.cli.commands.common import UsageError, add_command, write_out
+from meshca.cli.commands.common import Command, UsageError, arg, write_out
 from meshca.cli.commands.vault_backend import opened
 from meshca.cli.options import Settings
 from meshca.issuer import Issuer, TtlPolicy, X509Svid
@@ -28,30 +28,6 @@ NAME = "issue"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 BUNDLE_FILE = "bundle.pem"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="issue an X.509-SVID to files",
-        description=(
-            f"Issue an X.509-SVID and write {CERT_FILE} (leaf, then intermediates), "
-            f"{KEY_FILE} (PKCS#8, mode 0600; not with --csr) and {BUNDLE_FILE} (the trust "
-            "bundle) into --out."
-        ),
-    )
-    parser.add_argument("spiffe_id", nargs="?", metavar="SPIFFE_ID", help="the workload's ID")
-    parser.add_argument("--namespace", metavar="NS", help="Kubernetes namespace (with -a)")
-    parser.add_argument(
-        "--service-account", "-a", metavar="SA", help="Kubernetes service account (with NS)"
-    )
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    parser.add_argument(
-        "--csr", type=Path, metavar="FILE", help="certify this CSR's public key (PEM or DER)"
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _usage(message: str) -> UsageError:
@@ -145,3 +121,23 @@ def _text(svid: X509Svid, paths: dict[str, Path | None]) -> str:
         if path is not None:
             lines.append(f"  {name + ':':<10} {path}")
     return "\n".join(lines) + "\n"
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="issue an X.509-SVID to files",
+    description=(
+        f"Issue an X.509-SVID and write {CERT_FILE} (leaf, then intermediates), "
+        f"{KEY_FILE} (PKCS#8, mode 0600; not with --csr) and {BUNDLE_FILE} (the trust "
+        "bundle) into --out."
+    ),
+    arguments=(
+        arg("spiffe_id", nargs="?", metavar="SPIFFE_ID", help="the workload's ID"),
+        arg("--namespace", metavar="NS", help="Kubernetes namespace (with -a)"),
+        arg("--service-account", "-a", metavar="SA", help="Kubernetes service account (with NS)"),
+        arg("--out", required=True, type=Path, metavar="DIR", help="output directory"),
+        arg("--csr", type=Path, metavar="FILE", help="certify this CSR's public key (PEM or DER)"),
+        arg("--json", action="store_true", help="print the result as JSON"),
+    ),
+)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from meshca.cli.commands.common import UsageError, add_command
+from meshca.cli.commands.common import Command, UsageError
 from meshca.cli.commands.vault_backend import open_backend
 from meshca.cli.options import ConfigError, Settings
 from meshca.util.netaddr import format_address
@@ -16,24 +16,6 @@ if TYPE_CHECKING:  # the serve runtime loads when this command runs, not with ev
     from meshca.serve.server import MeshcaServer
 
 NAME = "serve"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="serve certificates (SDS) and mesh configuration (ADS) to Envoy",
-        description=(
-            "Serve X.509-SVIDs and the trust bundle to Envoy over the Secret Discovery "
-            "Service: on TCP with mutual TLS (--listen) and/or on a Unix socket (--uds) "
-            "whose callers are identified by uid (--uds-identity). Certificates are issued "
-            "on first request, renewed at half their lifetime and pushed at once. The same "
-            "server speaks ADS: clusters, endpoints, listeners, routes and secrets generated "
-            "from --mesh for each proxy's identity ('meshca bootstrap --ads'). Stops "
-            "gracefully on SIGTERM or SIGINT."
-        ),
-    )
 
 
 def config_from(settings: Settings) -> ServeConfig:
@@ -143,3 +125,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         backend.close()
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="serve certificates (SDS) and mesh configuration (ADS) to Envoy",
+    description=(
+        "Serve X.509-SVIDs and the trust bundle to Envoy over the Secret Discovery "
+        "Service: on TCP with mutual TLS (--listen) and/or on a Unix socket (--uds) "
+        "whose callers are identified by uid (--uds-identity). Certificates are issued "
+        "on first request, renewed at half their lifetime and pushed at once. The same "
+        "server speaks ADS: clusters, endpoints, listeners, routes and secrets generated "
+        "from --mesh for each proxy's identity ('meshca bootstrap --ads'). Stops "
+        "gracefully on SIGTERM or SIGINT."
+    ),
+)

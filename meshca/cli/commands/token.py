@@ -11,44 +11,21 @@ import argparse
 import json
 import sys
 
-from meshca.cli.commands.common import UsageError, add_command, open_ca, write_out
-from meshca.cli.options import Settings, add_options
+from meshca.cli.commands.common import (
+    CONFIGURATION,
+    Action,
+    Command,
+    UsageError,
+    arg,
+    open_ca,
+    write_out,
+)
+from meshca.cli.options import Settings
 from meshca.issuer import IssuerError
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.formats import rfc3339
 
 NAME = "token"
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_command(
-        subparsers,
-        NAME,
-        run,
-        summary="create, list and revoke one-time join tokens for meshca agent",
-        description=(
-            "Join tokens admit a 'meshca agent': it exchanges one for its agent SVID at "
-            "'meshca serve --attest-listen'. A token is printed once, stored only as its "
-            "SHA-256, used at most once and expires (--ttl)."
-        ),
-    )
-    actions = parser.add_subparsers(title="actions", dest="token_action", metavar="ACTION")
-    actions.required = True
-    create = actions.add_parser(
-        "create",
-        help="print a new token for --identity ID (sidecar) or --node",
-        description=(
-            "Print a new one-time join token. With --identity ID the agent it admits may "
-            "obtain exactly that workload identity (sidecar mode)."
-        ),
-    )
-    listing = actions.add_parser("list", help="unused, unexpired tokens (IDs, never tokens)")
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    delete = actions.add_parser("delete", help="revoke an unused token by its ID")
-    delete.add_argument("token_id", metavar="TOKEN_ID", help="the ID 'meshca token list' shows")
-    for sub in (create, listing, delete):
-        add_options(sub, NAME)
-        sub.set_defaults(handler=run, command=NAME)
 
 
 def _trust_domain(settings: Settings) -> TrustDomain:
@@ -98,3 +75,36 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         what = str(t.identity) if t.identity else "node (registration entries)"
         write_out(f"{t.id}  expires {rfc3339(t.expires)}  {what}\n")
     return 0
+
+
+COMMAND = Command(
+    NAME,
+    run,
+    summary="create, list and revoke one-time join tokens for meshca agent",
+    description=(
+        "Join tokens admit a 'meshca agent': it exchanges one for its agent SVID at "
+        "'meshca serve --attest-listen'. A token is printed once, stored only as its "
+        "SHA-256, used at most once and expires (--ttl)."
+    ),
+    actions=(
+        Action(
+            "create",
+            "print a new token for --identity ID (sidecar) or --node",
+            "Print a new one-time join token. With --identity ID the agent it admits may "
+            "obtain exactly that workload identity (sidecar mode).",
+        ),
+        Action(
+            "list",
+            "unused, unexpired tokens (IDs, never tokens)",
+            arguments=(arg("--json", action="store_true", help="print JSON"), CONFIGURATION),
+        ),
+        Action(
+            "delete",
+            "revoke an unused token by its ID",
+            arguments=(
+                arg("token_id", metavar="TOKEN_ID", help="the ID 'meshca token list' shows"),
+                CONFIGURATION,
+            ),
+        ),
+    ),
+)
