@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshca.agent.ca_client import CaClient, CaRefused, bare_csr
+from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, bare_csr
 from meshca.attest.records import AGENTS_FILE
 from meshca.attest.state_file import agents_dir
 from meshca.ca_api import ca_pb2, ca_pb2_grpc
@@ -205,3 +205,27 @@ async def test_self_renewal_ends_at_the_maximum_age_set_at_attestation(api: CaAp
     path.write_text("{}")
     error = await refused(client.fetch_bundle)
     assert error.code is grpc.StatusCode.PERMISSION_DENIED and "not attested" in str(error)
+
+
+async def test_a_backend_failure_reaches_the_agent_without_its_detail(
+    api: CaApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Signing that fails inside the CA (here the issuer raises what a Vault outage raises,
+    with an address and a token-like value in its wording) tells the agent UNAVAILABLE and
+    nothing of the backend; the detail goes to the server log only."""
+    from meshca.backends.errors import BackendUnavailable
+
+    client, _ = await api.attested(WORKLOAD)
+    detail = "vault: cannot reach http://10.1.2.3:8200 (token hvs.SECRETSECRET)"
+
+    def outage(*args: object, **kwargs: object) -> object:
+        raise BackendUnavailable(detail)
+
+    monkeypatch.setattr(api.server.agent_ca.issuer, "sign_csr", outage)
+    csr = der(workload_csr(generate_private_key(), WORKLOAD, ()))
+    with caplog.at_level(logging.WARNING, logger="meshca"), pytest.raises(CaUnavailable) as info:
+        await asyncio.to_thread(client.sign, WORKLOAD, csr)  # UNAVAILABLE: the agent retries
+    refusal = info.value
+    assert "backend is unavailable" in str(refusal)
+    assert "10.1.2.3" not in str(refusal) and "SECRET" not in str(refusal)
+    assert any("10.1.2.3" in r.getMessage() for r in caplog.records)

@@ -33,7 +33,7 @@ from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2, ca_pb2_grpc
 from meshca.issuer import ActiveSigner, Issuer, IssuerError, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
-from meshca.issuer.errors import SvidError
+from meshca.issuer.errors import BACKEND_UNAVAILABLE, CsrError, KeyTypeError, SvidError, TtlError
 from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtError, JwtSigner, jwt_bundle_json
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError
@@ -112,8 +112,17 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
             if self.issuer.issues_quickly():  # a local EC signer: less work than a thread hop
                 return self.issuer.sign_csr(spiffe_id, csr, ttl=ttl)
             return await asyncio.to_thread(self.issuer.sign_csr, spiffe_id, csr, ttl=ttl)
-        except IssuerError as exc:
+        except (CsrError, KeyTypeError, TtlError) as exc:  # about the caller's own request
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except IssuerError as exc:
+            # The CA's own state or its backend (a Vault address, a backend's wording): the
+            # detail is for the operator's log, never for the caller.
+            log.warning("CSR API cannot sign for %s: %s", spiffe_id, exc)
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot sign for {spiffe_id}: {BACKEND_UNAVAILABLE}",
+            )
 
     def _bundle_der(self) -> list[bytes]:
         return [root.public_bytes(serialization.Encoding.DER) for root in self.issuer.bundle()]
