@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from meshca.sds.metrics import served_certificates
+
 if TYPE_CHECKING:
     from meshca.agent.runtime import MeshcaAgent
 
@@ -46,30 +48,27 @@ class _AgentCollector(Collector):
         agent = self.agent
         svid = agent.credential.svid
         if svid is not None:
-            expiry = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "meshca_agent_svid_expiry_timestamp_seconds",
                 "NotAfter of the agent's own SVID (unix seconds)",
+                value=svid.not_after.timestamp(),
             )
-            expiry.add_metric([], svid.not_after.timestamp())
-            yield expiry
         if agent.credential.reattest_by is not None:
-            reattest = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "meshca_agent_reattest_by_timestamp_seconds",
                 "when the agent's renewals end and it must attest again (unix seconds)",
+                value=agent.credential.reattest_by.timestamp(),
             )
-            reattest.add_metric([], agent.credential.reattest_by.timestamp())
-            yield reattest
-        renewals = CounterMetricFamily(
-            "meshca_agent_svid_renewals", "renewals of the agent's own SVID"
+        yield CounterMetricFamily(
+            "meshca_agent_svid_renewals",
+            "renewals of the agent's own SVID",
+            value=float(agent.credential.renewals),
         )
-        renewals.add_metric([], float(agent.credential.renewals))
-        yield renewals
-        reachable = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "meshca_agent_meshca_reachable",
             "1 when the last poll of meshca serve succeeded, else 0 (cached SVIDs are served)",
+            value=0.0 if agent.poll_failures else 1.0,
         )
-        reachable.add_metric([], 0.0 if agent.poll_failures else 1.0)
-        yield reachable
         streams = GaugeMetricFamily(
             "meshca_agent_streams", "open streams on the agent's socket, by API", labels=["api"]
         )
@@ -78,19 +77,7 @@ class _AgentCollector(Collector):
         streams.add_metric(["workload_api"], float(workload))
         streams.add_metric(["sds"], float(sds))
         yield streams
-        held = [s for sid in agent.store.identities() if (s := agent.store.cached(sid))]
-        count = GaugeMetricFamily(
-            "meshca_served_certificates", "X.509-SVIDs held for serving (one per identity in use)"
-        )
-        count.add_metric([], float(len(held)))
-        yield count
-        if held:
-            soonest = GaugeMetricFamily(
-                "meshca_served_certificate_soonest_expiry_timestamp_seconds",
-                "NotAfter of the served certificate that expires first (unix seconds)",
-            )
-            soonest.add_metric([], min(s.not_after.timestamp() for s in held))
-            yield soonest
+        yield from served_certificates(agent.store)
 
 
 def register_agent_collector(registry: CollectorRegistry, agent: MeshcaAgent) -> None:

@@ -9,9 +9,6 @@ which invalidates JWT-SVIDs signed with the old key at once.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshca.issuer.errors import IssuerError
 from meshca.issuer.jwt_svid import JwtSigner
 from meshca.issuer.keys import private_key_pem
-from meshca.util.files import PRIVATE, ensure_private_dir, fsync_directory
+from meshca.util.files import PRIVATE, atomic_create, ensure_private_dir
 
 JWT_DIR = "jwt"
 KEY_FILE = "jwt-key.pem"
@@ -49,19 +46,7 @@ def load_or_create_jwt_signer(data_dir: Path) -> JwtSigner:
     path = jwt_key_path(data_dir)
     if path.exists():
         return _load(path)
-    directory = ensure_private_dir(path.parent)
+    ensure_private_dir(path.parent)
     data = private_key_pem(ec.generate_private_key(ec.SECP256R1()))
-    fd, tmp = tempfile.mkstemp(prefix=".jwt-key.", dir=directory)
-    try:
-        os.fchmod(fd, PRIVATE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):  # another server made it first
-            os.link(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_directory(directory)
+    atomic_create(path, data, PRIVATE)  # another server may have made it first: theirs stays
     return _load(path)

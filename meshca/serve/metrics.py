@@ -50,6 +50,7 @@ from meshca.issuer import (
     SignerError,
     TtlError,
 )
+from meshca.sds.metrics import served_certificates
 from meshca.store import SecretStore
 from meshca.xds.stats import XdsStats
 
@@ -131,15 +132,14 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield from self._xds()
-        yield from self._certificates()
+        yield from served_certificates(self.store)
         yield from self._ca()
         if self.health is not None:
-            serving = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "meshca_health_serving",
                 "1 while the health service reports SERVING (see the health policy), else 0",
+                value=1.0 if self.health.serving else 0.0,
             )
-            serving.add_metric([], 1.0 if self.health.serving else 0.0)
-            yield serving
         if self.opened.health is not None:
             family = GaugeMetricFamily(
                 "meshca_backend_healthy",
@@ -172,9 +172,7 @@ class _StateCollector(Collector):
                 stats.auth_failures,
             ),
         ):
-            counter = CounterMetricFamily(name, help_text)
-            counter.add_metric([], float(value))
-            yield counter
+            yield CounterMetricFamily(name, help_text, value=float(value))
         for name, help_text, tally in (
             ("meshca_xds_pushes", "xDS responses sent (pushes), by resource type", stats.responses),
             ("meshca_xds_acks", "xDS responses acknowledged, by resource type", stats.acks),
@@ -197,21 +195,6 @@ class _StateCollector(Collector):
             refusals.add_metric([code], float(value))
         yield refusals
 
-    def _certificates(self) -> Iterable[Metric]:
-        svids = [svid for sid in self.store.identities() if (svid := self.store.cached(sid))]
-        count = GaugeMetricFamily(
-            "meshca_served_certificates", "X.509-SVIDs held for serving (one per identity in use)"
-        )
-        count.add_metric([], float(len(svids)))
-        yield count
-        if svids:
-            soonest = GaugeMetricFamily(
-                "meshca_served_certificate_soonest_expiry_timestamp_seconds",
-                "NotAfter of the served certificate that expires first (unix seconds)",
-            )
-            soonest.add_metric([], min(_timestamp(svid.not_after) for svid in svids))
-            yield soonest
-
     def _ca(self) -> Iterable[Metric]:
         if self.opened.signer is not None:
             signer = self.opened.signer.signer
@@ -223,16 +206,15 @@ class _StateCollector(Collector):
             expiry.add_metric([self.backend], _timestamp(signer.not_after))
             yield expiry
         bundle = self.store.bundle()
-        roots = GaugeMetricFamily("meshca_trust_bundle_roots", "root certificates in the bundle")
-        roots.add_metric([], float(len(bundle)))
-        yield roots
+        yield GaugeMetricFamily(
+            "meshca_trust_bundle_roots", "root certificates in the bundle", value=float(len(bundle))
+        )
         if len(bundle):
-            soonest = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "meshca_trust_bundle_soonest_expiry_timestamp_seconds",
                 "NotAfter of the bundle's root that expires first (unix seconds)",
+                value=min(_timestamp(r.not_valid_after_utc) for r in bundle),
             )
-            soonest.add_metric([], min(_timestamp(r.not_valid_after_utc) for r in bundle))
-            yield soonest
 
 
 class Metrics:

@@ -8,6 +8,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +80,42 @@ def atomic_write(path: Path, data: bytes, mode: int = PUBLIC) -> None:
     readable by others, not even for an instant.
     """
     path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _staged(path, data, mode) as tmp:
+        os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def atomic_create(path: Path, data: bytes, mode: int = PUBLIC) -> bool:
+    """Like :func:`atomic_write`, but only where ``path`` does not exist yet: the staged
+    file is hard-linked into place, so of writers racing for the same path the first one
+    wins and the others leave it untouched. Whether this call created it."""
+    path = Path(path)
+    created = True
+    with _staged(path, data, mode) as tmp:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            created = False
+    fsync_directory(path.parent)
+    return created
+
+
+@contextlib.contextmanager
+def _staged(path: Path, data: bytes, mode: int) -> Iterator[str]:
+    """A temp file beside ``path`` holding ``data`` durably, created with ``mode``; it is
+    removed on the way out (by then renamed or linked into place, or not wanted)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
-    fsync_directory(directory)
 
 
 def fsync_directory(directory: Path) -> None:
