@@ -87,6 +87,18 @@ def _rejected(what: str, exc: hvac.exceptions.VaultError, settings: str) -> Logi
     return LoginRejected(f"vault: {what} was rejected: {reason} (check {settings})")
 
 
+def _post_login(
+    send: Send, path: str, body: dict[str, Any], now: float, what: str, settings: str
+) -> TokenGrant:
+    """Log in at ``path`` with ``body``: the token granted, or LoginRejected naming ``what``
+    and the ``settings`` to check."""
+    try:
+        response = send("post", path, body, None)
+    except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
+        raise _rejected(what, exc, settings) from None
+    return _grant_from_login(response, now)
+
+
 class LoginMethod(Protocol):
     """One way to obtain a token; ``can_login`` says whether it can get a fresh one alone."""
 
@@ -142,10 +154,8 @@ class AppRoleLogin:
             else self._secret_id
         )
         body = {"role_id": self._role_id, "secret_id": secret_id}
-        try:
-            return _grant_from_login(send("post", self._path, body, None), now)
-        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
-            raise _rejected(f"AppRole login at {self._path}", exc, self.settings_hint) from None
+        what = f"AppRole login at {self._path}"
+        return _post_login(send, self._path, body, now, what, self.settings_hint)
 
 
 class KubernetesLogin:
@@ -163,12 +173,8 @@ class KubernetesLogin:
     def login(self, send: Send, now: float) -> TokenGrant:
         jwt = _read_secret(self._jwt_file, "k8s_jwt_file")
         body = {"role": self._role, "jwt": jwt}
-        try:
-            return _grant_from_login(send("post", self._path, body, None), now)
-        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
-            raise _rejected(
-                f"Kubernetes login at {self._path} (role {self._role!r})", exc, self.settings_hint
-            ) from None
+        what = f"Kubernetes login at {self._path} (role {self._role!r})"
+        return _post_login(send, self._path, body, now, what, self.settings_hint)
 
 
 class CertLogin:
@@ -184,10 +190,8 @@ class CertLogin:
 
     def login(self, send: Send, now: float) -> TokenGrant:
         body = {"name": self._role} if self._role else {}
-        try:
-            return _grant_from_login(send("post", self._path, body, None), now)
-        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
-            raise _rejected(f"certificate login at {self._path}", exc, self.settings_hint) from None
+        what = f"certificate login at {self._path}"
+        return _post_login(send, self._path, body, now, what, self.settings_hint)
 
 
 def login_method(settings: VaultSettings) -> LoginMethod:
