@@ -45,6 +45,16 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is in the stopped state (``T``)."""
+    for stat_file in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            # the state follows the command name, which is in parentheses
+            if stat_file.read_text().rpartition(")")[2].split()[0] != "T":
+                return False
+    return True
+
+
 class BaoServer:
     """One ``bao server`` process; ``stop`` ends it by PID."""
 
@@ -153,9 +163,19 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         self.wait_ready()
 
     def pause(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel, never answered (a hung Vault)."""
+        """SIGSTOP: connections are accepted by the kernel, never answered (a hung Vault).
+
+        Returns once every thread of the server is stopped: the signal is asynchronous,
+        and on a busy machine a server thread can still answer a request made just after
+        ``kill`` returned (the outage a test sets up would then not have begun)."""
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
+        pid = self.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while not _all_threads_stopped(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bao (pid {pid}) did not stop within 30s of SIGSTOP")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         assert self.process is not None
