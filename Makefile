@@ -56,10 +56,11 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python bench/soak_rotation.py
 
-# Regenerate meshca/ca_api/ca_pb2*.py from ca.proto (grpcio-tools only in this venv).
+# Regenerate meshca/ca_api/ca_pb2.py{,i} from ca.proto (grpcio-tools only in this venv;
+# the service bindings are built from its descriptor in meshca/ca_api/rpc.py).
 protos: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'grpcio-tools==1.85.1'
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
 		meshca/ca_api/ca.proto
 
 clean:

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, bare_csr
 from meshca.attest.records import AGENTS_FILE
 from meshca.attest.state_file import agents_dir
-from meshca.ca_api import ca_pb2, ca_pb2_grpc
+from meshca.ca_api import ca_pb2
+from meshca.ca_api.rpc import AgentCaStub
 from meshca.issuer.authority import workload_csr
 from meshca.issuer.keys import generate_private_key, public_keys_equal
 from meshca.spiffe import SpiffeId
@@ -89,9 +90,10 @@ def raw_attest(api: CaApi, token: str, csr: bytes) -> None:
     """AttestAgent with a CSR of the test's making (the client always sends a good one)."""
     credentials = grpc.ssl_channel_credentials(api.server.store.bundle().pem())
     with grpc.secure_channel(api.attest_address, credentials) as channel:
-        stub = ca_pb2_grpc.AgentCAStub(channel)
+        stub = AgentCaStub(channel)
         try:
-            stub.AttestAgent(
+            stub.call(
+                "AttestAgent",
                 ca_pb2.AttestAgentRequest(attestor="join_token", evidence=token.encode(), csr=csr),
                 timeout=10,
             )

@@ -15,8 +15,10 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import Message
 
-from meshca.ca_api import ca_pb2, ca_pb2_grpc
+from meshca.ca_api import ca_pb2
+from meshca.ca_api.rpc import AgentCaStub
 from meshca.issuer import IssuerError, TrustBundle, X509Svid
 from meshca.issuer.keys import PrivateKey
 from meshca.issuer.profile import hash_for
@@ -123,7 +125,7 @@ class CaClient:
             self._channel = None
             self._channel_key = None
 
-    def _stub(self) -> ca_pb2_grpc.AgentCAStub:
+    def _stub(self) -> AgentCaStub:
         with self._lock:
             credential = self._credential
             if credential is None:
@@ -138,11 +140,11 @@ class CaClient:
                 self._channel_key = key
                 if old is not None:
                     old.close()
-            return ca_pb2_grpc.AgentCAStub(self._channel)  # type: ignore[no-untyped-call]
+            return AgentCaStub(self._channel)
 
-    def _call(self, method: str, request: object, stub: ca_pb2_grpc.AgentCAStub) -> object:
+    def _call(self, method: str, request: Message, stub: AgentCaStub) -> Message:
         try:
-            return getattr(stub, method)(request, timeout=self.timeout)
+            return stub.call(method, request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = (exc.details() if hasattr(exc, "details") else "") or ""
@@ -166,7 +168,7 @@ class CaClient:
             request = ca_pb2.AttestAgentRequest(
                 attestor=JOIN_TOKEN, evidence=token.strip().encode(), csr=bare_csr(key)
             )
-            stub = ca_pb2_grpc.AgentCAStub(channel)  # type: ignore[no-untyped-call]
+            stub = AgentCaStub(channel)
             response = self._call("AttestAgent", request, stub)
         assert isinstance(response, ca_pb2.SvidResponse)
         return self._signed(response, key)

@@ -30,7 +30,8 @@ from meshca.attest.attestor import AttestationError, Attestor
 from meshca.attest.entries import EntryStore, RegistrationEntry
 from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
-from meshca.ca_api import ca_pb2, ca_pb2_grpc
+from meshca.ca_api import ca_pb2
+from meshca.ca_api.rpc import add_agent_ca
 from meshca.issuer import ActiveSigner, Issuer, IssuerError, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import BACKEND_UNAVAILABLE, CsrError, KeyTypeError, SvidError, TtlError
@@ -53,7 +54,7 @@ def _shown(text: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
-class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
+class AgentCaServicer:
     def __init__(
         self,
         issuer: Issuer,
@@ -330,4 +331,4 @@ class AgentCaServicer(ca_pb2_grpc.AgentCAServicer):
 
 
 def add_agent_ca_to_server(servicer: AgentCaServicer, server: grpc.aio.Server) -> None:
-    ca_pb2_grpc.add_AgentCAServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_agent_ca(servicer, server)
