@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshca.attest.state_file import (
-    StateFileError,
-    agents_dir,
-    locked,
-    read_document,
-    write_document,
-)
+from meshca.attest.state_file import RecordFile, parsing
 from meshca.spiffe import SpiffeId
 
 ENTRIES_FILE = "entries.json"
@@ -69,42 +62,23 @@ class RegistrationEntry:
 
     @classmethod
     def from_json(cls, entry_id: str, data: dict[str, Any]) -> RegistrationEntry:
-        try:
+        with parsing(f"registration entry {entry_id}"):
             return cls(
                 entry_id,
                 SpiffeId.parse(data["spiffe_id"]),
                 SpiffeId.parse(data["node"]),
                 tuple(parse_selector(s) for s in data["selectors"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(f"registration entry {entry_id} is damaged: {exc}") from None
 
 
 class EntryStore:
     """The entries of one data directory, re-read when the file changes."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.directory = agents_dir(data_dir)
-        self.path = self.directory / ENTRIES_FILE
-        self._cache: tuple[tuple[int, int], dict[str, RegistrationEntry]] | None = None
-        self._cache_lock = threading.Lock()
-
-    def _read(self) -> dict[str, RegistrationEntry]:
-        return {k: RegistrationEntry.from_json(k, v) for k, v in read_document(self.path).items()}
-
-    def _stamp(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_ino)
+        self.file = RecordFile(data_dir, ENTRIES_FILE, RegistrationEntry.from_json)
 
     def all(self) -> dict[str, RegistrationEntry]:
-        with self._cache_lock:
-            stamp = self._stamp()
-            if self._cache is None or self._cache[0] != stamp:
-                self._cache = (stamp, self._read())
-            return self._cache[1]
+        return self.file.cached()
 
     def for_node(self, node: SpiffeId) -> list[RegistrationEntry]:
         return sorted((e for e in self.all().values() if e.node == node), key=lambda e: e.spiffe_id)
@@ -127,18 +101,18 @@ class EntryStore:
         if len(parsed) > MAX_SELECTORS:
             raise EntryError(f"at most {MAX_SELECTORS} selectors per entry")
         entry = RegistrationEntry(secrets.token_hex(8), spiffe_id, node, parsed)
-        with locked(self.directory):
-            entries = self._read()
+        with self.file.locked():
+            entries = self.file.read()
             if len(entries) >= MAX_ENTRIES:
                 raise EntryError(f"{len(entries)} entries exist already (at most {MAX_ENTRIES})")
             entries[entry.id] = entry
-            write_document(self.path, {k: e.to_json() for k, e in entries.items()})
+            self.file.write(entries)
         return entry
 
     def delete(self, entry_id: str) -> bool:
-        with locked(self.directory):
-            entries = self._read()
+        with self.file.locked():
+            entries = self.file.read()
             if entries.pop(entry_id, None) is None:
                 return False
-            write_document(self.path, {k: e.to_json() for k, e in entries.items()})
+            self.file.write(entries)
         return True

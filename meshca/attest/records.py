@@ -9,20 +9,12 @@ record (``meshca token`` never shows it) evicts the agent at its next call.
 
 from __future__ import annotations
 
-import os
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meshca.attest.state_file import (
-    StateFileError,
-    agents_dir,
-    locked,
-    read_document,
-    write_document,
-)
+from meshca.attest.state_file import RecordFile, parsing
 from meshca.spiffe import SpiffeId
 
 AGENTS_FILE = "agents.json"
@@ -51,7 +43,7 @@ class AgentRecord:
 
     @classmethod
     def from_json(cls, agent_id: str, data: dict[str, Any]) -> AgentRecord:
-        try:
+        with parsing(f"agent record {agent_id}"):
             identity = SpiffeId.parse(data["identity"]) if data.get("identity") else None
             return cls(
                 SpiffeId.parse(agent_id),
@@ -61,35 +53,16 @@ class AgentRecord:
                 datetime.fromtimestamp(int(data["reattest_by"]), UTC),
                 str(data.get("attestor", "")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(f"agent record {agent_id} is damaged: {exc}") from None
 
 
 class AgentRecords:
     """The record file, re-read when it changes on disk (another process may write it)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.directory = agents_dir(data_dir)
-        self.path = self.directory / AGENTS_FILE
-        self._cache: tuple[tuple[int, int], dict[str, AgentRecord]] | None = None
-        self._cache_lock = threading.Lock()
-
-    def _stamp(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_ino)
-
-    def _read(self) -> dict[str, AgentRecord]:
-        return {k: AgentRecord.from_json(k, v) for k, v in read_document(self.path).items()}
+        self.file = RecordFile(data_dir, AGENTS_FILE, AgentRecord.from_json)
 
     def all(self) -> dict[str, AgentRecord]:
-        with self._cache_lock:
-            stamp = self._stamp()
-            if self._cache is None or self._cache[0] != stamp:
-                self._cache = (stamp, self._read())
-            return self._cache[1]
+        return self.file.cached()
 
     def get(self, agent_id: SpiffeId) -> AgentRecord | None:
         return self.all().get(str(agent_id))
@@ -97,15 +70,15 @@ class AgentRecords:
     def add(self, record: AgentRecord) -> None:
         """Record an attested agent; records past their ``reattest_by`` are dropped."""
         now = datetime.now(UTC)
-        with locked(self.directory):
-            records = {k: r for k, r in self._read().items() if r.reattest_by > now}
+        with self.file.locked():
+            records = {k: r for k, r in self.file.read().items() if r.reattest_by > now}
             records[str(record.agent_id)] = record
-            write_document(self.path, {k: r.to_json() for k, r in records.items()})
+            self.file.write(records)
 
     def remove(self, agent_id: SpiffeId) -> bool:
-        with locked(self.directory):
-            records = self._read()
+        with self.file.locked():
+            records = self.file.read()
             if records.pop(str(agent_id), None) is None:
                 return False
-            write_document(self.path, {k: r.to_json() for k, r in records.items()})
+            self.file.write(records)
         return True

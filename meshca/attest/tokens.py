@@ -17,13 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from meshca.attest.state_file import (
-    StateFileError,
-    agents_dir,
-    locked,
-    read_document,
-    write_document,
-)
+from meshca.attest.state_file import RecordFile, parsing
 from meshca.spiffe import SpiffeId
 from meshca.util.formats import rfc3339
 
@@ -68,7 +62,7 @@ class JoinToken:
 
     @classmethod
     def from_json(cls, digest: str, data: dict[str, Any]) -> JoinToken:
-        try:
+        with parsing(f"token {digest[:ID_LENGTH]}"):
             identity = SpiffeId.parse(data["identity"]) if data.get("identity") else None
             return cls(
                 digest,
@@ -77,24 +71,17 @@ class JoinToken:
                 datetime.fromtimestamp(int(data["created"]), UTC),
                 datetime.fromtimestamp(int(data["expires"]), UTC),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(f"token {digest[:ID_LENGTH]} is damaged: {exc}") from None
 
 
 class TokenStore:
     """The join tokens of one data directory (safe across processes)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.directory = agents_dir(data_dir)
-        self.path = self.directory / TOKENS_FILE
+        self.file = RecordFile(data_dir, TOKENS_FILE, JoinToken.from_json)
 
     def _load(self, now: datetime) -> dict[str, JoinToken]:
         """Unexpired tokens (expired ones are dropped at the next write)."""
-        tokens = {d: JoinToken.from_json(d, v) for d, v in read_document(self.path).items()}
-        return {d: t for d, t in tokens.items() if t.expires > now}
-
-    def _save(self, tokens: dict[str, JoinToken]) -> None:
-        write_document(self.path, {d: t.to_json() for d, t in tokens.items()})
+        return {d: t for d, t in self.file.read().items() if t.expires > now}
 
     def create(
         self,
@@ -117,18 +104,18 @@ class TokenStore:
         now = now or datetime.now(UTC)
         token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
         record = JoinToken(token_hash(token), identity, node, now, now + ttl)
-        with locked(self.directory):
+        with self.file.locked():
             tokens = self._load(now)
             if len(tokens) >= MAX_TOKENS:
                 raise TokenError(
                     f"{len(tokens)} unexpired join tokens already exist (at most {MAX_TOKENS})"
                 )
             tokens[record.digest] = record
-            self._save(tokens)
+            self.file.write(tokens)
         return token, record
 
     def list(self, now: datetime | None = None) -> list[JoinToken]:
-        with locked(self.directory):
+        with self.file.locked():
             tokens = self._load(now or datetime.now(UTC))
         return sorted(tokens.values(), key=lambda t: (t.expires, t.digest))
 
@@ -137,12 +124,12 @@ class TokenStore:
         token is unknown or already used (the same answer for both) or expired."""
         now = now or datetime.now(UTC)
         digest = token_hash(token)
-        with locked(self.directory):
-            stored = {d: JoinToken.from_json(d, v) for d, v in read_document(self.path).items()}
+        with self.file.locked():
+            stored = self.file.read()
             found = next((t for d, t in stored.items() if hmac.compare_digest(d, digest)), None)
             live = {d: t for d, t in stored.items() if t.expires > now and d != digest}
             if found is not None or len(live) != len(stored):
-                self._save(live)
+                self.file.write(live)
         if found is None:
             raise TokenError("join token refused: unknown, already used, or expired")
         if found.expires <= now:
@@ -153,11 +140,11 @@ class TokenStore:
 
     def delete(self, token_id: str) -> bool:
         """Revoke an unused token by its ID (the hash prefix ``token list`` shows)."""
-        with locked(self.directory):
+        with self.file.locked():
             tokens = self._load(datetime.now(UTC))
             matches = [d for d in tokens if d.startswith(token_id)] if token_id else []
             if len(matches) != 1:
                 return False
             del tokens[matches[0]]
-            self._save(tokens)
+            self.file.write(tokens)
         return True
