@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +32,7 @@ from meshca.issuer import Issuer, IssuerError, TrustBundle, TtlPolicy
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore
+from meshca.util.aio import run_until_signalled
 from meshca.xds.auth import CallerAuthenticator
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import UdsFrontDoor
@@ -219,17 +219,6 @@ class MeshcaAgent:
         self.client.close()
 
     async def run(self, on_ready: Callable[[MeshcaAgent], None] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            await self.start()
-            if on_ready is not None:
-                on_ready(self)
-            await stop.wait()
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(Exception):
-                    loop.remove_signal_handler(signum)
-            await self.stop()
+        """Start, then serve until SIGTERM or SIGINT, then stop."""
+        ready = (lambda: on_ready(self)) if on_ready is not None else None
+        await run_until_signalled(self.start, self.stop, ready)

@@ -11,9 +11,7 @@ handshakes pick up the renewed certificate and the current bundle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 import grpc
@@ -51,6 +49,7 @@ from meshca.store import (
     StoreEvent,
     SvidChanged,
 )
+from meshca.util.aio import run_until_signalled
 from meshca.util.durations import format_duration
 from meshca.util.formats import serial_hex
 from meshca.util.netaddr import format_address
@@ -436,18 +435,5 @@ class MeshcaServer:
 
     async def run(self, on_ready: Callable[[MeshcaServer], None] | None = None) -> None:
         """Start, then serve until SIGTERM or SIGINT, then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            await self.start()
-            if on_ready is not None:
-                on_ready(self)
-            await stop.wait()
-            log.info("signal received: shutting down")
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(Exception):
-                    loop.remove_signal_handler(signum)
-            await self.stop()
+        ready = (lambda: on_ready(self)) if on_ready is not None else None
+        await run_until_signalled(self.start, self.stop, ready, log=log)

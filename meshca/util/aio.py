@@ -1,5 +1,6 @@
-"""Small asyncio pieces shared by the server's background tasks, and the one loop they
-run on (:class:`Periodic`).
+"""Small asyncio pieces shared by the server's background tasks, the one loop they run
+on (:class:`Periodic`), and the life of a long-running command until a signal stops it
+(:func:`run_until_signalled`, for ``meshca serve`` and ``meshca agent``).
 
 ``wait_event`` and ``cancel_and_wait`` exist because of how Python 3.11's
 ``asyncio.wait_for`` and a bare ``suppress(CancelledError)`` treat cancellation:
@@ -11,7 +12,9 @@ hides a cancellation aimed at the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +40,37 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+async def run_until_signalled(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    on_ready: Callable[[], None] | None = None,
+    *,
+    log: logging.Logger | None = None,
+) -> None:
+    """``start``, call ``on_ready``, wait for SIGTERM or SIGINT (said on ``log``), then
+    ``stop``: also when starting fails or is interrupted. The signal handlers are removed
+    before ``stop``, so a second signal interrupts a stop that hangs."""
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, signalled.set)
+    try:
+        await start()
+        if on_ready is not None:
+            on_ready()
+        await signalled.wait()
+        if log is not None:
+            log.info("signal received: shutting down")
+    finally:
+        for signum in STOP_SIGNALS:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+        await stop()
 
 
 class Periodic:
