@@ -115,3 +115,20 @@ def test_issue_and_inspect_keep_a_serials_leading_zero(
     cert = x509.load_pem_x509_certificate((tmp_path / "web" / "cert.pem").read_bytes())
     assert cert.serial_number == serial
     assert issued["not_after"] == inspected["not_after"] == rfc3339(cert.not_valid_after_utc)
+
+
+def test_a_negative_serial_is_shown_not_a_crash(tmp_path: Path) -> None:
+    """RFC 5280 forbids negative serials, but a damaged or foreign certificate can carry
+    one: it is shown with a sign, as openssl does, and ``meshca inspect`` answers."""
+    assert serial_hex(-0x1234) == "-" + "0" * 28 + "1234"
+    serial = 0x0123456789ABCDEF0123456789ABCDEF
+    der = bytearray(certificate(serial).public_bytes(serialization.Encoding.DER))
+    at = bytes(der).index(serial.to_bytes(16, "big"))
+    der[at] = 0x81  # the INTEGER's top bit set: now a negative serial
+    path = tmp_path / "negative.der"
+    path.write_bytes(bytes(der))
+    with pytest.warns(UserWarning, match="negative serial"):  # cryptography's own warning
+        assert x509.load_der_x509_certificate(bytes(der)).serial_number < 0
+    result = meshca_process("inspect", path, cwd=tmp_path)
+    assert result.returncode in (0, 1), result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") <= 1

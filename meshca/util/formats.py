@@ -15,9 +15,11 @@ SERIAL_BYTES = 16  # meshca's serials are 128 bits: always 32 hex digits
 def serial_hex(serial: int) -> str:
     """Lower-case hex of the serial's bytes, leading zeros kept, as ``openssl x509
     -serial`` and Envoy show it: 32 digits for a 128-bit serial, more for a longer one
-    (Vault's are 20 bytes)."""
-    length = max(SERIAL_BYTES, (serial.bit_length() + 7) // 8)
-    return serial.to_bytes(length, "big").hex()
+    (Vault's are 20 bytes). A negative serial (RFC 5280 forbids one, but a damaged or
+    foreign certificate can carry it) is shown as ``-`` and its magnitude, as openssl does."""
+    sign, magnitude = ("-", -serial) if serial < 0 else ("", serial)
+    length = max(SERIAL_BYTES, (magnitude.bit_length() + 7) // 8)
+    return sign + magnitude.to_bytes(length, "big").hex()
 
 
 def rfc3339(moment: datetime) -> str:
