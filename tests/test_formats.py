@@ -127,7 +127,7 @@ def test_a_negative_serial_is_shown_not_a_crash(tmp_path: Path) -> None:
     der[at] = 0x81  # the INTEGER's top bit set: now a negative serial
     path = tmp_path / "negative.der"
     path.write_bytes(bytes(der))
-    with pytest.warns(UserWarning, match="negative serial"):  # cryptography's own warning
+    with pytest.warns(UserWarning, match="wasn.t positive"):  # cryptography's own warning
         assert x509.load_der_x509_certificate(bytes(der)).serial_number < 0
     result = meshca_process("inspect", path, cwd=tmp_path)
     assert result.returncode in (0, 1), result.stderr
