@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run bookstore test lint typecheck unit system-tools bench soak clean protos
+.PHONY: run bookstore test lint typecheck unit system-tools bench soak kube clean protos
 
 # A venv whose creation failed halfway (no ensurepip) has a python but no pip: made again.
 $(STAMP): pyproject.toml
@@ -55,6 +55,11 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak_rotation.py
+
+# The Kubernetes test peers (kube-apiserver, kube-controller-manager, etcd), built from the
+# Go module proxy into ~/.cache/meshca once. Needs Go; not part of `make test` yet.
+kube:
+	bash tests/kube/build.sh
 
 # Regenerate meshca/ca_api/ca_pb2.py{,i} from ca.proto (grpcio-tools only in this venv;
 # the service bindings are built from its descriptor in meshca/ca_api/rpc.py).
