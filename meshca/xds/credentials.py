@@ -32,6 +32,10 @@ from meshca.xds.auth import Caller, credential_problem
 
 log = logging.getLogger("meshca.sds")
 
+# How long a stream whose certificate stopped chaining to the bundle (not expired) is kept
+# after the bundle change, so that it receives that bundle before it ends.
+BUNDLE_CHANGE_GRACE = 5.0
+
 
 class CredentialWatch:
     """Ends a caller's stream when its client certificate expires or stops chaining to
@@ -60,6 +64,10 @@ class CredentialWatch:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), max(left, 0.0) + 0.001)
 
+    @staticmethod
+    def _expired(caller: Caller) -> bool:
+        return caller.not_after is not None and caller.not_after <= datetime.now(UTC)
+
     async def serve(
         self,
         caller: Caller,
@@ -75,6 +83,10 @@ class CredentialWatch:
         lapse = asyncio.ensure_future(self._lapse(caller))
         try:
             await asyncio.wait((served, lapse), return_when=asyncio.FIRST_COMPLETED)
+            if lapse.done() and not served.done() and not self._expired(caller):
+                # A root rotation's last step took the caller's root away: the push of
+                # that bundle is already on its way; let it arrive, then end the stream.
+                await asyncio.wait((served,), timeout=BUNDLE_CHANGE_GRACE)
         finally:
             if not served.done():
                 served.cancel()
