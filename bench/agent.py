@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from benchlib.fanout import bounded, health_fanout
+from grpc_health.v1 import health_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
@@ -257,16 +258,6 @@ def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> float:
 # --- Workload API fan-out -----------------------------------------------------------------
 
 
-async def bounded(coroutines: list[Any], limit: int) -> None:
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(coroutine: Any) -> None:
-        async with semaphore:
-            await coroutine
-
-    await asyncio.gather(*(run(c) for c in coroutines))
-
-
 async def fanout(child: Child, streams: int, channels: list[Any]) -> dict[str, Any]:
     metadata = (("workload.spiffe.io", "true"),)
     stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(c) for c in channels]
@@ -306,32 +297,6 @@ async def fanout(child: Child, streams: int, channels: list[Any]) -> dict[str, A
     }
 
 
-async def health_fanout(child: Child, streams: int, channels: list[Any]) -> float:
-    stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
-    request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
-    calls: list[Any] = []
-
-    async def first(stub: Any) -> None:
-        call = stub.Watch(request)
-        calls.append(call)
-        await call.read()
-
-    await bounded([first(stubs[i % len(stubs)]) for i in range(streams)], 500)
-    arrivals: list[float] = []
-
-    async def next_status(call: Any) -> None:
-        await call.read()
-        arrivals.append(time.monotonic())
-
-    waiting = [asyncio.ensure_future(next_status(c)) for c in calls]
-    await asyncio.sleep(0.2)
-    change = await child.ask("health")
-    await asyncio.wait_for(asyncio.gather(*waiting), 300)
-    for call in calls:
-        call.cancel()
-    return max(arrivals) - change["changed_at"]
-
-
 def spire_status() -> str:
     if shutil.which("go") is None:
         return "skipped: no Go"
@@ -365,7 +330,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ]
         result.update(await fanout(child, args.streams, channels))
         await asyncio.sleep(0.3)
-        health = await health_fanout(child, args.streams, channels)
+        health = await health_fanout(
+            child.ask, HEALTH_SERVICE, args.streams, channels, max_opening=500, timeout=300
+        )
         result["baseline_health_s"] = round(health, 4)
         result["fanout_ratio"] = round(result["fanout_s"] / health, 2)
         result["spire"] = spire_status()

@@ -65,10 +65,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from benchlib.fanout import bounded, health_fanout
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from meshca.xds.resources import SECRET_TYPE
 
@@ -347,20 +348,6 @@ class SdsStream:
         )
 
 
-async def bounded(coroutines: list[Any], limit: int) -> None:
-    """Run ``coroutines`` with at most ``limit`` in flight (0: all at once)."""
-    if limit <= 0:
-        await asyncio.gather(*coroutines)
-        return
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(coroutine: Any) -> None:
-        async with semaphore:
-            await coroutine
-
-    await asyncio.gather(*(run(c) for c in coroutines))
-
-
 async def sds_fanout(
     args: argparse.Namespace, server: ServerProcess, channels: list[Any]
 ) -> dict[str, Any]:
@@ -430,35 +417,6 @@ async def operator_fanout(
         "operator_start_to_reply_s": round(replied - started, 4),
         "operator_reply_bytes": len(out),
     }
-
-
-async def health_fanout(
-    args: argparse.Namespace, server: ServerProcess, channels: list[Any]
-) -> float:
-    """The baseline: gRPC's health service pushing one status change to N watchers."""
-    stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
-    calls: list[Any] = []
-    request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
-
-    async def first(stub: Any) -> None:
-        call = stub.Watch(request)  # created when admitted, like the SDS streams
-        calls.append(call)
-        await call.read()
-
-    await bounded([first(stubs[i % len(stubs)]) for i in range(args.streams)], args.max_opening)
-    arrivals: list[float] = []
-
-    async def next_status(call: Any) -> None:
-        await call.read()
-        arrivals.append(time.monotonic())
-
-    waiting = [asyncio.ensure_future(next_status(c)) for c in calls]
-    await asyncio.sleep(0.2)
-    change = await server.ask("health")
-    await asyncio.wait_for(asyncio.gather(*waiting), 120)
-    for call in calls:
-        call.cancel()
-    return max(arrivals) - change["changed_at"]
 
 
 # --- the realistic cases ------------------------------------------------------------------
@@ -648,7 +606,14 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         if "burst" in args.cases:
             result.update(await burst_opens(args, root, server))
-        baseline = await health_fanout(args, server, channels)
+        baseline = await health_fanout(
+            server.ask,
+            HEALTH_SERVICE,
+            args.streams,
+            channels,
+            max_opening=args.max_opening,
+            timeout=120,
+        )
         result["baseline_health_fanout_s"] = round(baseline, 4)
         result["ratio_vs_baseline"] = round(result["push_to_last_ack_s"] / baseline, 2)
         if "operator" in args.cases:  # against the in-process bundle change of this run

@@ -1,0 +1,1 @@
+"""Pieces the benches share (not a bench itself: ``bench/*.py`` are the benches)."""
