@@ -4,9 +4,17 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 
 import pytest
+
+# Some tests press Ctrl-C (SIGINT) on a meshca process, as a terminal would. A test run
+# started as a background job of a non-interactive shell inherits SIGINT *ignored*, and an
+# ignored signal stays ignored across exec, so every meshca started by a test would ignore
+# it too. A handled signal is reset to the default at exec: what a terminal gives a command.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -324,7 +324,21 @@ class Stream:
         return self._pending
 
     async def send(self, request: Any) -> None:
-        await self.call.write(request)
+        """Write ``request``. A server that ends the call before reading (a refused
+        caller) makes gRPC fail the write itself with INTERNAL; what the client is told
+        is the call's own status, which is raised instead."""
+        try:
+            await self.call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            code = await self.call.code()
+            if code in (grpc.StatusCode.OK, exc.code()):
+                raise
+            raise grpc.aio.AioRpcError(
+                code,
+                await self.call.initial_metadata(),
+                await self.call.trailing_metadata(),
+                await self.call.details(),
+            ) from exc
 
     async def recv(self, timeout: float = TIMEOUT) -> Any:
         response = await asyncio.wait_for(asyncio.shield(self._read()), timeout)
