@@ -31,7 +31,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from benchlib.child import JsonChild
 from benchlib.fanout import bounded, health_fanout
 from grpc_health.v1 import health_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
@@ -142,41 +142,11 @@ async def host(root: Path) -> None:
     await server.stop(0)
 
 
-class Child:
+class Child(JsonChild):
     def __init__(self, root: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--role", "host", "--root", str(root)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        super().__init__(
+            [sys.executable, __file__, "--role", "host", "--root", str(root)], "meshca"
         )
-        self.lock = threading.Lock()
-        self.hello = self.ask_sync(None)
-
-    def ask_sync(self, command: str | None) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        with self.lock:
-            if command is not None:
-                self.process.stdin.write(command + "\n")
-                self.process.stdin.flush()
-            line = self.process.stdout.readline()
-        if not line:
-            raise SystemExit(f"the meshca process exited ({self.process.wait()})")
-        return dict(json.loads(line))
-
-    async def ask(self, command: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.ask_sync, command)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.write("quit\n")
-            self.process.stdin.flush()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 # --- CSR signing throughput ---------------------------------------------------------------

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from benchlib.child import JsonChild
 from benchlib.fanout import bounded, health_fanout
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -231,12 +232,12 @@ async def serve(
 # --- the client (this process) -----------------------------------------------------------
 
 
-class ServerProcess:
+class ServerProcess(JsonChild):
     def __init__(
         self, root: Path, workloads: int = 0, cpu: int | None = None, gc_mode: str = "serve"
     ) -> None:
         pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
-        self.process = subprocess.Popen(
+        super().__init__(
             [
                 *pin,
                 sys.executable,
@@ -252,35 +253,8 @@ class ServerProcess:
                 "--gc",
                 gc_mode,
             ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            "server",
         )
-        self.hello = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise SystemExit(f"the server process exited ({self.process.wait()})")
-        return dict(json.loads(line))
-
-    async def ask(self, command: str) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        return await asyncio.to_thread(self._read)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.write("quit\n")
-            self.process.stdin.flush()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def make_channels(args: argparse.Namespace, root: Path, hello: dict[str, Any]) -> list[Any]:
