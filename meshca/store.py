@@ -29,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from meshca.issuer import Issuer, IssuerError, TrustBundle, X509Svid
 from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, issued_at, renewal_time
 from meshca.spiffe import SpiffeId
+from meshca.util.aio import call_inline_or_in_thread
 from meshca.util.formats import rfc3339, serial_hex
 from meshca.util.retry import Backoff
 
@@ -291,12 +292,13 @@ class SecretStore:
         dns = self.dns_names.get(spiffe_id, ())
         requested = datetime.now(UTC)
         try:
-            if self.issuer.issues_quickly():
-                svid = self.issuer.issue(spiffe_id, ttl=self.ttl, dns_names=dns)
-            else:
-                svid = await asyncio.to_thread(
-                    self.issuer.issue, spiffe_id, ttl=self.ttl, dns_names=dns
-                )
+            svid = await call_inline_or_in_thread(
+                self.issuer.issues_quickly(),
+                self.issuer.issue,
+                spiffe_id,
+                ttl=self.ttl,
+                dns_names=dns,
+            )
         except Exception:
             self.issue_failures += 1
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 from grpc_health.v1.health import aio as health_aio
@@ -12,7 +13,7 @@ from meshca.backends.opened import OpenedBackend
 from meshca.issuer import ActiveSigner, Issuer
 from meshca.serve.health import HealthMonitor
 from meshca.store import SecretStore
-from meshca.util.aio import Periodic, cancel_and_wait, wait_event
+from meshca.util.aio import Periodic, call_inline_or_in_thread, cancel_and_wait, wait_event
 from tests.ca_factory import make_ca
 
 
@@ -100,3 +101,9 @@ async def test_periodic_runs_its_step_at_each_interval_and_at_once_when_woken() 
     task = periodic._task
     await periodic.stop()
     assert task is not None and task.done() and not periodic.running
+
+
+async def test_quick_work_runs_on_the_loop_and_slow_work_in_a_thread() -> None:
+    loop_thread = threading.get_ident()
+    assert await call_inline_or_in_thread(True, threading.get_ident) == loop_thread
+    assert await call_inline_or_in_thread(False, threading.get_ident) != loop_thread

@@ -38,6 +38,7 @@ from meshca.issuer.errors import BACKEND_UNAVAILABLE, CsrError, KeyTypeError, Sv
 from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtError, JwtSigner, jwt_bundle_json
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError
+from meshca.util.aio import call_inline_or_in_thread
 from meshca.util.formats import rfc3339, serial_hex
 
 log = logging.getLogger("meshca.ca_api")
@@ -110,9 +111,9 @@ class AgentCaServicer:
         self, context: Context, spiffe_id: SpiffeId, csr: bytes, ttl: timedelta | None
     ) -> X509Svid:
         try:
-            if self.issuer.issues_quickly():  # a local EC signer: less work than a thread hop
-                return self.issuer.sign_csr(spiffe_id, csr, ttl=ttl)
-            return await asyncio.to_thread(self.issuer.sign_csr, spiffe_id, csr, ttl=ttl)
+            return await call_inline_or_in_thread(
+                self.issuer.issues_quickly(), self.issuer.sign_csr, spiffe_id, csr, ttl=ttl
+            )
         except (CsrError, KeyTypeError, TtlError) as exc:  # about the caller's own request
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except IssuerError as exc:

@@ -16,7 +16,10 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -27,6 +30,17 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return event.is_set()
     return True
+
+
+async def call_inline_or_in_thread(
+    inline: bool, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """``function(*args, **kwargs)`` on the loop when ``inline`` (work shorter than a
+    thread hand-off, such as an EC issuance signed in this process), else in a thread
+    (RSA key generation, a remote signer), so the loop never blocks for long."""
+    if inline:
+        return function(*args, **kwargs)
+    return await asyncio.to_thread(function, *args, **kwargs)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
