@@ -180,6 +180,11 @@ def test_source_wildcards_admit_a_namespace_or_the_whole_mesh() -> None:
     outsider = SpiffeId.parse("spiffe://evil.example/ns/bookstore/sa/x")
     assert not mesh.may_call(outsider, mysql, 3306)
     assert mesh.reachable(outsider) == ()
+    # who may learn the identities behind a service (its outbound validation secret)
+    assert mesh.may_reach(newcomer, "bookwarehouse", "bookwarehouse")
+    assert mesh.may_reach(thief, "bookwarehouse", "mysql")
+    assert not mesh.may_reach(thief, "bookwarehouse", "bookwarehouse")
+    assert not mesh.may_reach(outsider, "bookwarehouse", "mysql")
 
 
 def test_timeouts_and_mtls_modes_are_read_per_port_and_service() -> None:

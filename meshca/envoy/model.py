@@ -272,10 +272,12 @@ class Mesh:
     def may_reach(self, caller: SpiffeId, namespace: str, name: str) -> bool:
         """Whether ``caller`` may call service ``namespace/name`` on any port (a policy
         lists it, or the mesh is permissive): only then may it learn who serves it."""
+        if caller.trust_domain != self.trust_domain:
+            return False
         if self.permissive:
-            return caller.trust_domain == self.trust_domain
+            return True
         key = f"{namespace}/{name}"
-        return any(p.service == key and caller in p.sources for p in self.policies)
+        return any(p.service == key and p.callers.admits(caller) for p in self.policies)
 
     def reachable(self, caller: SpiffeId) -> tuple[tuple[Service, ServicePort], ...]:
         """The (service, port) pairs ``caller`` may call, sorted; only services with an address."""
