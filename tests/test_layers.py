@@ -80,6 +80,12 @@ RULES = [  # (modules, packages they must not import, why)
         "the CSR API signs through the issuer; it knows nothing of SDS or the agent runtime",
     ),
     (
+        "kube",
+        ("meshca.sds", "meshca.backends", "meshca.rotation", "meshca.agent"),
+        "Kubernetes is a source of the mesh model (envoy) and an attestor, not a second "
+        "path for serving or issuance",
+    ),
+    (
         "agent",
         (
             "meshca.backends",
