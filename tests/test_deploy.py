@@ -210,6 +210,36 @@ def test_every_rendered_object_validates_strictly(rendered: list[Obj]) -> None:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
+CRDS = DEPLOY / "kubernetes" / "crds"
+GATEWAY_API = DEPLOY / "kubernetes" / "gateway-api"
+GATEWAY_API_VERSION = "v1.6.1"
+
+
+@pytest.mark.parametrize("directory", [CRDS, GATEWAY_API], ids=["crds", "gateway-api"])
+def test_crds_render_and_validate(directory: Path) -> None:
+    """Each CRD is a valid CustomResourceDefinition (the API server installs them in
+    tests/test_kube_objects.py, which checks what their schemas accept and refuse)."""
+    crds = _render(directory)
+    assert crds and all(o["kind"] == "CustomResourceDefinition" for o in crds)
+    for crd in crds:
+        kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
+        for version in crd["spec"]["versions"]:
+            assert version["subresources"]["status"] == {}, "status is written separately"
+
+
+def test_the_gateway_api_crd_is_vendored_whole_with_its_license_and_version() -> None:
+    (path,) = GATEWAY_API.glob("gateway.networking.k8s.io_*.yaml")
+    text = path.read_text()
+    header = text.split("apiVersion:", 1)[0]
+    assert "Licensed under the Apache License, Version 2.0" in header
+    assert f"Gateway API {GATEWAY_API_VERSION} (standard channel)" in header
+    (crd,) = _render(GATEWAY_API)
+    annotations = crd["metadata"]["annotations"]
+    assert annotations["gateway.networking.k8s.io/bundle-version"] == GATEWAY_API_VERSION
+    assert annotations["gateway.networking.k8s.io/channel"] == "standard"
+    assert crd["spec"]["names"]["kind"] == "HTTPRoute"
+
+
 def _misspell(deployment: Obj) -> None:
     deployment["spec"]["replica"] = deployment["spec"].pop("replicas")
 

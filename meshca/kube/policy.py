@@ -340,6 +340,8 @@ def _parent(
 def _split_of(parent: Service, backends: list[_Backend], mesh: Mesh, where: str) -> TrafficSplit:
     own = {w.key for w in mesh.endpoints(parent)}
     for backend in backends:
+        if not backend.weight:
+            continue  # takes no traffic: where it would send it does not matter yet
         strays = sorted(w.key for w in mesh.endpoints(backend.service) if w.key not in own)
         if strays:
             raise _Refused(
