@@ -16,6 +16,8 @@ object and why, its recovery as info. Messages are bounded by ``policy.MAX_MESSA
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -171,41 +173,77 @@ def desired_status(
 
 class StatusWriter:
     """Writes verdicts to objects' status through ``patch`` and logs each change of verdict
-    once. Remembers the last verdict logged per object (only for objects still present)."""
+    once.
 
-    def __init__(self, patch: PatchStatus) -> None:
+    ``write`` is one round over the objects as last seen (with their status);
+    ``submit`` hands the latest objects and verdicts to ``run``, the loop a server
+    runs, which writes only the newest of several submitted meanwhile and retries a
+    round that could not write everything after ``retry`` seconds. What it remembers is
+    bounded by the objects present.
+    """
+
+    def __init__(self, patch: PatchStatus, *, retry: float = 5.0) -> None:
         self._patch = patch
+        self.retry = retry
         self._logged: dict[ObjectRef, Verdict] = {}
+        # the resourceVersion each object's status was last written from: until the watch
+        # brings the object back with what was written, it is not written again
+        self._written: dict[ObjectRef, str] = {}
+        self._failed = 0
+        self._pending: tuple[list[Mapping[str, Any]], list[Verdict]] | None = None
+        self._wake = asyncio.Event()
 
     async def write(self, objects: Iterable[Mapping[str, Any]], verdicts: Iterable[Verdict]) -> int:
         """Bring every object's status in line with its verdict; returns how many were
-        patched. A refused patch (a conflict, the object gone) is logged and left to the
-        next round: it never stops the others."""
+        patched. A refused patch (a conflict, the object gone, the API server away) is
+        logged and retried later: it never stops the others."""
         by_ref = {v.ref: v for v in verdicts}
         present: set[ObjectRef] = set()
-        patched = 0
+        patched = failed = 0
         for obj in objects:
             ref = ref_of(obj)
             present.add(ref)
             verdict = by_ref.get(ref)
             if verdict is not None:
                 self._log(verdict)
+            version = str((obj.get("metadata") or {}).get("resourceVersion"))
+            if self._written.get(ref) == version:
+                continue
             body = desired_status(obj, verdict)
             if body is None:
                 continue
             try:
                 await self._patch(status_path(obj), body)
             except Exception as exc:  # one object's status never stops the rest
+                failed += 1
                 logger.info(
-                    "status of %s not written (retried on the next change): %s",
-                    ref,
-                    shorten(str(exc)),
+                    "status of %s not written (tried again later): %s", ref, shorten(str(exc))
                 )
                 continue
+            self._written[ref] = version
             patched += 1
         for gone in set(self._logged) - present:
             del self._logged[gone]
+        for gone in set(self._written) - present:
+            del self._written[gone]
+        self._failed = failed
         return patched
+
+    def submit(self, objects: Iterable[Mapping[str, Any]], verdicts: Iterable[Verdict]) -> None:
+        """The objects and verdicts of the newest mesh, for ``run`` to write."""
+        self._pending = (list(objects), list(verdicts))
+        self._wake.set()
+
+    async def run(self) -> None:
+        last: tuple[list[Mapping[str, Any]], list[Verdict]] | None = None
+        while True:
+            with contextlib.suppress(TimeoutError):  # a timeout: retry the last round
+                await asyncio.wait_for(self._wake.wait(), self.retry if self._failed else None)
+            self._wake.clear()
+            if self._pending is not None:
+                last, self._pending = self._pending, None
+            if last is not None:
+                await self.write(*last)
 
     def _log(self, verdict: Verdict) -> None:
         before = self._logged.get(verdict.ref)
