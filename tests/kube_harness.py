@@ -34,8 +34,10 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -640,3 +642,79 @@ def namespace_name(test_name: str) -> str:
     """A fresh DNS-label namespace name recognisably from ``test_name``."""
     slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower().removeprefix("test_")).strip("-")
     return f"{slug[:50].rstrip('-')}-{secrets.token_hex(3)}"
+
+
+class Relay:
+    """A TCP relay on loopback in front of the API server, for a client the test wants to
+    cut off (``cut``: its connections close and new ones are refused) while the test's
+    own admin client, which talks to the API server directly, keeps working; ``restore``
+    lets it through again. TLS passes through untouched (the certificate names 127.0.0.1)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.url = f"https://127.0.0.1:{self.port}"
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def kubeconfig(self, cluster: KubeCluster, path: Path) -> Path:
+        """The admin kubeconfig, pointing at this relay."""
+        config = yaml.safe_load(cluster.kubeconfig.read_text())
+        config["clusters"][0]["cluster"]["server"] = self.url
+        return _write_private(path, yaml.safe_dump(config).encode())
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            with self._lock:
+                self._sockets.discard(source)
+                self._sockets.discard(sink)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()

@@ -182,6 +182,8 @@ SERVER_LIBRARIES = (
     "hvac",
     "apscheduler",
     "asyncio",
+    "lightkube",  # --kubernetes only
+    "httpx2",
 )
 _LOADED = """
 import contextlib, io, json, sys
@@ -278,3 +280,19 @@ def test_file_commands_load_only_what_they_use(tmp_path: Path, argv: list[str]) 
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert not [m for m in loaded for h in NOT_FOR_FILE_COMMANDS if m == h or m.startswith(h + ".")]
+
+
+def test_serving_a_mesh_file_does_not_load_the_kubernetes_client() -> None:
+    """The Kubernetes client library loads for ``serve --kubernetes`` only: the runtime
+    that serves a mesh file (or none) imports it nowhere at module level."""
+    code = (
+        "import json, sys\n"
+        "import meshca.serve.server, meshca.cli.commands.serve\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert not [m for m in loaded if m.startswith(("lightkube", "httpx2", "meshca.kube"))]

@@ -305,6 +305,26 @@ OPTIONS: tuple[Option, ...] = (
         is_path=True,
     ),
     Option(
+        "kubernetes",
+        parse_bool,
+        "false",
+        "read the mesh from the Kubernetes API instead of a mesh file: Services, "
+        "EndpointSlices and Pods of the namespaces labelled meshca.io/mesh=enabled, "
+        "HTTPRoutes and AccessPolicies (in-cluster configuration inside a pod, else "
+        "--kubeconfig; docs/mesh.md)",
+        ("serve",),
+        switch=True,
+    ),
+    Option(
+        "kubeconfig",
+        _path,
+        None,
+        "with --kubernetes outside a pod: the kubeconfig file (its current context)",
+        ("serve",),
+        metavar="FILE",
+        is_path=True,
+    ),
+    Option(
         "server_id",
         SpiffeId.parse,
         None,

@@ -65,6 +65,9 @@ class ServeConfig:
     uds_private_dir: Path | None = None
     mesh_file: Path | None = None
     mesh_poll_interval: float = DEFAULT_POLL_INTERVAL
+    kubernetes: bool = False  # the mesh from the Kubernetes API (meshca.kube)
+    kubeconfig: Path | None = None  # None: in-cluster configuration
+    kube_debounce: float = 0.1  # seconds of quiet before a rebuild from the API's events
     leaf_ttl: timedelta = DEFAULT_LEAF_TTL
     max_leaf_ttl: timedelta = DEFAULT_MAX_LEAF_TTL
     server_id: SpiffeId | None = None
@@ -102,6 +105,12 @@ class ServeConfig:
             raise NothingToListenOn(
                 "nothing to listen on: give --listen HOST:PORT and/or --uds PATH"
             )
+        if self.kubernetes and self.mesh_file is not None:
+            raise ServeError(
+                "--mesh and --kubernetes are two sources of the mesh: give one of them"
+            )
+        if self.kubeconfig is not None and not self.kubernetes:
+            raise ServeError("--kubeconfig is read only with --kubernetes")
 
     def server_identity(self, trust_domain: TrustDomain) -> SpiffeId:
         """meshca's own identity in ``trust_domain`` (``--server-id``, or the default for

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,6 +61,9 @@ from meshca.xds.server_options import XDS_SERVER_OPTIONS
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
 
+if TYPE_CHECKING:
+    from meshca.serve.kube import KubeSource
+
 log = logging.getLogger("meshca.server")
 
 SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
@@ -83,6 +87,7 @@ class MeshcaServer:
         self.issuer = self._new_issuer()
         self.store = self._new_store()
         self.mesh_file = self._new_mesh_file()
+        self.kube = self._new_kube_source()
         self._mesh = self.mesh_file.mesh if self.mesh_file else Mesh.empty(self.trust_domain)
         self.stats = XdsStats()
         self.front_door = self._new_front_door()
@@ -162,6 +167,15 @@ class MeshcaServer:
             self._mesh_changed,
             interval=config.mesh_poll_interval,
         )
+
+    def _new_kube_source(self) -> KubeSource | None:
+        """``--kubernetes``: the mesh from the API server (its client library loads only
+        here, never for a mesh file)."""
+        if not self.config.kubernetes:
+            return None
+        from meshca.serve.kube import KubeSource
+
+        return KubeSource.open(self.config, self.trust_domain, self._mesh_changed)
 
     def _new_front_door(self) -> UdsFrontDoor | None:
         config = self.config
@@ -309,6 +323,8 @@ class MeshcaServer:
     async def start(self) -> None:
         config = self.config
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until judged
+        if self.kube is not None:  # never serve a mesh with part of the cluster missing
+            self._mesh = await self.kube.first_mesh()
         self.store.start()
         self._unsubscribe = self.store.subscribe(self._store_event)
         if self.backend.health is not None:  # renewals that failed run when it is back
@@ -404,6 +420,8 @@ class MeshcaServer:
             await self.front_door.close()
         if self.mesh_file is not None:
             await self.mesh_file.stop()
+        if self.kube is not None:
+            await self.kube.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._stop_recovery is not None:

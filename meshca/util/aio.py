@@ -74,7 +74,25 @@ async def run_until_signalled(
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, signalled.set)
     try:
-        await start()
+        # A start that waits (for the API server's first lists, say) ends at a signal too.
+        async def starts() -> None:
+            await start()
+
+        starting = loop.create_task(starts())
+        stopping = loop.create_task(signalled.wait())
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+        if starting.cancelled():
+            if log is not None:
+                log.info("signal received while starting: shutting down")
+            return
+        starting.result()  # a start that failed raises here
         if on_ready is not None:
             on_ready()
         await signalled.wait()

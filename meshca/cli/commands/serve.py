@@ -54,6 +54,8 @@ def _serve_config(settings: Settings) -> ServeConfig:
         uds_mode=settings["uds_mode"],
         uds_identities=settings["uds_identity"] or {},
         mesh_file=settings["mesh"],
+        kubernetes=settings["kubernetes"],
+        kubeconfig=settings["kubeconfig"],
         leaf_ttl=settings["leaf_ttl"],
         max_leaf_ttl=settings["max_leaf_ttl"],
         server_id=settings["server_id"],
@@ -100,6 +102,12 @@ def _announce(server: MeshcaServer) -> None:
     if server.mesh_file is not None:
         count = len(server.mesh.services)
         lines.append(f"mesh file {server.mesh_file.path}: {count} service(s), reloaded on change")
+    if server.kube is not None:
+        count = len(server.mesh.services)
+        lines.append(
+            f"mesh from the Kubernetes API at {server.kube.target.server}: {count} service(s), "
+            "watched"
+        )
     print("\n".join(lines), flush=True)
 
 
@@ -137,7 +145,8 @@ COMMAND = Command(
         "whose callers are identified by uid (--uds-identity). Certificates are issued "
         "on first request, renewed at half their lifetime and pushed at once. The same "
         "server speaks ADS: clusters, endpoints, listeners, routes and secrets generated "
-        "from --mesh for each proxy's identity ('meshca bootstrap --ads'). Stops "
+        "from --mesh (or, with --kubernetes, from the Kubernetes API) for each proxy's "
+        "identity ('meshca bootstrap --ads'). Stops "
         "gracefully on SIGTERM or SIGINT."
     ),
 )

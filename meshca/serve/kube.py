@@ -1,0 +1,65 @@
+"""``--kubernetes``: the mesh from the API server, for a running ``meshca serve``.
+
+The runtime's side of :mod:`meshca.kube.source`, as :mod:`meshca.serve.mesh_reload` is
+the mesh file's: it opens the client from the kubeconfig or the pod's service account
+(a bad configuration refuses to start, in one line), starts the watches, and holds
+``start`` until the first complete mesh, saying every 30 s what it still waits for, so
+that nothing is served from half a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from meshca.envoy.model import Mesh
+from meshca.kube.client import KubeApi, KubeConfigError, KubeTarget, load_config
+from meshca.kube.source import KubeMeshSource
+from meshca.serve.config import ServeConfig, ServeError
+from meshca.spiffe import TrustDomain
+
+log = logging.getLogger("meshca.kube")
+
+WAITING_NOTICE = 30.0  # seconds between "still waiting" lines before the first mesh
+
+
+class KubeSource:
+    """The watches and where they point; ``first_mesh`` then ``stop``."""
+
+    def __init__(self, source: KubeMeshSource, target: KubeTarget) -> None:
+        self.source = source
+        self.target = target
+
+    @classmethod
+    def open(
+        cls, config: ServeConfig, trust_domain: TrustDomain, on_change: Callable[[Mesh], None]
+    ) -> KubeSource:
+        try:
+            kube_config, target = load_config(config.kubeconfig)
+            api = KubeApi(kube_config)
+        except KubeConfigError as exc:
+            raise ServeError(f"--kubernetes: {exc}") from None
+        source = KubeMeshSource(api, trust_domain, on_change, debounce=config.kube_debounce)
+        return cls(source, target)
+
+    async def first_mesh(self) -> Mesh:
+        """Start the watches; the first complete mesh."""
+        log.info("reading the mesh from the Kubernetes API at %s (%s)", *self._where())
+        self.source.start()
+        while True:
+            try:
+                return await asyncio.wait_for(self.source.complete(), WAITING_NOTICE)
+            except TimeoutError:
+                missing = [k for k, r in self.source.reflectors.items() if not r.synced.is_set()]
+                log.warning(
+                    "still waiting for the API server's first lists of %s: nothing is served "
+                    "until the whole mesh is known",
+                    ", ".join(missing) or "nothing (building)",
+                )
+
+    def _where(self) -> tuple[str, str]:
+        return self.target.server, self.target.source
+
+    async def stop(self) -> None:
+        await self.source.stop()
