@@ -87,7 +87,7 @@ def load_config(kubeconfig: Path | None) -> tuple[Any, KubeTarget]:
 
 
 class KubeApi:
-    """GET lists and watches on one API server, as JSON."""
+    """Lists and watches on one API server, as JSON (and merge patches of status)."""
 
     def __init__(self, config: Any) -> None:
         params = client_adapter.ConnectionParams(
@@ -111,6 +111,18 @@ class KubeApi:
         if not isinstance(decoded, dict):
             raise KubeApiError(response.status_code, "BadResponse", "not a JSON object")
         return decoded
+
+    async def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (a status subresource's, say); KubeApiError when refused."""
+        response = await self._client.patch(
+            path,
+            content=json.dumps(body).encode(),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        if response.status_code >= 400:
+            raise _api_error(response.status_code, response.content)
+        decoded = json.loads(response.content)
+        return decoded if isinstance(decoded, dict) else {}
 
     @asynccontextmanager
     async def watch(

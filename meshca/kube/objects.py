@@ -5,8 +5,8 @@ a projection to a small frozen record of the fields the mesh is made from (a pod
 service account, labels and IP; a slice's ready addresses and ports...). Projections
 read defensively: an object the API server let through in an unexpected shape becomes
 :class:`Unusable` (logged once by the source), never an exception in the watch.
-HTTPRoutes and AccessPolicies are kept as the API returned them, without their status
-and managed fields, for :mod:`meshca.kube.policy`.
+HTTPRoutes and AccessPolicies are kept as the API returned them (without their managed
+fields), for :mod:`meshca.kube.policy` and :mod:`meshca.kube.status`.
 """
 
 from __future__ import annotations
@@ -212,13 +212,18 @@ def pod_record(obj: Mapping[str, Any]) -> PodRecord:
     )
 
 
-def policy_object(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    """An HTTPRoute or AccessPolicy as :mod:`meshca.kube.policy` reads it: everything but
-    its status and managed fields (which can be large and say nothing about policy)."""
-    meta(obj)
-    metadata = {k: v for k, v in _map(obj.get("metadata"), "metadata").items()}
-    metadata.pop("managedFields", None)
-    return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": metadata}
+def policy_object(api_version: str, kind: str) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
+    """HTTPRoutes or AccessPolicies as :mod:`meshca.kube.policy` reads them and
+    :mod:`meshca.kube.status` writes them: the whole object with its kind (a list's items
+    may lack it) and status, less its managed fields (large, and nothing to do with it)."""
+
+    def project(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        meta(obj)
+        metadata = dict(_map(obj.get("metadata"), "metadata"))
+        metadata.pop("managedFields", None)
+        return {**obj, "apiVersion": api_version, "kind": kind, "metadata": metadata}
+
+    return project
 
 
 @dataclass(frozen=True)
@@ -243,10 +248,16 @@ SERVICES = Kind("Service", "/api/v1/services", service_record)
 ENDPOINT_SLICES = Kind("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", slice_record)
 PODS = Kind("Pod", "/api/v1/pods", pod_record)
 HTTP_ROUTES = Kind(
-    "HTTPRoute", "/apis/gateway.networking.k8s.io/v1/httproutes", policy_object, optional=True
+    "HTTPRoute",
+    "/apis/gateway.networking.k8s.io/v1/httproutes",
+    policy_object("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    optional=True,
 )
 ACCESS_POLICIES = Kind(
-    "AccessPolicy", "/apis/meshca.io/v1alpha1/accesspolicies", policy_object, optional=True
+    "AccessPolicy",
+    "/apis/meshca.io/v1alpha1/accesspolicies",
+    policy_object("meshca.io/v1alpha1", "AccessPolicy"),
+    optional=True,
 )
 MESH_KINDS = (NAMESPACES, SERVICES, ENDPOINT_SLICES, PODS)
 POLICY_KINDS = (HTTP_ROUTES, ACCESS_POLICIES)

@@ -9,8 +9,10 @@ rolled out pod by pod costs a few rebuilds, not one per event. A rebuild runs of
 event loop (thousands of pods) and hands the new mesh to ``on_change`` only when it
 differs: the same path the mesh file's reload takes to ADS.
 
-``on_verdicts`` receives every rebuild's verdicts on policy objects (the hook that
-writes their status); refused objects and unusable ones are also logged, each once.
+``on_verdicts`` receives every rebuild's policy objects and their verdicts (the hook
+:class:`meshca.kube.status.StatusWriter` writes status and logs refusals from); without
+it, refused objects are logged here. Unusable objects and left-out ports are logged,
+each once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from meshca.envoy.model import Mesh
@@ -74,7 +76,7 @@ class KubeMeshSource:
         on_change: Callable[[Mesh], None] | None = None,
         *,
         debounce: float = DEFAULT_DEBOUNCE,
-        on_verdicts: Callable[[Sequence[Verdict]], None] | None = None,
+        on_verdicts: Callable[[list[Mapping[str, Any]], Sequence[Verdict]], None] | None = None,
         reflector_options: dict[str, Any] | None = None,
     ) -> None:
         self.api = api
@@ -163,7 +165,7 @@ class KubeMeshSource:
         self.builds += 1
         self._report(translation)
         if self.on_verdicts is not None:
-            self.on_verdicts(translation.verdicts)
+            self.on_verdicts([*state.routes, *state.access_policies], translation.verdicts)
         mesh = translation.mesh
         first = self.mesh is None
         if not first and mesh == self.mesh:
@@ -191,6 +193,8 @@ class KubeMeshSource:
     def _report(self, translation: Translation) -> None:
         for problem in translation.problems:
             self._once(logging.WARNING, problem)
+        if self.on_verdicts is not None:
+            return  # the status writer logs each change of verdict
         for verdict in translation.verdicts:
             if not verdict.accepted:
                 self._once(

@@ -25,7 +25,7 @@ left out with a problem line; it never stops the rest of the mesh.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +53,8 @@ class ClusterState:
     services: Mapping[str, ServiceRecord]
     slices: Mapping[str, SliceRecord]
     pods: Mapping[str, PodRecord]
-    routes: Iterable[Mapping[str, Any]] = ()
-    access_policies: Iterable[Mapping[str, Any]] = ()
+    routes: Sequence[Mapping[str, Any]] = ()
+    access_policies: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass
