@@ -67,6 +67,7 @@ from typing import Any
 import grpc
 from benchlib.child import JsonChild
 from benchlib.fanout import bounded, health_fanout
+from benchlib.sampler import StackSampler
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
@@ -180,6 +181,7 @@ async def serve(
     plain_servers, plain_paths = await start_plain_servers(socket_path.parent)
     reply({"port": server.tcp_port, "uds": str(socket_path), **plain_paths})
     health_status = health_pb2.HealthCheckResponse.SERVING
+    sampler = StackSampler()
     while True:
         line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if line in ("", "quit"):
@@ -212,6 +214,11 @@ async def serve(
             while sum(server.stats.acks.values()) < target and time.monotonic() < deadline:
                 await asyncio.sleep(0.001)
             reply({"at": time.monotonic(), "acks": sum(server.stats.acks.values())})
+        elif line == "sample-start":  # --profile: sample the event loop's stack
+            sampler.start()
+            reply({"sampling": True})
+        elif line.startswith("sample-stop "):
+            reply({"samples": sampler.stop(Path(line.split(maxsplit=1)[1]))})
         elif line == "cpu":  # this process's CPU seconds (user + system) so far
             reply({"cpu": time.process_time(), "held": len(server.store.identities())})
         elif line == "stats":
@@ -350,6 +357,7 @@ async def sds_fanout(
     return {
         **operator,
         "push_last_s": round(max(push), 4),
+        "push_first_s": round(min(push), 4),
         "push_to_last_ack_s": round(last_ack, 4),
         "push_to_last_ack_sent_s": round(last_ack_sent, 4),
         "push_p50_s": round(quantile(push, 0.5), 4),
@@ -374,6 +382,8 @@ async def operator_fanout(
     Timed from the moment the command starts to the last stream holding the new bundle,
     and to the command's reply; compared with the in-process change of the same run."""
     pushes = [asyncio.ensure_future(s.await_push()) for s in streams]
+    if args.profile:
+        await server.ask("sample-start")
     started = time.monotonic()
     command = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshca", "ca", "rotate-root", "--step", "1",
@@ -386,8 +396,21 @@ async def operator_fanout(
         raise SystemExit(f"meshca ca rotate-root failed: {err.decode().strip()}")
     await asyncio.wait_for(asyncio.gather(*pushes), 120)
     last = max(s.pushed_at for s in streams)
+    if args.profile:
+        path = args.profile / f"operator-{args.streams}.stacks"
+        await server.ask(f"sample-stop {path}")
+        print(
+            f"event-loop stacks of the operator case: {path} (command started at "
+            f"{started:.4f}, replied {replied:.4f}, first push "
+            f"{min(s.pushed_at for s in streams):.4f}, last {last:.4f})",
+            file=sys.stderr,
+        )
     return {
         "operator_start_to_last_push_s": round(last - started, 4),
+        # the command's own start-up and the server's work before the first push; then
+        # the fan-out itself (compare push_last_s - push_first_s of the in-process change)
+        "operator_start_to_first_push_s": round(min(s.pushed_at for s in streams) - started, 4),
+        "operator_first_to_last_push_s": round(last - min(s.pushed_at for s in streams), 4),
         "operator_start_to_reply_s": round(replied - started, 4),
         "operator_reply_bytes": len(out),
     }
@@ -642,6 +665,12 @@ def report(result: dict[str, Any]) -> None:
             f"ratio to the in-process change ({result['push_last_s']:.3f} s) "
             f"{result['operator_ratio_vs_in_process']:.2f}"
         )
+        print(
+            f"    of which: start -> first push {result['operator_start_to_first_push_s']:.3f} s "
+            f"(the command's start-up, the server's work); first -> last push "
+            f"{result['operator_first_to_last_push_s']:.3f} s (in-process: "
+            f"{result['push_last_s'] - result['push_first_s']:.3f} s)"
+        )
     print(json.dumps(result))
 
 
@@ -707,6 +736,11 @@ def main() -> None:
         help="streams being opened at once (0: no bound, every stream at once)",
     )
     parser.add_argument("--server-cpu", type=int, help="pin the server process to this CPU")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write the server event loop's sampled stacks during the operator case here",
+    )
     parser.add_argument("--role", choices=("client", "server"), default="client")
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--socket", type=Path, help=argparse.SUPPRESS)

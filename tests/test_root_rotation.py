@@ -33,6 +33,7 @@ from meshca.serve.engine_acks import EngineAcks
 from meshca.serve.rotation import RotationService
 from meshca.store import SecretStore
 from meshca.util.unix_socket import UnixSocketError, bind_listening_socket, reachable
+from meshca.xds.resources import SECRET_TYPE
 from tests.rotation_harness import TD, Proxy, chain_root
 from tests.sds_harness import SdsHarness, k8s, sds_harness, wait_until
 
@@ -256,6 +257,40 @@ async def test_operator_commands_reach_the_running_server(tmp_path: Path) -> Non
         finally:
             await admin.close()
         assert not socket_path.exists()
+
+
+class _RecordingOperations(CaOperations):
+    """CaOperations noting, when the status of a reply is composed, what every stream
+    had sent (the bundle version) and whether a write was still under way."""
+
+    composed: list[list[tuple[str | None, bool]]]
+
+    def status(self) -> dict[str, Any]:
+        engine = cast(EngineAcks, self.manager.acks).engine
+        self.composed.append(
+            [
+                (stream.types[SECRET_TYPE].sent_version, stream.writing)
+                for stream in engine.streams()
+                if SECRET_TYPE in stream.types
+            ]
+        )
+        return super().status()
+
+
+async def test_the_reply_to_the_operator_is_composed_after_the_pushes(tmp_path: Path) -> None:
+    """Composing the reply reads every stream (tens of thousands in a large mesh): it
+    waits until each stream the change woke has written its push, never holding one up."""
+    async with mesh(tmp_path) as m:
+        operations = _RecordingOperations(m.manager, m.rotation)
+        operations.composed = []
+        engine = m.harness.servicer.engine
+        before = {s.id: s.types[SECRET_TYPE].sent_version for s in engine.streams()}
+        answer = await operations.handle({"op": "rotate-root", "step": 1})
+        assert answer["ok"], answer
+        [seen] = operations.composed
+        assert len(seen) == len(before) >= 2
+        assert all(not writing for _, writing in seen), seen
+        assert {version for version, _ in seen}.isdisjoint(before.values())
 
 
 async def cli(root: Path, *args: str) -> tuple[int, str, str]:

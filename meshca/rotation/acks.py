@@ -59,6 +59,12 @@ class AckTracker(Protocol):
         one per secret): what a restart waits to see again."""
         ...
 
+    async def pushed(self, timeout: float) -> None:
+        """Return once every stream a change woke has sent its push (not yet ACKed), or
+        after ``timeout`` seconds: a reply read from every stream waits for this, so
+        composing it never holds the pushes up."""
+        ...
+
 
 class NoProxies:
     """The tracker when no server runs: nobody is connected, so nobody is waited for."""
@@ -71,6 +77,9 @@ class NoProxies:
 
     def connected(self) -> dict[str, int]:
         return {}
+
+    async def pushed(self, timeout: float) -> None:
+        return None
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

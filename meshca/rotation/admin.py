@@ -50,6 +50,9 @@ log = logging.getLogger("meshca.rotation")
 
 SOCKET_MODE = 0o600
 LISTED = 100  # proxies named in a status; the counts say how many there are in all
+# How long a reply after a change waits for the streams it woke to push first (a proxy
+# that does not read can hold its own push up, never the reply for longer than this).
+PUSH_WAIT = 10.0
 MAX_REQUEST = 64 * 1024
 
 
@@ -80,8 +83,9 @@ class CaOperations:
 
     async def _reply(self, result: dict[str, Any]) -> dict[str, Any]:
         """The answer to a change, with the status after it. Built once the streams the
-        change woke have started their pushes: the operator's reply never delays them."""
-        await asyncio.sleep(0)
+        change woke have sent their pushes (reading every stream's state takes the event
+        loop a while at tens of thousands): the operator's reply never delays them."""
+        await self.manager.acks.pushed(PUSH_WAIT)
         return {**result, "status": self.status()}
 
     async def rotate(self) -> dict[str, Any]:

@@ -268,9 +268,11 @@ class RotationManager:
                 return self.journals.save(replace(journal, pending=None))
             self.journals.write_slot(pending.slot, ca)
             log.info("resuming: created slot %s whose creation was interrupted", pending.slot)
-        return self._record_prepared(journal, pending, ca)
+        return self.journals.save(self._prepared(journal, pending, ca))
 
-    def _record_prepared(self, journal: Journal, pending: PendingCa, ca: SigningCa) -> Journal:
+    def _prepared(self, journal: Journal, pending: PendingCa, ca: SigningCa) -> Journal:
+        """``journal`` with ``ca`` recorded in the prepared slot ``pending`` reserved (not
+        saved yet)."""
         # The kind follows the CA that was made: a backend holding the roots (Vault) may
         # sign under a root other than the active one even when none was asked for.
         active_root = journal.active.root
@@ -286,14 +288,35 @@ class RotationManager:
         if kind is SlotKind.ROOT:
             journal = replace(journal, bundle=journal.bundle.with_root(ca.root))
         self._cas[pending.slot] = ca
-        return self.journals.save(replace(journal, pending=None))
+        return replace(journal, pending=None)
 
     def _save(self, journal: Journal) -> Journal:
         self._journal = self.journals.save(journal)
         return self._journal
 
+    async def _save_off_loop(self, journal: Journal) -> Journal:
+        """:meth:`_save`, the write and its fsyncs in a thread: the event loop keeps
+        serving streams meanwhile. Callers still await it before applying the change,
+        so the journal holds every change before anything acts on it."""
+        self._journal = await asyncio.to_thread(self.journals.save, journal)
+        return self._journal
+
     def _apply(self) -> None:
         """Make the authority, the store and the backend's files match the journal."""
+        active = self._apply_in_memory()
+        self.source.publish(active, self.journal.bundle)
+
+    async def _apply_off_loop(self) -> None:
+        """:meth:`_apply` with the backend's files (``ca/``) written in a thread, after
+        the streams were told: their pushes do not wait for the disk. The journal already
+        holds the change, so a crash before the files are written is repaired when the
+        manager opens again (the journal wins, and :meth:`open` publishes it)."""
+        active = self._apply_in_memory()
+        await asyncio.to_thread(self.source.publish, active, self.journal.bundle)
+
+    def _apply_in_memory(self) -> SigningCa:
+        """Make the authority and the store match the journal (the store's listeners wake
+        the streams a changed bundle concerns); returns the active CA."""
         journal = self.journal
         active = self._cas[journal.active.id]
         if (
@@ -303,7 +326,7 @@ class RotationManager:
             self.authority.activate(active.signer, journal.bundle)
         if self.store is not None:
             self.store.refresh_bundle()
-        self.source.publish(active, journal.bundle)
+        return active
 
     # reads ----------------------------------------------------------------------------
     def ca(self, slot_id: str) -> SigningCa:
@@ -363,7 +386,7 @@ class RotationManager:
             raise RotationError(problem)
         journal, slot_id = journal.allocate_slot_id()
         pending = PendingCa(slot_id, kind)
-        journal = self._save(replace(journal, pending=pending))
+        journal = await self._save_off_loop(replace(journal, pending=pending))
         new_root = kind is SlotKind.ROOT
 
         def create() -> SigningCa:
@@ -377,10 +400,10 @@ class RotationManager:
             # The source refused (e.g. Vault unreachable): nothing was made, no intent is
             # left for a restart to finish. Any other failure leaves the intent in place.
             if not self.journals.slot_exists(slot_id):
-                self._save(replace(self.journal, pending=None))
+                await self._save_off_loop(replace(self.journal, pending=None))
             raise
-        self._journal = self._record_prepared(journal, pending, ca)
-        self._apply()
+        await self._save_off_loop(self._prepared(journal, pending, ca))
+        await self._apply_off_loop()
         record = self.journal.slot(slot_id)
         if record.kind is SlotKind.ROOT:
             log.info(
@@ -413,9 +436,9 @@ class RotationManager:
             demoted = SlotStatus.PREPARED if target.status is SlotStatus.OLD else SlotStatus.OLD
             journal = journal.set_status(previous.id, demoted)
             journal = journal.set_status(target.id, SlotStatus.ACTIVE)
-            self._save(journal)
+            await self._save_off_loop(journal)
             log.info("slot %s now signs (slot %s is %s)", target.id, previous.id, demoted)
-        self._apply()
+        await self._apply_off_loop()
         if renew and self.store is not None:
             await self.store.renew_all()
             log.info("re-issued %d SVIDs under slot %s", len(self.store.identities()), target.id)
@@ -429,9 +452,9 @@ class RotationManager:
             return None
         journal = journal.without_slot(prepared.id)
         journal = self._without_unused_root(journal, self._cas[prepared.id].root)
-        self._save(journal)
-        self._apply()
-        self.journals.remove_slot(prepared.id)
+        await self._save_off_loop(journal)
+        await self._apply_off_loop()
+        await asyncio.to_thread(self.journals.remove_slot, prepared.id)
         self._cas.pop(prepared.id, None)
         log.info("discarded prepared slot %s", prepared.id)
         return prepared
@@ -443,9 +466,9 @@ class RotationManager:
         if record.status is not SlotStatus.OLD:
             raise RotationError(f"slot {slot_id} is {record.status}, not old")
         journal = self._without_unused_root(journal.without_slot(slot_id), self._cas[slot_id].root)
-        self._save(journal)
-        self._apply()
-        self.journals.remove_slot(slot_id)
+        await self._save_off_loop(journal)
+        await self._apply_off_loop()
+        await asyncio.to_thread(self.journals.remove_slot, slot_id)
         self._cas.pop(slot_id, None)
         log.info("retired slot %s", slot_id)
 
@@ -499,7 +522,7 @@ class RotationManager:
             if current is not None and replace(state, updated=current.updated) == current:
                 return
             state = replace(state, updated=datetime.now(UTC))
-        self._save(replace(self.journal, root_rotation=state))
+        await self._save_off_loop(replace(self.journal, root_rotation=state))
 
     # operator: rotate the signing CA now ----------------------------------------------
     async def rotate_now(self) -> SlotRecord:

@@ -9,6 +9,7 @@ stream is still waited for.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -55,6 +56,8 @@ class EngineView(Protocol):
 
     def proxies(self) -> Sequence[tuple[str, str]]: ...
 
+    async def wait_pushed(self, timeout: float) -> None: ...
+
 
 def describe(stream: _StreamView) -> str:
     """A proxy as an operator knows it; Envoy opens one stream per secret, so a proxy's
@@ -99,6 +102,9 @@ class EngineAcks:
         proxies = self.engine.proxies()
         return dict(Counter(f"{node or '(no node id)'} ({who})" for node, who in proxies))
 
+    async def pushed(self, timeout: float) -> None:
+        await self.engine.wait_pushed(timeout)
+
 
 class EveryStream:
     """The streams of several engines seen as one (what root rotation waits on): a
@@ -115,3 +121,6 @@ class EveryStream:
 
     def proxies(self) -> list[tuple[str, str]]:
         return [proxy for engine in self.engines for proxy in engine.proxies()]
+
+    async def wait_pushed(self, timeout: float) -> None:
+        await asyncio.gather(*(engine.wait_pushed(timeout) for engine in self.engines))

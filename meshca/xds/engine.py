@@ -269,6 +269,7 @@ class _Stream:
         self._dirty.update([type_url] if type_url else self.types)
         self._event.set()
         self.engine._mark(self, settled=False)
+        self.engine._mark_woken(self)
 
     def status(self) -> StreamStatus:
         caller, identity, node_id = self.names()
@@ -299,6 +300,8 @@ class _Stream:
                 for type_url in dirty:
                     if type_url in self.types:
                         await self._push(type_url, self.types[type_url])
+                if not self._dirty:
+                    self.engine._mark_pushed(self)
                 self.engine._mark(self, settled=self._settled())
         except StreamRefused as refusal:
             await self._refuse(refusal)
@@ -614,6 +617,9 @@ class XdsEngine:
         self._unsettled: set[int] = set()
         self._all_settled = asyncio.Event()
         self._all_settled.set()
+        self._woken: set[int] = set()  # streams a change woke that have not pushed yet
+        self._all_pushed = asyncio.Event()
+        self._all_pushed.set()
 
     # --- the three RPC shapes ------------------------------------------------------
     async def run_sotw(
@@ -731,6 +737,7 @@ class XdsEngine:
         if self._streams.pop(stream.id, None) is not None:
             self.stats.streams_closed += 1
             self._mark(stream, settled=True)
+            self._mark_pushed(stream)
             log.debug("%s stream %d closed", stream.kind, stream.id)
 
     def _mark(self, stream: _Stream, *, settled: bool) -> None:
@@ -741,6 +748,16 @@ class XdsEngine:
         else:
             self._unsettled.add(stream.id)
             self._all_settled.clear()
+
+    def _mark_woken(self, stream: _Stream) -> None:
+        if stream.id in self._streams:
+            self._woken.add(stream.id)
+            self._all_pushed.clear()
+
+    def _mark_pushed(self, stream: _Stream) -> None:
+        self._woken.discard(stream.id)
+        if not self._woken:
+            self._all_pushed.set()
 
     # --- operators, rotation and benchmarks --------------------------------------------
     def wake_all(self) -> None:
@@ -759,6 +776,12 @@ class XdsEngine:
     def unsettled(self) -> list[StreamStatus]:
         """Streams with a push to make or a response not yet ACKed (NACKed ones included)."""
         return [self._streams[i].status() for i in sorted(self._unsettled) if i in self._streams]
+
+    async def wait_pushed(self, timeout: float) -> None:
+        """Wait until every stream a change woke has written its push (or found nothing
+        to send), at most ``timeout`` seconds: what a reply composed from every stream's
+        state waits for, so that composing it never delays a push."""
+        await wait_event(self._all_pushed, timeout)
 
     async def wait_settled(self, timeout: float) -> list[StreamStatus]:
         """Wait until every stream has ACKed what it was sent; returns who had not by then."""
