@@ -8,7 +8,10 @@ hits both alike (in the manner of hyperfine: a warm-up run first, then min / med
 per run). Two clocks: wall time, and the CPU time (user + system) the process used,
 which other work on a shared machine barely disturbs. ``ratio`` is the command's median
 CPU time over the baseline's (``wall_ratio`` the same in wall time); the goal is at most
-2.5 for each. The last line is one JSON object with every figure.
+2.5 for ``issue``, ``inspect`` and ``bundle``. ``import x509`` (``python -c "import
+cryptography.x509"``) is the floor of any command that reads or signs a certificate;
+``--help`` and ``ca --help`` load no certificate code at all. The last line is one JSON
+object with every figure.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 GOAL_RATIO = 2.5
+GOAL_COMMANDS = ("meshca issue", "meshca inspect", "meshca bundle")
 SPIFFE_ID = "spiffe://cluster.local/ns/bench/sa/cli"
 
 
@@ -51,6 +55,11 @@ def commands(data: Path, out: Path) -> dict[str, list[str]]:
         ],
         "meshca inspect": [*meshca, "inspect", "--data-dir", str(data), str(out / "cert.pem")],
         "meshca bundle": [*meshca, "bundle", "--data-dir", str(data)],
+        # References, not goals: the floor of a command that reads or signs a certificate
+        # (importing the certificate library alone), and commands that need none of it.
+        "import x509": [sys.executable, "-c", "import cryptography.x509"],
+        "meshca --help": [*meshca, "--help"],
+        "meshca ca --help": [*meshca, "ca", "--help"],
     }
 
 
@@ -114,7 +123,12 @@ def main() -> None:
         cpu, wall = cpus[name], walls[name]
         ratio = statistics.median(cpu) / base_cpu
         wall_ratio = statistics.median(wall) / base_wall
-        key = name.replace("python -c pass", "python").replace("meshca ", "").replace(" ", "_")
+        key = (
+            name.replace("python -c pass", "python")
+            .replace("meshca ", "")
+            .replace("--", "")
+            .replace(" ", "_")
+        )
         for clock, samples in (("cpu", cpu), ("wall", wall)):
             result[f"{key}_{clock}_min_s"] = round(min(samples), 4)
             result[f"{key}_{clock}_median_s"] = round(statistics.median(samples), 4)
@@ -122,13 +136,15 @@ def main() -> None:
         if name != "python -c pass":
             result[f"{key}_ratio"] = round(ratio, 2)
             result[f"{key}_wall_ratio"] = round(wall_ratio, 2)
-            met = met and ratio <= GOAL_RATIO
+            if name in GOAL_COMMANDS:
+                met = met and ratio <= GOAL_RATIO
         print(
             f"{name:<16} {min(cpu) * 1000:6.1f}ms {statistics.median(cpu) * 1000:6.1f}ms "
             f"{max(cpu) * 1000:6.1f}ms  {statistics.median(wall) * 1000:9.1f}ms   "
             f"{ratio:5.2f} ({wall_ratio:.2f})"
         )
-    print(f"goal: each command <= {GOAL_RATIO} x python -c pass: {'met' if met else 'NOT met'}")
+    verdict = "met" if met else "NOT met"
+    print(f"goal: issue, inspect, bundle each <= {GOAL_RATIO} x python -c pass: {verdict}")
     result["goal_met"] = met
     print(json.dumps(result))
 

@@ -56,7 +56,12 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line ``argv``, only the commands it names get
+    their arguments (the others are listed by name and summary, as ``--help`` shows them).
+    Every command named anywhere in ``argv`` is filled in, so an option's value that
+    happens to be a command's name never leaves the command given without its arguments."""
+    named = None if argv is None else set(argv)
     parser = _Parser(
         prog=PROG,
         description="A certificate authority for service meshes: SPIFFE X.509-SVIDs for Envoy.",
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers.required = True
     for command in COMMANDS:
-        command.register(subparsers)
+        command.register(subparsers, fill=named is None or command.name in named)
     return parser
 
 
@@ -95,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        if argv is None:
+            argv = sys.argv[1:]
+        args = build_parser(argv).parse_args(argv)
         return int(args.handler(args, load_settings(args)))
     except UsageError as exc:
         _fail(str(exc))

@@ -21,7 +21,7 @@ from typing import Any
 
 from meshca.backends.vault.settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
 from meshca.issuer.errors import IssuerError
-from meshca.issuer.keys import KeyType
+from meshca.issuer.key_type import KeyType
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.durations import parse_duration
 from meshca.util.files import CONFIG_MAX_BYTES, YamlFileError, read_yaml

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import enum
-
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from meshca.issuer.errors import KeyTypeError
+from meshca.issuer.key_type import KeyType as KeyType  # re-exported: where the key code is
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 MIN_RSA_BITS = 2048
-
-
-class KeyType(enum.StrEnum):
-    EC_P256 = "ec-p256"
-    EC_P384 = "ec-p384"
-    RSA_2048 = "rsa-2048"
-    RSA_3072 = "rsa-3072"
-    RSA_4096 = "rsa-4096"
-
-    @classmethod
-    def parse(cls, value: str) -> KeyType:
-        try:
-            return cls(value.strip().lower())
-        except ValueError:
-            choices = ", ".join(k.value for k in cls)
-            raise KeyTypeError(f"unsupported key type {value!r}: choose one of {choices}") from None
-
-    @property
-    def is_rsa(self) -> bool:
-        return self.value.startswith("rsa-")
 
 
 DEFAULT_KEY_TYPE = KeyType.EC_P256

@@ -5,9 +5,10 @@ output, JSON, logs and error messages alike, so that they can be compared and se
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+if TYPE_CHECKING:  # times and serials are written by commands that load no certificate
+    from cryptography import x509
 
 SERIAL_BYTES = 16  # meshca's serials are 128 bits: always 32 hex digits
 
@@ -32,4 +33,6 @@ def rfc3339(moment: datetime) -> str:
 def name_text(name: x509.Name) -> str:
     """RFC 4514 text with serialNumber spelled out (meshca's CA subjects carry one),
     never as its dotted OID ``2.5.4.5``."""
+    from cryptography.x509.oid import NameOID
+
     return name.rfc4514_string({NameOID.SERIAL_NUMBER: "serialNumber"})

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from meshca.backends.errors import BackendError
 from meshca.issuer.errors import KeyTypeError
-from meshca.issuer.keys import KeyType
+from meshca.issuer.key_type import KeyType
 from meshca.util.durations import DurationError, parse_duration
 
 DEFAULT_ADDR = "https://127.0.0.1:8200"

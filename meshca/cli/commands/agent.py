@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from meshca.cli.commands.common import Command, UsageError
 from meshca.cli.options import ConfigError, Settings
-from meshca.issuer import IssuerError, TrustBundle
+from meshca.issuer.errors import IssuerError
 from meshca.util.netaddr import TcpServer, format_address
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ def config_from(settings: Settings) -> AgentConfig:
         raise UsageError(f"give --server HOST:PORT (see 'meshca {NAME} --help')")
     socket = _required(settings, "socket", "--socket")
     bundle_file = _required(settings, "trust_bundle", "--trust-bundle")
+    from meshca.issuer.bundle import TrustBundle
+
     try:
         bundle = TrustBundle.from_pem(settings["trust_domain"], bundle_file.read_bytes())
     except OSError as exc:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from meshca.backends.jwt_key import load_jwt_signer
-from meshca.backends.local import ca_exists
 from meshca.cli.commands.common import Command, arg, open_ca, write_out
 from meshca.cli.commands.vault_backend import uses_stored_vault_roots, vault_trust_bundle
 from meshca.cli.options import Settings
-from meshca.issuer.jwt_svid import jwt_authority_jwk
 from meshca.util.files import PUBLIC, atomic_write
 
 NAME = "bundle"
@@ -18,11 +15,16 @@ FORMATS = ("pem", "jwks")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from meshca.backends.local import ca_exists  # loaded by the command that uses them
+
     if uses_stored_vault_roots(settings, ca_exists(settings["data_dir"])):
         bundle, _ = vault_trust_bundle(settings)
     else:
         bundle = open_ca(settings).bundle
     if args.format == "jwks":
+        from meshca.backends.jwt_key import load_jwt_signer
+        from meshca.issuer.jwt_svid import jwt_authority_jwk
+
         signer = load_jwt_signer(settings["data_dir"])
         authorities = [jwt_authority_jwk(signer.key.public_key())] if signer else []
         text = bundle.jwks_json(jwt_authorities=authorities)

@@ -8,10 +8,12 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meshca.backends.local import LocalCa, load_local_ca
 from meshca.cli.options import ConfigError, Settings, add_options
+
+if TYPE_CHECKING:
+    from meshca.backends.local import LocalCa
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -72,9 +74,15 @@ class Command:
     arguments: tuple[Argument, ...] = ()
     actions: tuple[Action, ...] = ()
 
-    def register(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-        """Add this command's parser (and one per action) to ``subparsers``."""
+    def register(
+        self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *, fill: bool = True
+    ) -> None:
+        """Add this command's parser (and one per action) to ``subparsers``. Without
+        ``fill``, only its name and summary (what ``meshca --help`` lists): building every
+        command's arguments costs more start-up than running most commands."""
         parser = subparsers.add_parser(self.name, help=self.summary, description=self.description)
+        if not fill:
+            return
         self._fill(parser, self.arguments)
         if not self.actions:
             return
@@ -107,6 +115,8 @@ def open_ca(settings: Settings) -> LocalCa:
     """The data directory's CA. A trust domain set explicitly (flag, environment or config
     file) must be the CA's own: silently issuing for another domain would mint IDs no
     peer accepts."""
+    from meshca.backends.local import load_local_ca  # only the commands that open the CA
+
     ca = load_local_ca(settings["data_dir"])
     if settings.is_explicit("trust_domain") and settings["trust_domain"] != ca.trust_domain:
         raise ConfigError(

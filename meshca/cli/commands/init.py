@@ -6,23 +6,18 @@ import argparse
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-
-from meshca.backends.local import CA_KEY, ROOT_KEY, CaError, LocalCa, import_cacerts, init_local_ca
 from meshca.cli.commands.common import Command, UsageError, arg, write_out
 from meshca.cli.commands.vault_backend import init_vault, uses_vault
 from meshca.cli.options import Settings
-from meshca.issuer import IssuerError
-from meshca.issuer.keys import key_type_of
-from meshca.issuer.policy import (
-    CA_TO_LEAF_TTL_RATIO,
-    DEFAULT_INTERMEDIATE_TTL,
-    check_ca_covers_leaves,
-    check_signing_ca,
-)
-from meshca.issuer.svid import MALFORMED_CERTIFICATE, fingerprint
-from meshca.util.formats import name_text, rfc3339
+from meshca.issuer.errors import IssuerError
+from meshca.util.formats import rfc3339
+
+if TYPE_CHECKING:  # the CA modules load with the command that runs (start-up of the others)
+    from cryptography import x509
+
+    from meshca.backends.local import LocalCa
 
 NAME = "init"
 
@@ -36,12 +31,17 @@ def _path_length(text: str) -> int:
 def _signing_ttl(ca_ttl: timedelta, leaf_ttl: timedelta) -> timedelta:
     """A signing CA lives a year, or long enough for the leaf rotation schedule, and never
     longer than ``ca_ttl`` (its parent clips it further)."""
+    from meshca.issuer.policy import CA_TO_LEAF_TTL_RATIO, DEFAULT_INTERMEDIATE_TTL
+
     return min(ca_ttl, max(DEFAULT_INTERMEDIATE_TTL, CA_TO_LEAF_TTL_RATIO * leaf_ttl))
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if uses_vault(settings):
         return init_vault(settings)  # the CA is Vault's: check it, create nothing
+    from meshca.backends.local import init_local_ca
+    from meshca.issuer.policy import check_ca_covers_leaves
+
     data_dir: Path = settings["data_dir"]
     if args.own_intermediate and args.from_cacerts is None:
         raise UsageError(
@@ -79,6 +79,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _adopt(
     source: Path, data_dir: Path, settings: Settings, force: bool, own_intermediate: bool
 ) -> LocalCa:
+    from meshca.backends.local import CaError, import_cacerts
+    from meshca.issuer.svid import MALFORMED_CERTIFICATE
+
     trust_domain = settings["trust_domain"]
     own_ttl = _signing_ttl(settings["ca_ttl"], settings["leaf_ttl"]) if own_intermediate else None
     try:
@@ -96,6 +99,9 @@ def _adopt(
 
 
 def _cert_lines(role: str, cert: x509.Certificate) -> list[str]:
+    from meshca.issuer.svid import fingerprint
+    from meshca.util.formats import name_text
+
     return [
         f"{role}:",
         f"  subject:   {name_text(cert.subject)}",
@@ -105,6 +111,10 @@ def _cert_lines(role: str, cert: x509.Certificate) -> list[str]:
 
 
 def _describe(ca: LocalCa, verb: str) -> str:
+    from meshca.backends.local import CA_KEY, ROOT_KEY
+    from meshca.issuer.keys import key_type_of
+    from meshca.util.formats import name_text
+
     lines = [f"{verb} a CA for trust domain {ca.trust_domain} in {ca.directory}"]
     for root in ca.bundle:
         lines += _cert_lines("root CA", root)
@@ -126,6 +136,8 @@ def _describe(ca: LocalCa, verb: str) -> str:
 
 def _warn_if_short(ca: LocalCa, leaf_ttl: timedelta) -> None:
     """The own signing CA ends with the adopted CA: say so when that is too soon to serve."""
+    from meshca.issuer.policy import check_signing_ca
+
     cert = ca.signer.certificate
     try:
         check_signing_ca(cert, leaf_ttl)  # the rule serve applies, with the same measure

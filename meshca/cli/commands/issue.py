@@ -6,14 +6,12 @@ import argparse
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshca.cli.commands.common import Command, UsageError, arg, write_out
 from meshca.cli.commands.vault_backend import opened
 from meshca.cli.options import Settings
-from meshca.issuer import Issuer, TtlPolicy, X509Svid
-from meshca.issuer.csr import MAX_CSR_BYTES
 from meshca.issuer.errors import CsrError
-from meshca.issuer.policy import DEFAULT_LEAF_TTL
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.files import (
     PRIVATE,
@@ -23,6 +21,9 @@ from meshca.util.files import (
     make_private_dirs,
 )
 from meshca.util.formats import rfc3339, serial_hex
+
+if TYPE_CHECKING:  # the signing modules load when the command runs, not with every command
+    from meshca.issuer.svid import X509Svid
 
 NAME = "issue"
 CERT_FILE = "cert.pem"
@@ -46,6 +47,8 @@ def _requested_id(args: argparse.Namespace, trust_domain: TrustDomain) -> Spiffe
 
 
 def _read_csr(path: Path) -> bytes:
+    from meshca.issuer.csr import MAX_CSR_BYTES
+
     with path.open("rb") as handle:
         data = handle.read(MAX_CSR_BYTES + 1)
     if len(data) > MAX_CSR_BYTES:
@@ -63,6 +66,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise _usage("--key-type does not apply with --csr: the CSR's own key is certified")
     if args.out.exists():  # refused before anything is issued
         check_output_dir(args.out)
+    from meshca.issuer.authority import Issuer
+    from meshca.issuer.policy import DEFAULT_LEAF_TTL, TtlPolicy
+
     with opened(settings) as backend:  # the local CA, or Vault
         authority = backend.authority
         spiffe_id = _requested_id(args, authority.trust_domain)

@@ -16,13 +16,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshca.backends.opened import OpenedBackend
 from meshca.cli.commands.common import open_ca, write_out
 from meshca.cli.options import Settings
-from meshca.issuer import IssuerError, TrustBundle
+from meshca.issuer.errors import IssuerError
 
 if TYPE_CHECKING:
+    from meshca.backends.opened import OpenedBackend
     from meshca.backends.vault.settings import VaultSettings
+    from meshca.issuer.bundle import TrustBundle
 
 VAULT = "vault"
 STATE_DIR = "vault"  # <data-dir>/vault keeps the intermediate across restarts
@@ -66,6 +67,8 @@ def uses_stored_vault_roots(settings: Settings, local_ca: bool) -> bool:
 def vault_trust_bundle(settings: Settings) -> tuple[TrustBundle, str]:
     """(the trust bundle in Vault mode, where it was read): the copy on disk that the
     server serves, or else Vault's roots read now; IssuerError saying why neither can."""
+    from meshca.issuer.bundle import TrustBundle
+
     path = stored_roots_path(settings)
     try:
         data = path.read_bytes()
