@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import copy
 import functools
 import json
@@ -30,7 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,15 @@ from meshca.envoy.bootstrap import default_server_id
 from meshca.envoy.mesh import load_mesh
 from meshca.serve.tls import default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
-from tests.envoy_harness import free_port, stop_process
+from tests.envoy_harness import eventually, free_port, stop_process
+from tests.kube_harness import SA_ISSUER, KubeCluster
+from tests.kube_policy_harness import install_crds
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"
 VAULT = DEPLOY / "kubernetes" / "overlays" / "vault"
+MESH_FILE = DEPLOY / "kubernetes" / "overlays" / "mesh-file"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCS = REPO / "docs" / "deploy.md"
 BIN = Path(sys.executable).parent
@@ -124,7 +128,12 @@ def vault() -> list[Obj]:
     return _render(VAULT)
 
 
-@pytest.fixture(scope="module", params=["base", "vault"])
+@pytest.fixture(scope="module")
+def mesh_file() -> list[Obj]:
+    return _render(MESH_FILE)
+
+
+@pytest.fixture(scope="module", params=["base", "vault", "mesh_file"])
 def rendered(request: pytest.FixtureRequest) -> list[Obj]:
     objects: list[Obj] = request.getfixturevalue(request.param)
     return objects
@@ -189,10 +198,10 @@ def test_base_renders_every_object_the_ca_needs(base: list[Obj]) -> None:
     assert sorted(o["kind"] for o in base) == sorted(
         [
             "Namespace",
+            "CustomResourceDefinition",
             "ServiceAccount",
-            "Role",
-            "RoleBinding",
-            "ConfigMap",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ConfigMap",
             "Deployment",
             "Service",
@@ -201,8 +210,13 @@ def test_base_renders_every_object_the_ca_needs(base: list[Obj]) -> None:
         ]
     )
     for obj in base:
-        if obj["kind"] != "Namespace":
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+        else:
+            assert "namespace" not in obj["metadata"], obj["metadata"]["name"]
+
+
+CLUSTER_SCOPED = ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")
 
 
 def test_every_rendered_object_validates_strictly(rendered: list[Obj]) -> None:
@@ -372,19 +386,85 @@ def test_network_policy_admits_only_sds_and_metrics(rendered: list[Obj]) -> None
         assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"])
 
 
-def test_rbac_grants_nothing(rendered: list[Obj]) -> None:
-    assert _one(rendered, "Role", "meshca").get("rules") in (None, [])
-    assert not [o for o in rendered if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    binding = _one(rendered, "RoleBinding", "meshca")
+# What meshca asks of the API server, verb by verb; docs/deploy.md says what each is for.
+KUBERNETES_RULES = {
+    ("", "namespaces"): {"list", "watch"},
+    ("", "services"): {"list", "watch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
+    ("gateway.networking.k8s.io", "httproutes"): {"list", "watch"},
+    ("gateway.networking.k8s.io", "httproutes/status"): {"patch"},
+    ("meshca.io", "accesspolicies"): {"list", "watch"},
+    ("meshca.io", "accesspolicies/status"): {"patch"},
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+}
+# With the mesh from a file: only verifying service-account tokens.
+MESH_FILE_RULES = {
+    ("", "pods"): {"get", "list"},
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+}
+
+
+def _granted(role: Obj) -> dict[tuple[str, str], set[str]]:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames, no URLs"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in (group, resource, *rule["verbs"]), rule
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def test_the_cluster_role_grants_exactly_what_meshca_asks(rendered: list[Obj]) -> None:
+    """List and watch of the mesh's kinds, patch of two status subresources, TokenReview
+    create: no Secrets, no writes to any spec. tests/test_kube_deploy.py runs meshca
+    with exactly these rules against a real API server."""
+    serve_args = _serve_container(rendered)["args"]
+    wanted = KUBERNETES_RULES if "--kubernetes" in serve_args else MESH_FILE_RULES
+    assert _granted(_one(rendered, "ClusterRole", "meshca")) == wanted
+    assert not [o for o in rendered if o["kind"] in ("Role", "RoleBinding")]
+    binding = _one(rendered, "ClusterRoleBinding", "meshca")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
+        "kind": "ClusterRole",
         "name": "meshca",
     }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "meshca", "namespace": NAMESPACE}
     ]
     assert _one(rendered, "ServiceAccount", "meshca")["automountServiceAccountToken"] is False
+
+
+def test_only_the_serving_container_holds_the_api_token(rendered: list[Obj]) -> None:
+    """The init container holds the cacerts key: it gets no API credential. The serving
+    container gets what automounting would give, at the path in-cluster clients read."""
+    pod = _pod(rendered)
+    (access,) = [
+        v
+        for v in pod["volumes"]
+        if "projected" in v
+        and any(
+            "serviceAccountToken" in src and "audience" not in src["serviceAccountToken"]
+            for src in v["projected"]["sources"]
+        )
+    ]
+    sources = access["projected"]["sources"]
+    assert [next(iter(src)) for src in sources] == [
+        "serviceAccountToken",
+        "configMap",
+        "downwardAPI",
+    ]
+    assert sources[0]["serviceAccountToken"]["expirationSeconds"] <= 3607
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    for container in _containers(pod):
+        mounts = [m for m in container["volumeMounts"] if m["name"] == access["name"]]
+        if container["name"] != "meshca":
+            assert not mounts, container["name"]
+            continue
+        (mount,) = mounts
+        assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+        assert mount["readOnly"] is True
 
 
 def test_namespace_enforces_the_restricted_pod_security_standard(rendered: list[Obj]) -> None:
@@ -415,7 +495,7 @@ def test_vault_overlay_has_no_cacerts_and_a_projected_token(vault: list[Obj]) ->
     assert not [v for v in pod["volumes"] if "secret" in v]
     assert "cacerts" not in json.dumps(pod)
     assert not pod.get("initContainers")
-    (projected,) = [v for v in pod["volumes"] if "projected" in v]
+    (projected,) = [v for v in pod["volumes"] if v["name"] == "vault-token"]
     (source,) = projected["projected"]["sources"]
     token = source["serviceAccountToken"]
     assert token["audience"] == "vault", "a token for Vault carries Vault's own audience"
@@ -482,12 +562,20 @@ def test_meshcas_own_identity_is_its_pods_service_account(
     assert f"{service['metadata']['name']}.{namespace}.svc" in default_dns_names(namespace)
 
 
-def test_mesh_file_parses(rendered: list[Obj], tmp_path: Path) -> None:
+def test_the_base_reads_the_mesh_from_the_api_and_the_overlay_from_a_file(
+    base: list[Obj], mesh_file: list[Obj], tmp_path: Path
+) -> None:
+    args = _serve_container(base)["args"]
+    assert "--kubernetes" in args and not [a for a in args if a.startswith("--mesh")]
+    assert not [
+        o for o in base if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "meshca-mesh"
+    ]
+    assert "--kubernetes" not in _serve_container(mesh_file)["args"]
     path = tmp_path / "mesh.yaml"
-    path.write_text(_one(rendered, "ConfigMap", "meshca-mesh")["data"]["mesh.yaml"])
+    path.write_text(_one(mesh_file, "ConfigMap", "meshca-mesh")["data"]["mesh.yaml"])
     assert load_mesh(path, TrustDomain.parse("cluster.local")).services
-    mounts = {m["name"]: m["mountPath"] for m in _serve_container(rendered)["volumeMounts"]}
-    assert _flag_value(_serve_container(rendered)["args"], "--mesh") == (
+    mounts = {m["name"]: m["mountPath"] for m in _serve_container(mesh_file)["volumeMounts"]}
+    assert _flag_value(_serve_container(mesh_file)["args"], "--mesh") == (
         f"{mounts['mesh']}/mesh.yaml"
     )
 
@@ -528,7 +616,7 @@ def _argv(container: Obj) -> list[str]:
 
 def _command_lines() -> Iterator[tuple[str, list[str]]]:
     yield "Dockerfile", _exec_form("ENTRYPOINT") + _exec_form("CMD")
-    for name, directory in (("base", BASE), ("vault", VAULT)):
+    for name, directory in (("base", BASE), ("vault", VAULT), ("mesh-file", MESH_FILE)):
         for container in _containers(_pod(_render(directory))):
             yield f"{name}:{container['name']}", _argv(container)
 
@@ -665,8 +753,13 @@ def _materialise(
             # No API server here to issue a service-account token: a stand-in file
             # where the kubelet would write it.
             for source in volume["projected"]["sources"]:
-                token = source["serviceAccountToken"]
-                (target / token["path"]).write_text("stand-in.service-account.token")
+                if "serviceAccountToken" in source:
+                    path = source["serviceAccountToken"]["path"]
+                    (target / path).write_text("stand-in.service-account.token")
+                for item in (source.get("configMap") or source.get("downwardAPI") or {}).get(
+                    "items", []
+                ):
+                    (target / item["path"]).write_text("stand-in")
         else:
             assert "emptyDir" in volume, f"cannot lay out volume {mount['name']} here"
     return mounts
@@ -805,26 +898,27 @@ def _probe(port: int) -> int:
         return status
 
 
-def test_serving_container_passes_the_kubelets_probe(
-    base: list[Obj], cacerts_secret: Obj, tmp_path: Path
-) -> None:
-    """Start the pod's containers in order (import, then serve) as written, and probe the
-    serving one the way the kubelet would."""
-    serve = _serve_container(base)
-    _check_command_line("base:meshca", _argv(serve))
-    pod = _pod(base)
-    secrets = {"cacerts": cacerts_secret["data"]}
-    for init in pod["initContainers"]:
-        done = _run_container(base, init, tmp_path, secrets)
+@contextlib.contextmanager
+def _serving_pod(
+    objects: list[Obj], name: str, cacerts: Obj, root: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Run the pod's containers in order (import, then serve) as written (plus ``extra``
+    on the serving command line), and wait until the serving one passes the kubelet's
+    probe. Yields the serving process and its log."""
+    serve = _serve_container(objects)
+    _check_command_line(f"{name}:meshca", _argv(serve))
+    secrets = {"cacerts": cacerts["data"]}
+    for init in _pod(objects).get("initContainers") or []:
+        done = _run_container(objects, init, root, secrets)
         assert done.returncode == 0, done.stderr
     ports: dict[int, int] = {}
-    argv, env = _container_command(base, serve, tmp_path, secrets, ports)
+    argv, env = _container_command(objects, serve, root, secrets, ports)
     probe_port = ports[serve["readinessProbe"]["grpc"]["port"]]
-    log = tmp_path / "serve.log"
+    log = root / "serve.log"
     with log.open("w") as sink:
-        process = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([*argv, *extra], env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         status = None
         while time.monotonic() < deadline and process.poll() is None:
             try:
@@ -834,5 +928,110 @@ def test_serving_container_passes_the_kubelets_probe(
                 time.sleep(0.2)
         assert process.poll() is None, f"meshca serve exited:\n{log.read_text()}"
         assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()
+        yield process, log
     finally:
         stop_process(process, timeout=10)
+
+
+def test_serving_container_passes_the_kubelets_probe(
+    mesh_file: list[Obj], cacerts_secret: Obj, tmp_path: Path
+) -> None:
+    """The mesh-file overlay needs no API server: its pod runs as written."""
+    with _serving_pod(mesh_file, "mesh-file", cacerts_secret, tmp_path):
+        pass
+
+
+# --- Kubernetes mode against a real API server ----------------------------------------------
+
+
+def _review(kube: KubeCluster, user: str, group: str, resource: str, verb: str) -> bool:
+    """The API server's own answer: may ``user`` do ``verb`` on ``resource``?"""
+    sub, _, subresource = resource.partition("/")
+    answer = kube.create(
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "resourceAttributes": {
+                    "group": group,
+                    "resource": sub,
+                    "subresource": subresource,
+                    "verb": verb,
+                    "namespace": "anywhere",
+                },
+            },
+        },
+    )
+    return bool(answer["status"].get("allowed"))
+
+
+@pytest.mark.kube
+def test_kubernetes_mode_runs_with_exactly_its_cluster_role(
+    base: list[Obj],
+    cacerts_secret: Obj,
+    tmp_path: Path,
+    kube: KubeCluster,
+    kube_namespaces: Callable[..., str],
+) -> None:
+    """The base's serving container, as written, against a real API server as the
+    ``meshca`` ServiceAccount bound to the rendered ClusterRole (RBAC enforced): it
+    lists and watches the mesh, becomes ready, and writes an HTTPRoute's status; the
+    API server grants that account nothing beyond the rules (asked rule by rule).
+    Only the credential differs from a pod: a kubeconfig naming the account's token
+    (the pod's service-account directory cannot be laid out where clients read it)."""
+    install_crds(kube)
+    home, mesh = (
+        kube_namespaces("meshca"),
+        kube_namespaces("shop", labels={"meshca.io/mesh": "enabled"}),
+    )
+    kube.service_account(home, "meshca")
+    role = copy.deepcopy(_one(base, "ClusterRole", "meshca"))
+    binding = copy.deepcopy(_one(base, "ClusterRoleBinding", "meshca"))
+    role["metadata"]["name"] = binding["metadata"]["name"] = binding["roleRef"]["name"] = home
+    binding["subjects"][0]["namespace"] = home
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    kube.create(f"{rbac}/clusterroles", role)
+    kube.create(f"{rbac}/clusterrolebindings", binding)
+    try:
+        kube.service(mesh, "shop", {"http": 8080})
+        kube.pod(mesh, "shop-0", labels={"app": "shop"}, ip="10.244.1.2")
+        kube.endpoint_slice(mesh, "shop", [("10.244.1.2", "shop-0")], {"http": 8080})
+        routes = f"/apis/gateway.networking.k8s.io/v1/namespaces/{mesh}/httproutes"
+        kube.create(
+            routes,
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {"name": "zero"},
+                "spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "shop"}],
+                    "rules": [{"backendRefs": [{"name": "shop", "port": 8080, "weight": 0}]}],
+                },
+            },
+        )
+        token = kube.token(home, "meshca", audience=SA_ISSUER)
+        kubeconfig = kube.kubeconfig_for_token(tmp_path / "meshca.kubeconfig", token)
+        with _serving_pod(base, "base", cacerts_secret, tmp_path, "--kubeconfig", str(kubeconfig)):
+
+            def route_status() -> list[Obj]:
+                parents: list[Obj] = kube.get(f"{routes}/zero").get("status", {}).get("parents", [])
+                return parents
+
+            (parent,) = eventually(route_status, "meshca writes the route's status")
+            assert parent["conditions"][0]["reason"] == "UnsupportedValue"
+        user = f"system:serviceaccount:{home}:meshca"
+        for (group, resource), verbs in KUBERNETES_RULES.items():
+            for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
+                assert _review(kube, user, group, resource, verb) == (verb in verbs), (
+                    group,
+                    resource,
+                    verb,
+                )
+        for group, resource in [("", "secrets"), ("", "configmaps"), ("", "serviceaccounts/token")]:
+            for verb in ("get", "list", "create"):
+                assert not _review(kube, user, group, resource, verb), (resource, verb)
+    finally:
+        kube.delete(f"{rbac}/clusterrolebindings/{home}")
+        kube.delete(f"{rbac}/clusterroles/{home}")
