@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from meshca.envoy.mesh import parse_mesh
 from meshca.envoy.model import Mesh
 from meshca.kube.policy import CONTROLLER_NAME, translate
 from meshca.kube.status import StatusWriter
 from meshca.spiffe import SpiffeId, TrustDomain
+from tests.envoy_harness import bookstore_document
 from tests.kube_harness import KubeCluster, KubeError
 from tests.kube_policy_harness import POLICIES, ROUTES, install_crds, patch_status
 
 pytestmark = pytest.mark.kube
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
 TD = TrustDomain("cluster.local")
 Obj = dict[str, Any]
 
@@ -315,3 +320,52 @@ def test_other_controllers_route_status_is_kept(cluster: KubeCluster, kube_names
     assert not translated.verdicts
     assert asyncio.run(StatusWriter(patch_status(cluster)).write(objects, translated.verdicts)) == 1
     assert cluster.get(f"{routes}/shared")["status"]["parents"] == [theirs]
+
+
+def test_the_examples_in_docs_deploy_md_are_accepted_and_applied(
+    cluster: KubeCluster, kube_namespaces: Callable[..., str]
+) -> None:
+    """Every HTTPRoute and AccessPolicy docs/deploy.md shows is valid as written (in
+    namespaces of the test's own), and meshca applies it over the bookstore's services."""
+    shown = [
+        doc
+        for block in re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.S)
+        for doc in yaml.safe_load_all(block)
+        if isinstance(doc, dict) and doc.get("kind") in ("HTTPRoute", "AccessPolicy")
+    ]
+    assert sorted(d["kind"] for d in shown) == ["AccessPolicy", "HTTPRoute"]
+    renamed = {ns: kube_namespaces(ns) for ns in {d["metadata"]["namespace"] for d in shown}}
+    stored = []
+    for doc in shown:
+        ns = renamed[doc["metadata"]["namespace"]]
+        path = (ROUTES if doc["kind"] == "HTTPRoute" else POLICIES).format(ns=ns)
+        stored.append(
+            cluster.request(
+                "POST",
+                path,
+                doc | {"metadata": {**doc["metadata"], "namespace": ns}},
+                params={"fieldValidation": "Strict"},
+            )
+        )
+    document = bookstore_document()
+    for section in ("workloads", "services"):
+        for entry in document[section]:
+            entry["namespace"] = renamed.get(entry["namespace"], entry["namespace"])
+    document["services"] += [
+        {
+            "name": f"bookstore-{v}",
+            "namespace": renamed["bookstore"],
+            "address": f"127.0.1.{70 + i}",
+            "ports": [14001],
+            "selector": {"app": "bookstore", "version": v},
+        }
+        for i, v in enumerate(("v1", "v2"))
+    ]
+    mesh = parse_mesh({k: v for k, v in document.items() if k in ("workloads", "services")}, TD)
+    translated = translate(
+        mesh,
+        [o for o in stored if o["kind"] == "HTTPRoute"],
+        [o for o in stored if o["kind"] == "AccessPolicy"],
+    )
+    assert all(v.accepted for v in translated.verdicts), [v.problems() for v in translated.verdicts]
+    assert len(translated.splits) == len(translated.policies) == 1
