@@ -161,12 +161,13 @@ class CaClient:
         return Signed(svid, bundle, entitled, reattest_by)
 
     # calls -----------------------------------------------------------------------------
-    def attest(self, token: str, key: PrivateKey) -> Signed:
-        """Exchange a join token for an agent SVID over server-authenticated TLS."""
+    def attest(self, token: str, key: PrivateKey, attestor: str = JOIN_TOKEN) -> Signed:
+        """Exchange evidence (a join token, or a Kubernetes service-account token for the
+        ``k8s`` attestor) for an agent SVID over server-authenticated TLS."""
         creds = grpc.ssl_channel_credentials(self._bundle.pem())
         with grpc.secure_channel(self.attest_server, creds) as channel:
             request = ca_pb2.AttestAgentRequest(
-                attestor=JOIN_TOKEN, evidence=token.strip().encode(), csr=bare_csr(key)
+                attestor=attestor, evidence=token.strip().encode(), csr=bare_csr(key)
             )
             stub = AgentCaStub(channel)
             response = self._call("AttestAgent", request, stub)

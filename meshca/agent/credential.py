@@ -1,12 +1,14 @@
-"""The agent's own credential: attested once from a join token, then renewed over mutual
-TLS before it expires, until the maximum age meshca set at attestation.
+"""The agent's own credential: attested once from a join token (or a Kubernetes
+service-account token), then renewed over mutual TLS before it expires, until the maximum
+age meshca set at attestation.
 
 The agent SVID and its key are kept in ``<data dir>/agent/`` (0600, written atomically)
 so that a restarted agent renews instead of needing a new token; workload keys are never
 written anywhere. Renewal happens at half the SVID's life (± jitter), from its own
 NotAfter on the wall clock; a failed renewal is retried with backoff while the current
 SVID is still valid. When meshca refuses the agent (evicted, maximum age reached) and
-the token file holds a new token, the agent attests again with it.
+the token file holds a new token, the agent attests again with it (a Kubernetes token's
+expiry is such a maximum age; the kubelet has refreshed the projected token by then).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 from datetime import UTC, datetime
 from pathlib import Path
 
-from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, Signed
+from meshca.agent.ca_client import JOIN_TOKEN, CaClient, CaRefused, CaUnavailable, Signed
 from meshca.issuer import IssuerError, TrustBundle, X509Svid
 from meshca.issuer.keys import (
     PrivateKey,
@@ -64,11 +66,13 @@ class AgentCredential:
         data_dir: Path,
         token_file: Path | None,
         *,
+        attestor: str = JOIN_TOKEN,
         rng: random.Random | None = None,
     ) -> None:
         self.client = client
         self.directory = Path(data_dir) / CREDENTIAL_DIR
         self.token_file = token_file
+        self.attestor = attestor
         self._rng = rng or random.Random()
         self.svid: X509Svid | None = None
         self.reattest_by: datetime | None = None
@@ -107,11 +111,16 @@ class AgentCredential:
     def _attest(self) -> Signed:
         token = _read_token(self.token_file)
         if token is None:
+            if self.attestor != JOIN_TOKEN:
+                raise AgentError(
+                    f"no valid agent SVID and no token: --token-file must hold the pod's "
+                    f"projected service-account token (attestor {self.attestor})"
+                )
             raise AgentError(
                 "no valid agent SVID and no join token: give --token-file with a token from "
                 "'meshca token create'"
             )
-        signed = self.client.attest(token, generate_private_key())
+        signed = self.client.attest(token, generate_private_key(), self.attestor)
         log.info(
             "attested as %s; entitled to %s; must attest again by %s",
             signed.svid.spiffe_id,

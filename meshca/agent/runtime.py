@@ -22,7 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshca.agent.authority import RemoteAuthority
-from meshca.agent.ca_client import CaClient, CaRefused, CaUnavailable, ServerState
+from meshca.agent.ca_client import (
+    JOIN_TOKEN,
+    CaClient,
+    CaRefused,
+    CaUnavailable,
+    ServerState,
+)
 from meshca.agent.callers import NodeAuthenticator, SidecarAuthenticator
 from meshca.agent.credential import AgentCredential, AgentError
 from meshca.agent.jwt import JwtSvids
@@ -52,6 +58,7 @@ class AgentConfig:
     data_dir: Path  # where the agent SVID is kept
     socket: Path
     token_file: Path | None = None
+    attestor: str = JOIN_TOKEN  # or "k8s": the token file holds a projected SA token
     socket_mode: int = DEFAULT_SOCKET_MODE
     leaf_ttl: timedelta | None = None  # None: meshca's leaf TTL
     poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -74,7 +81,9 @@ class MeshcaAgent:
             config.bundle,
             attest_server=config.attest_server,
         )
-        self.credential = AgentCredential(self.client, config.data_dir, config.token_file)
+        self.credential = AgentCredential(
+            self.client, config.data_dir, config.token_file, attestor=config.attestor
+        )
         self.authority = RemoteAuthority(self.client, config.leaf_ttl)
         self.metrics_server = metrics_server
         self.poll_failures = 0

@@ -2,14 +2,17 @@
 
 An attestor reads one kind of evidence and answers with what the agent is (its name
 under ``/meshca/agent/<attestor>/``) and what it is entitled to. Join tokens are the
-first; Kubernetes service-account tokens (TokenReview) plug in the same way.
+first; Kubernetes service-account tokens (``kube_tokens.py``, TokenReview) the second.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
+from meshca.attest.tokens import ATTESTOR as JOIN_TOKEN
 from meshca.attest.tokens import TokenError, TokenStore
 from meshca.spiffe import SpiffeId
 
@@ -24,13 +27,16 @@ class Attestation:
     name: str  # one path segment: the agent ID is /meshca/agent/<attestor>/<name>
     identity: SpiffeId | None  # sidecar mode: the one workload identity
     node: bool  # node mode: registration entries decide
+    expires: datetime | None = None  # the evidence's own end: renewals stop there
+    kube_node: str | None = None  # a Kubernetes node agent: only pods on this node
+    subject: str = ""  # what the evidence named, for the log (never the evidence)
 
 
 class Attestor(Protocol):
     name: str
 
-    def attest(self, evidence: bytes) -> Attestation:
-        """Check ``evidence``; AttestationError when it attests nothing. Blocking."""
+    async def attest(self, evidence: bytes) -> Attestation:
+        """Check ``evidence``; AttestationError when it attests nothing."""
         ...
 
 
@@ -38,12 +44,15 @@ class JoinTokenAttestor:
     """A one-time join token from ``meshca token create``; the agent is named after the
     token's ID (a prefix of its hash), so each redemption yields a new agent ID."""
 
-    name = "join_token"
+    name = JOIN_TOKEN
 
     def __init__(self, tokens: TokenStore) -> None:
         self.tokens = tokens
 
-    def attest(self, evidence: bytes) -> Attestation:
+    async def attest(self, evidence: bytes) -> Attestation:
+        return await asyncio.to_thread(self._redeem, evidence)  # the token file's lock
+
+    def _redeem(self, evidence: bytes) -> Attestation:
         try:
             token = evidence.decode("utf-8")
         except UnicodeDecodeError:

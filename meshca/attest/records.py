@@ -28,6 +28,7 @@ class AgentRecord:
     attested_at: datetime
     reattest_by: datetime  # the end of its chain of self-renewals
     attestor: str
+    kube_node: str | None = None  # a Kubernetes node agent: entries of pods on this node only
 
     def entitled(self) -> tuple[SpiffeId, ...]:
         return (self.identity,) if self.identity is not None else ()
@@ -39,6 +40,7 @@ class AgentRecord:
             "attested_at": int(self.attested_at.timestamp()),
             "reattest_by": int(self.reattest_by.timestamp()),
             "attestor": self.attestor,
+            **({"kube_node": self.kube_node} if self.kube_node is not None else {}),
         }
 
     @classmethod
@@ -52,6 +54,7 @@ class AgentRecord:
                 datetime.fromtimestamp(int(data["attested_at"]), UTC),
                 datetime.fromtimestamp(int(data["reattest_by"]), UTC),
                 str(data.get("attestor", "")),
+                str(data["kube_node"]) if data.get("kube_node") is not None else None,
             )
 
 

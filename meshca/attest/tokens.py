@@ -21,6 +21,7 @@ from meshca.attest.state_file import RecordFile, parsing
 from meshca.spiffe import SpiffeId
 from meshca.util.formats import rfc3339
 
+ATTESTOR = "join_token"  # the attestor that redeems join tokens (agent IDs name it)
 TOKENS_FILE = "tokens.json"
 TOKEN_BYTES = 32
 TOKEN_PREFIX = "mca-jt-"  # recognisable in a secret scanner; not part of the secret

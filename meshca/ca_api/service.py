@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.attest.attestor import AttestationError, Attestor
 from meshca.attest.entries import EntryStore, RegistrationEntry
+from meshca.attest.kube_tokens import KubeTokenVerifier, KubeUnavailable
 from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2
@@ -66,6 +67,7 @@ class AgentCaServicer:
         agent_max_age: timedelta = DEFAULT_AGENT_MAX_AGE,
         jwt_signer: JwtSigner | None = None,
         entries: EntryStore | None = None,
+        kube: KubeTokenVerifier | None = None,
     ) -> None:
         if agent_ttl < MIN_AGENT_TTL or agent_max_age < agent_ttl:
             raise ValueError("the agent TTL must be at least 1m and at most the agent max age")
@@ -77,10 +79,11 @@ class AgentCaServicer:
         self.trust_domain = issuer.trust_domain
         self.jwt_signer = jwt_signer
         self.entries = entries
+        self.kube = kube  # Kubernetes node agents' entries are checked against their node
         self.refusals = 0
 
     # --- shared pieces ----------------------------------------------------------------
-    async def _refuse(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    async def refuse(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
         self.refusals += 1
         level = logging.INFO if code is grpc.StatusCode.INVALID_ARGUMENT else logging.WARNING
         log.log(level, "CSR API refused %s: %s", context.peer(), message)
@@ -104,10 +107,10 @@ class AgentCaServicer:
                 csr_public_key(csr)
             check_csr_claims(csr, None if spiffe_id is None else str(spiffe_id))
         except IssuerError as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return data
 
-    async def _sign(
+    async def sign(
         self, context: Context, spiffe_id: SpiffeId, csr: bytes, ttl: timedelta | None
     ) -> X509Svid:
         try:
@@ -115,12 +118,12 @@ class AgentCaServicer:
                 self.issuer.issues_quickly(), self.issuer.sign_csr, spiffe_id, csr, ttl=ttl
             )
         except (CsrError, KeyTypeError, TtlError) as exc:  # about the caller's own request
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except IssuerError as exc:
             # The CA's own state or its backend (a Vault address, a backend's wording): the
             # detail is for the operator's log, never for the caller.
             log.warning("CSR API cannot sign for %s: %s", spiffe_id, exc)
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
                 f"cannot sign for {spiffe_id}: {BACKEND_UNAVAILABLE}",
@@ -129,23 +132,37 @@ class AgentCaServicer:
     def _bundle_der(self) -> list[bytes]:
         return [root.public_bytes(serialization.Encoding.DER) for root in self.issuer.bundle()]
 
-    def _node_entries(self, record: AgentRecord) -> list[RegistrationEntry]:
+    async def _node_entries(self, context: Context, record: AgentRecord) -> list[RegistrationEntry]:
+        """A node agent's entries; for a Kubernetes node agent, only those whose identity
+        has a running pod scheduled on the agent's own node."""
         if not record.node or self.entries is None:
             return []
-        return self.entries.for_node(record.agent_id)
+        entries = self.entries.for_node(record.agent_id)
+        if record.kube_node is None:
+            return entries
+        if self.kube is None:
+            return []  # attested by a server with --kubernetes; this one cannot check
+        try:
+            return [e for e in entries if await self.kube.runs_on(e.spiffe_id, record.kube_node)]
+        except KubeUnavailable as exc:
+            log.warning("cannot check the pods of node %s: %s", record.kube_node, exc)
+            await self.refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def _entitlements(self, record: AgentRecord) -> tuple[SpiffeId, ...]:
+    async def _entitlements(self, context: Context, record: AgentRecord) -> tuple[SpiffeId, ...]:
         """Sidecar: the token's identity. Node: the identities of the entries naming it."""
         if record.node:
-            return tuple(dict.fromkeys(e.spiffe_id for e in self._node_entries(record)))
+            entries = await self._node_entries(context, record)
+            return tuple(dict.fromkeys(e.spiffe_id for e in entries))
         return record.entitled()
 
-    def _response(self, svid: X509Svid, record: AgentRecord) -> ca_pb2.SvidResponse:
+    async def _response(
+        self, context: Context, svid: X509Svid, record: AgentRecord
+    ) -> ca_pb2.SvidResponse:
         return ca_pb2.SvidResponse(
             spiffe_id=str(svid.spiffe_id),
             cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.chain],
             bundle=self._bundle_der(),
-            entitled=[str(i) for i in self._entitlements(record)],
+            entitled=[str(i) for i in await self._entitlements(context, record)],
             reattest_by=int(record.reattest_by.timestamp()),
         )
 
@@ -155,9 +172,9 @@ class AgentCaServicer:
         try:
             spiffe_id = SpiffeId.parse(text)
         except SpiffeIdError as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
-        if spiffe_id not in self._entitlements(record):
-            await self._refuse(
+            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
+        if spiffe_id not in await self._entitlements(context, record):
+            await self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {record.agent_id} is not entitled to {spiffe_id}",
@@ -168,7 +185,7 @@ class AgentCaServicer:
         """The calling agent's record: mutual TLS with a current agent SVID, or the call ends."""
         pems = list(context.auth_context().get("x509_pem_cert", ()))
         if not pems:
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this call needs mutual TLS with an agent SVID (attest first with AttestAgent)",
@@ -176,11 +193,11 @@ class AgentCaServicer:
         try:
             caller = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
         except (SvidError, ValueError) as exc:
-            await self._refuse(
+            await self.refuse(
                 context, grpc.StatusCode.UNAUTHENTICATED, f"client certificate refused: {exc}"
             )
         if not caller.is_agent:
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{caller} is a workload SVID: only agent SVIDs (spiffe://"
@@ -190,15 +207,15 @@ class AgentCaServicer:
             record = self.records.get(caller)
         except StateFileError as exc:
             log.error("cannot read the agent records: %s", exc)
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "agent records unreadable")
+            await self.refuse(context, grpc.StatusCode.UNAVAILABLE, "agent records unreadable")
         if record is None:
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {caller} is not attested (unknown or evicted): attest again",
             )
         if datetime.now(UTC) >= record.reattest_by:
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {caller} reached its maximum age at {rfc3339(record.reattest_by)}: "
@@ -212,7 +229,7 @@ class AgentCaServicer:
     ) -> ca_pb2.SvidResponse:
         attestor = self.attestors.get(request.attestor)
         if attestor is None:
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown attestor {_shown(request.attestor)!r}: this server accepts "
@@ -222,32 +239,40 @@ class AgentCaServicer:
         # nothing; it is checked before the evidence, so a bad CSR spends no token.
         csr = await self._checked_csr(context, request.csr, None, verify=True)
         try:
-            attestation = await asyncio.to_thread(attestor.attest, request.evidence)
+            attestation = await attestor.attest(request.evidence)
         except AttestationError as exc:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await self.refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except KubeUnavailable as exc:
+            log.warning("cannot attest an agent now: %s", exc)
+            await self.refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         except StateFileError as exc:
             log.error("cannot read the join tokens: %s", exc)
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "join tokens unreadable")
+            await self.refuse(context, grpc.StatusCode.UNAVAILABLE, "join tokens unreadable")
         agent_id = SpiffeId.for_agent(self.trust_domain, attestation.attestor, attestation.name)
         now = datetime.now(UTC)
+        reattest_by = now + self.agent_max_age
+        if attestation.expires is not None:  # renewals end with the evidence's own life
+            reattest_by = min(reattest_by, attestation.expires)
         record = AgentRecord(
             agent_id,
             attestation.identity,
             attestation.node,
             now,
-            now + self.agent_max_age,
+            reattest_by,
             attestation.attestor,
+            attestation.kube_node,
         )
-        svid = await self._sign(context, agent_id, csr, self._agent_ttl(record, now))
+        svid = await self.sign(context, agent_id, csr, self._agent_ttl(record, now))
         await asyncio.to_thread(self.records.add, record)
         log.info(
-            "attested agent %s (%s) for %s until %s",
+            "attested agent %s (%s%s) for %s until %s",
             agent_id,
             attestation.attestor,
+            f": {attestation.subject}" if attestation.subject else "",
             ", ".join(str(i) for i in record.entitled()) or "registration entries",
             rfc3339(record.reattest_by),
         )
-        return self._response(svid, record)
+        return await self._response(context, svid, record)
 
     def _agent_ttl(self, record: AgentRecord, now: datetime) -> timedelta:
         return min(self.agent_ttl, record.reattest_by - now)
@@ -259,15 +284,15 @@ class AgentCaServicer:
         csr = await self._checked_csr(context, request.csr, record.agent_id)
         ttl = self._agent_ttl(record, datetime.now(UTC))
         if ttl < MIN_AGENT_TTL:
-            await self._refuse(
+            await self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {record.agent_id} is at its maximum age "
                 f"({rfc3339(record.reattest_by)}): attest again",
             )
-        svid = await self._sign(context, record.agent_id, csr, ttl)
+        svid = await self.sign(context, record.agent_id, csr, ttl)
         log.info("renewed agent %s serial=%s", record.agent_id, serial_hex(svid.serial))
-        return self._response(svid, record)
+        return await self._response(context, svid, record)
 
     async def SignWorkload(
         self, request: ca_pb2.SignWorkloadRequest, context: Context
@@ -276,7 +301,7 @@ class AgentCaServicer:
         spiffe_id = await self._entitled(context, record, request.spiffe_id)
         csr = await self._checked_csr(context, request.csr, spiffe_id)
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
-        svid = await self._sign(context, spiffe_id, csr, ttl)
+        svid = await self.sign(context, spiffe_id, csr, ttl)
         log.info(
             "signed %s for agent %s serial=%s not_after=%s",
             spiffe_id,
@@ -284,7 +309,7 @@ class AgentCaServicer:
             serial_hex(svid.serial),
             rfc3339(svid.not_after),
         )
-        return self._response(svid, record)
+        return await self._response(context, svid, record)
 
     async def GetBundle(
         self, request: ca_pb2.GetBundleRequest, context: Context
@@ -296,9 +321,12 @@ class AgentCaServicer:
             if isinstance(authority, ActiveSigner)
             else ()
         )
+        entries = await self._node_entries(context, record)
         return ca_pb2.BundleResponse(
             bundle=self._bundle_der(),
-            entitled=[str(i) for i in self._entitlements(record)],
+            entitled=[str(i) for i in dict.fromkeys(e.spiffe_id for e in entries)]
+            if record.node
+            else [str(i) for i in record.entitled()],
             reattest_by=int(record.reattest_by.timestamp()),
             signing_chain=[c.public_bytes(serialization.Encoding.DER) for c in chain],
             jwt_bundle=self._jwt_bundle(),
@@ -307,7 +335,7 @@ class AgentCaServicer:
                 ca_pb2.RegistrationEntry(
                     id=e.id, spiffe_id=str(e.spiffe_id), selectors=list(e.selectors)
                 )
-                for e in self._node_entries(record)
+                for e in entries
             ],
         )
 
@@ -319,14 +347,14 @@ class AgentCaServicer:
         record = await self._agent(context)
         spiffe_id = await self._entitled(context, record, request.spiffe_id)
         if self.jwt_signer is None:
-            await self._refuse(
+            await self.refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION, "this server signs no JWT-SVIDs"
             )
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_JWT_TTL
         try:
             token, expires = self.jwt_signer.sign(spiffe_id, list(request.audience), ttl)
         except JwtError as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("signed a JWT-SVID for %s (agent %s)", spiffe_id, record.agent_id)
         return ca_pb2.JwtResponse(token=token, expires_at=int(expires.timestamp()))
 

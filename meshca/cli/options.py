@@ -51,6 +51,8 @@ parse_fraction = _lazy(_SERVE, "parse_fraction")
 parse_listen = _lazy(_SERVE, "parse_listen")
 parse_log_level = _lazy(_SERVE, "parse_log_level")
 parse_namespace = _lazy(_SERVE, "parse_namespace")
+parse_node_agents = _lazy(_SERVE, "parse_node_agents")
+parse_audience = _lazy(_SERVE, "parse_audience")
 parse_socket_mode = _lazy(_SERVE, "parse_socket_mode")
 parse_uds_identities = _lazy(_SERVE, "parse_uds_identities")
 parse_log_format = _lazy("meshca.util.logs", "parse_log_format")
@@ -93,6 +95,16 @@ def parse_layout(text: str) -> str:
     if layout not in LAYOUTS:
         raise ValueError(f"{text!r} is not a layout: choose {' or '.join(LAYOUTS)}")
     return layout
+
+
+ATTESTORS = ("join_token", "k8s")
+
+
+def parse_attestor(text: str) -> str:
+    attestor = text.strip().lower()
+    if attestor not in ATTESTORS:
+        raise ValueError(f"{text!r} is not an attestor: choose {' or '.join(ATTESTORS)}")
+    return attestor
 
 
 def parse_workload(text: str) -> str:
@@ -319,7 +331,8 @@ OPTIONS: tuple[Option, ...] = (
         "kubeconfig",
         _path,
         None,
-        "with --kubernetes outside a pod: the kubeconfig file (its current context)",
+        "with --kubernetes (or --kube-tokens) outside a pod: the kubeconfig file (its "
+        "current context)",
         ("serve",),
         metavar="FILE",
         is_path=True,
@@ -502,6 +515,36 @@ OPTIONS: tuple[Option, ...] = (
         ("serve",),
         metavar="D",
     ),
+    # Kubernetes service-account tokens (docs/agent.md)
+    Option(
+        "kube_tokens",
+        parse_bool,
+        "false",
+        "verify agents' and Istio proxies' Kubernetes service-account tokens with the API "
+        "server (in-cluster configuration, or --kubeconfig) while the mesh comes from "
+        "--mesh; --kubernetes implies it",
+        ("serve",),
+        switch=True,
+    ),
+    Option(
+        "kube_token_audience",
+        parse_audience,
+        "meshca",
+        "the audience agents' and Istio proxies' projected service-account tokens must be "
+        "issued for (checked by TokenReview)",
+        ("serve",),
+        metavar="AUD",
+    ),
+    Option(
+        "kube_node_agent",
+        parse_node_agents,
+        None,
+        "NAMESPACE/SERVICE_ACCOUNT whose pods are node agents: they may obtain the "
+        "identities of pods on their own node only (repeat the flag)",
+        ("serve",),
+        metavar="NS/SA",
+        repeatable=True,
+    ),
     # meshca token
     Option(
         "identity",
@@ -580,11 +623,21 @@ OPTIONS: tuple[Option, ...] = (
         metavar="ADDR",
     ),
     Option(
+        "attestor",
+        parse_attestor,
+        "join_token",
+        "how the agent proves who it is: join_token ('meshca token create') or k8s (the "
+        "pod's projected service-account token, audience meshca)",
+        ("agent",),
+        metavar="NAME",
+    ),
+    Option(
         "token_file",
         _path,
         None,
-        "a file holding the join token from 'meshca token create' (read when the agent "
-        "must attest: first start, or after meshca refused its SVID)",
+        "a file holding the join token from 'meshca token create', or for --attestor k8s "
+        "the projected service-account token (read when the agent must attest: first "
+        "start, or after meshca refused its SVID)",
         ("agent",),
         metavar="FILE",
         is_path=True,

@@ -124,6 +124,17 @@ class KubeApi:
         decoded = json.loads(response.content)
         return decoded if isinstance(decoded, dict) else {}
 
+    async def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A POST of a new object (a TokenReview); the API server's answer, or
+        KubeApiError when refused."""
+        response = await self._client.post(path, json=dict(body))
+        if response.status_code >= 400:
+            raise _api_error(response.status_code, response.content)
+        decoded = json.loads(response.content)
+        if not isinstance(decoded, dict):
+            raise KubeApiError(response.status_code, "BadResponse", "not a JSON object")
+        return decoded
+
     @asynccontextmanager
     async def watch(
         self, path: str, params: Mapping[str, str], timeout: float

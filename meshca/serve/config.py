@@ -36,6 +36,7 @@ DEFAULT_UDS_MAX_CONNECTIONS_PER_UID = 64
 DEFAULT_MAX_STREAMS_PER_CALLER = 1000
 DEFAULT_MAX_NAMES_PER_CALLER = 10_000
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 # The kernel reports these uids for callers it cannot map (a user namespace's overflow
 # uid, 65534 by default, and the 16- and 32-bit "no uid" values): mapping one would give
 # every such caller that identity.
@@ -91,6 +92,10 @@ class ServeConfig:
     attest_listen: tuple[str, int] | None = None  # TLS without client certificates
     agent_ttl: timedelta = timedelta(hours=1)  # agent SVIDs' lifetime
     agent_max_age: timedelta = timedelta(days=30)  # renewals end; the agent attests again
+    # Kubernetes service-account tokens (docs/agent.md): with --kubernetes, or alone
+    kube_tokens: bool = False  # verify tokens with the API server, whatever the mesh source
+    kube_token_audience: str = "meshca"  # tokens must be for this audience
+    kube_node_agents: tuple[str, ...] = ()  # NS/SA of node agents (e.g. istio-system/ztunnel)
     # limits on what callers can make the server hold (docs/serve.md, "Limits")
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE
@@ -109,8 +114,13 @@ class ServeConfig:
             raise ServeError(
                 "--mesh and --kubernetes are two sources of the mesh: give one of them"
             )
-        if self.kubeconfig is not None and not self.kubernetes:
-            raise ServeError("--kubeconfig is read only with --kubernetes")
+        if self.kubeconfig is not None and not self.kube_api:
+            raise ServeError("--kubeconfig is read only with --kubernetes or --kube-tokens")
+
+    @property
+    def kube_api(self) -> bool:
+        """Whether meshca talks to the Kubernetes API server (the mesh, or tokens)."""
+        return self.kubernetes or self.kube_tokens
 
     def server_identity(self, trust_domain: TrustDomain) -> SpiffeId:
         """meshca's own identity in ``trust_domain`` (``--server-id``, or the default for
@@ -234,6 +244,24 @@ def parse_dns_names(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("expected at least one DNS name")
     return tuple(names)
+
+
+def parse_node_agents(text: str) -> tuple[str, ...]:
+    """Comma-separated ``NAMESPACE/SERVICE_ACCOUNT`` of node agents."""
+    agents = []
+    for part in text.split(","):
+        namespace, _, account = part.strip().partition("/")
+        if not _DNS_LABEL.match(namespace) or not _DNS_SUBDOMAIN.match(account):
+            raise ValueError(f"{part.strip()[:100]!r}: use NAMESPACE/SERVICE_ACCOUNT")
+        agents.append(f"{namespace}/{account}")
+    return tuple(dict.fromkeys(agents))
+
+
+def parse_audience(text: str) -> str:
+    audience = text.strip()
+    if not audience or len(audience) > 253 or any(c.isspace() for c in audience):
+        raise ValueError(f"{text[:100]!r} is not a token audience")
+    return audience
 
 
 def parse_namespace(text: str) -> str:

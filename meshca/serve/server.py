@@ -19,8 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshca.attest.attestor import JoinTokenAttestor
+from meshca.attest.attestor import Attestor, JoinTokenAttestor
 from meshca.attest.entries import EntryStore
+from meshca.attest.kube_tokens import KubeTokenAttestor, KubeTokenVerifier
 from meshca.attest.records import AgentRecords
 from meshca.attest.tokens import TokenStore
 from meshca.backends.jwt_key import load_or_create_jwt_signer
@@ -106,6 +107,7 @@ class MeshcaServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in stubs
         self.health_monitor = self._new_health_monitor()
         self.metrics_server = self._new_metrics_server()
+        self.kube_tokens = self._new_kube_tokens()
         self.agent_ca = self._agent_ca()
         # listeners, bound by start()
         self.attest_port: int | None = None
@@ -247,19 +249,44 @@ class MeshcaServer:
         )
         return MetricsServer(self.metrics)
 
-    def _agent_ca(self) -> AgentCaServicer:
-        """The CSR API for ``meshca agent``: join tokens and agent records in the data
-        directory, signing through the same issuer as SDS."""
+    def _new_kube_tokens(self) -> KubeTokenVerifier | None:
+        """Kubernetes service-account tokens, verified against the API server
+        (``--kubernetes`` or ``--kube-tokens``: in-cluster, or ``--kubeconfig``)."""
         config = self.config
+        if not config.kube_api:
+            return None
+        from meshca.kube.client import KubeApi, KubeConfigError, load_config  # the client
+        from meshca.kube.identity import KubeIdentityApi
+
+        try:
+            api = KubeIdentityApi(KubeApi(load_config(config.kubeconfig)[0]))
+        except KubeConfigError as exc:
+            flag = "--kubernetes" if config.kubernetes else "--kube-tokens"
+            raise ServeError(f"{flag}: {exc}") from None
+        return KubeTokenVerifier(
+            api,
+            self.trust_domain,
+            audience=config.kube_token_audience,
+            node_agents=config.kube_node_agents,
+        )
+
+    def _agent_ca(self) -> AgentCaServicer:
+        """The CSR API for ``meshca agent``: join tokens (and Kubernetes tokens) and agent
+        records in the data directory, signing through the same issuer as SDS."""
+        config = self.config
+        attestors: list[Attestor] = [JoinTokenAttestor(TokenStore(config.data_dir))]
+        if self.kube_tokens is not None:
+            attestors.append(KubeTokenAttestor(self.kube_tokens))
         try:
             return AgentCaServicer(
                 self.issuer,
                 AgentRecords(config.data_dir),
-                [JoinTokenAttestor(TokenStore(config.data_dir))],
+                attestors,
                 agent_ttl=config.agent_ttl,
                 agent_max_age=config.agent_max_age,
                 jwt_signer=load_or_create_jwt_signer(config.data_dir),
                 entries=EntryStore(config.data_dir),
+                kube=self.kube_tokens,
             )
         except ValueError as exc:
             raise ServeError(f"--agent-ttl / --agent-max-age: {exc}") from None
@@ -415,6 +442,8 @@ class MeshcaServer:
             await self._health_server.stop(0)
         if self._attest_server is not None:
             await self._attest_server.stop(0)
+        if self.kube_tokens is not None:
+            await self.kube_tokens.close()
         await self.metrics_server.close()
         if self.front_door is not None:
             await self.front_door.close()

@@ -60,6 +60,7 @@ def config_from(settings: Settings) -> AgentConfig:
         data_dir=settings["data_dir"],
         socket=socket,
         token_file=settings["token_file"],
+        attestor=settings["attestor"],
         socket_mode=settings["socket_mode"],
         leaf_ttl=settings["leaf_ttl"] if settings.is_explicit("leaf_ttl") else None,
         poll_interval=settings["poll_interval"].total_seconds(),

@@ -71,6 +71,9 @@ def _serve_config(settings: Settings) -> ServeConfig:
         attest_listen=settings["attest_listen"],
         agent_ttl=settings["agent_ttl"],
         agent_max_age=settings["agent_max_age"],
+        kube_tokens=settings["kube_tokens"],
+        kube_token_audience=settings["kube_token_audience"],
+        kube_node_agents=settings["kube_node_agent"] or (),
         max_connections=settings["max_connections"],
         max_connection_age=settings["max_connection_age"],
         uds_max_connections_per_uid=settings["uds_max_connections_per_uid"],
@@ -92,7 +95,8 @@ def _announce(server: MeshcaServer) -> None:
             lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
     if server.attest_port is not None and config.attest_listen is not None:
         address = format_address(config.attest_listen[0], server.attest_port)
-        lines.append(f"attestation on tcp {address} (TLS, join tokens)")
+        kinds = "join tokens, Kubernetes tokens" if server.kube_tokens else "join tokens"
+        lines.append(f"attestation on tcp {address} (TLS, {kinds})")
     if server.health_port is not None and config.health_listen is not None:
         address = format_address(config.health_listen[0], server.health_port)
         lines.append(f"health on {address} (gRPC health service, plaintext)")

@@ -37,8 +37,7 @@ def _trust_domain(settings: Settings) -> TrustDomain:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from meshca.attest.attestor import JoinTokenAttestor  # loaded by this command only
-    from meshca.attest.tokens import TokenStore
+    from meshca.attest.tokens import ATTESTOR, TokenStore  # loaded by this command only
 
     store = TokenStore(settings["data_dir"])
     if args.token_action == "create":
@@ -48,9 +47,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         token, record = store.create(identity, node=node, ttl=settings["token_ttl"])
         write_out(token + "\n")
         if node:  # entries name the agent: say which ID this token's agent will have
-            agent_id = SpiffeId.for_agent(
-                _trust_domain(settings), JoinTokenAttestor.name, record.id
-            )
+            agent_id = SpiffeId.for_agent(_trust_domain(settings), ATTESTOR, record.id)
             print(f"agent ID: {agent_id}", file=sys.stderr)
         return 0
     if args.token_action == "delete":
