@@ -376,3 +376,27 @@ def test_any_shape_of_object_gets_a_verdict_never_an_exception(
     policy = translate(MESH, [shaped, raw], [raw, weird, good])
     assert verdict(policy, "good").accepted
     assert [p.service for p in policy.policies if p.service == "bookwarehouse/mysql"]
+
+
+def test_a_namespace_acts_only_on_its_own_services() -> None:
+    """Whoever may write policy objects in one namespace cannot split, open or divert
+    another namespace's Services: a route's parent and backends, and a policy's target,
+    are Services of the object's own namespace."""
+    foreign_parent = route(namespace="bookthief")
+    foreign_parent["spec"]["parentRefs"][0]["namespace"] = "bookstore"
+    diverted = route("divert", backends=[("bookstore-v1", 1), ("bookwarehouse", 1)])
+    diverted["spec"]["rules"][0]["backendRefs"][1]["namespace"] = "bookwarehouse"
+    opened = access("open", "bookstore", [{"kind": "TrustDomain"}], namespace="bookthief")
+    policy = translate(MESH, [foreign_parent, diverted], [opened])
+    assert policy.splits == () and policy.policies == ()
+    assert not verdict(policy, "split").accepted
+    consumer = route("consumer")
+    consumer["spec"]["parentRefs"][0]["namespace"] = "bookwarehouse"
+    assert "no consumer routes" in translate(MESH, [consumer]).verdicts[0].problems()[0]
+    assert conditions(verdict(policy, "divert"))["ResolvedRefs"] == (False, "RefNotPermitted")
+    assert verdict(policy, "open").problems() == [
+        "spec.targetRef: no Service 'bookstore' in namespace bookthief in the mesh"
+    ]
+    store = MESH.service("bookstore", "bookstore")
+    assert store is not None
+    assert not policy.apply(MESH).may_call(sid("bookthief", "bookthief"), store, 14001)
