@@ -27,17 +27,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict meshca
 
-# System tools some tests use: iptables and ip (iproute2) for the intercept-mode test
-# (run as root in a network namespace the test creates). Installed when this is a Debian
-# machine and we are root; otherwise that test says it is skipped and why. Never fails.
+# System tools some tests use: iptables and ip (iproute2) for the intercept-mode tests
+# (run as root in network namespaces the tests create), tcpdump for the ambient test's
+# capture between nodes. Installed when this is a Debian machine and we are root;
+# otherwise those tests say they are skipped and why. Never fails.
 system-tools:
 	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
 	command -v iptables >/dev/null 2>&1 || missing="$$missing iptables"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v tcpdump >/dev/null 2>&1 || missing="$$missing tcpdump"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing$$missing (for the intercept-mode test)"; \
+		echo "installing$$missing (for the intercept-mode tests)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
-			>/dev/null 2>&1 || echo "could not install$$missing: the intercept-mode test will be skipped"; \
+			>/dev/null 2>&1 || echo "could not install$$missing: the tests needing them will be skipped"; \
 	fi
 
 # The Kubernetes test peers the `kube` tests start (etcd and kube-apiserver; the tests make

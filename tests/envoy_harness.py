@@ -353,10 +353,13 @@ def http_get(
     *,
     address: str = "127.0.0.1",
     host: str | None = None,
+    source: str | None = None,
 ) -> tuple[int, str]:
-    """GET http://address:port/path (with ``host`` in Host when given); (status, body),
-    or (0, error) when nothing answers."""
-    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    """GET http://address:port/path (with ``host`` in Host when given, from ``source``
+    when given); (status, body), or (0, error) when nothing answers."""
+    connection = http.client.HTTPConnection(
+        address, port, timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         connection.request("GET", path, headers={"Host": host} if host else {})
         response = connection.getresponse()

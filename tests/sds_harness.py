@@ -81,6 +81,9 @@ class MeshRef:
     def may_reach(self, caller: SpiffeId, namespace: str, service: str) -> bool:
         return self.mesh.may_reach(caller, namespace, service)
 
+    def node_proxies(self, identity: SpiffeId) -> frozenset[SpiffeId]:
+        return self.mesh.node_proxies_of(identity)
+
 
 @dataclass
 class SdsHarness:
@@ -176,9 +179,11 @@ async def sds_harness(
     uds: bool = False,
     ads_sources: Sequence[ResourceSource] = (),
     absent_types: Iterable[str] = (),
+    mesh: Mesh | None = None,
 ) -> AsyncIterator[SdsHarness]:
     """Also serves ADS: an engine with ``ads_sources`` followed by the Secret source
-    (``absent_types``: the ADS engine's types whose unknown names are absent)."""
+    (``absent_types``: the ADS engine's types whose unknown names are absent). ``mesh``
+    replaces the one made of ``services`` and ``policies``."""
     ca = init_local_ca(tmp_path / "data", TRUST_DOMAIN)
     issuer = Issuer(ca.authority())
     bundle_pem = ca.bundle.pem()
@@ -200,9 +205,15 @@ async def sds_harness(
             peer_creds=door.peer_creds if door is not None else None,
             uid_identities=uid_identities,
         )
-        mesh_ref = MeshRef(Mesh(TRUST_DOMAIN, services=tuple(services), policies=tuple(policies)))
+        mesh_ref = MeshRef(
+            mesh or Mesh(TRUST_DOMAIN, services=tuple(services), policies=tuple(policies))
+        )
         servicer = SecretDiscoveryServicer(
-            store, authenticator, mesh_ref.service_identities, may_reach=mesh_ref.may_reach
+            store,
+            authenticator,
+            mesh_ref.service_identities,
+            may_reach=mesh_ref.may_reach,
+            node_proxies=mesh_ref.node_proxies,
         )
         cleanup.callback(servicer.close)
         server = grpc.aio.server()

@@ -10,9 +10,11 @@ row's check, in backticks::
 
 The workload's proxy is generated in that layout (intercept capture) from the bookstore
 mesh with bookwarehouse ``mtls: permissive`` (``@passthrough``: and ``egress:
-passthrough``). The path walks the resources as JSON (``MessageToDict``, typed configs
-expanded): ``a.b`` descends, ``a[]`` takes every element, ``**`` any depth. ``= v``: some
-value there equals ``v``; ``!= v``: values are there and none equals ``v``; ``has``: the
+passthrough``). In the ``ambient`` layout the first word names a node of
+``test_ambient.py``'s two-node mesh instead, and the proxy is that node's. The path
+walks the resources as JSON (``MessageToDict``, typed configs expanded): ``a.b``
+descends, ``a[]`` takes every element, ``**`` any depth. ``= v``: some value there
+equals ``v``; ``!= v``: values are there and none equals ``v``; ``has``: the
 field is set somewhere; ``none``: nowhere, in every resource the glob names. SDS
 resources are the secret names the configuration refers to. ``a ; b``: both hold.
 """
@@ -37,6 +39,7 @@ from meshca.envoy.snapshot import Snapshot
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from tests.envoy_harness import bookstore_document
+from tests.test_ambient import ambient_document
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "mesh.md"
 TD = TrustDomain("cluster.local")
@@ -76,6 +79,10 @@ ROWS = list(rows())
 
 @cache
 def snapshot(layout: str, workload: str) -> Snapshot:
+    if layout == "ambient":
+        ambient = ambient_document()
+        node = next(n for n in ambient["nodes"] if n["name"] == workload)
+        return generate(parse_mesh(ambient, TD), SpiffeId.parse(node["identity"]))
     name, _, variant = workload.partition("@")
     document = bookstore_document()
     for service in document["services"]:

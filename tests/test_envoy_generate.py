@@ -33,6 +33,7 @@ from google.protobuf.message import Message
 from meshca.backends.local import init_local_ca
 from meshca.envoy.ads_bootstrap import (
     CAPTURE_METADATA,
+    INTERNAL_LISTENER,
     WORKLOAD_METADATA,
     build_ads_bootstrap,
 )
@@ -645,7 +646,12 @@ def _secrets(snapshot: Snapshot, proxy: SpiffeId, mesh: Mesh, issuer: Issuer) ->
     secrets = []
     for name in snapshot.secret_names:
         secret = secret_pb2.Secret(name=name)
-        if name.startswith("service-cert:") or name == "default":
+        named = SpiffeId.parse(name) if name.startswith("spiffe://") else None
+        if named is not None:  # the ambient layout: each workload's own certificate
+            own = issuer.issue(named)
+            secret.tls_certificate.certificate_chain.inline_bytes = own.chain_pem()
+            secret.tls_certificate.private_key.inline_bytes = own.private_key_pem()
+        elif name.startswith("service-cert:") or name == "default":
             secret.tls_certificate.certificate_chain.inline_bytes = svid.chain_pem()
             secret.tls_certificate.private_key.inline_bytes = svid.private_key_pem()
         else:
@@ -680,7 +686,10 @@ def inlined(snapshot: Snapshot, proxy: SpiffeId, mesh: Mesh, issuer: Issuer) -> 
     )
     bootstrap.node.id = str(proxy)
     bootstrap.node.cluster = "validate"
-    return _to_dict(bootstrap)
+    document = _to_dict(bootstrap)
+    if any(li.HasField("internal_listener") for li in listeners):
+        document["bootstrap_extensions"] = [INTERNAL_LISTENER]
+    return document
 
 
 def _kitchen_sink() -> Mesh:

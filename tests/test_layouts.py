@@ -70,7 +70,7 @@ def test_osm_is_the_default_and_the_mesh_file_can_choose_per_workload(mesh: Mesh
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layout": "ambient"}, "layout 'ambient' is not one of osm, istio-sidecar"),
+        ({"layout": "ztunnel"}, "layout 'ztunnel' is not one of osm, istio-sidecar, ambient"),
         ({"layout": "x" * 1000}, "layout name longer than 64 characters"),
         ({"layout": ISTIO, "capture": "explicit"}, "supports capture intercept, not explicit"),
     ],

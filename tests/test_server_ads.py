@@ -180,7 +180,9 @@ async def test_the_node_metadata_picks_the_layout_and_a_bad_one_is_refused(
             "PassthroughCluster",
         }
         stream.cancel()
-        refused = await open_sotw(stub, _with_layout("ambient"))
+        refused = await open_sotw(stub, _with_layout("ztunnel"))
         error = await refused.error()
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "layout 'ambient' is not one of osm, istio-sidecar" in (error.details() or "")
+        assert "layout 'ztunnel' is not one of osm, istio-sidecar, ambient" in (
+            error.details() or ""
+        )

@@ -6,7 +6,9 @@ clusters, routes, endpoints and secrets all arrive on one ADS stream. The node m
 says how traffic reaches the proxy (``capture``), which of its identity's workloads
 it fronts, and optionally its ``layout`` (OSM's or Istio's names and ports); meshca
 still decides everything from the authenticated identity, and refuses a workload that
-runs as another one.
+runs as another one. An ``ambient`` node proxy's identity is its node's (the mesh
+file's ``nodes[].identity``, any SPIFFE ID of the trust domain); its bootstrap enables
+Envoy's internal listeners, which the HBONE tunnels go through.
 """
 
 from __future__ import annotations
@@ -22,11 +24,26 @@ from meshca.envoy.bootstrap import (
 )
 from meshca.envoy.generate import CAPTURE_MODES
 from meshca.envoy.layouts import LAYOUTS, layout_named
+from meshca.envoy.model import AMBIENT
 from meshca.spiffe import check_segment
 
 CAPTURE_METADATA = "meshca.capture"
 WORKLOAD_METADATA = "meshca.workload"
 LAYOUT_METADATA = "meshca.layout"
+# A tunnel's far end (the app behind the destination's node proxy) usually closes
+# first; the destination's Envoy then ends the CONNECT stream with data, END_STREAM and
+# a RST_STREAM(NO_ERROR). Passed on as a TCP reset, that reset would reach the calling
+# app before its last bytes (measured: most responses lost); as a FIN they all arrive.
+HBONE_RUNTIME = {
+    "envoy.reloadable_features.propagate_upstream_rst_through_tunneled_tcp_proxy": False
+}
+INTERNAL_LISTENER = {
+    "name": "envoy.bootstrap.internal_listener",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3."
+        "InternalListener"
+    },
+}
 
 
 def _check_workload(workload: str) -> None:
@@ -56,7 +73,7 @@ def build_ads_bootstrap(
         )
     if capture not in CAPTURE_MODES:
         raise BootstrapError(f"--capture {capture!r}: expected one of {', '.join(CAPTURE_MODES)}")
-    if spec.identity.kubernetes is None:
+    if spec.identity.kubernetes is None and layout != AMBIENT:
         raise BootstrapError(
             f"{spec.identity}: ADS proxies are identified as spiffe://<td>/ns/<ns>/sa/<account>"
         )
@@ -70,11 +87,20 @@ def build_ads_bootstrap(
                 f"{' or '.join(layout_named(layout).captures)}, not {capture}"
             )
         metadata[LAYOUT_METADATA] = layout
+    if workload is not None and layout == AMBIENT:
+        raise BootstrapError(
+            "--workload: an ambient node proxy serves every ambient workload of its node"
+        )
     if workload is not None:
         _check_workload(workload)
         metadata[WORKLOAD_METADATA] = workload
     bootstrap = build_bootstrap(spec)
     bootstrap["node"]["metadata"] = metadata
+    if layout == AMBIENT:
+        bootstrap["bootstrap_extensions"] = [INTERNAL_LISTENER]
+        bootstrap["layered_runtime"] = {
+            "layers": [{"name": "ambient", "static_layer": HBONE_RUNTIME}]
+        }
     bootstrap["dynamic_resources"] = {
         "ads_config": api_config_source(delta=delta),
         "cds_config": {"ads": {}, "resource_api_version": "V3"},

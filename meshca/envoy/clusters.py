@@ -15,7 +15,8 @@ from meshca.envoy.xds import CONNECT_TIMEOUT, ads_source, pack
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _http2(cluster: cluster_pb2.Cluster) -> None:
+def http2(cluster: cluster_pb2.Cluster) -> None:
+    """Speak HTTP/2 upstream (gRPC; HBONE's CONNECT streams)."""
     options = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
@@ -36,7 +37,7 @@ def upstream_cluster(
         transport_socket=transport_socket,
     )
     if protocol == "grpc":
-        _http2(cluster)
+        http2(cluster)
     return cluster
 
 
@@ -49,7 +50,7 @@ def local_cluster(name: str, port: int, address: str, protocol: str) -> cluster_
         load_assignment=addresses_assignment(name, [address], port),
     )
     if protocol == "grpc":
-        _http2(cluster)
+        http2(cluster)
     return cluster
 
 

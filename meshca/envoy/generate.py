@@ -17,10 +17,10 @@ from envoy.config.listener.v3 import listener_pb2
 from google.protobuf.message import Message
 
 from meshca.envoy import clusters, inbound, outbound
+from meshca.envoy.ambient import node_of, node_snapshot
 from meshca.envoy.endpoints import load_assignment
-from meshca.envoy.inbound import InboundPort
 from meshca.envoy.layouts import DEFAULT_LAYOUT, Layout, layout_named
-from meshca.envoy.model import NOBODY, Mesh, Service, ServicePort, Workload, matches
+from meshca.envoy.model import AMBIENT, Mesh, Service, ServicePort, Workload, matches
 from meshca.envoy.routes import Upstream, fallback_virtual_host, outbound_route_config
 from meshca.envoy.snapshot import Snapshot
 from meshca.envoy.tls import upstream_tls
@@ -89,23 +89,6 @@ def resolve_layout(local: Workload | None, requested: str | None) -> Layout:
         )
     layout = layout_named(declared or requested or DEFAULT_LAYOUT)
     return layout
-
-
-def _inbound_ports(mesh: Mesh, workload: Workload) -> list[InboundPort]:
-    """Each local port with the union of who may call it through any service using it,
-    and plaintext accepted when those services are permissive (they agree: validated)."""
-    ports = []
-    for local in workload.ports:
-        allowed = NOBODY
-        plaintext = False
-        for service in mesh.services_of(workload):
-            for service_port in service.ports:
-                if service_port.target != local.port:
-                    continue
-                allowed = allowed | mesh.allowed_callers(service, service_port.port)
-                plaintext = plaintext or service.mtls == "permissive"
-        ports.append(InboundPort(local.port, local.protocol, allowed, plaintext))
-    return ports
 
 
 @dataclass(frozen=True)
@@ -216,8 +199,15 @@ def generate(
         raise GenerationError("layout name longer than 64 characters")
     if proxy.trust_domain != mesh.trust_domain:
         raise GenerationError(f"{proxy} is outside the mesh's trust domain {mesh.trust_domain}")
+    if layout == AMBIENT or mesh.node_proxied_by(proxy) is not None:
+        return _node_proxy(mesh, proxy, capture, workload, layout)
     local = local_workload(mesh, proxy, workload, capture)
     chosen = resolve_layout(local, layout)
+    if chosen.name == AMBIENT:
+        raise GenerationError(
+            f"workload {local.key if local else proxy} is in the ambient layout: the node "
+            f"proxy of node {local.node if local else '?'} carries its traffic"
+        )
     if capture not in chosen.captures:
         raise GenerationError(
             f"layout {chosen.name} supports capture {', '.join(chosen.captures)}, not {capture}"
@@ -231,7 +221,7 @@ def generate(
         listeners.extend(outbound.explicit_listeners(chosen, out.upstreams, bind))
 
     if local is not None and local.ports:
-        ports = _inbound_ports(mesh, local)
+        ports = inbound.inbound_ports(mesh, local)
         if capture == "intercept":
             listeners.append(inbound.intercept_listener(chosen, proxy, ports))
         else:
@@ -247,6 +237,24 @@ def generate(
     _check_unique_binds([*out.listeners, *listeners])
     own = {CLUSTER_TYPE: local_clusters, LISTENER_TYPE: {li.name: li for li in listeners}}
     return Snapshot.of(own, tuple(secrets), base=out.shared)
+
+
+def _node_proxy(
+    mesh: Mesh, proxy: SpiffeId, capture: str, workload: str | None, layout: str | None
+) -> Snapshot:
+    node = node_of(mesh, proxy)
+    if layout not in (None, AMBIENT):
+        raise GenerationError(
+            f"{proxy} is the node proxy of node {node.name}: its layout is ambient, not {layout}"
+        )
+    if capture != "intercept":
+        raise GenerationError(f"layout ambient supports capture intercept, not {capture}")
+    if workload is not None:
+        raise GenerationError(
+            f"{proxy} is the node proxy of node {node.name}: it serves every ambient workload "
+            "there, not one workload"
+        )
+    return node_snapshot(mesh, node)
 
 
 def _check_unique_binds(listeners: list[listener_pb2.Listener]) -> None:

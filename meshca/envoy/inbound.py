@@ -30,7 +30,7 @@ from meshca.envoy.filters import (
     tls_inspector,
 )
 from meshca.envoy.layouts import Layout
-from meshca.envoy.model import Callers
+from meshca.envoy.model import NOBODY, Callers, Mesh, Workload
 from meshca.envoy.tls import downstream_tls
 from meshca.envoy.xds import socket_address
 from meshca.spiffe import SpiffeId
@@ -44,6 +44,23 @@ class InboundPort:
     protocol: str
     allowed: Callers
     plaintext: bool = False
+
+
+def inbound_ports(mesh: Mesh, workload: Workload) -> list[InboundPort]:
+    """Each local port with the union of who may call it through any service using it,
+    and plaintext accepted when those services are permissive (they agree: validated)."""
+    ports = []
+    for local in workload.ports:
+        allowed = NOBODY
+        plaintext = False
+        for service in mesh.services_of(workload):
+            for service_port in service.ports:
+                if service_port.target != local.port:
+                    continue
+                allowed = allowed | mesh.allowed_callers(service, service_port.port)
+                plaintext = plaintext or service.mtls == "permissive"
+        ports.append(InboundPort(local.port, local.protocol, allowed, plaintext))
+    return ports
 
 
 def _filters(

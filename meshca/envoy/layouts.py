@@ -5,7 +5,9 @@ same listeners, clusters, routes and TLS contexts from the same mesh model and k
 the same identities; a layout only says what they are called, which ports the proxy
 listens on, which SDS secrets it names, the SNI and ALPN its clusters send, and (in
 :mod:`meshca.envoy.generate`) how the outbound side is shaped. ``osm`` follows Open
-Service Mesh (meshca's original layout), ``istio-sidecar`` Istio's sidecar.
+Service Mesh (meshca's original layout), ``istio-sidecar`` Istio's sidecar. ``ambient``
+(Istio's ztunnel, HBONE) is a node proxy's layout: its resources are built by
+:mod:`meshca.envoy.ambient`, with the names this class gives.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from meshca.envoy.xds import GenerationError, inbound_validation_secret, service
 from meshca.spiffe import SpiffeId
 from meshca.xds.resources import ISTIO_DEFAULT, ISTIO_ROOTCA, outbound_validation_name
 
-__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "IstioSidecar", "Layout", "Osm", "layout_named"]
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "LAYOUTS",
+    "Ambient",
+    "IstioSidecar",
+    "Layout",
+    "Osm",
+    "layout_named",
+]
 
 
 class Layout:
@@ -124,7 +134,52 @@ class IstioSidecar(Layout):
         return f"{service.sni}:{port}"
 
 
-_BY_NAME: dict[str, Layout] = {layout.name: layout for layout in (Osm(), IstioSidecar())}
+class Ambient(Layout):
+    """Istio ambient's ztunnel: ``ztunnel_outbound`` on 15001, HBONE (HTTP CONNECT over
+    mTLS) to ``ztunnel_inbound`` on 15008, secrets named by each workload's SPIFFE ID
+    (one node proxy holds several) and ``ROOTCA``."""
+
+    name = "ambient"
+    inbound_port = 15008
+    outbound_listener = "ztunnel_outbound"
+    inbound_listener = "ztunnel_inbound"
+    blackhole = "BlackHoleCluster"
+    passthrough = "PassthroughCluster"
+    upstream_alpn = ("h2",)
+    captures = ("intercept",)
+
+    def cert_secret(self, proxy: SpiffeId) -> str:
+        return str(proxy)
+
+    def inbound_validation_secret(self, proxy: SpiffeId) -> str:
+        return ISTIO_ROOTCA
+
+    def outbound_validation_secret(self, service: Service) -> str:
+        return ISTIO_ROOTCA
+
+    def inbound_chain_name(self, port: int) -> str:
+        return f"inbound_{port}"
+
+    @staticmethod
+    def outbound_chain_name(source: SpiffeId, service: Service, port: int, protocol: str) -> str:
+        """The seed's ``<source>_to_<port name>_<fqdn>_outbound_internal``; the port name
+        is Istio's convention ``<protocol>-<port>`` (mesh-file ports have no names)."""
+        return f"{source}_to_{protocol}-{port}_{service.sni}_outbound_internal"
+
+    @staticmethod
+    def tunnel_listener(source: SpiffeId) -> str:
+        return f"outbound_tunnel_lis_{source}"
+
+    @staticmethod
+    def tunnel_cluster(source: SpiffeId, destination: SpiffeId) -> str:
+        return f"outbound_tunnel_clus_{source}_to_{destination}"
+
+    @staticmethod
+    def pod_chain_name(address: str) -> str:
+        return f"inbound_{address}"
+
+
+_BY_NAME: dict[str, Layout] = {layout.name: layout for layout in (Osm(), IstioSidecar(), Ambient())}
 assert tuple(_BY_NAME) == LAYOUTS
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from meshca.envoy.model import (
+    AMBIENT,
+    DEFAULT_CLUSTER_DOMAIN,
     EGRESS_MODES,
     LAYOUTS,
     MTLS_MODES,
@@ -23,6 +25,7 @@ from meshca.envoy.model import (
     Labels,
     Mesh,
     MeshError,
+    Node,
     Service,
     ServicePort,
     SplitBackend,
@@ -51,9 +54,13 @@ __all__ = [
     "parse_mesh",
 ]
 
-_TOP_LEVEL = ("trust_domain", "workloads", "services", "traffic_splits", "access", "egress")
+_TOP_LEVEL = (
+    "trust_domain", "cluster_domain", "nodes", "workloads", "services", "traffic_splits",
+    "access", "egress",
+)  # fmt: skip
 # Envoy's weighted clusters take uint32 weights, and their sum must fit in one too.
 MAX_WEIGHT = 2**32 - 1
+_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
 
 
@@ -185,7 +192,7 @@ def _check_reserved(port: int, where: str) -> None:
 def _workload(raw: Any, where: str) -> Workload:
     allowed = (
         "name", "namespace", "service_account", "address", "ports", "labels",
-        "app_address", "outbound_address", "layout",
+        "app_address", "outbound_address", "layout", "node",
     )  # fmt: skip
     entry = _mapping(raw, where, allowed)
     ports = []
@@ -196,6 +203,13 @@ def _workload(raw: Any, where: str) -> Workload:
     layout = _field(entry, "layout", where, str, required=False)
     if layout is not None and layout not in LAYOUTS:
         raise MeshError(f"{where}.layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
+    node = _field(entry, "node", where, str, required=False)
+    if node is not None:
+        node = _name(node, f"{where}.node")
+    elif layout == AMBIENT:
+        raise MeshError(
+            f"{where}: layout ambient needs 'node' (the host whose node proxy carries its traffic)"
+        )
     address = _address(_field(entry, "address", where, str), f"{where}.address")
     app_address = "127.0.0.1"
     if entry.get("app_address") is not None:
@@ -224,10 +238,70 @@ def _workload(raw: Any, where: str) -> Workload:
         app_address=app_address,
         outbound_address=outbound,
         layout=layout,
+        node=node,
     )
 
 
-def _service(raw: Any, where: str, workloads: Mapping[str, Workload]) -> Service:
+def _cluster_domain(document: Mapping[str, Any]) -> str:
+    """The DNS domain of service names (``<svc>.<ns>.svc.<domain>``), as Kubernetes' own."""
+    value = document.get("cluster_domain")
+    if value is None:
+        return DEFAULT_CLUSTER_DOMAIN
+    labels = value.split(".") if isinstance(value, str) else []
+    if (
+        not labels
+        or len(value) > 253
+        or not all(
+            0 < len(label) <= 63
+            and label[0] != "-"
+            and label[-1] != "-"
+            and set(label) <= _DNS_CHARS
+            for label in labels
+        )
+    ):
+        raise MeshError(f"cluster_domain: {value!r} is not a DNS domain such as cluster.local")
+    return str(value)
+
+
+def _nodes(raw_nodes: list[Any], trust_domain: TrustDomain) -> list[Node]:
+    nodes: list[Node] = []
+    for i, raw in enumerate(raw_nodes):
+        where = f"nodes[{i}]"
+        entry = _mapping(raw, where, ("name", "identity"))
+        name = _name(_field(entry, "name", where, str), f"{where}.name")
+        text = _field(entry, "identity", where, str)
+        try:
+            identity = SpiffeId.parse(text)
+        except SpiffeIdError as exc:
+            raise MeshError(f"{where}.identity: {exc}") from None
+        if identity.trust_domain != trust_domain:
+            raise MeshError(f"{where}.identity: {text} is outside the trust domain {trust_domain}")
+        if identity.is_agent:
+            raise MeshError(f"{where}.identity: {text} is an agent ID, reserved for meshca agents")
+        for j, other in enumerate(nodes):
+            if name == other.name or identity == other.identity:
+                raise MeshError(f"{where}: {name} ({identity}) is already defined at nodes[{j}]")
+        nodes.append(Node(name, identity))
+    return nodes
+
+
+def _check_nodes(mesh: Mesh, workloads: list[Workload]) -> None:
+    """Each workload names a listed node; a node proxy's identity is nobody's workload
+    identity (holding it gives the keys of every ambient workload on that node)."""
+    for i, workload in enumerate(workloads):
+        if workload.node is not None and mesh.node(workload.node) is None:
+            raise MeshError(f"workloads[{i}].node: no node {workload.node} in nodes")
+        proxied = mesh.node_proxied_by(mesh.identity_of(workload))
+        if proxied is not None:
+            raise MeshError(
+                f"workloads[{i}]: runs as {mesh.identity_of(workload)}, the identity of "
+                f"node {proxied.name}'s node proxy"
+            )
+
+
+def _service(
+    raw: Any, where: str, workloads: Mapping[str, Workload], cluster_domain: str
+) -> Service:
     allowed = (
         "name", "namespace", "address", "ports", "selector", "backends", "service_accounts",
         "mtls",
@@ -285,6 +359,7 @@ def _service(raw: Any, where: str, workloads: Mapping[str, Workload]) -> Service
         selector=selector,
         backends=tuple(sorted(backends)),
         mtls=mtls,
+        cluster_domain=cluster_domain,
     )
 
 
@@ -464,6 +539,8 @@ def parse_mesh(document: Any, trust_domain: TrustDomain) -> Mesh:
     egress = top.get("egress") or "blackhole"
     if egress not in EGRESS_MODES:
         raise MeshError(f"egress: {egress!r} is not one of {', '.join(EGRESS_MODES)}")
+    cluster_domain = _cluster_domain(top)
+    nodes = tuple(sorted(_nodes(_list(top, "nodes", "mesh file"), trust_domain)))
     workloads = [
         _workload(raw, f"workloads[{i}]")
         for i, raw in enumerate(_list(top, "workloads", "mesh file"))
@@ -471,12 +548,20 @@ def parse_mesh(document: Any, trust_domain: TrustDomain) -> Mesh:
     _unique(workloads, "key", "workloads")
     by_key = {w.key: w for w in workloads}
     raw_services = _list(top, "services", "mesh file")
-    services = [_service(raw, f"services[{i}]", by_key) for i, raw in enumerate(raw_services)]
+    services = [
+        _service(raw, f"services[{i}]", by_key, cluster_domain)
+        for i, raw in enumerate(raw_services)
+    ]
     _unique(services, "key", "services")
     _unique_addresses(workloads, services)
     mesh = Mesh(
-        trust_domain, tuple(sorted(services, key=lambda s: s.key)), tuple(sorted(workloads))
+        trust_domain,
+        tuple(sorted(services, key=lambda s: s.key)),
+        tuple(sorted(workloads)),
+        nodes=nodes,
+        cluster_domain=cluster_domain,
     )
+    _check_nodes(mesh, workloads)
     for i, (service, raw) in enumerate(zip(services, raw_services, strict=True)):
         where = f"services[{i}]"
         order = [entry["port"] for _, entry in _port_list(_list(raw, "ports", where), where)]
@@ -497,6 +582,8 @@ def parse_mesh(document: Any, trust_domain: TrustDomain) -> Mesh:
         tuple(sorted(policies)),
         permissive=permissive,
         egress=str(egress),
+        nodes=nodes,
+        cluster_domain=cluster_domain,
     )
 
 

@@ -20,8 +20,10 @@ from meshca.spiffe import SpiffeId, TrustDomain
 PROTOCOLS = ("http", "tcp", "grpc")
 EGRESS_MODES = ("blackhole", "passthrough")
 MTLS_MODES = ("strict", "permissive")
-LAYOUTS = ("osm", "istio-sidecar")
+LAYOUTS = ("osm", "istio-sidecar", "ambient")
 DEFAULT_LAYOUT = "osm"
+AMBIENT = "ambient"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 # ports the proxy itself listens on in intercept mode: an app port there would clash
 RESERVED_PORTS = {
     15001: "the outbound capture listener",
@@ -91,13 +93,27 @@ class Workload:
     app_address: str = "127.0.0.1"
     outbound_address: str | None = None
     layout: str | None = None
+    node: str | None = None
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def ambient(self) -> bool:
+        return self.layout == AMBIENT
+
     def port(self, number: int) -> WorkloadPort | None:
         return next((p for p in self.ports if p.port == number), None)
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    """A host whose ``ambient`` workloads share one node proxy, which authenticates to
+    meshca as ``identity`` and may obtain exactly those workloads' certificates."""
+
+    name: str
+    identity: SpiffeId
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,7 @@ class Service:
     selector: Labels | None = None
     backends: tuple[str, ...] = ()
     mtls: str = "strict"
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
     @property
     def key(self) -> str:
@@ -135,11 +152,14 @@ class Service:
     def hostnames(self) -> tuple[str, ...]:
         """Every name a client may use for it (Kubernetes DNS forms)."""
         base = f"{self.name}.{self.namespace}"
-        return (self.name, base, f"{base}.svc", f"{base}.svc.cluster", f"{base}.svc.cluster.local")
+        partial = f"{base}.svc.{self.cluster_domain.split('.')[0]}"
+        forms = (self.name, base, f"{base}.svc", partial, self.sni)
+        return tuple(dict.fromkeys(forms))
 
     @property
     def sni(self) -> str:
-        return f"{self.name}.{self.namespace}.svc.cluster.local"
+        """The fully qualified name (Kubernetes DNS under the mesh's cluster domain)."""
+        return f"{self.name}.{self.namespace}.svc.{self.cluster_domain}"
 
 
 @dataclass(frozen=True, order=True)
@@ -210,6 +230,8 @@ class Mesh:
     policies: tuple[AccessPolicy, ...] = ()
     permissive: bool = False
     egress: str = "blackhole"
+    nodes: tuple[Node, ...] = ()
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
     @classmethod
     def empty(cls, trust_domain: TrustDomain) -> Mesh:
@@ -247,6 +269,22 @@ class Mesh:
         if service is None:
             return None
         return self._index.identities[service.key]
+
+    def node(self, name: str) -> Node | None:
+        return self._index.nodes.get(name)
+
+    def node_proxied_by(self, identity: SpiffeId) -> Node | None:
+        """The node whose node proxy authenticates as ``identity``, if any."""
+        return self._index.node_by_identity.get(identity)
+
+    def ambient_workloads(self, node: Node) -> tuple[Workload, ...]:
+        """The ``ambient`` workloads on ``node`` (its node proxy carries their traffic)."""
+        return self._index.ambient_on.get(node.name, ())
+
+    def node_proxies_of(self, identity: SpiffeId) -> frozenset[SpiffeId]:
+        """The node proxies that may hold ``identity``'s key: those of the nodes where an
+        ``ambient`` workload runs as it."""
+        return self._index.proxies_of.get(identity, frozenset())
 
     def split_for(self, service: Service) -> TrafficSplit | None:
         return self._index.splits.get(service.key)
@@ -304,6 +342,17 @@ class _Index:
         for workload in mesh.workloads:
             by_identity[mesh.identity_of(workload)].append(workload)
         self.by_identity = {k: tuple(sorted(v)) for k, v in by_identity.items()}
+        self.nodes = {n.name: n for n in mesh.nodes}
+        self.node_by_identity = {n.identity: n for n in mesh.nodes}
+        ambient_on: dict[str, list[Workload]] = defaultdict(list)
+        proxies_of: dict[SpiffeId, set[SpiffeId]] = defaultdict(set)
+        for workload in sorted(mesh.workloads):
+            node = self.nodes.get(workload.node or "")
+            if workload.ambient and node is not None:
+                ambient_on[node.name].append(workload)
+                proxies_of[mesh.identity_of(workload)].add(node.identity)
+        self.ambient_on = {k: tuple(v) for k, v in ambient_on.items()}
+        self.proxies_of = {k: frozenset(v) for k, v in proxies_of.items()}
         by_namespace: dict[str, list[Workload]] = defaultdict(list)
         for workload in sorted(mesh.workloads):
             by_namespace[workload.namespace].append(workload)

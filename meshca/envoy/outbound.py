@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
@@ -23,7 +23,7 @@ from google.protobuf import wrappers_pb2
 from meshca.envoy.filters import TCP_PROXY, original_dst, outbound_http, tcp_proxy
 from meshca.envoy.layouts import Layout
 from meshca.envoy.routes import Upstream
-from meshca.envoy.xds import GenerationError, pack, socket_address
+from meshca.envoy.xds import GenerationError, host_prefix, pack, socket_address
 from meshca.util.netaddr import format_address
 
 
@@ -51,13 +51,6 @@ def _filters(layout: Layout, upstream: Upstream) -> list[listener_components_pb2
     return tcp_filters(stat_prefix, upstream)
 
 
-def _prefix(address: str) -> address_pb2.CidrRange:
-    length = 128 if ":" in address else 32  # the mesh file's addresses are validated IPs
-    return address_pb2.CidrRange(
-        address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=length)
-    )
-
-
 def _fallback_chain(name: str) -> listener_components_pb2.FilterChain:
     return listener_components_pb2.FilterChain(name=name, filters=[tcp_proxy(name, name)])
 
@@ -74,7 +67,7 @@ def intercept_listener(
             listener_components_pb2.FilterChain(
                 name=upstream.name,
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
-                    prefix_ranges=[_prefix(upstream.service.address)],
+                    prefix_ranges=[host_prefix(upstream.service.address)],
                     destination_port=wrappers_pb2.UInt32Value(value=upstream.port.port),
                 ),
                 filters=_filters(layout, upstream),

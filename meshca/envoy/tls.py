@@ -18,6 +18,10 @@ from meshca.envoy.xds import pack, sds_secret
 from meshca.spiffe import SpiffeId
 
 TLS_SOCKET = "envoy.transport_sockets.tls"
+_TLS13 = common_pb2.TlsParameters(
+    tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
+    tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
+)
 
 
 def uri_san_matchers(ids: Iterable[SpiffeId]) -> list[common_pb2.SubjectAltNameMatcher]:
@@ -36,6 +40,7 @@ def upstream_tls(
     sni: str,
     upstream_ids: Iterable[SpiffeId],
     alpn: Sequence[str] = (),
+    tls13: bool = False,
 ) -> base_pb2.TransportSocket:
     """Present the proxy's own SVID (``cert_secret``); accept only the service's SPIFFE
     IDs under the bundle.
@@ -56,18 +61,24 @@ def upstream_tls(
             tls_certificate_sds_secret_configs=[sds_secret(cert_secret)],
             combined_validation_context=validation,
             alpn_protocols=list(alpn),
+            tls_params=_TLS13 if tls13 else None,
         ),
     )
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def downstream_tls(cert_secret: str, validation_secret: str) -> base_pb2.TransportSocket:
-    """Require a client certificate chaining to the bundle; RBAC decides who gets in."""
+def downstream_tls(
+    cert_secret: str, validation_secret: str, alpn: Sequence[str] = (), tls13: bool = False
+) -> base_pb2.TransportSocket:
+    """Require a client certificate chaining to the bundle; RBAC decides who gets in.
+    ``tls13``: TLS 1.3 only (HBONE, as ztunnel: certificates are not sent in clear)."""
     context = tls_pb2.DownstreamTlsContext(
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
         common_tls_context=tls_pb2.CommonTlsContext(
             tls_certificate_sds_secret_configs=[sds_secret(cert_secret)],
             validation_context_sds_secret_config=sds_secret(validation_secret),
+            alpn_protocols=list(alpn),
+            tls_params=_TLS13 if tls13 else None,
         ),
     )
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))

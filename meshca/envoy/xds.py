@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshca.envoy.model import MeshError
@@ -44,6 +44,14 @@ def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
 def socket_address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def host_prefix(address: str) -> address_pb2.CidrRange:
+    """``address``/32 (or /128): the mesh file's addresses are validated IPs."""
+    length = 128 if ":" in address else 32
+    return address_pb2.CidrRange(
+        address_prefix=address, prefix_len=wrappers_pb2.UInt32Value(value=length)
     )
 
 

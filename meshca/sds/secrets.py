@@ -2,8 +2,10 @@
 
 This is the engine's resource source for the Secret type, and where authorization
 happens: a TlsCertificate (which carries a private key) is built only for one of the
-caller's own identities; anything else is PERMISSION_DENIED, never silently answered
-with the caller's own certificate. Validation contexts hold public material; the one of
+caller's own identities, or, for an ambient node proxy, for the identity of an ambient
+workload on its node (the mesh file says which: :meth:`meshca.envoy.model.Mesh.
+node_proxies_of`); anything else is PERMISSION_DENIED, never silently answered with the
+caller's own certificate. Validation contexts hold public material; the one of
 a service (the identities behind it) is served only to callers the mesh policy lets
 call that service, the bundle to any authenticated caller.
 
@@ -43,6 +45,7 @@ from meshca.xds.resources import (
 
 ServiceIdentities = Callable[[str, str], tuple[SpiffeId, ...] | None]
 MayReach = Callable[[SpiffeId, str, str], bool]  # (caller identity, namespace, service)
+NodeProxies = Callable[[SpiffeId], frozenset[SpiffeId]]  # workload -> node proxies holding it
 
 log = logging.getLogger("meshca.sds")
 
@@ -98,6 +101,7 @@ class SecretSource:
         store: SecretStore,
         service_identities: ServiceIdentities,
         may_reach: MayReach | None = None,
+        node_proxies: NodeProxies | None = None,
     ) -> None:
         self.store = store
         self.trust_domain = store.issuer.trust_domain
@@ -105,6 +109,8 @@ class SecretSource:
         # Whether an identity may call a service (the mesh policy): the identities behind
         # a service are told only to callers that may call it. None: every caller may.
         self.may_reach = may_reach
+        # The node proxies that may hold an identity's key (ambient); None: no nodes.
+        self.node_proxies = node_proxies
         self._watches: dict[int, _Watch] = {}
         self._cert_watchers: dict[SpiffeId, set[int]] = {}
         self._bundle_watchers: set[int] = set()
@@ -156,12 +162,24 @@ class SecretSource:
         """The identity whose key ``request`` names, if the caller may hold it; else Forbidden."""
         if request.identity is None:
             return own_identity(caller, node)
-        if not caller.may_hold(request.identity):
+        if not caller.may_hold(request.identity) and not self._node_proxy_of(
+            caller, request.identity
+        ):
             raise Forbidden(
                 f"caller {caller} may not obtain the private key of {request.identity} "
                 f"(secret {request.name!r}): a caller receives only its own identity's key"
             )
         return request.identity
+
+    def _node_proxy_of(self, caller: Caller, identity: SpiffeId) -> bool:
+        """Whether the stream's node (its node.id, else any of the caller's identities)
+        is the node proxy of a node where ``identity`` runs as an ambient workload."""
+        if self.node_proxies is None:
+            return False
+        proxies = self.node_proxies(identity)
+        if caller.node_matches is None:
+            return any(caller.may_hold(proxy) for proxy in proxies)
+        return any(proxy in caller.node_matches for proxy in proxies)
 
     async def _certificate(
         self, caller: Caller, node: Any, request: CertificateRequest

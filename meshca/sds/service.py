@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from meshca.sds.secrets import MayReach, SecretSource
+from meshca.sds.secrets import MayReach, NodeProxies, SecretSource
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent
 from meshca.xds.auth import Caller, CallerAuthenticator, Context, authenticate_or_abort
@@ -39,11 +39,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
         stats: XdsStats | None = None,
         limits: CallerLimits | None = None,
         may_reach: MayReach | None = None,
+        node_proxies: NodeProxies | None = None,
     ) -> None:
         self.store = store
         self.authenticator = authenticator
         self.stats = stats or XdsStats()
-        self.secrets = SecretSource(store, service_identities, may_reach)
+        self.secrets = SecretSource(store, service_identities, may_reach, node_proxies)
         self.engine = XdsEngine([self.secrets], self.stats, limits=limits)
         # ends a stream whose client certificate expires or leaves the bundle's trust
         self.credentials = CredentialWatch(store.bundle)

@@ -210,6 +210,7 @@ class MeshcaServer:
             self.stats,
             self.limits,
             may_reach=self._may_reach,
+            node_proxies=self._node_proxies,
         )
 
     def _new_rotation(self) -> RotationService | None:
@@ -326,6 +327,9 @@ class MeshcaServer:
 
     def _may_reach(self, caller: SpiffeId, namespace: str, service: str) -> bool:
         return self._mesh.may_reach(caller, namespace, service)
+
+    def _node_proxies(self, identity: SpiffeId) -> frozenset[SpiffeId]:
+        return self._mesh.node_proxies_of(identity)
 
     def _mesh_changed(self, mesh: Mesh) -> None:
         self._mesh = mesh
