@@ -26,8 +26,16 @@ Figures:
   baseline_*         the same resources only re-serialised (deterministic bytes), the
                      floor any generator pays, measured in the same run: these machines
                      are noisy, so the ratios are what to compare
-  layout_*           per layout (osm, istio-sidecar): one proxy's cold generation time and
-                     bytes, the mean per proxy over 200 workloads, ratios against osm
+  layout_*           per sidecar layout (osm, istio-sidecar): one proxy's cold generation
+                     time and bytes, the mean per proxy over 200 workloads, ratios
+                     against osm
+  ambient_*          one ambient node proxy serving ``--node-workloads`` workloads (one
+                     identity each; the services' other replicas on other nodes): its
+                     cold generation time, bytes and memory, against generating the same
+                     workloads' osm sidecars in the same run; over real gRPC (mTLS as the
+                     node's identity), the full push from connecting until every type and
+                     all the workloads' certificates are ACKed, then a mesh change (a
+                     pod scheduled on the node) until ACKed, and the RSS growth
 Memory: ``tracemalloc`` peak for single snapshots, RSS growth for all snapshots
 (tracemalloc would slow the long run several-fold). The last line is one JSON object.
 """
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -44,7 +53,7 @@ import random
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,7 +67,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshca.backends.local import init_local_ca
-from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, WORKLOAD_METADATA
+from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, LAYOUT_METADATA, WORKLOAD_METADATA
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, parse_mesh
 from meshca.envoy.snapshot import Snapshot
@@ -70,7 +79,13 @@ from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import SecretStore
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
-from meshca.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from meshca.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    SECRET_TYPE,
+)
 
 TD = TrustDomain("cluster.local")
 T = TypeVar("T")
@@ -214,8 +229,9 @@ def layout_figures(mesh: Mesh, fresh: Callable[[Mesh], Mesh], repeat: int) -> di
     ``repeat``) and its bytes, and the mean per proxy over the first 200 workloads
     generated on one mesh (shared outbound parts reused, as serving does; best of 2);
     ratios against ``osm`` from the same run."""
-    from meshca.envoy.layouts import LAYOUTS
+    from meshca.envoy.layouts import LAYOUTS as ALL_LAYOUTS
 
+    LAYOUTS = tuple(layout for layout in ALL_LAYOUTS if layout != "ambient")
     figures: dict[str, Any] = {}
     workload = mesh.workloads[0]
     proxy = mesh.identity_of(workload)
@@ -305,14 +321,17 @@ class ProxyClient:
             return RDS, sorted(names)
         return None
 
-    async def run(self, stub: Any) -> None:
-        call = stub.StreamAggregatedResources()
+    def first_requests(self) -> list[Any]:
         first = self.request(CLUSTER_TYPE)
         first.node.id = str(self.identity)
         first.node.metadata.fields[CAPTURE_METADATA].string_value = "intercept"
         first.node.metadata.fields[WORKLOAD_METADATA].string_value = self.workload
-        await call.write(first)
-        await call.write(self.request(LISTENER_TYPE))
+        return [first, self.request(LISTENER_TYPE)]
+
+    async def run(self, stub: Any) -> None:
+        call = stub.StreamAggregatedResources()
+        for request in self.first_requests():
+            await call.write(request)
         async for response in call:
             self.responses += 1
             self.nonces[response.type_url] = response.nonce
@@ -335,15 +354,19 @@ def _changed_weights(document: dict[str, Any]) -> dict[str, Any]:
     return changed
 
 
-async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
-    """Connect ``proxies`` clients (one identity each, mTLS), change every split's weights
-    as a mesh-file reload would, and time until every stream has ACKed."""
-    mesh_ref = MeshRef(parse_mesh(document, TD))
+@contextlib.asynccontextmanager
+async def ads_server(mesh_ref: MeshRef) -> AsyncIterator[tuple[MeshAds, Any]]:
+    """meshca's ADS (with the Secret source, node proxies authorized as the mesh says)
+    on mTLS loopback, and ``connect(client)`` -> (channel, task) for a client."""
     with tempfile.TemporaryDirectory() as data:
         ca = init_local_ca(Path(data), TD)
     issuer = Issuer(ca.authority())
     store = SecretStore(issuer)
-    secrets = SecretSource(store, lambda ns, svc: mesh_ref.mesh.service_identities(ns, svc))
+    secrets = SecretSource(
+        store,
+        lambda ns, svc: mesh_ref.mesh.service_identities(ns, svc),
+        node_proxies=lambda identity: mesh_ref.mesh.node_proxies_of(identity),
+    )
     ads = MeshAds(lambda: mesh_ref.mesh, secrets)
     server = grpc.aio.server()
     add_ads_to_server(AggregatedDiscoveryServicer(ads.engine, CallerAuthenticator(TD)), server)
@@ -361,13 +384,8 @@ async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
         ),
     )
     await server.start()
-    seen: dict[SpiffeId, str] = {}
-    for workload in mesh_ref.mesh.workloads:
-        seen.setdefault(mesh_ref.mesh.identity_of(workload), workload.name)
-    clients = [ProxyClient(identity, name) for identity, name in list(seen.items())[:proxies]]
-    channels = []
-    tasks = []
-    for client in clients:
+
+    def connect(client: ProxyClient) -> tuple[Any, asyncio.Task[None]]:
         svid = issuer.issue(client.identity)
         assert svid.private_key is not None
         credentials = grpc.ssl_channel_credentials(
@@ -378,11 +396,20 @@ async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
             credentials,
             options=[("grpc.ssl_target_name_override", "localhost")],
         )
-        channels.append(channel)
-        tasks.append(
-            asyncio.create_task(client.run(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)))
-        )
-    start = time.perf_counter()
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        return channel, asyncio.create_task(client.run(stub))
+
+    try:
+        yield ads, connect
+    finally:
+        await server.stop(grace=None)
+        secrets.close()
+        store.stop()
+
+
+async def _settled(
+    ads: MeshAds, clients: list[Any], tasks: list[asyncio.Task[None]], start: float
+) -> None:
     while len(ads.engine.streams()) < len(clients) or ads.engine.unsettled():
         await asyncio.sleep(0.05)
         failed = [t for t in tasks if t.done()]
@@ -390,6 +417,31 @@ async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
             raise SystemExit(f"an ADS client stopped: {failed[0].exception()}")
         if time.perf_counter() - start > 300:
             raise SystemExit("clients did not settle within 300 s")
+
+
+async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
+    """Connect ``proxies`` clients (one identity each, mTLS), change every split's weights
+    as a mesh-file reload would, and time until every stream has ACKed."""
+    mesh_ref = MeshRef(parse_mesh(document, TD))
+    async with ads_server(mesh_ref) as (ads, connect):
+        return await _push_to_ack(document, proxies, mesh_ref, ads, connect)
+
+
+async def _push_to_ack(
+    document: dict[str, Any], proxies: int, mesh_ref: MeshRef, ads: MeshAds, connect: Any
+) -> dict[str, Any]:
+    seen: dict[SpiffeId, str] = {}
+    for workload in mesh_ref.mesh.workloads:
+        seen.setdefault(mesh_ref.mesh.identity_of(workload), workload.name)
+    clients = [ProxyClient(identity, name) for identity, name in list(seen.items())[:proxies]]
+    channels = []
+    tasks = []
+    for client in clients:
+        channel, task = connect(client)
+        channels.append(channel)
+        tasks.append(task)
+    start = time.perf_counter()
+    await _settled(ads, clients, tasks, start)
     connect_s = time.perf_counter() - start
     before = {id(c): c.responses for c in clients}
     changed = _changed_weights(document)
@@ -411,8 +463,6 @@ async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
         task.cancel()
     for channel in channels:
         await channel.close(None)
-    await server.stop(grace=None)
-    secrets.close()
     latency = ads.engine.stats.ack_latency
     return {
         "ack_proxies": len(clients),
@@ -426,6 +476,122 @@ async def push_to_ack(document: dict[str, Any], proxies: int) -> dict[str, Any]:
     }
 
 
+# --- ambient: one node proxy serving many workloads -------------------------------------
+
+NODE_ID = SpiffeId.parse("spiffe://cluster.local/ns/ztunnel/sa/node-0")
+
+
+def ambient_document(document: dict[str, Any], node_workloads: int) -> dict[str, Any]:
+    """The synthetic mesh with its first ``node_workloads`` services in the ambient
+    layout: replica r of each on node-r, so node-0 runs one workload of each service
+    (one identity each) and their other replicas are tunnel endpoints elsewhere."""
+    changed = copy.deepcopy(document)
+    replicas = max(1, len(changed["workloads"]) // max(1, len(changed["services"])))
+    changed["nodes"] = [
+        {"name": f"node-{r}", "identity": str(NODE_ID).replace("node-0", f"node-{r}")}
+        for r in range(replicas)
+    ]
+    for n, workload in enumerate(changed["workloads"][: node_workloads * replicas]):
+        workload.update(layout="ambient", node=f"node-{n % replicas}")
+    return changed
+
+
+def _scheduled_pod(document: dict[str, Any]) -> dict[str, Any]:
+    """A mesh change for node-0: one more pod of the first service lands there."""
+    changed = copy.deepcopy(document)
+    pod = copy.deepcopy(changed["workloads"][0])
+    pod.update(name=f"{pod['name']}-new", address="10.255.255.254")
+    changed["workloads"].append(pod)
+    return changed
+
+
+def ambient_figures(document: dict[str, Any], node_workloads: int, repeat: int) -> dict[str, Any]:
+    ambient = ambient_document(document, node_workloads)
+    mesh = parse_mesh(ambient, TD)
+    node = mesh.node_proxied_by(NODE_ID)
+    assert node is not None
+    pods = mesh.ambient_workloads(node)
+    sidecars = parse_mesh(document, TD)
+
+    def fresh(m: Mesh) -> Mesh:
+        copied = dataclasses.replace(m)
+        copied.service("", "")
+        return copied
+
+    def node_proxy(m: Mesh) -> Callable[[], Snapshot]:
+        return lambda: generate(m, NODE_ID)
+
+    def sidecars_of(m: Mesh) -> Callable[[], list[Snapshot]]:
+        return lambda: [generate(m, m.identity_of(w), workload=w.name) for w in pods]
+
+    node_runs, sidecar_runs = [], []
+    for _ in range(repeat):  # alternating, so the machine's load falls on both alike
+        node_runs.append(timed(node_proxy(fresh(mesh))))
+        sidecar_runs.append(timed(sidecars_of(fresh(sidecars))))
+    snapshot = node_runs[0][0]
+    node_s = min(elapsed for _, elapsed in node_runs)
+    sidecars_s = min(elapsed for _, elapsed in sidecar_runs)
+    _, peak, held = traced_peak(node_proxy(fresh(mesh)))
+    figures: dict[str, Any] = {
+        "ambient_node_workloads": len(pods),
+        "ambient_node_identities": len({mesh.identity_of(w) for w in pods}),
+        "ambient_node_resources": counts(snapshot),
+        "ambient_node_secrets": len(snapshot.secret_names),
+        "ambient_node_generate_ms": round(node_s * 1e3, 1),
+        "ambient_node_bytes": snapshot_bytes(snapshot),
+        "ambient_node_peak_mib": round(peak / 2**20, 2),
+        "ambient_node_held_mib": round(held / 2**20, 2),
+        "ambient_same_workloads_osm_sidecars_ms": round(sidecars_s * 1e3, 1),
+        "ambient_node_vs_osm_sidecars_time": round(node_s / sidecars_s, 2),
+    }
+    figures.update(asyncio.run(node_push(ambient, snapshot.secret_names)))
+    return figures
+
+
+class NodeClient(ProxyClient):
+    """An ambient node proxy: no workload; it also asks for the secrets its resources
+    name (every workload certificate and ROOTCA), as Envoy does."""
+
+    def __init__(self, identity: SpiffeId, secrets: tuple[str, ...]) -> None:
+        super().__init__(identity, "")
+        self.names[SECRET_TYPE] = list(secrets)
+
+    def first_requests(self) -> list[Any]:
+        first = self.request(CLUSTER_TYPE)
+        first.node.id = str(self.identity)
+        first.node.metadata.fields[LAYOUT_METADATA].string_value = "ambient"
+        return [first, self.request(LISTENER_TYPE), self.request(SECRET_TYPE)]
+
+
+async def node_push(document: dict[str, Any], secrets: tuple[str, ...]) -> dict[str, Any]:
+    gc.collect()
+    rss_before = rss_bytes()
+    mesh_ref = MeshRef(parse_mesh(document, TD))
+    async with ads_server(mesh_ref) as (ads, connect):
+        client = NodeClient(NODE_ID, secrets)
+        channel, task = connect(client)
+        start = time.perf_counter()
+        await _settled(ads, [client], [task], start)
+        full_s = time.perf_counter() - start
+        before = client.responses
+        start = time.perf_counter()
+        mesh_ref.mesh = parse_mesh(_scheduled_pod(document), TD)
+        ads.mesh_changed()
+        await asyncio.sleep(0)
+        unsettled = await ads.engine.wait_settled(300)
+        change_s = time.perf_counter() - start
+        rss = rss_bytes() - rss_before
+        task.cancel()
+        await channel.close(None)
+    return {
+        "ambient_full_push_s": round(full_s, 3),
+        "ambient_change_to_ack_ms": round(change_s * 1e3, 1),
+        "ambient_change_responses": client.responses - before,
+        "ambient_unsettled": len(unsettled),
+        "ambient_push_rss_growth_mib": round(rss / 2**20, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--services", type=int, default=1000)
@@ -436,11 +602,15 @@ def main() -> None:
         "--ack-proxies", type=int, default=1000, help="ADS clients for push-to-ACK (0: skip)"
     )
     parser.add_argument(
+        "--node-workloads", type=int, default=100, help="workloads on the ambient node proxy"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny counts: checks that it runs (make test does)"
     )
     args = parser.parse_args()
     if args.smoke:
         args.services, args.replicas, args.callers, args.repeat, args.ack_proxies = 10, 1, 2, 1, 3
+        args.node_workloads = 5
 
     document = synthetic_mesh(args.services, args.replicas, args.callers)
     mesh, parse_s = timed(lambda: parse_mesh(document, TD))
@@ -510,6 +680,8 @@ def main() -> None:
         "baseline_reserialize_all_s": round(all_baseline_s, 2),
     }
     figures.update(layout_figures(mesh, fresh, args.repeat))
+    if args.node_workloads:
+        figures.update(ambient_figures(document, args.node_workloads, args.repeat))
     if args.ack_proxies:
         del everything
         figures.update(asyncio.run(push_to_ack(document, args.ack_proxies)))
