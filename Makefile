@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run bookstore test lint typecheck unit system-tools kube-peers bench soak kube clean protos
+.PHONY: run bookstore test lint typecheck unit system-tools kube-peers istio-client bench soak kube clean protos
 
 # A venv whose creation failed halfway (no ensurepip) has a python but no pip: made again.
 $(STAMP): pyproject.toml
@@ -52,7 +52,7 @@ kube-peers:
 	@if command -v go >/dev/null 2>&1; then bash tests/kube/build.sh $(KUBE_TEST_PEERS); \
 	else echo "no Go on PATH: the Kubernetes test peers are not built, the kube tests will be skipped"; fi
 
-unit: $(STAMP) system-tools kube-peers
+unit: $(STAMP) system-tools kube-peers istio-client
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -73,12 +73,20 @@ soak: $(STAMP)
 kube:
 	bash tests/kube/build.sh
 
-# Regenerate meshca/ca_api/ca_pb2.py{,i} from ca.proto (grpcio-tools only in this venv;
+# Istio's own Go client of its CA API (istio.io/api), built once from the Go module proxy
+# into ~/.cache/meshca/istio-ca-client-<version>; tests/test_kube_istio.py checks meshca's
+# wire compatibility with it when it is there (about a minute with Go's caches warm).
+istio-client:
+	@if command -v go >/dev/null 2>&1; then bash tests/istio_client/go/build.sh; \
+	else echo "no Go on PATH: Istio's Go client is not built, its tests will be skipped"; fi
+
+# Regenerate meshca/ca_api/ca_pb2.py{,i} and istio_ca_pb2.py{,i} (Istio's CA API) from their
+# .proto files (grpcio-tools only in this venv;
 # the service bindings are built from its descriptor in meshca/ca_api/rpc.py).
 protos: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'grpcio-tools==1.85.1'
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
-		meshca/ca_api/ca.proto
+		meshca/ca_api/ca.proto meshca/ca_api/istio_ca.proto
 
 clean:
 	rm -rf $(VENV) .meshca .pytest_cache .mypy_cache .ruff_cache

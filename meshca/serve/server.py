@@ -27,6 +27,7 @@ from meshca.attest.tokens import TokenStore
 from meshca.backends.jwt_key import load_or_create_jwt_signer
 from meshca.backends.local import load_local_ca
 from meshca.backends.opened import OpenedBackend
+from meshca.ca_api.istio import IstioCertificateServicer, add_istio_ca
 from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
 from meshca.ca_api.service import AgentCaServicer, add_agent_ca_to_server
 from meshca.envoy.mesh import Mesh
@@ -109,6 +110,11 @@ class MeshcaServer:
         self.metrics_server = self._new_metrics_server()
         self.kube_tokens = self._new_kube_tokens()
         self.agent_ca = self._agent_ca()
+        self.istio_ca = (
+            IstioCertificateServicer(self.agent_ca, self.kube_tokens)
+            if self.kube_tokens is not None
+            else None
+        )
         # listeners, bound by start()
         self.attest_port: int | None = None
         self._attest_server: grpc.aio.Server | None = None
@@ -303,6 +309,8 @@ class MeshcaServer:
         self._attest_credentials = ServingCredentials(svid, self.store.bundle())
         server = grpc.aio.server()
         add_agent_ca_to_server(self.agent_ca, server)
+        if self.istio_ca is not None:  # Istio's CA API: bearer tokens, no client certificate
+            add_istio_ca(self.istio_ca, server)
         host, port = self.config.attest_listen
         address = format_address(host, port)
         try:
