@@ -1,40 +1,59 @@
-"""The trust domain's JWT authority key, kept in ``<data dir>/jwt/jwt-key.pem`` (0600).
+"""The trust domain's JWT authority as its readers see it in ``<data dir>/jwt/``.
 
-Created by the first ``meshca serve`` that needs it (create-if-absent through a hard
-link, so two servers sharing a data directory end up with the same key); read by
-``meshca bundle`` to publish its public half. It is not rotated through the CA's
-journaled slots yet: replacing it means replacing this file and restarting meshca,
-which invalidates JWT-SVIDs signed with the old key at once.
+``jwt-key.pem`` (0600) is the key that signs now; ``jwks.json`` the public keys
+published (the signing key, a prepared successor, retired keys still inside the longest
+JWT-SVID lifetime). Rotation (``meshca.rotation``) keeps the keys in its journal and
+publishes them here, as it publishes the signing CA to ``ca/``; ``meshca bundle`` reads
+``jwks.json``. Without rotation (Vault's per-workload mode) the key is created by the
+first ``meshca serve`` that needs it (create-if-absent through a hard link, so two
+servers sharing a data directory end up with the same key).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.issuer.errors import IssuerError
-from meshca.issuer.jwt_svid import JwtSigner
+from meshca.issuer.jwt_svid import JwtAuthorities, JwtError, JwtSigner, parse_jwt_bundle
 from meshca.issuer.keys import private_key_pem
-from meshca.util.files import PRIVATE, atomic_create, ensure_private_dir
+from meshca.util.files import PRIVATE, PUBLIC, atomic_create, atomic_write, ensure_private_dir
 
 JWT_DIR = "jwt"
 KEY_FILE = "jwt-key.pem"
+JWKS_FILE = "jwks.json"
 
 
 def jwt_key_path(data_dir: Path) -> Path:
     return Path(data_dir) / JWT_DIR / KEY_FILE
 
 
-def _load(path: Path) -> JwtSigner:
+def jwks_path(data_dir: Path) -> Path:
+    return Path(data_dir) / JWT_DIR / JWKS_FILE
+
+
+def load_jwt_key_pem(data: bytes, where: str) -> JwtSigner:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except ValueError:
-        raise IssuerError(f"{path}: not a readable PEM private key") from None
+        raise IssuerError(f"{where}: not a readable PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IssuerError(f"{path}: the JWT signing key must be EC P-256")
-    return JwtSigner(key)
+        raise IssuerError(f"{where}: the JWT signing key must be EC P-256")
+    try:
+        return JwtSigner(key)
+    except JwtError as exc:
+        raise IssuerError(f"{where}: {exc}") from None
+
+
+def new_jwt_key_pem() -> bytes:
+    return private_key_pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+def _load(path: Path) -> JwtSigner:
+    return load_jwt_key_pem(path.read_bytes(), str(path))
 
 
 def load_jwt_signer(data_dir: Path) -> JwtSigner | None:
@@ -47,6 +66,48 @@ def load_or_create_jwt_signer(data_dir: Path) -> JwtSigner:
     if path.exists():
         return _load(path)
     ensure_private_dir(path.parent)
-    data = private_key_pem(ec.generate_private_key(ec.SECP256R1()))
-    atomic_create(path, data, PRIVATE)  # another server may have made it first: theirs stays
+    atomic_create(path, new_jwt_key_pem(), PRIVATE)  # another server's key, if first, stays
     return _load(path)
+
+
+def publish_jwt_keys(
+    data_dir: Path, signer: JwtSigner, published: Sequence[ec.EllipticCurvePublicKey]
+) -> None:
+    """Write the signing key and the published JWK Set, each only when it changed."""
+    key_path, set_path = jwt_key_path(data_dir), jwks_path(data_dir)
+    ensure_private_dir(key_path.parent)
+    pem = private_key_pem(signer.key)
+    if not key_path.exists() or key_path.read_bytes() != pem:
+        atomic_write(key_path, pem, PRIVATE)
+    document = JwtAuthorities(signer, published).bundle_json()
+    if not set_path.exists() or set_path.read_bytes() != document:
+        atomic_write(set_path, document, PUBLIC)
+
+
+def load_jwt_authorities(data_dir: Path) -> JwtAuthorities:
+    """What the data directory publishes: the signing key (created if absent, for a
+    server without rotation) and the keys of ``jwks.json`` beside it."""
+    signer = load_or_create_jwt_signer(data_dir)
+    return JwtAuthorities(signer, _published(data_dir))
+
+
+def published_jwt_keys(data_dir: Path) -> list[ec.EllipticCurvePublicKey]:
+    """The public keys to show in a bundle (``meshca bundle``): ``jwks.json``, or the
+    signing key alone where no rotation has published a set; none before either exists."""
+    published = _published(data_dir)
+    if published:
+        return published
+    signer = load_jwt_signer(data_dir)
+    return [signer.key.public_key()] if signer is not None else []
+
+
+def _published(data_dir: Path) -> list[ec.EllipticCurvePublicKey]:
+    path = jwks_path(data_dir)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    try:
+        return list(parse_jwt_bundle(data).values())
+    except JwtError:
+        raise IssuerError(f"{path}: not a JWK Set meshca can read") from None

@@ -36,7 +36,7 @@ from meshca.ca_api.rpc import add_agent_ca
 from meshca.issuer import ActiveSigner, Issuer, IssuerError, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import BACKEND_UNAVAILABLE, CsrError, KeyTypeError, SvidError, TtlError
-from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtError, JwtSigner, jwt_bundle_json
+from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtAuthorities, JwtError
 from meshca.issuer.svid import spiffe_id_of
 from meshca.spiffe import SpiffeId, SpiffeIdError
 from meshca.util.aio import call_inline_or_in_thread
@@ -65,7 +65,7 @@ class AgentCaServicer:
         *,
         agent_ttl: timedelta = DEFAULT_AGENT_TTL,
         agent_max_age: timedelta = DEFAULT_AGENT_MAX_AGE,
-        jwt_signer: JwtSigner | None = None,
+        jwt: JwtAuthorities | None = None,
         entries: EntryStore | None = None,
         kube: KubeTokenVerifier | None = None,
     ) -> None:
@@ -77,7 +77,7 @@ class AgentCaServicer:
         self.agent_ttl = agent_ttl
         self.agent_max_age = agent_max_age
         self.trust_domain = issuer.trust_domain
-        self.jwt_signer = jwt_signer
+        self.jwt = jwt or JwtAuthorities()  # read at every call: rotation replaces the key
         self.entries = entries
         self.kube = kube  # Kubernetes node agents' entries are checked against their node
         self.refusals = 0
@@ -340,19 +340,19 @@ class AgentCaServicer:
         )
 
     def _jwt_bundle(self) -> bytes:
-        keys = [self.jwt_signer.key.public_key()] if self.jwt_signer is not None else []
-        return jwt_bundle_json(keys)
+        return self.jwt.bundle_json()
 
     async def SignJwt(self, request: ca_pb2.SignJwtRequest, context: Context) -> ca_pb2.JwtResponse:
         record = await self._agent(context)
         spiffe_id = await self._entitled(context, record, request.spiffe_id)
-        if self.jwt_signer is None:
+        signer = self.jwt.signer
+        if signer is None:
             await self.refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION, "this server signs no JWT-SVIDs"
             )
         ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else DEFAULT_JWT_TTL
         try:
-            token, expires = self.jwt_signer.sign(spiffe_id, list(request.audience), ttl)
+            token, expires = signer.sign(spiffe_id, list(request.audience), ttl)
         except JwtError as exc:
             await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("signed a JWT-SVID for %s (agent %s)", spiffe_id, record.agent_id)

@@ -470,6 +470,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="D",
     ),
     Option(
+        "rotation_jwt_key_ttl",
+        parse_duration,
+        "24h",
+        "how long a JWT-SVID signing key signs: its successor is prepared (published) and "
+        "activated at rotation_prepare_at and rotation_activate_at of this",
+        ("serve",),
+        metavar="D",
+    ),
+    Option(
         "rotation_ack_timeout",
         parse_duration,
         "5m",

@@ -151,6 +151,42 @@ class JwtSigner:
         return f"{signing_input}.{_b64(signature)}", datetime.fromtimestamp(exp, UTC)
 
 
+class JwtAuthorities:
+    """The JWT signing key in use and every key published beside it (a prepared successor
+    before it signs, retired ones while tokens they signed may still be valid). Shared
+    by the CSR API, which reads it on every call, and whoever rotates the key."""
+
+    def __init__(
+        self,
+        signer: JwtSigner | None = None,
+        published: Sequence[ec.EllipticCurvePublicKey] = (),
+    ) -> None:
+        self.signer = signer
+        self.published: tuple[ec.EllipticCurvePublicKey, ...] = ()
+        self._bundle = b""
+        self.update(signer, published)
+
+    def update(
+        self, signer: JwtSigner | None, published: Sequence[ec.EllipticCurvePublicKey]
+    ) -> None:
+        """Sign with ``signer`` from now on and publish ``published`` (plus the signer's
+        own key, which is always published)."""
+        keys = list(published)
+        if signer is not None and all(key_id(k) != signer.kid for k in keys):
+            keys.insert(0, signer.key.public_key())
+        self.signer = signer
+        self.published = tuple(keys)
+        self._bundle = jwt_bundle_json(keys)
+
+    @property
+    def kids(self) -> list[str]:
+        return [key_id(k) for k in self.published]
+
+    def bundle_json(self) -> bytes:
+        """The JWK Set of every published key (computed once per change)."""
+        return self._bundle
+
+
 def validate_jwt_svid(
     token: str,
     audience: str,

@@ -10,6 +10,8 @@ request per connection: a JSON object on one line, answered by one JSON line::
     {"op": "rotate-root", "rollback": true, "timeout": 60}
     {"op": "rotate-root", "step": 2, "timeout": 60, "force": true}   # go on without
                                                         # proxies that did not ACK in time
+    {"op": "jwt-key", "step": "prepare"}                # or "activate", "retire"
+    {"op": "jwt-key", "step": "retire", "force": true}  # before its tokens have expired
 
     {"ok": true, "result": {...}}   or   {"ok": false, "error": "one line"}
 
@@ -57,7 +59,7 @@ MAX_REQUEST = 64 * 1024
 
 
 class CaOperations:
-    """``meshca ca`` status, rotate and rotate-root, over one manager."""
+    """``meshca ca`` status, rotate, rotate-root and jwt-key, over one manager."""
 
     def __init__(self, manager: RotationManager, rotation: RootRotation) -> None:
         self.manager = manager
@@ -92,6 +94,23 @@ class CaOperations:
         record = await self.manager.rotate_now()
         self.rotation.rotator.replan()
         return await self._reply({"activated": record.id})
+
+    async def jwt_key(self, step: str, *, force: bool = False) -> dict[str, Any]:
+        """One step of the JWT signing key's rotation (the schedule does them too)."""
+        jwt = self.manager.jwt
+        async with self.manager.lock:
+            if step == "prepare":
+                record = jwt.prepare()
+                result: dict[str, Any] = {"jwt_prepared": record.id, "kid": record.kid}
+            elif step == "activate":
+                record = jwt.activate()
+                result = {"jwt_activated": record.id, "kid": record.kid}
+            elif step == "retire":
+                result = {"jwt_retired": jwt.retire(force=force)}
+            else:
+                raise RotationError(f"unknown JWT key step {step!r} (prepare, activate, retire)")
+        self.rotation.rotator.replan()
+        return await self._reply(result)
 
     async def rotate_root(
         self, *, step: int | None, rollback: bool, timeout: timedelta, force: bool = False
@@ -132,7 +151,9 @@ class CaOperations:
                 timeout=timedelta(seconds=seconds),
                 force=request.get("force") is True,
             )
-        raise RotationError(f"unknown operation {op!r} (status, rotate, rotate-root)")
+        if op == "jwt-key":
+            return await self.jwt_key(str(request.get("step")), force=request.get("force") is True)
+        raise RotationError(f"unknown operation {op!r} (status, rotate, rotate-root, jwt-key)")
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """One admin request; refusals become ``{"ok": false, "error": ...}``."""

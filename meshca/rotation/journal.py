@@ -7,11 +7,14 @@ already has, so every decision is written down before it is acted on. Layout of
 ``journal.json``        slots, the trust bundle, an intent to create a CA, the root-rotation stage
 ``slots/<id>/``         one signing CA per slot (``ca-cert.pem``, ``ca-key.pem`` 0600,
                         ``cert-chain.pem``, ``root-cert.pem``), written whole or not at all
+``jwt-keys/<id>.pem``   the JWT-SVID signing keys (0600), one per JWT key slot
 ``lock``                held (flock) by the one process allowed to change the journal
 
 The journal is rewritten atomically (temp file, fsync, rename). Slots follow SPIRE's CA
 manager: at most one ``prepared`` slot (the next CA), one ``active`` slot (the signer),
-and ``old`` slots kept until nothing served chains to them.
+and ``old`` slots kept until nothing served chains to them. The JWT-SVID signing key has
+slots of its own with the same three states: a prepared key is published (in the JWKS)
+before it signs, an old one stays published until every token it signed has expired.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
 CERT_CHAIN = "cert-chain.pem"
 ROOT_CERT = "root-cert.pem"
+JWT_KEYS_DIR = "jwt-keys"
 
 
 class JournalError(RotationError):
@@ -142,6 +146,41 @@ class SlotRecord:
 
 
 @dataclass(frozen=True)
+class JwtKeyRecord:
+    """One JWT-SVID signing key: ``prepared`` (published, not signing), ``active`` (signing)
+    or ``old`` (published until ``retire_at``, when the last token it signed has expired)."""
+
+    id: str
+    status: SlotStatus
+    kid: str
+    created: datetime
+    activated: datetime | None = None
+    retire_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "kid": self.kid,
+            "created": _time(self.created),
+            "activated": _time(self.activated) if self.activated else None,
+            "retire_at": _time(self.retire_at) if self.retire_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JwtKeyRecord:
+        activated, retire_at = data.get("activated"), data.get("retire_at")
+        return cls(
+            id=str(data["id"]),
+            status=SlotStatus(data["status"]),
+            kid=str(data["kid"]),
+            created=_parse_time(data["created"]),
+            activated=_parse_time(activated) if activated else None,
+            retire_at=_parse_time(retire_at) if retire_at else None,
+        )
+
+
+@dataclass(frozen=True)
 class PendingCa:
     """Written before a CA is created: on restart, the slot is adopted if its files exist
     and created otherwise, so no CA is ever made twice."""
@@ -207,6 +246,8 @@ class Journal:
     next_slot: int = 1
     pending: PendingCa | None = None
     root_rotation: RootRotationState | None = None
+    jwt_keys: tuple[JwtKeyRecord, ...] = ()
+    next_jwt_key: int = 1
 
     # queries ---------------------------------------------------------------
     def slot(self, slot_id: str) -> SlotRecord:
@@ -234,7 +275,27 @@ class Journal:
     def old(self) -> list[SlotRecord]:
         return self.with_status(SlotStatus.OLD)
 
+    def jwt_key(self, key_id: str) -> JwtKeyRecord:
+        for record in self.jwt_keys:
+            if record.id == key_id:
+                return record
+        raise JournalError(f"the journal names no JWT key {key_id!r}")
+
+    def jwt_with_status(self, status: SlotStatus) -> list[JwtKeyRecord]:
+        return sorted((r for r in self.jwt_keys if r.status is status), key=lambda r: r.id)
+
     # changes (each returns a new journal; nothing is written until saved) ------
+    def allocate_jwt_key_id(self) -> tuple[Journal, str]:
+        key_id = f"jwt-{self.next_jwt_key:04d}"
+        return replace(self, next_jwt_key=self.next_jwt_key + 1), key_id
+
+    def with_jwt_key(self, record: JwtKeyRecord) -> Journal:
+        others = tuple(r for r in self.jwt_keys if r.id != record.id)
+        return replace(self, jwt_keys=(*others, record))
+
+    def without_jwt_key(self, key_id: str) -> Journal:
+        return replace(self, jwt_keys=tuple(r for r in self.jwt_keys if r.id != key_id))
+
     def allocate_slot_id(self) -> tuple[Journal, str]:
         slot_id = f"ca-{self.next_slot:04d}"
         return replace(self, next_slot=self.next_slot + 1), slot_id
@@ -262,6 +323,8 @@ class Journal:
             ],
             "pending": self.pending.to_json() if self.pending else None,
             "root_rotation": self.root_rotation.to_json() if self.root_rotation else None,
+            "jwt_keys": [record.to_json() for record in self.jwt_keys],
+            "next_jwt_key": self.next_jwt_key,
         }
 
     @classmethod
@@ -284,6 +347,8 @@ class Journal:
                 PendingCa(str(pending["slot"]), SlotKind(pending["kind"])) if pending else None
             ),
             root_rotation=RootRotationState.from_json(rotation) if rotation else None,
+            jwt_keys=tuple(JwtKeyRecord.from_json(item) for item in data.get("jwt_keys", [])),
+            next_jwt_key=int(data.get("next_jwt_key", 1)),
         )
 
 
@@ -311,6 +376,7 @@ class JournalStore:
         self.directory = self.data_dir / ROTATION_DIR
         self.path = self.directory / JOURNAL
         self.slots_dir = self.directory / SLOTS_DIR
+        self.jwt_keys_dir = self.directory / JWT_KEYS_DIR
 
     # the journal ---------------------------------------------------------------
     def exists(self) -> bool:
@@ -407,6 +473,44 @@ class JournalStore:
         for entry in sorted(self.slots_dir.iterdir()):
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
+    # JWT keys ---------------------------------------------------------------------------
+    def jwt_key_path(self, key_id: str) -> Path:
+        return self.jwt_keys_dir / f"{key_id}.pem"
+
+    def write_jwt_key(self, key_id: str, pem: bytes) -> None:
+        """Write a JWT key's file (0600, atomically) before the journal records it: a
+        crash in between leaves a file no record names, removed at the next start."""
+        ensure_private_dir(self.jwt_keys_dir)
+        atomic_write(self.jwt_key_path(key_id), pem, PRIVATE)
+
+    def read_jwt_key(self, key_id: str) -> bytes:
+        path = self.jwt_key_path(key_id)
+        problem = loose_key_mode(path)
+        if problem:
+            raise JournalError(f"JWT key {key_id}: {problem}")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise JournalError(f"JWT key {key_id} ({path}) is unreadable: {exc.strerror}") from None
+
+    def remove_jwt_key(self, key_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.jwt_key_path(key_id))
+
+    def remove_unrecorded_jwt_keys(self, journal: Journal) -> list[str]:
+        """Delete JWT key files the journal does not name (made just before a crash, or
+        retired): they were never published, or are no longer."""
+        if not self.jwt_keys_dir.exists():
+            return []
+        keep = {self.jwt_key_path(record.id).name for record in journal.jwt_keys}
+        removed = []
+        for entry in sorted(self.jwt_keys_dir.iterdir()):
+            if entry.name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
                 removed.append(entry.name)
         return removed
 

@@ -53,6 +53,7 @@ from meshca.rotation.journal import (
     cert_id,
     slot_record,
 )
+from meshca.rotation.jwt_keys import DEFAULT_JWT_KEY_TTL, MIN_JWT_KEY_TTL, JwtKeySlots
 from meshca.store import SecretStore
 from meshca.util.formats import rfc3339
 
@@ -94,6 +95,7 @@ class RotationPolicy:
     leaf_ttl: timedelta = DEFAULT_LEAF_TTL
     skew: timedelta = DEFAULT_SKEW
     retry_interval: timedelta = timedelta(seconds=5)
+    jwt_key_ttl: timedelta = DEFAULT_JWT_KEY_TTL  # how long a JWT key signs before its successor
 
     def __post_init__(self) -> None:
         if not 0 < self.prepare_fraction < self.activate_fraction < 1:
@@ -101,6 +103,8 @@ class RotationPolicy:
                 "rotation fractions must satisfy 0 < prepare < activate < 1 "
                 f"(got prepare {self.prepare_fraction:g}, activate {self.activate_fraction:g})"
             )
+        if self.jwt_key_ttl < MIN_JWT_KEY_TTL:
+            raise RotationError(f"the JWT key lifetime must be at least {MIN_JWT_KEY_TTL}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ class RotationManager:
         self._journal: Journal | None = None
         self._cas: dict[str, SigningCa] = {}
         self._lock_fd: int | None = None
+        self.jwt = JwtKeySlots(self)  # the JWT-SVID signing key's slots, same journal
 
     # opening and resuming ----------------------------------------------------------
     @property
@@ -206,6 +211,7 @@ class RotationManager:
                 self._cas[record.id] = self.journals.load_slot(record)
             if journal.pending is not None:
                 journal = self._finish_pending(journal)
+            journal = self.jwt.open(journal)
             for name in self.journals.remove_unrecorded(journal):
                 log.info("removed leftover slot directory %s", name)
             self._journal = journal
@@ -301,10 +307,15 @@ class RotationManager:
         self._journal = await asyncio.to_thread(self.journals.save, journal)
         return self._journal
 
+    def save_journal(self, journal: Journal) -> Journal:
+        """Write ``journal`` and make it the current one (for the JWT key slots)."""
+        return self._save(journal)
+
     def _apply(self) -> None:
         """Make the authority, the store and the backend's files match the journal."""
         active = self._apply_in_memory()
         self.source.publish(active, self.journal.bundle)
+        self.jwt.apply()  # its own changes apply themselves; here for open()'s repair
 
     async def _apply_off_loop(self) -> None:
         """:meth:`_apply` with the backend's files (``ca/``) written in a thread, after

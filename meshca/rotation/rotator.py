@@ -1,5 +1,6 @@
 """The rotation clock (SPIRE's rotator): when the next signing CA is prepared, activated,
-and when an old one retires.
+and when an old one retires; likewise for the JWT-SVID signing key
+(:mod:`meshca.rotation.jwt_keys`, on ``jwt_key_ttl`` with the same fractions).
 
 At ``prepare_fraction`` of the active CA's life (default 1/2) the next CA is prepared;
 at ``activate_fraction`` (default 5/6) it starts signing, a CA under a new root only
@@ -51,6 +52,8 @@ class Rotator:
         retry = now + manager.policy.retry_interval
         journal = manager.journal
         schedule = manager.schedule()
+        # The JWT key's own slots: prepared, activated and retired on their own schedule.
+        jwt_due = manager.jwt.tick(now)
         if journal.root_rotation is not None:
             # An operator drives this rotation step by step; the schedule holds off.
             if now >= schedule.activate_at:
@@ -60,8 +63,8 @@ class Rotator:
                     journal.root_rotation.done,
                     rfc3339(schedule.not_after),
                 )
-            return self._next_look(now, [schedule.activate_at])
-        due: list[datetime] = []
+            return self._next_look(now, [schedule.activate_at, *jwt_due])
+        due: list[datetime] = [*jwt_due]
         if journal.prepared is None and now >= schedule.prepare_at:
             try:
                 await manager.prepare(self._due_kind(now))

@@ -1,5 +1,5 @@
 """What ``meshca ca status`` reports of rotation: slots, the trust bundle's roots, the
-schedule, and why the next CA cannot be prepared (if so)."""
+schedule, why the next CA cannot be prepared (if so), and the JWT signing key's slots."""
 
 from __future__ import annotations
 
@@ -64,4 +64,5 @@ def rotation_status(manager: RotationManager, problem: str | None = None) -> dic
         "problem": problem
         or manager.source.problem(active, new_root=manager.next_kind() is SlotKind.ROOT),
         "renewal": manager.source.describe(active),
+        "jwt_keys": manager.jwt.status(),
     }

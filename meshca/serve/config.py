@@ -86,6 +86,7 @@ class ServeConfig:
     rotation_prepare_at: float | None = None  # fraction of the signing CA's life (1/2)
     rotation_activate_at: float | None = None  # (5/6)
     rotation_ca_ttl: timedelta | None = None  # new signing CAs (as long as the one replaced)
+    rotation_jwt_key_ttl: timedelta | None = None  # how long a JWT key signs (24h)
     rotation_ack_timeout: timedelta | None = None  # waits for proxies' ACKs (5 min)
     rotation_resume_grace: timedelta | None = None  # before resuming after a restart (15 s)
     # the CSR API for meshca agent (docs/agent.md)

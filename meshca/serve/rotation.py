@@ -28,6 +28,7 @@ from meshca.rotation.acks import AckTracker
 from meshca.rotation.admin import AdminServer, CaOperations
 from meshca.rotation.checks import startup_checks
 from meshca.rotation.journal import JournalLockedError
+from meshca.rotation.jwt_keys import DEFAULT_JWT_KEY_TTL
 from meshca.rotation.local_ca import LocalCaSource
 from meshca.rotation.manager import (
     DEFAULT_ACTIVATE_FRACTION,
@@ -62,6 +63,7 @@ class RotationOptions:
     prepare_fraction: float = DEFAULT_PREPARE_FRACTION
     activate_fraction: float = DEFAULT_ACTIVATE_FRACTION
     ca_ttl: timedelta | None = None  # new signing CAs; None: as long as the one replaced
+    jwt_key_ttl: timedelta = DEFAULT_JWT_KEY_TTL
     ack_timeout: timedelta = DEFAULT_ACK_TIMEOUT
     resume_grace: timedelta = timedelta(seconds=DEFAULT_RESUME_GRACE)
 
@@ -75,6 +77,8 @@ class RotationOptions:
             options = replace(options, activate_fraction=config.rotation_activate_at)
         if config.rotation_ca_ttl is not None:
             options = replace(options, ca_ttl=config.rotation_ca_ttl)
+        if config.rotation_jwt_key_ttl is not None:
+            options = replace(options, jwt_key_ttl=config.rotation_jwt_key_ttl)
         if config.rotation_ack_timeout is not None:
             options = replace(options, ack_timeout=config.rotation_ack_timeout)
         if config.rotation_resume_grace is not None:
@@ -87,6 +91,7 @@ class RotationOptions:
             prepare_fraction=self.prepare_fraction,
             activate_fraction=self.activate_fraction,
             leaf_ttl=leaf_ttl,
+            jwt_key_ttl=self.jwt_key_ttl,
         )
 
 

@@ -24,7 +24,7 @@ from meshca.attest.entries import EntryStore
 from meshca.attest.kube_tokens import KubeTokenAttestor, KubeTokenVerifier
 from meshca.attest.records import AgentRecords
 from meshca.attest.tokens import TokenStore
-from meshca.backends.jwt_key import load_or_create_jwt_signer
+from meshca.backends.jwt_key import load_jwt_authorities
 from meshca.backends.local import load_local_ca
 from meshca.backends.opened import OpenedBackend
 from meshca.ca_api.istio import IstioCertificateServicer, add_istio_ca
@@ -291,7 +291,11 @@ class MeshcaServer:
                 attestors,
                 agent_ttl=config.agent_ttl,
                 agent_max_age=config.agent_max_age,
-                jwt_signer=load_or_create_jwt_signer(config.data_dir),
+                jwt=(
+                    self.rotation.manager.jwt.authorities
+                    if self.rotation is not None
+                    else load_jwt_authorities(config.data_dir)
+                ),
                 entries=EntryStore(config.data_dir),
                 kube=self.kube_tokens,
             )

@@ -22,11 +22,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         bundle = open_ca(settings).bundle
     if args.format == "jwks":
-        from meshca.backends.jwt_key import load_jwt_signer
+        from meshca.backends.jwt_key import published_jwt_keys
         from meshca.issuer.jwt_svid import jwt_authority_jwk
 
-        signer = load_jwt_signer(settings["data_dir"])
-        authorities = [jwt_authority_jwk(signer.key.public_key())] if signer else []
+        keys = published_jwt_keys(settings["data_dir"])
+        authorities = [jwt_authority_jwk(key) for key in keys]
         text = bundle.jwks_json(jwt_authorities=authorities)
     else:
         text = bundle.pem().decode()
@@ -44,7 +44,9 @@ COMMAND = Command(
     description=(
         "Print the trust bundle (the root certificates peers validate SVIDs against) "
         "as PEM, or as a SPIFFE bundle: a JWK Set with one x509-svid key per root and, "
-        "once 'meshca serve' has created it, the jwt-svid key that signs JWT-SVIDs."
+        "once 'meshca serve' has created them, the jwt-svid keys that sign JWT-SVIDs "
+        "(the signing key, a prepared successor, and retired keys whose tokens may "
+        "still be valid)."
     ),
     arguments=(
         arg("--format", choices=FORMATS, default="pem", help="output format"),

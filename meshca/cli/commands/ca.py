@@ -47,6 +47,8 @@ def _request(args: argparse.Namespace, timeout: timedelta) -> dict[str, Any]:
         return {"op": "status"}
     if args.ca_action == "rotate":
         return {"op": "rotate"}
+    if args.ca_action == "jwt-key":
+        return {"op": "jwt-key", "step": args.jwt_step, "force": bool(args.force)}
     return {
         "op": "rotate-root",
         "step": args.step,
@@ -91,9 +93,12 @@ def _direct(
             prepare_fraction=settings["rotation_prepare_at"],
             activate_fraction=settings["rotation_activate_at"],
             leaf_ttl=settings["leaf_ttl"],
+            jwt_key_ttl=settings["rotation_jwt_key_ttl"],
         )
     except RotationError as exc:
-        raise ConfigError(f"rotation_prepare_at / rotation_activate_at: {exc}") from None
+        raise ConfigError(
+            f"rotation_prepare_at / rotation_activate_at / rotation_jwt_key_ttl: {exc}"
+        ) from None
     source = LocalCaSource(data_dir, ca.trust_domain, ca_ttl=settings["rotation_ca_ttl"])
     manager = RotationManager(data_dir, ca.authority(), source, policy=policy)
     try:
@@ -197,6 +202,22 @@ def format_status(status: dict[str, Any], *, server: bool) -> str:
         lines.append(f"problem: {status['problem']}")
     elif status.get("renewal"):
         lines.append(f"renewal: {status['renewal']}")
+    jwt = status.get("jwt_keys")
+    if jwt:
+        lines.append("JWT signing keys (all published in the JWKS):")
+        for key in jwt["keys"]:
+            when = (
+                f"published until {key['retire_at']}"
+                if key["retire_at"]
+                else f"signing since {key['activated']}"
+                if key["activated"]
+                else f"published since {key['created']}, not signing yet"
+            )
+            lines.append(f"  {key['id']}  {key['status']:<8}  kid {key['kid']}  {when}")
+        lines.append(
+            f"JWT schedule: next key prepared at {jwt['schedule']['prepare_at']}, "
+            f"activated at {jwt['schedule']['activate_at']}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +225,21 @@ def format_outcome(result: dict[str, Any], *, server: bool) -> str:
     lines = []
     if "activated" in result:
         lines.append(f"slot {result['activated']} now signs; every served SVID was re-issued")
+    if "jwt_prepared" in result:
+        lines.append(
+            f"JWT key {result['jwt_prepared']} (kid {result['kid']}) is published in the "
+            "JWKS; it signs once activated"
+        )
+    if "jwt_activated" in result:
+        lines.append(
+            f"JWT key {result['jwt_activated']} (kid {result['kid']}) signs JWT-SVIDs now; "
+            "the previous key stays published until its tokens have expired"
+        )
+    if "jwt_retired" in result:
+        retired = result["jwt_retired"]
+        lines.append(
+            f"JWT keys {', '.join(retired)} left the JWKS" if retired else "no JWT key to retire"
+        )
     for step in result.get("steps", []):
         label = "rollback" if step["step"] == 0 else f"step {step['step']}"
         lines.append(f"{label}: {step['detail']}")
@@ -256,6 +292,34 @@ COMMAND = Command(
             "the root key (<data-dir>/ca/root-key.pem): with the root offline, or when the "
             "root signs directly, use rotate-root.",
             arguments=(CONFIGURATION, _JSON, _WAIT),
+        ),
+        Action(
+            "jwt-key",
+            "rotate the JWT-SVID signing key: prepare, activate, retire",
+            "The JWT-SVID signing key rotates on its own schedule (rotation_jwt_key_ttl); "
+            "this runs one step now. prepare: a new key is published in the JWKS beside "
+            "the signing one (agents and validators fetch it). activate: it signs new "
+            "JWT-SVIDs; the previous key stays published until every token it signed has "
+            "expired. retire: old keys past that moment leave the JWKS.",
+            arguments=(
+                arg(
+                    "jwt_step",
+                    choices=("prepare", "activate", "retire"),
+                    metavar="STEP",
+                    help="prepare, activate or retire",
+                ),
+                arg(
+                    "--force",
+                    action="store_true",
+                    help=(
+                        "retire: remove old keys now, although tokens they signed have not "
+                        "all expired (they stop validating: for a key that leaked)"
+                    ),
+                ),
+                CONFIGURATION,
+                _JSON,
+                _WAIT,
+            ),
         ),
         Action(
             "rotate-root",

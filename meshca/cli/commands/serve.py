@@ -66,6 +66,7 @@ def _serve_config(settings: Settings) -> ServeConfig:
         rotation_prepare_at=settings["rotation_prepare_at"],
         rotation_activate_at=settings["rotation_activate_at"],
         rotation_ca_ttl=settings["rotation_ca_ttl"],
+        rotation_jwt_key_ttl=settings["rotation_jwt_key_ttl"],
         rotation_ack_timeout=settings["rotation_ack_timeout"],
         rotation_resume_grace=settings["rotation_resume_grace"],
         attest_listen=settings["attest_listen"],

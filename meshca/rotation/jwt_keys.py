@@ -1,0 +1,264 @@
+"""The JWT-SVID signing key's slots: prepare, activate, retire, in the rotation journal.
+
+A JWT-SVID names the key that signed it (``kid``) and is checked against the keys the
+trust domain publishes (the JWKS), so a new key must be published before it signs, and
+an old one may leave only when no token it signed can still be valid:
+
+* **prepare** creates the next key and publishes it beside the signing one;
+* **activate** makes it sign; the previous key becomes ``old`` with a ``retire_at``
+  one longest JWT-SVID lifetime (plus the validation leeway) later;
+* **retire** removes old keys past their ``retire_at`` from the JWKS and the disk.
+
+Every change is written to the journal before it is applied (the key file first, then
+the record, then the published files and the in-memory :class:`JwtAuthorities`), so a
+crash at any point is repaired by the next :meth:`JwtKeySlots.open`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from meshca.backends.jwt_key import (
+    jwt_key_path,
+    load_jwt_key_pem,
+    new_jwt_key_pem,
+    publish_jwt_keys,
+)
+from meshca.issuer import IssuerError
+from meshca.issuer.jwt_svid import LEEWAY, MAX_JWT_TTL, JwtAuthorities, JwtSigner
+from meshca.rotation.journal import (
+    Journal,
+    JournalError,
+    JwtKeyRecord,
+    RotationError,
+    SlotStatus,
+)
+from meshca.util.formats import rfc3339
+
+if TYPE_CHECKING:
+    from meshca.rotation.manager import RotationManager
+
+log = logging.getLogger("meshca.rotation")
+
+DEFAULT_JWT_KEY_TTL = timedelta(days=1)
+MIN_JWT_KEY_TTL = timedelta(minutes=1)
+# The longest a JWT-SVID signed by a key may still validate after that key stops signing.
+JWT_RETIRE_DELAY = MAX_JWT_TTL + LEEWAY
+
+
+@dataclass(frozen=True)
+class JwtSchedule:
+    """When the signing key's successor is prepared and activated (wall clock)."""
+
+    prepare_at: datetime
+    activate_at: datetime
+
+    @classmethod
+    def of(
+        cls, record: JwtKeyRecord, ttl: timedelta, prepare: float, activate: float
+    ) -> JwtSchedule:
+        start = record.activated or record.created
+        return cls(start + ttl * prepare, start + ttl * activate)
+
+
+class JwtKeySlots:
+    """The JWT key half of a :class:`RotationManager` (its journal, lock and clock)."""
+
+    def __init__(self, manager: RotationManager) -> None:
+        self.manager = manager
+        self.authorities = JwtAuthorities()
+        self._signers: dict[str, JwtSigner] = {}
+
+    @property
+    def journal(self) -> Journal:
+        return self.manager.journal
+
+    def schedule(self) -> JwtSchedule:
+        policy = self.manager.policy
+        return JwtSchedule.of(
+            self.active,
+            policy.jwt_key_ttl,
+            policy.prepare_fraction,
+            policy.activate_fraction,
+        )
+
+    @property
+    def active(self) -> JwtKeyRecord:
+        active = self.journal.jwt_with_status(SlotStatus.ACTIVE)
+        if len(active) != 1:
+            raise JournalError(f"the journal has {len(active)} active JWT keys; one expected")
+        return active[0]
+
+    @property
+    def prepared(self) -> JwtKeyRecord | None:
+        prepared = self.journal.jwt_with_status(SlotStatus.PREPARED)
+        return prepared[0] if prepared else None
+
+    @property
+    def old(self) -> list[JwtKeyRecord]:
+        return self.journal.jwt_with_status(SlotStatus.OLD)
+
+    # opening -----------------------------------------------------------------------------
+    def open(self, journal: Journal) -> Journal:
+        """Load the recorded keys (adopting ``jwt/jwt-key.pem``, or making a key, on first
+        use), drop key files no record names, and publish. Returns the journal."""
+        journals = self.manager.journals
+        self._signers.clear()
+        if not journal.jwt_keys:
+            journal = self._adopt(journal)
+        for record in journal.jwt_keys:
+            data = journals.read_jwt_key(record.id)
+            try:
+                signer = load_jwt_key_pem(data, str(journals.jwt_key_path(record.id)))
+            except IssuerError as exc:
+                raise JournalError(str(exc)) from None
+            if signer.kid != record.kid:
+                raise JournalError(
+                    f"JWT key {record.id} holds a key other than the journal records"
+                )
+            self._signers[record.id] = signer
+        for name in journals.remove_unrecorded_jwt_keys(journal):
+            log.info("removed leftover JWT key file %s", name)
+        return journal
+
+    def _adopt(self, journal: Journal) -> Journal:
+        """First use: the key a server made before rotation knew of JWT keys, if any."""
+        existing = jwt_key_path(self.manager.data_dir)
+        try:
+            pem = existing.read_bytes()
+            how = f"adopted {existing}"
+        except FileNotFoundError:
+            pem = new_jwt_key_pem()
+            how = "a new key"
+        try:
+            signer = load_jwt_key_pem(pem, str(existing))
+        except IssuerError as exc:
+            raise JournalError(str(exc)) from None
+        journal, key_id = journal.allocate_jwt_key_id()
+        self.manager.journals.write_jwt_key(key_id, pem)
+        now = self.manager.clock()
+        record = JwtKeyRecord(key_id, SlotStatus.ACTIVE, signer.kid, now, activated=now)
+        journal = self.manager.journals.save(journal.with_jwt_key(record))
+        log.info("JWT keys: %s signs JWT-SVIDs (%s, kid %s)", key_id, how, signer.kid)
+        return journal
+
+    def apply(self) -> None:
+        """Make the published files and the in-memory authorities match the journal."""
+        records = sorted(self.journal.jwt_keys, key=lambda r: r.id)
+        signer = self._signers[self.active.id]
+        published = [self._signers[r.id].key.public_key() for r in records]
+        publish_jwt_keys(self.manager.data_dir, signer, published)
+        self.authorities.update(signer, published)
+
+    # changes (callers hold the manager's lock) -------------------------------------------
+    def prepare(self) -> JwtKeyRecord:
+        """Create the next key and publish it beside the signing one (no-op if prepared)."""
+        existing = self.prepared
+        if existing is not None:
+            return existing
+        journal, key_id = self.journal.allocate_jwt_key_id()
+        pem = new_jwt_key_pem()
+        self.manager.journals.write_jwt_key(key_id, pem)  # before the record: see open()
+        signer = load_jwt_key_pem(pem, key_id)
+        record = JwtKeyRecord(key_id, SlotStatus.PREPARED, signer.kid, self.manager.clock())
+        self._signers[key_id] = signer
+        self.manager.save_journal(journal.with_jwt_key(record))
+        self.apply()
+        log.info(
+            "JWT keys: prepared %s (kid %s), published beside the signing key", key_id, record.kid
+        )
+        return record
+
+    def activate(self) -> JwtKeyRecord:
+        """The prepared key signs from now on; the previous one is kept published until
+        every token it signed has expired."""
+        prepared = self.prepared
+        if prepared is None:
+            raise RotationError("no prepared JWT key to activate: prepare one first")
+        now = self.manager.clock()
+        previous = self.active
+        retire_at = now + JWT_RETIRE_DELAY
+        journal = self.journal.with_jwt_key(
+            replace(previous, status=SlotStatus.OLD, retire_at=retire_at)
+        )
+        journal = journal.with_jwt_key(replace(prepared, status=SlotStatus.ACTIVE, activated=now))
+        self.manager.save_journal(journal)
+        self.apply()
+        log.info(
+            "JWT keys: %s signs now; %s stays published until %s",
+            prepared.id,
+            previous.id,
+            rfc3339(retire_at),
+        )
+        return self.journal.jwt_key(prepared.id)
+
+    def retire(self, *, force: bool = False, now: datetime | None = None) -> list[str]:
+        """Remove old keys past their ``retire_at`` from the JWKS (with ``force``, every
+        old key: tokens they signed stop validating at once). Returns the keys removed."""
+        now = now or self.manager.clock()
+        old = self.old
+        due = [r for r in old if force or (r.retire_at is not None and now >= r.retire_at)]
+        if not due:
+            if old:
+                first = min(old, key=lambda r: r.retire_at or now)
+                raise RotationError(
+                    f"JWT key {first.id} may still have signed valid tokens until "
+                    f"{rfc3339(first.retire_at or now)}: it stays published until then "
+                    "(--force removes it now, and its tokens stop validating)"
+                )
+            return []
+        journal = self.journal
+        for record in due:
+            journal = journal.without_jwt_key(record.id)
+        self.manager.save_journal(journal)
+        self.apply()
+        for record in due:
+            self.manager.journals.remove_jwt_key(record.id)
+            self._signers.pop(record.id, None)
+            log.info("JWT keys: %s (kid %s) left the JWKS", record.id, record.kid)
+        return [record.id for record in due]
+
+    # the schedule (the rotator's tick, under the manager's lock) -------------------------
+    def tick(self, now: datetime) -> list[datetime]:
+        """Do what is due at ``now``; return when to look again."""
+        schedule = self.schedule()
+        due: list[datetime] = []
+        if self.prepared is None:
+            if now >= schedule.prepare_at:
+                self.prepare()
+            else:
+                due.append(schedule.prepare_at)
+        if self.prepared is not None:
+            if now >= schedule.activate_at:
+                self.activate()
+                due.append(self.schedule().prepare_at)
+            else:
+                due.append(schedule.activate_at)
+        retire = [r.retire_at for r in self.old if r.retire_at is not None]
+        if any(now >= moment for moment in retire):
+            self.retire(now=now)
+        due.extend(moment for moment in retire if moment > now)
+        return due
+
+    def status(self) -> dict[str, object]:
+        schedule = self.schedule()
+        return {
+            "keys": [
+                {
+                    "id": r.id,
+                    "status": r.status.value,
+                    "kid": r.kid,
+                    "created": rfc3339(r.created),
+                    "activated": rfc3339(r.activated) if r.activated else None,
+                    "retire_at": rfc3339(r.retire_at) if r.retire_at else None,
+                }
+                for r in sorted(self.journal.jwt_keys, key=lambda r: r.id)
+            ],
+            "schedule": {
+                "prepare_at": rfc3339(schedule.prepare_at),
+                "activate_at": rfc3339(schedule.activate_at),
+            },
+        }
