@@ -12,6 +12,7 @@ import sys
 
 from meshca.cli.commands import (
     agent,
+    agent_admin,
     bootstrap,
     bundle,
     ca,
@@ -34,6 +35,7 @@ COMMANDS = (
     ca.COMMAND,
     token.COMMAND,
     agent.COMMAND,
+    agent_admin.COMMAND,
     entry.COMMAND,
 )
 
