@@ -400,3 +400,32 @@ def test_a_namespace_acts_only_on_its_own_services() -> None:
     store = MESH.service("bookstore", "bookstore")
     assert store is not None
     assert not policy.apply(MESH).may_call(sid("bookthief", "bookthief"), store, 14001)
+
+
+def test_the_mesh_with_its_policy_answers_as_one_built_whole() -> None:
+    """TrafficPolicy.apply reuses what the mesh already derived from its workloads; every
+    answer, and every proxy's generated configuration, is that of the mesh built anew."""
+    admit = [
+        access(
+            "buyers",
+            "bookstore",
+            [{"kind": "Namespace", "name": "bookbuyer"}],
+            namespace="bookstore",
+        ),
+        access("all", "mysql", [{"kind": "TrustDomain"}]),
+    ]
+    policy = translate(MESH, [route()], admit)
+    reused = policy.apply(MESH)
+    fresh = Mesh(MESH.trust_domain, MESH.services, MESH.workloads, policy.splits, policy.policies)
+    assert reused == fresh
+    store = MESH.service("bookstore", "bookstore")
+    assert store is not None and reused.split_for(store) == fresh.split_for(store) is not None
+    for caller in (sid("bookbuyer", "bookbuyer"), sid("bookthief", "bookthief")):
+        assert reused.reachable(caller) == fresh.reachable(caller)
+        assert reused.may_reach(caller, "bookstore", "bookstore") == fresh.may_reach(
+            caller, "bookstore", "bookstore"
+        )
+        assert generate(reused, caller).versions == generate(fresh, caller).versions
+    assert reused.reachable(sid("bookbuyer", "bookbuyer")) != MESH.reachable(
+        sid("bookbuyer", "bookbuyer")
+    )

@@ -9,6 +9,7 @@ workloads is queried once per proxy.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -241,6 +242,18 @@ class Mesh:
     def _index(self) -> _Index:
         return _Index(self)
 
+    def with_policy(
+        self, traffic_splits: tuple[TrafficSplit, ...], policies: tuple[AccessPolicy, ...]
+    ) -> Mesh:
+        """This mesh with these splits and access policies instead of its own. Its
+        services and workloads are the same, so what was derived from them alone
+        (endpoints, identities: most of the indexing of a large mesh) is reused, not
+        recomputed."""
+        mesh = dataclasses.replace(self, traffic_splits=traffic_splits, policies=policies)
+        if "_index" in self.__dict__:  # a cached_property's value
+            mesh.__dict__["_index"] = _Index(mesh, self.__dict__["_index"])
+        return mesh
+
     @cached_property
     def derived(self) -> dict[Hashable, Any]:
         """Artefacts other modules compute from this mesh and share between proxies
@@ -332,12 +345,31 @@ class Mesh:
 
 
 class _Index:
-    """Lookups derived from a mesh, built once (the mesh is immutable)."""
+    """Lookups derived from a mesh, built once (the mesh is immutable). Given ``same``,
+    the index of a mesh with the same services and workloads, the lookups that depend
+    on nothing else are taken from it."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    services: dict[str, Service]
+    workloads: dict[str, Workload]
+    by_identity: dict[SpiffeId, tuple[Workload, ...]]
+    endpoints: dict[str, tuple[Workload, ...]]
+    services_of: dict[str, tuple[Service, ...]]
+    identities: dict[str, tuple[SpiffeId, ...]]
+    addressable: tuple[tuple[Service, ServicePort], ...]
+
+    def __init__(self, mesh: Mesh, same: _Index | None = None) -> None:
+        if same is None:
+            self._workload_side(mesh)
+        else:
+            self.services, self.workloads = same.services, same.workloads
+            self.by_identity, self.endpoints = same.by_identity, same.endpoints
+            self.services_of, self.identities = same.services_of, same.identities
+            self.addressable = same.addressable
+        self._policy_side(mesh)
+
+    def _workload_side(self, mesh: Mesh) -> None:
         self.services = {s.key: s for s in mesh.services}
         self.workloads = {w.key: w for w in mesh.workloads}
-        self.splits = {t.service: t for t in mesh.traffic_splits}
         by_identity: dict[SpiffeId, list[Workload]] = defaultdict(list)
         for workload in mesh.workloads:
             by_identity[mesh.identity_of(workload)].append(workload)
@@ -378,6 +410,9 @@ class _Index:
             if service.address is not None
             for port in sorted(service.ports)
         )
+
+    def _policy_side(self, mesh: Mesh) -> None:
+        self.splits = {t.service: t for t in mesh.traffic_splits}
         self.callers: dict[tuple[str, int], Callers] = {}
         for policy in mesh.policies:
             target = self.services.get(policy.service)

@@ -20,7 +20,6 @@ write into an object bounds what meshca writes back and logs.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -121,8 +120,9 @@ class TrafficPolicy:
     verdicts: tuple[Verdict, ...] = ()
 
     def apply(self, mesh: Mesh) -> Mesh:
-        """``mesh`` (services and workloads) with these splits and policies."""
-        return dataclasses.replace(mesh, traffic_splits=self.splits, policies=self.policies)
+        """``mesh`` (services and workloads) with these splits and policies (reusing what
+        translating them already derived from its workloads)."""
+        return mesh.with_policy(self.splits, self.policies)
 
 
 class _Refused(Exception):
