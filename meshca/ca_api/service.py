@@ -33,6 +33,7 @@ from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2
 from meshca.ca_api.rpc import add_agent_ca
+from meshca.ca_api.sightings import AgentSightings
 from meshca.issuer import ActiveSigner, Issuer, IssuerError, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import BACKEND_UNAVAILABLE, CsrError, KeyTypeError, SvidError, TtlError
@@ -68,6 +69,7 @@ class AgentCaServicer:
         jwt: JwtAuthorities | None = None,
         entries: EntryStore | None = None,
         kube: KubeTokenVerifier | None = None,
+        sightings: AgentSightings | None = None,
     ) -> None:
         if agent_ttl < MIN_AGENT_TTL or agent_max_age < agent_ttl:
             raise ValueError("the agent TTL must be at least 1m and at most the agent max age")
@@ -78,6 +80,7 @@ class AgentCaServicer:
         self.agent_max_age = agent_max_age
         self.trust_domain = issuer.trust_domain
         self.jwt = jwt or JwtAuthorities()  # read at every call: rotation replaces the key
+        self.sightings = sightings or AgentSightings()  # what root rotation waits on
         self.entries = entries
         self.kube = kube  # Kubernetes node agents' entries are checked against their node
         self.refusals = 0
@@ -129,9 +132,6 @@ class AgentCaServicer:
                 f"cannot sign for {spiffe_id}: {BACKEND_UNAVAILABLE}",
             )
 
-    def _bundle_der(self) -> list[bytes]:
-        return [root.public_bytes(serialization.Encoding.DER) for root in self.issuer.bundle()]
-
     async def _node_entries(self, context: Context, record: AgentRecord) -> list[RegistrationEntry]:
         """A node agent's entries; for a Kubernetes node agent, only those whose identity
         has a running pod scheduled on the agent's own node."""
@@ -155,13 +155,19 @@ class AgentCaServicer:
             return tuple(dict.fromkeys(e.spiffe_id for e in entries))
         return record.entitled()
 
+    def _bundle_for(self, record: AgentRecord) -> list[bytes]:
+        """The trust bundle, as DER, noted as sent to the agent (its ACK, for rotation)."""
+        bundle = self.issuer.bundle()
+        self.sightings.sent_bundle(record.agent_id, bundle)
+        return [root.public_bytes(serialization.Encoding.DER) for root in bundle]
+
     async def _response(
         self, context: Context, svid: X509Svid, record: AgentRecord
     ) -> ca_pb2.SvidResponse:
         return ca_pb2.SvidResponse(
             spiffe_id=str(svid.spiffe_id),
             cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.chain],
-            bundle=self._bundle_der(),
+            bundle=self._bundle_for(record),
             entitled=[str(i) for i in await self._entitlements(context, record)],
             reattest_by=int(record.reattest_by.timestamp()),
         )
@@ -191,7 +197,8 @@ class AgentCaServicer:
                 "this call needs mutual TLS with an agent SVID (attest first with AttestAgent)",
             )
         try:
-            caller = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+            presented = x509.load_pem_x509_certificate(pems[0])
+            caller = spiffe_id_of(presented)
         except (SvidError, ValueError) as exc:
             await self.refuse(
                 context, grpc.StatusCode.UNAUTHENTICATED, f"client certificate refused: {exc}"
@@ -221,6 +228,7 @@ class AgentCaServicer:
                 f"agent {caller} reached its maximum age at {rfc3339(record.reattest_by)}: "
                 "attest again",
             )
+        self.sightings.called(caller, presented)
         return record
 
     # --- the calls -----------------------------------------------------------------------
@@ -323,7 +331,7 @@ class AgentCaServicer:
         )
         entries = await self._node_entries(context, record)
         return ca_pb2.BundleResponse(
-            bundle=self._bundle_der(),
+            bundle=self._bundle_for(record),
             entitled=[str(i) for i in dict.fromkeys(e.spiffe_id for e in entries)]
             if record.node
             else [str(i) for i in record.entitled()],

@@ -82,6 +82,30 @@ class NoProxies:
         return None
 
 
+class Combined:
+    """Several trackers seen as one: the proxies on the xDS streams and the agents on the
+    CSR API are all waited for."""
+
+    def __init__(self, *trackers: AckTracker) -> None:
+        self.trackers = trackers
+
+    def unacked(self, predicate: SecretPredicate) -> list[str]:
+        return sorted({name for t in self.trackers for name in t.unacked(predicate)})
+
+    def refusing(self) -> list[str]:
+        return sorted({name for t in self.trackers for name in t.refusing()})
+
+    def connected(self) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for tracker in self.trackers:
+            merged.update(tracker.connected())
+        return merged
+
+    async def pushed(self, timeout: float) -> None:
+        for tracker in self.trackers:
+            await tracker.pushed(timeout)
+
+
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return cert.issuer == issuer.subject and _signed_by(cert, issuer)
 

@@ -24,7 +24,7 @@ from meshca.backends.opened import (
     OpenedBackend,
 )
 from meshca.issuer import ActiveSigner, TrustBundle
-from meshca.rotation.acks import AckTracker
+from meshca.rotation.acks import AckTracker, Combined
 from meshca.rotation.admin import AdminServer, CaOperations
 from meshca.rotation.checks import startup_checks
 from meshca.rotation.journal import JournalLockedError
@@ -180,6 +180,7 @@ def open_rotation(
     engine: EngineView,
     leaf_ttl: timedelta,
     options: RotationOptions | None = None,
+    agents: AckTracker | None = None,
 ) -> RotationService | None:
     """Rotation for a server, opened and checked (TtlError when the CA cannot cover the
     leaves, RotationError for bad options), with the CA source the backend declares:
@@ -188,7 +189,9 @@ def open_rotation(
     already rotates this data directory."""
     options = options or RotationOptions()
     policy = options.policy(leaf_ttl)
-    acks = EngineAcks(engine, store)
+    acks: AckTracker = EngineAcks(engine, store)
+    if agents is not None:  # attested agents are waited for like proxies
+        acks = Combined(acks, agents)
     match backend.rotation:
         case IntermediateRotation(intermediate):
             return _vault_rotation(data_dir, intermediate, store, acks, leaf_ttl, options, policy)

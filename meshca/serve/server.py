@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,11 +31,13 @@ from meshca.backends.opened import OpenedBackend
 from meshca.ca_api.istio import IstioCertificateServicer, add_istio_ca
 from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
 from meshca.ca_api.service import AgentCaServicer, add_agent_ca_to_server
+from meshca.ca_api.sightings import AgentSightings
 from meshca.envoy.mesh import Mesh
 from meshca.issuer import Issuer, IssuerError, TtlPolicy
 from meshca.issuer.policy import check_signing_ca
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.serve.ads import MeshAds
+from meshca.serve.agent_acks import AgentAcks
 from meshca.serve.bundle_poll import bundle_poll
 from meshca.serve.config import ServeConfig, ServeError
 from meshca.serve.engine_acks import EveryStream
@@ -101,6 +104,9 @@ class MeshcaServer:
         self.ads_servicer = AggregatedDiscoveryServicer(
             self.ads.engine, self.authenticator, self.servicer.credentials
         )
+        # What attested agents fetched and presented: root rotation waits on it too.
+        self.agent_records = AgentRecords(config.data_dir)
+        self.agent_sightings = AgentSightings()
         self.rotation = self._new_rotation()
         self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
             self.backend, self.store, self.rotation, interval=config.backend_poll_interval
@@ -229,7 +235,20 @@ class MeshcaServer:
             EveryStream((self.servicer.engine, self.ads.engine)),
             config.leaf_ttl,
             RotationOptions.of(config),
+            agents=AgentAcks(self.agent_records, self.agent_sightings, self._signing_chains),
         )
+
+    def _signing_chains(self) -> list[tuple[x509.Certificate, ...]]:
+        """Every signing CA's chain meshca knows (the rotation slots, else the active
+        one): how an agent's presented SVID is traced to its root."""
+        if self.rotation is not None:
+            manager = self.rotation.manager
+            cas = [manager.ca(record.id).signer for record in manager.journal.slots]
+        elif self.backend.signer is not None:
+            cas = [self.backend.signer.signer]
+        else:
+            return []
+        return [(ca.certificate, *ca.intermediates) for ca in cas]
 
     def _new_health_monitor(self) -> HealthMonitor:
         """One health state for the main server and the plaintext health listener."""
@@ -287,7 +306,7 @@ class MeshcaServer:
         try:
             return AgentCaServicer(
                 self.issuer,
-                AgentRecords(config.data_dir),
+                self.agent_records,
                 attestors,
                 agent_ttl=config.agent_ttl,
                 agent_max_age=config.agent_max_age,
@@ -298,6 +317,7 @@ class MeshcaServer:
                 ),
                 entries=EntryStore(config.data_dir),
                 kube=self.kube_tokens,
+                sightings=self.agent_sightings,
             )
         except ValueError as exc:
             raise ServeError(f"--agent-ttl / --agent-max-age: {exc}") from None
