@@ -346,25 +346,15 @@ class Mesh:
 
 class _Index:
     """Lookups derived from a mesh, built once (the mesh is immutable). Given ``same``,
-    the index of a mesh with the same services and workloads, the lookups that depend
-    on nothing else are taken from it."""
-
-    services: dict[str, Service]
-    workloads: dict[str, Workload]
-    by_identity: dict[SpiffeId, tuple[Workload, ...]]
-    endpoints: dict[str, tuple[Workload, ...]]
-    services_of: dict[str, tuple[Service, ...]]
-    identities: dict[str, tuple[SpiffeId, ...]]
-    addressable: tuple[tuple[Service, ServicePort], ...]
+    the index of a mesh with the same services, workloads and nodes, the lookups that
+    depend on nothing else are taken from it. ``_policy_side`` computes every lookup
+    that depends on the splits, the access policies or the access mode."""
 
     def __init__(self, mesh: Mesh, same: _Index | None = None) -> None:
         if same is None:
             self._workload_side(mesh)
-        else:
-            self.services, self.workloads = same.services, same.workloads
-            self.by_identity, self.endpoints = same.by_identity, same.endpoints
-            self.services_of, self.identities = same.services_of, same.identities
-            self.addressable = same.addressable
+        else:  # all of it; what depends on the policy is recomputed just below
+            self.__dict__.update(same.__dict__)
         self._policy_side(mesh)
 
     def _workload_side(self, mesh: Mesh) -> None:
