@@ -43,11 +43,18 @@ class StackSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            frame = sys._current_frames().get(self.thread_id)
+            frames = sys._current_frames()
+            frame = frames.get(self.thread_id)
             if frame is not None:
                 stack = _stack(frame)
                 self.stacks[stack] += 1
-                self.timeline.append((time.monotonic(), _where(stack)))
+                # what other threads (the pool running blocking work) do in meshca
+                others = [
+                    _innermost_meshca(_stack(f)) for i, f in frames.items() if i != self.thread_id
+                ]
+                busy = ", ".join(sorted({o for o in others if o}))
+                where = _where(stack) + (f" | threads: {busy}" if busy else "")
+                self.timeline.append((time.monotonic(), where))
 
 
 def _stack(frame: FrameType | None) -> tuple[str, ...]:
@@ -57,6 +64,17 @@ def _stack(frame: FrameType | None) -> tuple[str, ...]:
         names.append(f"{Path(code.co_filename).stem}:{code.co_name}:{frame.f_lineno}")
         frame = frame.f_back
     return tuple(reversed(names))
+
+
+def _innermost_meshca(stack: tuple[str, ...]) -> str:
+    names = [f for f in stack if f.split(":")[0] in _MESHCA_MODULES]
+    return names[-1].rsplit(":", 1)[0] if names else ""
+
+
+_MESHCA_MODULES = {
+    Path(p).stem
+    for p in __import__("glob").glob(str(Path(__file__).parents[2] / "meshca" / "**" / "*.py"))
+}
 
 
 def _where(stack: tuple[str, ...]) -> str:

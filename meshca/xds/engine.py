@@ -771,7 +771,8 @@ class XdsEngine:
     def proxies(self) -> list[tuple[str, str]]:
         """(node id, identities) of every stream that has asked for something: who is
         connected, without a full :meth:`streams` view of each."""
-        return [(s.names()[2], s.names()[1]) for s in self._streams.values() if s.types]
+        named = (s.names() for s in self._streams.values() if s.types)
+        return [(node_id, identities) for _, identities, node_id in named]
 
     def unsettled(self) -> list[StreamStatus]:
         """Streams with a push to make or a response not yet ACKed (NACKed ones included)."""
