@@ -429,3 +429,14 @@ def test_the_mesh_with_its_policy_answers_as_one_built_whole() -> None:
     assert reused.reachable(sid("bookbuyer", "bookbuyer")) != MESH.reachable(
         sid("bookbuyer", "bookbuyer")
     )
+
+
+def test_an_access_policy_outside_the_mesh_is_told_so_and_a_route_there_is_not_meshcas() -> None:
+    outside = access("p", "mysql", [{"kind": "TrustDomain"}])
+    policy = translate(MESH, [route()], [outside], namespaces={"bookbuyer"})
+    assert policy.policies == () and policy.splits == ()
+    (v,) = policy.verdicts
+    assert (v.ref.kind, v.conditions[0].reason) == ("AccessPolicy", "NamespaceNotInMesh")
+    assert v.problems() == [
+        "namespace bookwarehouse is not in the mesh (label it meshca.io/mesh=enabled)"
+    ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshca.envoy.model import AccessPolicy, Mesh, Service, SplitBackend, TrafficSplit
+from meshca.kube.objects import MESH_LABEL
 from meshca.spiffe import SpiffeId, SpiffeIdError, check_segment
 from meshca.util.logs import shorten
 
@@ -56,6 +57,7 @@ CONFLICTED = "Conflicted"
 TARGET_NOT_FOUND = "TargetNotFound"
 PORT_NOT_FOUND = "PortNotFound"
 INVALID_SOURCE = "InvalidSource"
+NAMESPACE_NOT_IN_MESH = "NamespaceNotInMesh"
 
 
 @dataclass(frozen=True)
@@ -497,6 +499,13 @@ def _malformed(kind: str, obj: Mapping[str, Any], error: Exception) -> Verdict:
     return Verdict(ObjectRef(kind, namespace, name), generation, (condition,))
 
 
+def _outside(obj: Mapping[str, Any]) -> Verdict:
+    namespace, name, generation = _meta(obj)
+    message = f"namespace {namespace} is not in the mesh (label it {MESH_LABEL}=enabled)"
+    condition = Condition(ACCEPTED, False, NAMESPACE_NOT_IN_MESH, _bounded(message))
+    return Verdict(ObjectRef("AccessPolicy", namespace, name), generation, (condition,))
+
+
 def translate(
     mesh: Mesh,
     routes: Iterable[Mapping[str, Any]] = (),
@@ -504,11 +513,16 @@ def translate(
     namespaces: Collection[str] | None = None,
 ) -> TrafficPolicy:
     """The splits and access policies of ``routes`` and ``access_policies`` over ``mesh``
-    (its services and workloads), with one verdict per object of ``namespaces`` (every
-    namespace when None). A route with no Service parent is not meshca's: no verdict."""
+    (its services and workloads) in ``namespaces`` (every namespace when None), with a
+    verdict per object. A route with no Service parent, or outside those namespaces, is
+    not meshca's: no verdict. An AccessPolicy (meshca's own kind) outside them is told
+    its namespace is not in the mesh."""
+
+    def in_mesh(obj: Mapping[str, Any]) -> bool:
+        return namespaces is None or _meta(obj)[0] in namespaces
 
     def ours(obj: Mapping[str, Any]) -> bool:
-        return isinstance(obj, Mapping) and (namespaces is None or _meta(obj)[0] in namespaces)
+        return isinstance(obj, Mapping) and in_mesh(obj)
 
     verdicts: list[Verdict] = []
     splits: list[TrafficSplit] = []
@@ -524,7 +538,12 @@ def translate(
         verdicts.append(verdict)
         splits.extend(made)
     policies: list[AccessPolicy] = []
-    for obj in sorted(filter(ours, access_policies), key=lambda o: _meta(o)[:2]):
+    for obj in sorted(
+        (o for o in access_policies if isinstance(o, Mapping)), key=lambda o: _meta(o)[:2]
+    ):
+        if not in_mesh(obj):
+            verdicts.append(_outside(obj))
+            continue
         try:
             verdict, policy = _access_verdict(obj, mesh)
         except (TypeError, ValueError, AttributeError, KeyError) as error:
