@@ -17,9 +17,14 @@ Figures:
   baseline_health_s    the same fan-out of gRPC health ``Watch`` status changes over the
                        same connections; ``fanout_ratio`` = fanout_s / baseline_health_s
   agent_bytes_per_stream  RSS growth of the child while the streams are open, / N
-SPIRE (spire-server + spire-agent v1.13, built with ``go install`` into
-~/.cache/meshca/spire) is the intended peer; it is reported as skipped when Go or that
-build is missing (this bench does not build it). The last line is one JSON object.
+  fanout_spread_s      first to last stream receiving the new SVID (the push itself)
+SPIRE (spire-server + spire-agent v1.13.3, built once from the Go module proxy by
+``bench/spire_build.sh`` into ~/.cache/meshca/spire-<version>/bin; see
+``benchlib/spire.py``) runs in the same run without ``--smoke``: its signing rate
+(``MintX509SVID`` from as many concurrent clients) and its Workload API fan-out to as
+many streams, with the ratios meshca/SPIRE. Without Go it says "skipped: no Go"; with
+``--smoke`` it is skipped (a first build takes many minutes). The last line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from benchlib import spire
 from benchlib.child import JsonChild
 from benchlib.fanout import bounded, health_fanout
 from grpc_health.v1 import health_pb2
@@ -46,7 +52,6 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
 HEALTH_SERVICE = "bench"
-SPIRE_CACHE = Path.home() / ".cache" / "meshca" / "spire"
 
 
 def rss_bytes() -> int:
@@ -261,18 +266,58 @@ async def fanout(child: Child, streams: int, channels: list[Any]) -> dict[str, A
         call.cancel()
     return {
         "fanout_s": round(max(arrivals) - change["changed_at"], 4),
+        "fanout_spread_s": round(max(arrivals) - min(arrivals), 4),
         "agent_rss_before_mb": round(before["rss"] / 2**20, 1),
         "agent_rss_streams_mb": round(during["rss"] / 2**20, 1),
         "agent_bytes_per_stream": round((during["rss"] - before["rss"]) / streams),
     }
 
 
-def spire_status() -> str:
+async def spire_peer(args: argparse.Namespace, csr: bytes, meshca: dict[str, Any]) -> Any:
+    """SPIRE's two figures in this run, with meshca/SPIRE ratios; or why it is skipped."""
     if shutil.which("go") is None:
         return "skipped: no Go"
-    if not (SPIRE_CACHE / "spire-agent").exists():
-        return f"skipped: spire-server and spire-agent are not built in {SPIRE_CACHE}"
-    return "skipped: the SPIRE peer run is not implemented in this bench yet"
+    if args.smoke:
+        return "skipped: --smoke (run without it to build and measure SPIRE)"
+    bin_dir, why = await asyncio.to_thread(spire.binaries)
+    if bin_dir is None:
+        return why
+    root = Path(tempfile.mkdtemp(prefix="mca-spire-", dir="/tmp"))
+    peer = spire.Spire(bin_dir, root)
+    channels: list[Any] = []
+    try:
+        await asyncio.to_thread(peer.start)
+        await spire.wait_for_svid(peer)
+        rate = await asyncio.to_thread(peer.mint_rate, args.agents, args.seconds, csr)
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(f"unix:{peer.agent_socket}", options=options)
+            for _ in range(args.channels)
+        ]
+        fan = await spire.fanout(peer, args.streams, channels)
+    except (RuntimeError, OSError, grpc.RpcError, TimeoutError) as exc:
+        return f"failed: {exc} (logs in {root})"
+    finally:
+        for channel in channels:
+            await channel.close()
+        await asyncio.to_thread(peer.stop)
+    shutil.rmtree(root, ignore_errors=True)
+    per_stream = fan["agent_bytes_per_stream"]
+    return {
+        "version": spire.SPIRE_VERSION,
+        "mint_per_s": round(rate, 1),
+        "mint_vs_meshca_sign_csr": round(rate / meshca["sign_csr_per_s"], 3),
+        **fan,
+        "meshca_over_spire_signing": round(meshca["csr_per_s"] / rate, 2),
+        "meshca_over_spire_fanout_spread": round(
+            meshca["fanout_spread_s"] / max(fan["spread_s"], 1e-6), 2
+        ),
+        "meshca_over_spire_bytes_per_stream": round(
+            meshca["agent_bytes_per_stream"] / per_stream, 2
+        )
+        if per_stream > 0
+        else None,
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,9 +350,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         result["baseline_health_s"] = round(health, 4)
         result["fanout_ratio"] = round(result["fanout_s"] / health, 2)
-        result["spire"] = spire_status()
         for channel in channels:
             await channel.close()
+        result["spire"] = await spire_peer(args, csr, result)
         return result
     finally:
         if child is not None:
@@ -333,7 +378,27 @@ def report(result: dict[str, Any]) -> None:
         f"  agent memory per stream  {result['agent_bytes_per_stream'] / 1024:.1f} KB "
         f"(RSS {result['agent_rss_before_mb']} -> {result['agent_rss_streams_mb']} MB)"
     )
-    print(f"SPIRE: {result['spire']}")
+    peer = result["spire"]
+    if not isinstance(peer, dict):
+        print(f"SPIRE: {peer}")
+        return
+    print(f"SPIRE {peer['version']} in the same run")
+    print(
+        f"  MintX509SVID over its Unix socket  {peer['mint_per_s']:.0f} /s "
+        f"-> meshca/SPIRE signing {peer['meshca_over_spire_signing']:.2f}"
+    )
+    print(
+        f"  fan-out first -> last stream        {peer['spread_s']:.3f} s (meshca "
+        f"{result['fanout_spread_s']:.3f} s -> ratio {peer['meshca_over_spire_fanout_spread']})"
+    )
+    print(
+        f"  entry update -> last stream         {peer['from_update_s']:.3f} s (includes the "
+        "agent's sync with the server)"
+    )
+    print(
+        f"  spire-agent memory per stream       {peer['agent_bytes_per_stream'] / 1024:.1f} KB "
+        f"-> meshca/SPIRE {peer['meshca_over_spire_bytes_per_stream']}"
+    )
 
 
 def main() -> None:
