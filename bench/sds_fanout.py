@@ -162,6 +162,7 @@ async def serve(
         grace=0.0,
         # one client process stands in for thousands of proxies of one identity and uid
         max_streams_per_caller=1_000_000,
+        max_names_per_caller=1_000_000,
         uds_max_connections_per_uid=1_000_000,
         max_connections=1_000_000,
     )
