@@ -16,6 +16,10 @@ An HTML comment on the line before a block changes how it runs:
   background until the end of the document; the run waits until that command has
   printed the last line shown in the block (or, with none shown, checks it is still
   running after a second), and at the end stops it with SIGTERM: it must exit 0.
+* ``<!-- run in the background, with a Kubernetes API server -->``: the same, and the
+  document runs with ``$KUBECONFIG`` naming the tests' API server
+  (``tests/kube_harness.py``, as admin); without that server the document is skipped,
+  saying why.
 
 Any other comment before a runnable block is an error, so that a typo cannot turn a
 block off. A block with any other language (``text``, ``yaml``, ``json``, none) is
@@ -41,6 +45,7 @@ DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUNNABLE = {"sh", "shell", "bash", "console"}
 DIRECTIVE = re.compile(r"^<!--\s*(.*?)\s*-->$")
 BACKGROUND = "run in the background"
+KUBE_BACKGROUND = "run in the background, with a Kubernetes API server"
 TIMEOUT = 300  # seconds for one document, whatever it runs
 
 
@@ -130,11 +135,11 @@ def script_of(blocks: list[Block], outputs: Path) -> str:
     for number, block in enumerate(blocks):
         if block.skipped is not None:
             continue
-        if block.directive not in (None, BACKGROUND):
+        if block.directive not in (None, BACKGROUND, KUBE_BACKGROUND):
             raise ValueError(f"{block.where}: unknown directive <!-- {block.directive} -->")
         parts.append(f"echo {shlex.quote('@@ ' + block.where)}")
         commands = list(block.commands)
-        server = commands.pop() if block.directive == BACKGROUND else None
+        server = commands.pop() if block.directive in (BACKGROUND, KUBE_BACKGROUND) else None
         parts.extend(commands)
         if server is not None:
             out = shlex.quote(str(outputs / f"server-{number}.out"))
@@ -163,7 +168,13 @@ def needs(blocks: list[Block]) -> list[pytest.MarkDecorator]:
         marks.append(pytest.mark.envoy)
     if re.search(r"\bbao\b", text):
         marks.append(pytest.mark.vault)
+    if uses_kube(blocks):
+        marks.append(pytest.mark.kube)
     return marks
+
+
+def uses_kube(blocks: list[Block]) -> bool:
+    return any(b.directive == KUBE_BACKGROUND for b in blocks)
 
 
 BLOCKS = {path: blocks_of(path) for path in DOCUMENTS}
@@ -178,7 +189,9 @@ BLOCKS = {path: blocks_of(path) for path in DOCUMENTS}
     ],
 )
 @pytest.mark.timeout(TIMEOUT + 30)
-def test_document_runs_as_written(document: Path, tmp_path: Path) -> None:
+def test_document_runs_as_written(
+    document: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     blocks = BLOCKS[document]
     outputs = tmp_path / "outputs"
     scratch = tmp_path / "scratch"
@@ -191,6 +204,8 @@ def test_document_runs_as_written(document: Path, tmp_path: Path) -> None:
         "TMPDIR": str(tmp_path / "tmp"),  # mktemp -d lands here
     }
     env.pop("VIRTUAL_ENV", None)
+    if uses_kube(blocks):  # the session's API server (skips, saying why, without one)
+        env["KUBECONFIG"] = str(request.getfixturevalue("kube").kubeconfig)
     before = sorted(os.listdir(REPO))
     process = subprocess.Popen(
         ["bash", "-c", script_of(blocks, outputs)],

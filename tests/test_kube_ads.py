@@ -104,7 +104,9 @@ def test_pods_services_and_policies_from_the_api_reach_envoys_over_ads(
             for identity in (client_id, web_id):
                 args += ["--uds-identity", f"0={identity}"]
             with serving(root, root / "data", *args) as server:
-                assert "mesh from the Kubernetes API at" in server.stdout.read_text()
+                announced = server.stdout.read_text()
+                assert f"Kubernetes API server {kube.url} (kubeconfig " in announced
+                assert "mesh from the Kubernetes API: 1 service(s), watched" in announced
 
                 def proxy(identity: str, name: str, *extra: str) -> EnvoyProcess:
                     bootstrap = meshca(

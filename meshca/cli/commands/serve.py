@@ -108,10 +108,10 @@ def _announce(server: MeshcaServer) -> None:
         count = len(server.mesh.services)
         lines.append(f"mesh file {server.mesh_file.path}: {count} service(s), reloaded on change")
     if server.kube is not None:
-        count = len(server.mesh.services)
+        target = server.kube.target
+        lines.append(f"Kubernetes API server {target.server} ({target.source})")
         lines.append(
-            f"mesh from the Kubernetes API at {server.kube.target.server}: {count} service(s), "
-            "watched"
+            f"mesh from the Kubernetes API: {len(server.mesh.services)} service(s), watched"
         )
     print("\n".join(lines), flush=True)
 
