@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -275,3 +276,44 @@ async def test_a_restart_with_an_expired_watch_loses_no_update_and_no_half_mesh(
                 assert set(names[1:]) <= service_names(mesh, ns), "a mesh with services missing"
     finally:
         relay.close()
+
+
+async def test_a_port_meshca_cannot_use_is_left_out_alone_with_one_log_line(
+    kube: KubeCluster, kube_namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Service port the proxy itself listens on (15001) is left out of the mesh, said
+    once in the log however often the mesh is rebuilt; the Service's other ports and every
+    other Service are served as usual."""
+    ns = kube_namespace
+    web(kube, ns)
+    kube.service_account(ns, "odd")
+    kube.service(ns, "odd", {"http": 8080, "tcp-capture": 15001})
+    kube.pod(ns, "odd-0", service_account="odd", labels={"app": "odd"}, ip="10.244.4.2")
+    kube.endpoint_slice(ns, "odd", [("10.244.4.2", "odd-0")], {"http": 8080, "tcp-capture": 15001})
+    with caplog.at_level(logging.WARNING, logger="meshca.kube"):
+        async with watching(kube.kubeconfig) as watched:
+            mesh = await watched.until(
+                lambda m: service_names(m, ns) == {"web", "odd"}, "both services"
+            )
+            kube.pod(ns, "web-1", service_account="web", labels={"app": "web"}, ip="10.244.1.3")
+            kube.patch(
+                f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/web-slice",
+                slice_of_web(["10.244.1.2", "10.244.1.3"]),
+            )
+            await watched.until(lambda m: len(endpoint_addresses(m, ns, "web")) == 2, "rebuilt")
+    odd = mesh.service(ns, "odd")
+    assert odd is not None and [p.port for p in odd.ports] == [8080]
+    assert endpoint_addresses(mesh, ns, "odd") == {"10.244.4.2"}
+    said = [r.getMessage() for r in caplog.records if "15001" in r.getMessage()]
+    assert said == [
+        f"Service {ns}/odd port 15001 is left out: it is reserved for the outbound capture listener"
+    ]
+
+
+def slice_of_web(addresses: list[str]) -> dict[str, object]:
+    return {
+        "endpoints": [
+            {"addresses": [a], "targetRef": {"kind": "Pod", "name": f"web-{i}"}}
+            for i, a in enumerate(addresses)
+        ]
+    }
