@@ -73,6 +73,7 @@ from meshca.envoy.filters import (
     TCP_PROXY,
     original_dst,
     rbac_rules,
+    tcp_proxy,
 )
 from meshca.envoy.inbound import inbound_ports
 from meshca.envoy.layouts import Ambient
@@ -355,12 +356,12 @@ def _outbound_listener(
     filter_chains = [
         listener_components_pb2.FilterChain(
             name=chain,
-            filters=[_tcp_proxy(chain, chain)],
+            filters=[tcp_proxy(chain, chain)],
         )
         for chain in chains
     ]
     fallback_chain = listener_components_pb2.FilterChain(
-        name=fallback, filters=[_tcp_proxy(fallback, fallback)]
+        name=fallback, filters=[tcp_proxy(fallback, fallback)]
     )
     filter_chains.append(fallback_chain)
     return listener_pb2.Listener(
@@ -372,11 +373,6 @@ def _outbound_listener(
         filter_chain_matcher=matcher,
         default_filter_chain=fallback_chain,
     )
-
-
-def _tcp_proxy(stat_prefix: str, cluster: str) -> listener_components_pb2.Filter:
-    config = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
-    return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(config))
 
 
 # --- inbound ----------------------------------------------------------------------------------

@@ -157,9 +157,6 @@ class Ambient(Layout):
     def outbound_validation_secret(self, service: Service) -> str:
         return ISTIO_ROOTCA
 
-    def inbound_chain_name(self, port: int) -> str:
-        return f"inbound_{port}"
-
     @staticmethod
     def outbound_chain_name(source: SpiffeId, service: Service, port: int, protocol: str) -> str:
         """The seed's ``<source>_to_<port name>_<fqdn>_outbound_internal``; the port name
