@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ log = logging.getLogger("meshca.kube")
 PAGE_SIZE = 500
 WATCH_SECONDS = (240, 360)  # the server ends each watch in this range (spread)
 RETRY = Backoff(initial=0.5, maximum=10.0)
+QUICK_WATCH = 1.0  # seconds: a watch the server ends sooner is not reopened at once
 # Failures that mean "try again later": the API server is restarting or unreachable.
 TRANSIENT = (httpx.HTTPError, OSError, asyncio.TimeoutError)
 
@@ -79,8 +81,11 @@ class Reflector:
             try:
                 if self.resource_version is None:
                     await self._list()
+                started = time.monotonic()
                 await self._watch()
                 self.failures = 0
+                if time.monotonic() - started < QUICK_WATCH:  # closed at once: no hot loop
+                    await asyncio.sleep(self.retry.delay(0))
             except Expired:
                 self.expirations += 1
                 log.info("%s watch expired (410 Gone): listing again", self.kind.name)
