@@ -36,7 +36,6 @@ from meshca.envoy.model import (
     ServicePort,
     Workload,
     WorkloadPort,
-    matches,
 )
 from meshca.kube.objects import PodRecord, ServiceRecord, SliceRecord
 from meshca.kube.policy import TrafficPolicy, Verdict, translate
@@ -195,13 +194,16 @@ class _Builder:
 
     def _with_ports(self, bare: dict[str, Workload], services: list[Service]) -> list[Workload]:
         ports: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
-        by_namespace: dict[str, list[Workload]] = defaultdict(list)
+        # (namespace, label, value) -> workload keys: a selector's workloads are the
+        # intersection of its pairs' sets, not a scan of the namespace per Service
+        labelled: dict[tuple[str, str, str], set[str]] = defaultdict(set)
         for workload in bare.values():
-            by_namespace[workload.namespace].append(workload)
+            for label, value in workload.labels:
+                labelled[(workload.namespace, label, value)].add(workload.key)
         for service in services:
-            if service.selector is not None:
-                selector = service.selector
-                behind = [w for w in by_namespace[service.namespace] if matches(selector, w.labels)]
+            if service.selector:
+                sets = [labelled.get((service.namespace, k, v), set()) for k, v in service.selector]
+                behind = [bare[key] for key in sorted(set.intersection(*sets))]
             else:
                 behind = [bare[b] for b in service.backends if b in bare]
             for workload in behind:
