@@ -252,7 +252,15 @@ def test_the_oldest_route_for_a_service_wins_and_the_other_is_told() -> None:
     assert [b.name for b in split.backends] == ["bookstore-v1", "bookstore-v2"]
     assert verdict(policy, "old").accepted
     assert conditions(verdict(policy, "new"))["Accepted"] == (False, "Conflicted")
-    assert "already split by an older HTTPRoute" in verdict(policy, "new").problems()[0]
+    assert verdict(policy, "new").problems() == [
+        "spec.parentRefs[0]: Service bookstore/bookstore is already split by HTTPRoute "
+        "bookstore/old, which is older (the oldest applies)"
+    ]
+    twice = route("twice")
+    twice["spec"]["parentRefs"].append(dict(twice["spec"]["parentRefs"][0]))
+    v = translate(MESH, [twice]).verdicts[0]
+    assert [p.accepted for p in v.parents] == [True, False]
+    assert v.problems() == ["spec.parentRefs[1]: Service bookstore/bookstore is already a parent"]
 
 
 # --- AccessPolicy ---------------------------------------------------------------------------

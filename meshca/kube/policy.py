@@ -299,8 +299,13 @@ def _backends(route: Mapping[str, Any], mesh: Mesh, namespace: str) -> list[_Bac
 
 
 def _parent(
-    ref: Mapping[str, Any], where: str, mesh: Mesh, namespace: str, split: set[str]
+    ref: Mapping[str, Any],
+    where: str,
+    mesh: Mesh,
+    route: ObjectRef,
+    split: Mapping[str, str],
 ) -> Service:
+    namespace = route.namespace
     if ref.get("namespace", namespace) != namespace:
         raise _Refused(
             UNSUPPORTED_VALUE,
@@ -330,11 +335,14 @@ def _parent(
         raise _Refused(
             UNSUPPORTED_VALUE, f"{where}: Service {service.key} has no selector to split"
         )
-    if service.key in split:
+    owner = split.get(service.key)
+    if owner == route.name:
+        raise _Refused(UNSUPPORTED_VALUE, f"{where}: Service {service.key} is already a parent")
+    if owner is not None:
         raise _Refused(
             CONFLICTED,
-            f"{where}: Service {service.key} is already split by an older HTTPRoute "
-            "(the oldest applies)",
+            f"{where}: Service {service.key} is already split by HTTPRoute {namespace}/"
+            f"{_q(owner)[1:-1]}, which is older (the oldest applies)",
         )
     return service
 
@@ -363,9 +371,10 @@ def _split_of(parent: Service, backends: list[_Backend], mesh: Mesh, where: str)
 
 
 def _route(
-    route: Mapping[str, Any], mesh: Mesh, split: set[str]
+    route: Mapping[str, Any], mesh: Mesh, split: dict[str, str]
 ) -> tuple[Verdict, list[TrafficSplit]]:
     namespace, name, generation = _meta(route)
+    ref_of_route = ObjectRef("HTTPRoute", namespace, name)
     try:
         backends: list[_Backend] | _Refused = _backends(route, mesh, namespace)
     except _Refused as refused:
@@ -380,21 +389,19 @@ def _route(
                 if backends.condition == RESOLVED_REFS:
                     resolved = Condition(RESOLVED_REFS, False, backends.reason, backends.message)
                 raise backends
-            parent = _parent(ref, where, mesh, namespace, split)
+            parent = _parent(ref, where, mesh, ref_of_route, split)
             made = _split_of(parent, backends, mesh, where)
         except _Refused as refused:
             accepted = Condition(ACCEPTED, False, refused.reason, refused.message)
         else:
-            split.add(parent.key)
+            split[parent.key] = name
             splits.append(made)
             shares = ", ".join(f"{b.name}={b.weight}" for b in made.backends)
             accepted = Condition(
                 ACCEPTED, True, "Accepted", _bounded(f"splits {made.service}: {shares}")
             )
         parents.append(ParentVerdict(dict(ref), (accepted, resolved)))
-    return Verdict(
-        ObjectRef("HTTPRoute", namespace, name), generation, parents=tuple(parents)
-    ), splits
+    return Verdict(ref_of_route, generation, parents=tuple(parents)), splits
 
 
 # --- AccessPolicy ---------------------------------------------------------------------------
@@ -526,7 +533,7 @@ def translate(
 
     verdicts: list[Verdict] = []
     splits: list[TrafficSplit] = []
-    split: set[str] = set()
+    split: dict[str, str] = {}  # Service key -> the name of the route that splits it
     for route in sorted(filter(ours, routes), key=_age_key):
         if not _service_parents(route):
             continue
