@@ -194,6 +194,18 @@ class SpiffeId:
                 )
         return cls(td, f"/ns/{namespace}/sa/{service_account}")
 
+    @classmethod
+    def for_node_proxy(
+        cls, trust_domain: TrustDomain, namespace: str, service_account: str, node: str
+    ) -> SpiffeId:
+        """An ambient node proxy's identity in Kubernetes, bound to its node:
+        ``spiffe://<td>/ns/<ns>/sa/<sa>/node/<node>`` (no workload's: those end at the
+        service account). SpiffeIdError when a part is not one path segment."""
+        base = cls.from_kubernetes(namespace, service_account, trust_domain)
+        if not node or "/" in node:
+            raise SpiffeIdError("node-name", f"{base}/node/{node[:253]}", "not a node name")
+        return cls(trust_domain, f"{base.path}/node/{node}")
+
     @property
     def kubernetes(self) -> tuple[str, str] | None:
         """``(namespace, service_account)`` when the ID has the Kubernetes form, else None."""

@@ -8,7 +8,11 @@ legacy Secret token), and that pod still exists with that UID, runs as the token
 service account and has not terminated. The caller is then that pod's workload,
 ``spiffe://<td>/ns/<ns>/sa/<sa>``. A pod whose service account is a configured node
 agent (``--kube-node-agent NS/SA``) may obtain the identities of pods scheduled on its
-own node (``spec.nodeName``) only, as Istio's ztunnel authorization does.
+own node (``spec.nodeName``) only, as Istio's ztunnel authorization does. A pod of the
+ambient node proxies' service account (``--kube-node-proxy NS/SA``, also a node agent)
+may also obtain its node's proxy identity, ``spiffe://<td>/ns/<ns>/sa/<sa>/node/<its
+spec.nodeName>``, which the mesh from Kubernetes entitles to that node's ambient pods'
+keys: the node comes from the API server's pod, never from the caller.
 
 The API server is reached through :class:`KubeIdentityApi` (the Kubernetes client lives
 in ``meshca/kube/``). Every call has a timeout; an API server that does not answer is
@@ -178,6 +182,7 @@ class KubeTokenVerifier:
         *,
         audience: str = DEFAULT_AUDIENCE,
         node_agents: Collection[str] = (),
+        node_proxy: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         cache_seconds: float = DEFAULT_CACHE_SECONDS,
         cache_size: int = DEFAULT_CACHE_SIZE,
@@ -186,7 +191,10 @@ class KubeTokenVerifier:
         self.api = api
         self.trust_domain = trust_domain
         self.audience = audience
-        self.node_agents = frozenset(parse_node_agent(n) for n in node_agents)
+        self.node_proxy = parse_node_agent(node_proxy) if node_proxy else None
+        self.node_agents = frozenset(parse_node_agent(n) for n in node_agents) | (
+            {self.node_proxy} if self.node_proxy else set()
+        )
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self._reviews = ExpiringCache(cache_size)
@@ -283,6 +291,8 @@ class KubeTokenVerifier:
         the identity of a pod scheduled on its node. NotEntitled otherwise."""
         if wanted == caller.identity:
             return
+        if wanted == self.node_proxy_identity(caller):
+            return
         if caller.node_agent and await self.runs_on(wanted, caller.pod.node_name):
             return
         if caller.node_agent:
@@ -291,6 +301,19 @@ class KubeTokenVerifier:
                 f"with that identity is scheduled on its node {caller.pod.node_name!r}"
             )
         raise NotEntitled(f"{caller.describe()} may obtain only {caller.identity}, not {wanted}")
+
+    def node_proxy_identity(self, caller: KubeCaller) -> SpiffeId | None:
+        """The node proxy identity of ``caller``'s node, when it is a scheduled pod of the
+        node proxies' service account (the node from the API server's pod)."""
+        pod = caller.pod
+        if self.node_proxy != f"{pod.namespace}/{pod.service_account}" or not pod.node_name:
+            return None
+        try:
+            return SpiffeId.for_node_proxy(
+                self.trust_domain, pod.namespace, pod.service_account, pod.node_name
+            )
+        except SpiffeIdError:
+            return None
 
     async def runs_on(self, identity: SpiffeId, node: str) -> bool:
         """Whether a running pod with ``identity`` is scheduled on ``node``."""

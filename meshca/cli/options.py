@@ -52,6 +52,7 @@ parse_listen = _lazy(_SERVE, "parse_listen")
 parse_log_level = _lazy(_SERVE, "parse_log_level")
 parse_namespace = _lazy(_SERVE, "parse_namespace")
 parse_node_agents = _lazy(_SERVE, "parse_node_agents")
+parse_node_proxy = _lazy(_SERVE, "parse_node_proxy")
 parse_audience = _lazy(_SERVE, "parse_audience")
 parse_socket_mode = _lazy(_SERVE, "parse_socket_mode")
 parse_uds_identities = _lazy(_SERVE, "parse_uds_identities")
@@ -553,6 +554,17 @@ OPTIONS: tuple[Option, ...] = (
         ("serve",),
         metavar="NS/SA",
         repeatable=True,
+    ),
+    Option(
+        "kube_node_proxy",
+        parse_node_proxy,
+        None,
+        "--kubernetes: NAMESPACE/SERVICE_ACCOUNT of the ambient node proxies (e.g. "
+        "istio-system/ztunnel); a pod of it may obtain its own node's proxy identity, "
+        "spiffe://<td>/ns/<ns>/sa/<sa>/node/<spec.nodeName>, and so the keys of that node's "
+        "ambient pods only",
+        ("serve",),
+        metavar="NS/SA",
     ),
     # meshca token
     Option(

@@ -69,6 +69,12 @@ class SliceRecord:
 
 
 @dataclass(frozen=True)
+class NamespaceRecord:
+    name: str
+    labels: Labels  # a layout may be chosen here (meshca.kube.layouts)
+
+
+@dataclass(frozen=True)
 class PodRecord:
     namespace: str
     name: str
@@ -129,8 +135,9 @@ def key_of(obj: Mapping[str, Any]) -> str:
     return f"{namespace}/{name}" if namespace else name
 
 
-def namespace_record(obj: Mapping[str, Any]) -> str:
-    return meta(obj)[1]
+def namespace_record(obj: Mapping[str, Any]) -> NamespaceRecord:
+    labels = _labels(_map(obj.get("metadata"), "metadata").get("labels"), "metadata.labels")
+    return NamespaceRecord(meta(obj)[1], labels)
 
 
 def service_record(obj: Mapping[str, Any]) -> ServiceRecord:

@@ -78,8 +78,10 @@ class KubeMeshSource:
         debounce: float = DEFAULT_DEBOUNCE,
         on_verdicts: Callable[[list[Mapping[str, Any]], Sequence[Verdict]], None] | None = None,
         reflector_options: dict[str, Any] | None = None,
+        node_proxy: str | None = None,
     ) -> None:
         self.api = api
+        self.node_proxy = node_proxy  # ns/sa of ambient node proxies
         self.trust_domain = trust_domain
         self.on_change = on_change
         self.on_verdicts = on_verdicts
@@ -135,8 +137,10 @@ class KubeMeshSource:
     def state(self) -> ClusterState:
         """A copy of what the caches hold now (records are immutable: shallow copies)."""
         r = self.reflectors
+        namespaces = list(r[NAMESPACES.name].items.values())
         return ClusterState(
-            namespaces=frozenset(r[NAMESPACES.name].items.values()),
+            namespaces=frozenset(n.name for n in namespaces),
+            namespace_labels={n.name: n.labels for n in namespaces},
             services=dict(r[SERVICES.name].items),
             slices=dict(r[ENDPOINT_SLICES.name].items),
             pods=dict(r[PODS.name].items),
@@ -160,7 +164,9 @@ class KubeMeshSource:
     async def _build(self) -> None:
         state = self.state()
         started = time.perf_counter()
-        translation = await asyncio.to_thread(build_mesh, self.trust_domain, state)
+        translation = await asyncio.to_thread(
+            build_mesh, self.trust_domain, state, node_proxy=self.node_proxy
+        )
         self.last_build_seconds = time.perf_counter() - started
         self.builds += 1
         self._report(translation)

@@ -15,6 +15,11 @@ mesh file gives, so generation and ADS do not know where it came from.
 - A Service with a selector is backed by the workloads it selects (as the EndpointSlice
   controller decides); one without (slices written by hand) by the pods its own slices
   name.
+- A workload's layout is its Pod's ``meshca.io/layout`` label, else its Namespace's
+  (Istio's ``istio.io/dataplane-mode: ambient`` also means ambient), else the default
+  (:mod:`meshca.kube.layouts`); an ambient workload's node is its ``spec.nodeName``, and
+  with a node proxy service account configured each such node is a mesh node whose
+  proxy's identity names the node.
 - HTTPRoutes and AccessPolicies become traffic splits and access policies through
   :mod:`meshca.kube.policy`, with a verdict per object.
 
@@ -30,13 +35,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshca.envoy.model import (
+    AMBIENT,
     RESERVED_PORTS,
+    Labels,
     Mesh,
+    Node,
     Service,
     ServicePort,
     Workload,
     WorkloadPort,
 )
+from meshca.kube.layouts import choose_layout, node_proxy_identity
 from meshca.kube.objects import PodRecord, ServiceRecord, SliceRecord
 from meshca.kube.policy import TrafficPolicy, Verdict, translate
 from meshca.spiffe import SpiffeIdError, TrustDomain, check_segment
@@ -54,6 +63,7 @@ class ClusterState:
     pods: Mapping[str, PodRecord]
     routes: Sequence[Mapping[str, Any]] = ()
     access_policies: Sequence[Mapping[str, Any]] = ()
+    namespace_labels: Mapping[str, Labels] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,9 +98,12 @@ def _usable_name(value: str) -> bool:
 
 
 class _Builder:
-    def __init__(self, trust_domain: TrustDomain, state: ClusterState) -> None:
+    def __init__(
+        self, trust_domain: TrustDomain, state: ClusterState, node_proxy: str | None = None
+    ) -> None:
         self.trust_domain = trust_domain
         self.state = state
+        self.node_proxy = node_proxy
         self.enabled = frozenset(state.namespaces)
         self.problems: list[str] = []
         self.slices: dict[str, list[SliceRecord]] = defaultdict(list)
@@ -188,9 +201,36 @@ class _Builder:
                 continue
             found = addresses[key]
             address = pod.ip if pod.ip in found else min(found)
+            choice = choose_layout(
+                key, pod.labels, pod.namespace, self.state.namespace_labels.get(pod.namespace, ())
+            )
+            if choice.problem:
+                self.problems.append(choice.problem)
             bare[key] = Workload(pod.namespace, pod.name, pod.service_account, address,
-                                 labels=pod.labels)  # fmt: skip
+                                 labels=pod.labels, layout=choice.layout,
+                                 node=pod.node if choice.layout == AMBIENT else None)  # fmt: skip
         return self._with_ports(bare, [s for _, s in services])
+
+    def nodes(self, workloads: Iterable[Workload]) -> tuple[Node, ...]:
+        """The nodes of ambient workloads, each with its proxy's identity (none without a
+        node proxy service account: ambient workloads are then carried by no proxy)."""
+        names = sorted({w.node for w in workloads if w.ambient and w.node})
+        if names and self.node_proxy is None:
+            self.problems.append(
+                f"{len(names)} node(s) have ambient workloads but no node proxy service "
+                "account is configured (--kube-node-proxy): their traffic has no proxy"
+            )
+            return ()
+        made = []
+        for name in names:
+            assert self.node_proxy is not None
+            try:
+                made.append(
+                    Node(name, node_proxy_identity(self.trust_domain, self.node_proxy, name))
+                )
+            except SpiffeIdError:
+                self.problems.append(f"node {name[:253]!r} cannot be part of a SPIFFE ID; no proxy")
+        return tuple(made)
 
     def _with_ports(self, bare: dict[str, Workload], services: list[Service]) -> list[Workload]:
         ports: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
@@ -223,20 +263,26 @@ class _Builder:
                 w.address,
                 tuple(WorkloadPort(p, proto) for p, (proto, _) in sorted(ports[w.key].items())),
                 w.labels,
+                layout=w.layout,
+                node=w.node,
             )
             for w in bare.values()
         ]
 
 
-def build_mesh(trust_domain: TrustDomain, state: ClusterState) -> Translation:
-    """The mesh of ``state``: services and workloads, then the policy objects over them."""
-    builder = _Builder(trust_domain, state)
+def build_mesh(
+    trust_domain: TrustDomain, state: ClusterState, *, node_proxy: str | None = None
+) -> Translation:
+    """The mesh of ``state``: services and workloads, then the policy objects over them.
+    ``node_proxy`` (``ns/sa``) is the service account of ambient node proxies."""
+    builder = _Builder(trust_domain, state, node_proxy)
     services = builder.services()
     workloads = builder.workloads(services)
     base = Mesh(
         trust_domain,
         tuple(sorted((s for _, s in services), key=lambda s: s.key)),
         tuple(sorted(workloads)),
+        nodes=builder.nodes(workloads),
     )
     policy: TrafficPolicy = translate(
         base, state.routes, state.access_policies, namespaces=builder.enabled

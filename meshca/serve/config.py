@@ -97,6 +97,7 @@ class ServeConfig:
     kube_tokens: bool = False  # verify tokens with the API server, whatever the mesh source
     kube_token_audience: str = "meshca"  # tokens must be for this audience
     kube_node_agents: tuple[str, ...] = ()  # NS/SA of node agents (e.g. istio-system/ztunnel)
+    kube_node_proxy: str | None = None  # NS/SA of ambient node proxies (a node agent too)
     # limits on what callers can make the server hold (docs/serve.md, "Limits")
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE
@@ -117,6 +118,8 @@ class ServeConfig:
             )
         if self.kubeconfig is not None and not self.kube_api:
             raise ServeError("--kubeconfig is read only with --kubernetes or --kube-tokens")
+        if self.kube_node_proxy is not None and not self.kubernetes:
+            raise ServeError("--kube-node-proxy is read only with --kubernetes")
 
     @property
     def kube_api(self) -> bool:
@@ -256,6 +259,14 @@ def parse_node_agents(text: str) -> tuple[str, ...]:
             raise ValueError(f"{part.strip()[:100]!r}: use NAMESPACE/SERVICE_ACCOUNT")
         agents.append(f"{namespace}/{account}")
     return tuple(dict.fromkeys(agents))
+
+
+def parse_node_proxy(text: str) -> str:
+    """One ``NAMESPACE/SERVICE_ACCOUNT``: the ambient node proxies' service account."""
+    found = parse_node_agents(text)
+    if len(found) != 1:
+        raise ValueError(f"{text.strip()[:100]!r}: use one NAMESPACE/SERVICE_ACCOUNT")
+    return found[0]
 
 
 def parse_audience(text: str) -> str:

@@ -47,7 +47,12 @@ class KubeSource:
             raise ServeError(f"--kubernetes: {exc}") from None
         status = StatusWriter(api.merge_patch)
         source = KubeMeshSource(
-            api, trust_domain, on_change, debounce=config.kube_debounce, on_verdicts=status.submit
+            api,
+            trust_domain,
+            on_change,
+            debounce=config.kube_debounce,
+            on_verdicts=status.submit,
+            node_proxy=config.kube_node_proxy,
         )
         return cls(source, target, status)
 

@@ -294,6 +294,7 @@ class MeshcaServer:
             self.trust_domain,
             audience=config.kube_token_audience,
             node_agents=config.kube_node_agents,
+            node_proxy=config.kube_node_proxy,
         )
 
     def _agent_ca(self) -> AgentCaServicer:

@@ -75,6 +75,7 @@ def _serve_config(settings: Settings) -> ServeConfig:
         kube_tokens=settings["kube_tokens"],
         kube_token_audience=settings["kube_token_audience"],
         kube_node_agents=settings["kube_node_agent"] or (),
+        kube_node_proxy=settings["kube_node_proxy"],
         max_connections=settings["max_connections"],
         max_connection_age=settings["max_connection_age"],
         uds_max_connections_per_uid=settings["uds_max_connections_per_uid"],
