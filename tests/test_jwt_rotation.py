@@ -19,6 +19,7 @@ from spiffe.errors import PySpiffeError
 from spiffe.spiffe_id.spiffe_id import TrustDomain as PyTrustDomain
 
 from meshca.backends.jwt_key import (
+    PublishedJwtAuthorities,
     jwks_path,
     jwt_key_path,
     load_jwt_signer,
@@ -141,6 +142,24 @@ def test_an_existing_key_is_adopted_so_its_tokens_keep_validating(tmp_path: Path
     try:
         assert manager.jwt.active.kid == before.kid
         assert manager.jwt.authorities.kids == [before.kid]
+    finally:
+        manager.close()
+
+
+def test_a_server_without_the_journal_follows_the_published_keys(tmp_path: Path) -> None:
+    """A replica beside the one that rotates (it cannot take the journal) signs with the
+    key the other one activated, and publishes what it publishes."""
+    data_dir = init_ca(tmp_path / "data")
+    manager = opened(data_dir)
+    try:
+        replica = PublishedJwtAuthorities(data_dir)
+        first = manager.jwt.active
+        assert replica.current() is not None and replica.current().kid == first.kid  # type: ignore[union-attr]
+        prepared = manager.jwt.prepare()
+        assert set(parse_jwt_bundle(replica.bundle_json())) == {first.kid, prepared.kid}
+        manager.jwt.activate()
+        signer = replica.current()
+        assert signer is not None and signer.kid == prepared.kid
     finally:
         manager.close()
 

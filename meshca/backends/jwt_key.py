@@ -11,6 +11,7 @@ servers sharing a data directory end up with the same key).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,11 +85,42 @@ def publish_jwt_keys(
         atomic_write(set_path, document, PUBLIC)
 
 
-def load_jwt_authorities(data_dir: Path) -> JwtAuthorities:
-    """What the data directory publishes: the signing key (created if absent, for a
-    server without rotation) and the keys of ``jwks.json`` beside it."""
-    signer = load_or_create_jwt_signer(data_dir)
-    return JwtAuthorities(signer, _published(data_dir))
+class PublishedJwtAuthorities(JwtAuthorities):
+    """The JWT keys as the data directory publishes them, for a server that does not hold
+    the rotation journal (a replica beside the one that rotates, or Vault's per-workload
+    mode): the signing key (created if absent) and ``jwks.json``, read again whenever
+    either file changes, so a rotation made by the other process is followed."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._stamp: tuple[int, ...] | None = None
+        super().__init__()
+        self.refresh()
+
+    def _files_stamp(self) -> tuple[int, ...]:
+        stamp: list[int] = []
+        for path in (jwt_key_path(self.data_dir), jwks_path(self.data_dir)):
+            try:
+                st = os.stat(path)
+                stamp += [st.st_mtime_ns, st.st_ino]
+            except FileNotFoundError:
+                stamp += [0, 0]
+        return tuple(stamp)
+
+    def refresh(self) -> None:
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return
+        self.update(load_or_create_jwt_signer(self.data_dir), _published(self.data_dir))
+        self._stamp = self._files_stamp()
+
+    def current(self) -> JwtSigner | None:
+        self.refresh()
+        return self.signer
+
+    def bundle_json(self) -> bytes:
+        self.refresh()
+        return super().bundle_json()
 
 
 def published_jwt_keys(data_dir: Path) -> list[ec.EllipticCurvePublicKey]:

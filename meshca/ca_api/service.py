@@ -353,7 +353,7 @@ class AgentCaServicer:
     async def SignJwt(self, request: ca_pb2.SignJwtRequest, context: Context) -> ca_pb2.JwtResponse:
         record = await self._agent(context)
         spiffe_id = await self._entitled(context, record, request.spiffe_id)
-        signer = self.jwt.signer
+        signer = self.jwt.current()
         if signer is None:
             await self.refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION, "this server signs no JWT-SVIDs"

@@ -178,6 +178,10 @@ class JwtAuthorities:
         self.published = tuple(keys)
         self._bundle = jwt_bundle_json(keys)
 
+    def current(self) -> JwtSigner | None:
+        """The key to sign with now."""
+        return self.signer
+
     @property
     def kids(self) -> list[str]:
         return [key_id(k) for k in self.published]

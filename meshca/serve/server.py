@@ -25,7 +25,7 @@ from meshca.attest.entries import EntryStore
 from meshca.attest.kube_tokens import KubeTokenAttestor, KubeTokenVerifier
 from meshca.attest.records import AgentRecords
 from meshca.attest.tokens import TokenStore
-from meshca.backends.jwt_key import load_jwt_authorities
+from meshca.backends.jwt_key import PublishedJwtAuthorities
 from meshca.backends.local import load_local_ca
 from meshca.backends.opened import OpenedBackend
 from meshca.ca_api.istio import IstioCertificateServicer, add_istio_ca
@@ -314,7 +314,7 @@ class MeshcaServer:
                 jwt=(
                     self.rotation.manager.jwt.authorities
                     if self.rotation is not None
-                    else load_jwt_authorities(config.data_dir)
+                    else PublishedJwtAuthorities(config.data_dir)
                 ),
                 entries=EntryStore(config.data_dir),
                 kube=self.kube_tokens,
