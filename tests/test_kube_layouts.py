@@ -4,7 +4,8 @@ real API server: the Pod's ``meshca.io/layout``, else its Namespace's (or Istio'
 log line and that pod alone falls back. Ambient pods are carried by their node's proxy
 (``spec.nodeName``), whose identity names the node: only a pod of the configured node
 proxy service account scheduled on that node can obtain it, and it buys that node's
-ambient pods' keys and no other's (PERMISSION_DENIED, over real gRPC)."""
+ambient pods' keys and no other's (PERMISSION_DENIED, over real gRPC). The last test runs
+``meshca serve --kubernetes --kube-node-proxy`` in-process and reads it all over ADS."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from envoy.config.listener.v3 import listener_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshca.attest.kube_tokens import KubeTokenVerifier, NotEntitled
 from meshca.envoy.generate import generate
@@ -28,7 +32,15 @@ from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.retry import Backoff
 from meshca.xds.resources import LISTENER_TYPE
 from tests.kube_harness import KubeCluster
-from tests.sds_harness import sds_harness, secrets_of, sotw
+from tests.sds_harness import bodies, open_sotw, sds_harness, secrets_of, sotw
+from tests.serve_harness import (
+    client_svid,
+    default_config,
+    make_data_dir,
+    mtls_channel,
+    served,
+    short_tempdir,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(120)]
 
@@ -228,3 +240,69 @@ async def test_an_ambient_node_proxy_gets_only_its_own_nodes_pods_keys(
                 await stub.FetchSecrets(sotw([str(refused)]), timeout=10)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value.details()
             assert h.store.cached(refused) is None
+
+
+# --- over ADS, from meshca serve --kubernetes --kube-node-proxy ----------------------------
+
+
+def listeners_of(response: Any) -> set[str]:
+    return {listener_pb2.Listener.FromString(b.value).name for b in bodies(response)}
+
+
+async def test_serve_kubernetes_serves_each_pods_layout_over_ads_and_ambient_keys_by_node(
+    kube: KubeCluster, kube_namespaces: Callable[..., str]
+) -> None:
+    ns = kube_namespaces("istio", labels={**MESH, LAYOUT: "istio-sidecar"})
+    ambient_ns = kube_namespaces("ambient", labels={**MESH, "istio.io/dataplane-mode": "ambient"})
+    proxies_ns = kube_namespaces("istio-system")
+    node_proxy = f"{proxies_ns}/ztunnel"
+    pods_behind_a_service(
+        kube, ns, {"a": ("10.244.5.2", {}, None), "b": ("10.244.5.3", {LAYOUT: "osm"}, None)}
+    )
+    pods_behind_a_service(
+        kube,
+        ambient_ns,
+        {"web": ("10.244.6.2", {}, "node-a"), "db": ("10.244.6.3", {}, "node-b")},
+    )
+    with short_tempdir() as root:
+        make_data_dir(root)
+        config = default_config(
+            root, kubernetes=True, kubeconfig=kube.kubeconfig, kube_node_proxy=node_proxy
+        )
+        async with served(config) as server, contextlib.AsyncExitStack() as channels:
+
+            def channel_as(identity: SpiffeId) -> Any:
+                channel = mtls_channel(server, client_svid(server, identity))
+                channels.push_async_callback(channel.close)
+                return channel
+
+            async def lds(identity: SpiffeId) -> tuple[Any, set[str]]:
+                channel = channel_as(identity)
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                stream = await open_sotw(
+                    stub, sotw([], type_url=LISTENER_TYPE, node_id=str(identity))
+                )
+                return stream, listeners_of(await stream.recv())
+
+            a_stream, a_listeners = await lds(sid(ns, "a"))
+            assert {"virtualOutbound", "virtualInbound"} <= a_listeners  # the namespace's
+            _, b_listeners = await lds(sid(ns, "b"))
+            assert "outbound-listener" in b_listeners  # the pod's own label
+
+            # the namespace's label changes: a's proxy receives OSM's listeners
+            kube.patch(f"/api/v1/namespaces/{ns}", {"metadata": {"labels": {LAYOUT: "osm"}}})
+            pushed = await a_stream.recv(timeout=30)
+            assert "outbound-listener" in listeners_of(pushed)
+            assert "virtualOutbound" not in listeners_of(pushed)
+
+            # node-a's proxy, as node-a's identity: web's key, never db's (node-b)
+            node_a = node_proxy_identity(TD, node_proxy, "node-a")
+            channel = channel_as(node_a)
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            web, db = sid(ambient_ns, "web"), sid(ambient_ns, "db")
+            own = await open_sotw(stub, sotw([str(web)], node_id=str(node_a)))
+            assert str(web) in secrets_of(await own.recv())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                other = await open_sotw(stub, sotw([str(db)], node_id=str(node_a)))
+                await other.recv()
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value.details()
