@@ -14,7 +14,11 @@ piece, for real:
 - the containers' command lines run as written, against volumes laid out in a temporary
   directory the way the kubelet mounts them (the ``cacerts`` Secret is made with the
   ``kubectl create secret`` command docs/deploy.md gives), and the serving container
-  answers a plaintext gRPC health check the way the kubelet's probe asks.
+  answers a plaintext gRPC health check the way the kubelet's probe asks;
+- the example workload with ``meshca agent`` beside it (``examples/agent-sidecar``)
+  names the base's attestation port, Service name and token audience, and, against a
+  real API server, its agent attests with its pod's projected token at the base's
+  serving container running with exactly its ClusterRole.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from spiffe import WorkloadApiClient
 
 from meshca.backends.vault.settings import SETTING_SOURCES, AuthMethod, VaultSettings
 from meshca.cli.main import build_parser
@@ -53,12 +58,14 @@ from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import eventually, free_port, stop_process
 from tests.kube_harness import SA_ISSUER, KubeCluster
 from tests.kube_policy_harness import install_crds
+from tests.serve_harness import short_tempdir
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"
 VAULT = DEPLOY / "kubernetes" / "overlays" / "vault"
 MESH_FILE = DEPLOY / "kubernetes" / "overlays" / "mesh-file"
+AGENT_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "agent-sidecar"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCS = REPO / "docs" / "deploy.md"
 BIN = Path(sys.executable).parent
@@ -133,6 +140,11 @@ def mesh_file() -> list[Obj]:
     return _render(MESH_FILE)
 
 
+@pytest.fixture(scope="module")
+def agent_example() -> list[Obj]:
+    return _render(AGENT_EXAMPLE)
+
+
 @pytest.fixture(scope="module", params=["base", "vault", "mesh_file"])
 def rendered(request: pytest.FixtureRequest) -> list[Obj]:
     objects: list[Obj] = request.getfixturevalue(request.param)
@@ -147,8 +159,8 @@ def _one(objects: list[Obj], kind: str, name: str | None = None) -> Obj:
     return found[0]
 
 
-def _pod(objects: list[Obj]) -> Obj:
-    spec: Obj = _one(objects, "Deployment", "meshca")["spec"]["template"]["spec"]
+def _pod(objects: list[Obj], deployment: str = "meshca") -> Obj:
+    spec: Obj = _one(objects, "Deployment", deployment)["spec"]["template"]["spec"]
     return spec
 
 
@@ -353,6 +365,7 @@ def test_ports_probes_and_listen_flags_agree(rendered: list[Obj]) -> None:
     ports = _container_ports(container)
     args = container["args"]
     assert _port_of(_flag_value(args, "--listen")) == ports["grpc"]
+    assert _port_of(_flag_value(args, "--attest-listen")) == ports["grpc-attest"]
     assert _port_of(_flag_value(args, "--health-listen")) == ports["health"]
     assert _port_of(_flag_value(args, "--metrics-listen")) == ports["http-metrics"]
     for probe in ("readinessProbe", "livenessProbe"):
@@ -365,22 +378,38 @@ def test_ports_probes_and_listen_flags_agree(rendered: list[Obj]) -> None:
     assert int(annotations["prometheus.io/port"]) == ports["http-metrics"]
 
 
-def test_service_exposes_the_sds_port(rendered: list[Obj]) -> None:
+def _service_ports(objects: list[Obj]) -> dict[str, int]:
+    return {p["name"]: p["port"] for p in _one(objects, "Service", "meshca")["spec"]["ports"]}
+
+
+def test_service_exposes_the_sds_and_attestation_ports(rendered: list[Obj]) -> None:
+    """SDS (mutual TLS) and attestation (TLS, a token instead of a client certificate)
+    on the Service, each on the container's port of the same name; nothing else (health
+    and metrics are reached on the pod)."""
     ports = _container_ports(_serve_container(rendered))
     service = _one(rendered, "Service", "meshca")
     assert _selects(service["spec"]["selector"], _pod_labels(rendered))
-    (grpc_port,) = service["spec"]["ports"]
-    assert ports[grpc_port["targetPort"]] == ports["grpc"] == grpc_port["port"]
-    assert grpc_port["appProtocol"] == "grpc"
+    assert sorted(p["name"] for p in service["spec"]["ports"]) == ["grpc", "grpc-attest"]
+    for port in service["spec"]["ports"]:
+        assert ports[port["targetPort"]] == ports[port["name"]] == port["port"], port["name"]
+        assert port["appProtocol"] == "grpc"
 
 
-def test_network_policy_admits_only_sds_and_metrics(rendered: list[Obj]) -> None:
+def test_network_policy_admits_only_sds_attestation_and_metrics(rendered: list[Obj]) -> None:
     ports = _container_ports(_serve_container(rendered))
     policy = _one(rendered, "NetworkPolicy", "meshca")
     assert _selects(policy["spec"]["podSelector"]["matchLabels"], _pod_labels(rendered))
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert allowed == {ports["grpc"], ports["http-metrics"]}
+    assert allowed == {ports["grpc"], ports["grpc-attest"], ports["http-metrics"]}
+    # the agents' ports, from the mesh's namespaces only
+    (mesh_rule,) = [
+        r for r in policy["spec"]["ingress"] if ports["grpc"] in {p["port"] for p in r["ports"]}
+    ]
+    assert {p["port"] for p in mesh_rule["ports"]} == {ports["grpc"], ports["grpc-attest"]}
+    assert mesh_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"meshca.io/mesh": "enabled"}}}
+    ]
     for rule in policy["spec"]["ingress"]:
         assert rule["from"], "an ingress rule without `from` admits every pod and address"
         assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"])
@@ -398,7 +427,8 @@ KUBERNETES_RULES = {
     ("meshca.io", "accesspolicies/status"): {"patch"},
     ("authentication.k8s.io", "tokenreviews"): {"create"},
 }
-# With the mesh from a file: only verifying service-account tokens.
+# With the mesh from a file and --kube-tokens: only verifying service-account tokens (the
+# token's pod, and a node agent's pods on its node).
 MESH_FILE_RULES = {
     ("", "pods"): {"get", "list"},
     ("authentication.k8s.io", "tokenreviews"): {"create"},
@@ -421,7 +451,11 @@ def test_the_cluster_role_grants_exactly_what_meshca_asks(rendered: list[Obj]) -
     create: no Secrets, no writes to any spec. tests/test_kube_deploy.py runs meshca
     with exactly these rules against a real API server."""
     serve_args = _serve_container(rendered)["args"]
-    wanted = KUBERNETES_RULES if "--kubernetes" in serve_args else MESH_FILE_RULES
+    if "--kubernetes" in serve_args:
+        wanted = KUBERNETES_RULES
+    else:
+        assert "--kube-tokens" in serve_args, "a ClusterRole that serve never uses"
+        wanted = MESH_FILE_RULES
     assert _granted(_one(rendered, "ClusterRole", "meshca")) == wanted
     assert not [o for o in rendered if o["kind"] in ("Role", "RoleBinding")]
     binding = _one(rendered, "ClusterRoleBinding", "meshca")
@@ -580,6 +614,93 @@ def test_the_base_reads_the_mesh_from_the_api_and_the_overlay_from_a_file(
     )
 
 
+# --- agent attestation: the base's listener and the example agent beside a workload ---------
+
+
+def test_every_variant_serves_attestation_with_kubernetes_tokens(rendered: list[Obj]) -> None:
+    """Without ``--attest-listen`` an agent's first call (a token, no certificate) has
+    nowhere to go; without ``--kube-tokens`` (or ``--kubernetes``) a pod's token is not
+    evidence, and Istio's CreateCertificate is not served. Every variant keeps both, with
+    the audience the example agent's token is issued for."""
+    args = _serve_container(rendered)["args"]
+    assert _flag_value(args, "--attest-listen")
+    assert "--kube-tokens" in args
+    assert _flag_value(args, "--kube-token-audience") == "meshca"
+
+
+def _agent_container(objects: list[Obj]) -> Obj:
+    return next(c for c in _pod(objects, "web")["containers"] if c["name"] == "meshca-agent")
+
+
+def _mounted_volume(pod: Obj, container: Obj, path: str) -> tuple[Obj, Obj]:
+    """The mount holding file ``path`` in ``container``, and its volume."""
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) in Path(path).parents]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    return mount, volume
+
+
+def _attestation_address(base: list[Obj]) -> str:
+    namespace = _one(base, "Service", "meshca")["metadata"]["namespace"]
+    return f"meshca.{namespace}.svc:{_service_ports(base)['grpc-attest']}"
+
+
+def test_agent_example_renders_and_validates(agent_example: list[Obj]) -> None:
+    assert sorted(o["kind"] for o in agent_example) == ["Deployment", "ServiceAccount"]
+    for obj in agent_example:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    pod = _pod(agent_example, "web")
+    assert pod["serviceAccountName"] == _one(agent_example, "ServiceAccount")["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is False, "no API credential in the pod"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["containers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_agent_example_attests_at_the_bases_attestation_port(
+    agent_example: list[Obj], base: list[Obj]
+) -> None:
+    """The agent reaches the base's Service on its two ports by a name in meshca's
+    serving certificate, and presents a projected token for the audience the base
+    verifies, which only the agent's container can read."""
+    pod, agent = _pod(agent_example, "web"), _agent_container(agent_example)
+    args = agent["args"]
+    assert args[0] == "agent" and _flag_value(args, "--attestor") == "k8s"
+    assert _flag_value(args, "--attest-server") == _attestation_address(base)
+    host, _, port = _flag_value(args, "--server").rpartition(":")
+    assert int(port) == _service_ports(base)["grpc"]
+    namespace = _one(base, "Service", "meshca")["metadata"]["namespace"]
+    assert host == _attestation_address(base).rpartition(":")[0]
+    assert host in default_dns_names(namespace), "meshca's certificate must name it"
+
+    token_file = _flag_value(args, "--token-file")
+    mount, volume = _mounted_volume(pod, agent, token_file)
+    (source,) = volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["audience"] == _flag_value(_serve_container(base)["args"], "--kube-token-audience")
+    assert 600 <= token["expirationSeconds"] <= 3600, "short-lived; the kubelet refreshes it"
+    assert f"{mount['mountPath']}/{token['path']}" == token_file
+    assert mount["readOnly"] is True
+    for other in pod["containers"]:
+        if other is not agent:
+            assert all(m["name"] != volume["name"] for m in other["volumeMounts"]), other["name"]
+
+    _, bundle = _mounted_volume(pod, agent, _flag_value(args, "--trust-bundle"))
+    assert bundle["configMap"]["name"] == "meshca-bundle"
+    socket = _flag_value(args, "--socket")
+    _, shared = _mounted_volume(pod, agent, socket)
+    assert "emptyDir" in shared
+    (app,) = [c for c in pod["containers"] if c is not agent]
+    assert _env(app)["SPIFFE_ENDPOINT_SOCKET"] == f"unix://{socket}"
+    assert _mounted_volume(pod, app, socket)[1] is shared
+
+
+def test_docs_give_the_attestation_address_of_the_base(base: list[Obj]) -> None:
+    """What an istio-agent's CA_ADDR and an agent's --attest-server are set to."""
+    for doc in (DOCS, REPO / "docs" / "agent.md"):
+        assert _attestation_address(base) in doc.read_text(), doc.name
+
+
 # --- command lines: the image and the Deployment ---------------------------------------------
 
 
@@ -619,6 +740,7 @@ def _command_lines() -> Iterator[tuple[str, list[str]]]:
     for name, directory in (("base", BASE), ("vault", VAULT), ("mesh-file", MESH_FILE)):
         for container in _containers(_pod(_render(directory))):
             yield f"{name}:{container['name']}", _argv(container)
+    yield "agent-sidecar:meshca-agent", _argv(_agent_container(_render(AGENT_EXAMPLE)))
 
 
 COMMAND_LINES = list(_command_lines())
@@ -690,7 +812,7 @@ def test_image_and_deployment_agree(base: list[Obj]) -> None:
     exposed = {int(p) for word, rest in final if word == "EXPOSE" for p in rest.split()}
     assert exposed == set(_container_ports(_serve_container(base)).values())
     image_cmd, serve_args = _exec_form("CMD"), _serve_container(base)["args"]
-    for flag in ("--listen", "--health-listen", "--metrics-listen"):
+    for flag in ("--listen", "--attest-listen", "--health-listen", "--metrics-listen"):
         assert _flag_value(image_cmd, flag) == _flag_value(serve_args, flag), flag
 
 
@@ -726,13 +848,19 @@ def _map_value(value: str, mounts: dict[str, Path], ports: dict[int, int]) -> st
 
 
 def _materialise(
-    objects: list[Obj], container: Obj, root: Path, secrets: dict[str, dict[str, str]]
+    objects: list[Obj],
+    container: Obj,
+    root: Path,
+    secrets: dict[str, dict[str, str]],
+    deployment: str = "meshca",
+    config_maps: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Path]:
     """Lay out ``container``'s volume mounts under ``root`` the way the kubelet does:
-    ConfigMap and Secret keys as files (a Secret not in ``secrets`` stays empty), an
-    emptyDir empty. Returns mountPath -> directory. A volume already laid out (by another
-    container of the same pod) is reused."""
-    volumes = {v["name"]: v for v in _pod(objects)["volumes"]}
+    ConfigMap and Secret keys as files (a Secret not in ``secrets`` stays empty; a
+    ConfigMap not rendered comes from ``config_maps``), an emptyDir empty. Returns
+    mountPath -> directory. A volume already laid out (by another container of the same
+    pod) is reused."""
+    volumes = {v["name"]: v for v in _pod(objects, deployment)["volumes"]}
     mounts: dict[str, Path] = {}
     for mount in container["volumeMounts"]:
         volume = volumes[mount["name"]]
@@ -742,8 +870,13 @@ def _materialise(
             continue
         target.mkdir(parents=True)
         if "configMap" in volume:
-            config_map = _one(objects, "ConfigMap", volume["configMap"]["name"])
-            for key, text in config_map["data"].items():
+            name = volume["configMap"]["name"]
+            rendered = [o for o in objects if o["kind"] == "ConfigMap"]
+            if config_maps and name in config_maps and not rendered:
+                data = config_maps[name]
+            else:
+                data = _one(objects, "ConfigMap", name)["data"]
+            for key, text in data.items():
                 (target / key).write_text(text)
         elif "secret" in volume:
             for key, encoded in secrets.get(volume["secret"]["secretName"], {}).items():
@@ -901,10 +1034,11 @@ def _probe(port: int) -> int:
 @contextlib.contextmanager
 def _serving_pod(
     objects: list[Obj], name: str, cacerts: Obj, root: Path, *extra: str
-) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, dict[int, int]]]:
     """Run the pod's containers in order (import, then serve) as written (plus ``extra``
     on the serving command line), and wait until the serving one passes the kubelet's
-    probe. Yields the serving process and its log."""
+    probe. Yields the serving process, its log, and the loopback port each of its
+    container ports became."""
     serve = _serve_container(objects)
     _check_command_line(f"{name}:meshca", _argv(serve))
     secrets = {"cacerts": cacerts["data"]}
@@ -928,7 +1062,7 @@ def _serving_pod(
                 time.sleep(0.2)
         assert process.poll() is None, f"meshca serve exited:\n{log.read_text()}"
         assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()
-        yield process, log
+        yield process, log, ports
     finally:
         stop_process(process, timeout=10)
 
@@ -936,9 +1070,32 @@ def _serving_pod(
 def test_serving_container_passes_the_kubelets_probe(
     mesh_file: list[Obj], cacerts_secret: Obj, tmp_path: Path
 ) -> None:
-    """The mesh-file overlay needs no API server: its pod runs as written."""
-    with _serving_pod(mesh_file, "mesh-file", cacerts_secret, tmp_path):
-        pass
+    """The mesh-file overlay needs an API server only to verify a token, so its pod runs
+    as written, and is ready, before any is presented. Only the credential differs from a
+    pod: a kubeconfig naming an API server nothing listens on (the pod's service-account
+    directory cannot be laid out where clients read it)."""
+    kubeconfig = tmp_path / "stand-in.kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "stand-in"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    with _serving_pod(
+        mesh_file, "mesh-file", cacerts_secret, tmp_path, "--kubeconfig", str(kubeconfig)
+    ) as (_, log, _ports):
+        eventually(
+            lambda: re.search(
+                r"attestation on tcp \S+ \(TLS, .*Kubernetes tokens", log.read_text()
+            ),
+            "attestation with service-account tokens",
+        )
 
 
 # --- Kubernetes mode against a real API server ----------------------------------------------
@@ -967,9 +1124,54 @@ def _review(kube: KubeCluster, user: str, group: str, resource: str, verb: str) 
     return bool(answer["status"].get("allowed"))
 
 
+def _example_agent_attests(
+    agent_example: list[Obj], cacerts: Obj, ports: dict[int, int], token: str
+) -> str:
+    """Run the example's agent container as written, its projected token file holding
+    ``token`` and its bundle ConfigMap made as docs/deploy.md says (the root of the
+    ``cacerts`` Secret); meshca's Service name becomes ``localhost`` (also in meshca's
+    certificate) on the loopback ports the serving container listens on. Returns the
+    SPIFFE ID py-spiffe fetches from the agent's socket."""
+    agent = _agent_container(agent_example)
+    root_pem = base64.b64decode(cacerts["data"]["root-cert.pem"]).decode()
+    with short_tempdir() as root:  # the socket's path must stay under 108 bytes
+        mounts = _materialise(
+            agent_example,
+            agent,
+            root,
+            {},
+            deployment="web",
+            config_maps={"meshca-bundle": {"bundle.pem": root_pem}},
+        )
+        token_file = Path(_map_value(_flag_value(agent["args"], "--token-file"), mounts, {}))
+        token_file.write_text(token)
+        argv = [_map_value(a, mounts, {}) for a in _argv(agent)]
+        argv = [
+            re.sub(r"=meshca\.meshca\.svc:(\d+)$", lambda m: f"=localhost:{ports[int(m[1])]}", a)
+            for a in argv
+        ]
+        argv[0] = str(BIN / argv[0])
+        socket = Path(_map_value(_flag_value(agent["args"], "--socket"), mounts, {}))
+        log = root / "agent.log"
+        with log.open("w") as sink:
+            process = subprocess.Popen(
+                argv, env=_isolated_env(), stdout=sink, stderr=subprocess.STDOUT
+            )
+        try:
+            eventually(lambda: socket.exists() or process.poll() is not None, "the agent's socket")
+            assert process.poll() is None, f"meshca agent exited:\n{log.read_text()}"
+            with WorkloadApiClient(f"unix://{socket}") as client:
+                svid = client.fetch_x509_svid(10)
+            assert token not in log.read_text(), "the token is never logged"
+            return str(svid.spiffe_id)
+        finally:
+            stop_process(process, timeout=10)
+
+
 @pytest.mark.kube
 def test_kubernetes_mode_runs_with_exactly_its_cluster_role(
     base: list[Obj],
+    agent_example: list[Obj],
     cacerts_secret: Obj,
     tmp_path: Path,
     kube: KubeCluster,
@@ -978,9 +1180,12 @@ def test_kubernetes_mode_runs_with_exactly_its_cluster_role(
     """The base's serving container, as written, against a real API server as the
     ``meshca`` ServiceAccount bound to the rendered ClusterRole (RBAC enforced): it
     lists and watches the mesh, becomes ready, and writes an HTTPRoute's status; the
-    API server grants that account nothing beyond the rules (asked rule by rule).
-    Only the credential differs from a pod: a kubeconfig naming the account's token
-    (the pod's service-account directory cannot be laid out where clients read it)."""
+    example workload's agent, as written, attests at its attestation port with its
+    pod's projected token (TokenReview and the pod's lookup made with those rules alone)
+    and gets the pod's identity; the API server grants that account nothing beyond the
+    rules (asked rule by rule). Only the credential differs from a pod: a kubeconfig
+    naming the account's token (the pod's service-account directory cannot be laid out
+    where clients read it)."""
     install_crds(kube)
     home, mesh = (
         kube_namespaces("meshca"),
@@ -1013,7 +1218,25 @@ def test_kubernetes_mode_runs_with_exactly_its_cluster_role(
         )
         token = kube.token(home, "meshca", audience=SA_ISSUER)
         kubeconfig = kube.kubeconfig_for_token(tmp_path / "meshca.kubeconfig", token)
-        with _serving_pod(base, "base", cacerts_secret, tmp_path, "--kubeconfig", str(kubeconfig)):
+        workload = _pod(agent_example, "web")
+        account = workload["serviceAccountName"]
+        kube.service_account(mesh, account)
+        web = kube.pod(mesh, "web-0", service_account=account)
+        (projected,) = [
+            s["serviceAccountToken"]
+            for v in workload["volumes"]
+            for s in v.get("projected", {}).get("sources", [])
+        ]
+        web_token = kube.token(
+            mesh,
+            account,
+            audience=projected["audience"],
+            seconds=projected["expirationSeconds"],
+            pod=web,
+        )
+        with _serving_pod(
+            base, "base", cacerts_secret, tmp_path, "--kubeconfig", str(kubeconfig)
+        ) as (_, _log, ports):
 
             def route_status() -> list[Obj]:
                 parents: list[Obj] = kube.get(f"{routes}/zero").get("status", {}).get("parents", [])
@@ -1021,6 +1244,8 @@ def test_kubernetes_mode_runs_with_exactly_its_cluster_role(
 
             (parent,) = eventually(route_status, "meshca writes the route's status")
             assert parent["conditions"][0]["reason"] == "UnsupportedValue"
+            identity = _example_agent_attests(agent_example, cacerts_secret, ports, web_token)
+            assert identity == f"spiffe://cluster.local/ns/{mesh}/sa/{account}"
         user = f"system:serviceaccount:{home}:meshca"
         for (group, resource), verbs in KUBERNETES_RULES.items():
             for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
