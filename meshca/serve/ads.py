@@ -35,8 +35,10 @@ import grpc
 from google.protobuf import any_pb2
 
 from meshca.envoy.ads_bootstrap import CAPTURE_METADATA, LAYOUT_METADATA, WORKLOAD_METADATA
+from meshca.envoy.delta import mesh_delta
 from meshca.envoy.generate import generate
 from meshca.envoy.mesh import Mesh, MeshError
+from meshca.envoy.model import AMBIENT
 from meshca.envoy.snapshot import Snapshot
 from meshca.sds.secrets import SecretSource
 from meshca.spiffe import SpiffeId
@@ -93,8 +95,13 @@ def proxy_key(caller: Caller, node: Any) -> ProxyKey:
 
 @dataclass
 class _Generated:
+    """A proxy's snapshot, valid for ``mesh``; ``reaches``: the keys of the services it
+    may reach (what its configuration depends on besides its own identity), None for a
+    node proxy (regenerated on every change)."""
+
     mesh: Mesh
     snapshot: Snapshot
+    reaches: frozenset[str] | None
     resources: dict[str, dict[str, Resource]] = field(default_factory=dict)
 
     def of_type(self, type_url: str) -> dict[str, Resource]:
@@ -112,11 +119,13 @@ class _Generated:
 
 
 class ProxySnapshots:
-    """The current snapshot per proxy, generated once per mesh version."""
+    """The current snapshot per proxy, generated once per mesh version, and kept across
+    mesh versions for proxies none of whose inputs changed (:mod:`meshca.envoy.delta`)."""
 
     def __init__(self, mesh: Callable[[], Mesh]) -> None:
         self.mesh = mesh
         self._generated: dict[ProxyKey, _Generated] = {}
+        self._seen: Mesh | None = None  # the mesh the kept snapshots were checked against
 
     def snapshot(self, caller: Caller, node: Any) -> Snapshot:
         return self._current(proxy_key(caller, node)).snapshot
@@ -126,6 +135,8 @@ class ProxySnapshots:
 
     def _current(self, key: ProxyKey) -> _Generated:
         mesh = self.mesh()
+        if self._seen is None:
+            self._seen = mesh
         generated = self._generated.get(key)
         if generated is None or generated.mesh is not mesh:
             identity, capture, workload, layout = key
@@ -137,13 +148,40 @@ class ProxySnapshots:
                 raise StreamRefused(
                     grpc.StatusCode.FAILED_PRECONDITION, f"no configuration for {identity}: {exc}"
                 ) from None
-            generated = self._generated[key] = _Generated(mesh, snapshot)
+            reaches = None
+            if layout != AMBIENT and mesh.node_proxied_by(identity) is None:
+                reaches = frozenset(service.key for service, _ in mesh.reachable(identity))
+            generated = self._generated[key] = _Generated(mesh, snapshot, reaches)
         return generated
 
-    def forget_stale(self) -> None:
-        """Drop snapshots of older mesh versions (regenerated on next use)."""
+    def forget_stale(self) -> Callable[[ProxyKey], bool] | None:
+        """After a mesh change: keep the snapshots of proxies whose inputs are the same in
+        the new mesh, drop the others (regenerated on next use). Returns which proxies
+        may have changed, None for all of them."""
         mesh = self.mesh()
-        self._generated = {k: g for k, g in self._generated.items() if g.mesh is mesh}
+        previous, self._seen = self._seen, mesh
+        delta = mesh_delta(previous, mesh) if previous is not None else None
+        if delta is None:
+            self._generated = {k: g for k, g in self._generated.items() if g.mesh is mesh}
+            return None
+
+        def affected(key: ProxyKey) -> bool:
+            generated = self._generated.get(key)
+            return (
+                generated is None
+                or generated.reaches is None
+                or delta.affects(key[0], generated.reaches)
+            )
+
+        kept = {}
+        for key, generated in self._generated.items():
+            if generated.mesh is mesh:
+                kept[key] = generated
+            elif generated.mesh is previous and not affected(key):
+                generated.mesh = mesh
+                kept[key] = generated
+        self._generated = kept
+        return affected
 
 
 class SnapshotSource:
@@ -210,5 +248,18 @@ class MeshAds:
         )
 
     def mesh_changed(self) -> None:
-        self.snapshots.forget_stale()
-        self.engine.wake_all()
+        """Push the new mesh: every type to the proxies it may have changed, secrets
+        (whose access rules follow the mesh too) to every stream."""
+        affected = self.snapshots.forget_stale()
+        if affected is None:
+            self.engine.wake_all()
+            return
+
+        def types(caller: Caller, node: Any) -> str | None:
+            try:
+                key = proxy_key(caller, node)
+            except StreamRefused:
+                return None  # all types: resolving refuses it as it should
+            return None if affected(key) else SECRET_TYPE
+
+        self.engine.wake_each(types)

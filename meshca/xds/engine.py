@@ -52,7 +52,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -764,6 +764,12 @@ class XdsEngine:
         """An input of every resource may have changed (e.g. the mesh file): recompute all."""
         for stream in list(self._streams.values()):
             stream.wake()
+
+    def wake_each(self, types: Callable[[Caller, Any], str | None]) -> None:
+        """Recompute, on each stream, the type ``types(caller, node)`` names (every type
+        when None): a change whose reach differs by proxy."""
+        for stream in list(self._streams.values()):
+            stream.wake(types(stream.caller, stream.node))
 
     def streams(self) -> list[StreamStatus]:
         return [s.status() for s in self._streams.values()]
