@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from meshca.envoy.generate import CAPTURE_MODES, generate
 from meshca.envoy.mesh import Mesh, MeshError, Service, ServicePort, load_mesh, parse_mesh
-from meshca.envoy.model import Callers
+from meshca.envoy.model import Callers, Workload, labels_of, matches
 from meshca.envoy.xds import GenerationError
 from meshca.spiffe import SpiffeId, TrustDomain
 from tests.envoy_harness import BOOKSTORE_MESH, bookstore_document
@@ -547,3 +547,47 @@ def test_split_weights_either_generate_or_are_refused_naming_the_entry(
         return
     assert 0 < sum(weights) <= 2**32 - 1
     generate_for_everyone(mesh)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.dictionaries(st.sampled_from(["app", "tier"]), st.sampled_from(["x", "y"])),
+        ),
+        max_size=8,
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.dictionaries(st.sampled_from(["app", "tier"]), st.sampled_from(["x", "y"])),
+        ),
+        max_size=4,
+    ),
+)
+def test_a_selector_selects_exactly_the_matching_workloads_of_its_namespace(
+    pods: list[tuple[str, dict[str, str]]], selectors: list[tuple[str, dict[str, str]]]
+) -> None:
+    """The index finds a selector's workloads from its labels; the same as checking every
+    workload of the namespace against it (an empty selector takes them all)."""
+    workloads = tuple(
+        sorted(
+            Workload(ns, f"w{i}", "sa", f"10.0.0.{i + 1}", labels=labels_of(labels))
+            for i, (ns, labels) in enumerate(pods)
+        )
+    )
+    services = tuple(
+        Service(f"s{i}", ns, (ServicePort(80),), address=f"10.96.0.{i + 1}",
+                selector=labels_of(selector))
+        for i, (ns, selector) in enumerate(selectors)
+    )  # fmt: skip
+    mesh = Mesh(TD, services, workloads)
+    for service in services:
+        assert mesh.endpoints(service) == tuple(
+            w
+            for w in workloads
+            if w.namespace == service.namespace and matches(service.selector or (), w.labels)
+        )
+        for workload in mesh.endpoints(service):
+            assert service in mesh.services_of(workload)

@@ -10,6 +10,7 @@ workloads is queried once per proxy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -268,9 +269,7 @@ class Mesh:
         return self._index.workloads.get(f"{namespace}/{name}")
 
     def identity_of(self, workload: Workload) -> SpiffeId:
-        return SpiffeId.from_kubernetes(
-            workload.namespace, workload.service_account, self.trust_domain
-        )
+        return _kubernetes_identity(workload.namespace, workload.service_account, self.trust_domain)
 
     def endpoints(self, service: Service) -> tuple[Workload, ...]:
         """The workloads behind ``service``, sorted by namespace/name."""
@@ -360,25 +359,30 @@ class _Index:
     def _workload_side(self, mesh: Mesh) -> None:
         self.services = {s.key: s for s in mesh.services}
         self.workloads = {w.key: w for w in mesh.workloads}
+        ordered = _sorted_workloads(mesh.workloads, unique=len(self.workloads))
         by_identity: dict[SpiffeId, list[Workload]] = defaultdict(list)
-        for workload in mesh.workloads:
+        for workload in ordered:
             by_identity[mesh.identity_of(workload)].append(workload)
-        self.by_identity = {k: tuple(sorted(v)) for k, v in by_identity.items()}
+        self.by_identity = {k: tuple(v) for k, v in by_identity.items()}
         self.nodes = {n.name: n for n in mesh.nodes}
         self.node_by_identity = {n.identity: n for n in mesh.nodes}
         ambient_on: dict[str, list[Workload]] = defaultdict(list)
         proxies_of: dict[SpiffeId, set[SpiffeId]] = defaultdict(set)
-        for workload in sorted(mesh.workloads):
+        for workload in ordered:
             node = self.nodes.get(workload.node or "")
             if workload.ambient and node is not None:
                 ambient_on[node.name].append(workload)
                 proxies_of[mesh.identity_of(workload)].add(node.identity)
         self.ambient_on = {k: tuple(v) for k, v in ambient_on.items()}
         self.proxies_of = {k: frozenset(v) for k, v in proxies_of.items()}
-        by_namespace: dict[str, list[Workload]] = defaultdict(list)
-        for workload in sorted(mesh.workloads):
-            by_namespace[workload.namespace].append(workload)
-        self.endpoints = {s.key: self._endpoints_of(s, by_namespace) for s in mesh.services}
+        # (namespace, label, value) -> the positions in ``ordered`` of the workloads that
+        # carry it: a selector's workloads are the intersection of its pairs' sets, not a
+        # scan of the namespace per service
+        labelled: dict[tuple[str, str, str], set[int]] = defaultdict(set)
+        for position, workload in enumerate(ordered):
+            for label, value in workload.labels:
+                labelled[(workload.namespace, label, value)].add(position)
+        self.endpoints = {s.key: self._endpoints_of(s, ordered, labelled) for s in mesh.services}
         services_of: dict[str, list[Service]] = defaultdict(list)
         for service in sorted(mesh.services, key=lambda s: s.key):
             for workload in self.endpoints[service.key]:
@@ -427,14 +431,32 @@ class _Index:
         self.reach_namespace = dict(reach_namespace)
 
     def _endpoints_of(
-        self, service: Service, by_namespace: Mapping[str, list[Workload]]
+        self,
+        service: Service,
+        ordered: tuple[Workload, ...],
+        labelled: Mapping[tuple[str, str, str], set[int]],
     ) -> tuple[Workload, ...]:
         if service.selector is not None:
-            selector = service.selector
-            candidates = by_namespace.get(service.namespace, [])
-            return tuple(w for w in candidates if matches(selector, w.labels))
+            sets = [labelled.get((service.namespace, k, v), set()) for k, v in service.selector]
+            if not sets:  # an empty selector selects the whole namespace
+                return tuple(w for w in ordered if w.namespace == service.namespace)
+            return tuple(ordered[i] for i in sorted(set.intersection(*sets)))
         return tuple(sorted(self.workloads[b] for b in service.backends if b in self.workloads))
 
 
 def _sorted_unique(ids: Iterable[SpiffeId]) -> tuple[SpiffeId, ...]:
     return tuple(sorted(set(ids)))
+
+
+def _sorted_workloads(workloads: tuple[Workload, ...], unique: int) -> tuple[Workload, ...]:
+    """``workloads`` in their order; by (namespace, name) alone when those are unique (the
+    same order, without comparing every field)."""
+    if unique == len(workloads):
+        return tuple(sorted(workloads, key=lambda w: (w.namespace, w.name)))
+    return tuple(sorted(workloads))
+
+
+@functools.lru_cache(maxsize=65536)
+def _kubernetes_identity(namespace: str, account: str, trust_domain: TrustDomain) -> SpiffeId:
+    """Checked once per (namespace, account), not once per workload and lookup; bounded."""
+    return SpiffeId.from_kubernetes(namespace, account, trust_domain)
