@@ -116,6 +116,23 @@ async def test_cached_svids_are_served_while_meshca_is_down(running: Running) ->
     assert after.leaf.serial_number == before.leaf.serial_number  # ...the cached SVID is served
 
 
+async def test_a_renewal_in_a_worker_thread_wakes_the_renewal_loop_through_its_loop(
+    running: Running,
+) -> None:
+    """``renew_now`` runs in a worker thread while the renewal loop waits on the event
+    loop; asyncio's debug mode refuses a wake-up queued from another thread, which is what
+    setting the loop's event directly from there did (the loop could sleep on past it)."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    try:
+        credential = running.agent.credential
+        before = credential.renewals
+        await asyncio.to_thread(credential.renew_now)
+        assert credential.renewals == before + 1
+    finally:
+        loop.set_debug(False)
+
+
 async def test_the_agent_follows_ca_and_root_rotations_without_stranding_itself(
     running: Running,
 ) -> None:

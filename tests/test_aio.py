@@ -13,7 +13,13 @@ from meshca.backends.opened import OpenedBackend
 from meshca.issuer import ActiveSigner, Issuer
 from meshca.serve.health import HealthMonitor
 from meshca.store import SecretStore
-from meshca.util.aio import Periodic, call_inline_or_in_thread, cancel_and_wait, wait_event
+from meshca.util.aio import (
+    Periodic,
+    call_inline_or_in_thread,
+    cancel_and_wait,
+    set_event,
+    wait_event,
+)
 from tests.ca_factory import make_ca
 
 
@@ -107,3 +113,31 @@ async def test_quick_work_runs_on_the_loop_and_slow_work_in_a_thread() -> None:
     loop_thread = threading.get_ident()
     assert await call_inline_or_in_thread(True, threading.get_ident) == loop_thread
     assert await call_inline_or_in_thread(False, threading.get_ident) != loop_thread
+
+
+async def test_set_event_from_a_worker_thread_wakes_the_waiter_through_its_loop() -> None:
+    """In debug mode asyncio refuses a waiter's wake-up queued from another thread (which
+    is what ``event.set()`` there does); ``set_event`` hands it to the loop instead."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    try:
+        event = asyncio.Event()
+        waiter = asyncio.create_task(event.wait())
+        await asyncio.sleep(0)  # the waiter is parked on the event
+        errors: list[BaseException] = []
+
+        def from_thread() -> None:
+            try:
+                set_event(event, loop)
+            except BaseException as exc:  # reported to the test below
+                errors.append(exc)
+
+        thread = threading.Thread(target=from_thread)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        assert errors == []
+        assert await asyncio.wait_for(waiter, 10) is True
+        set_event(event, loop)  # on the loop's own thread: set at once
+        assert event.is_set()
+    finally:
+        loop.set_debug(False)

@@ -30,6 +30,7 @@ from meshca.issuer.keys import (
 )
 from meshca.issuer.policy import issued_at, renewal_time
 from meshca.issuer.svid import certificates_pem, load_certificates_pem, spiffe_id_of
+from meshca.util.aio import set_event
 from meshca.util.files import PRIVATE, atomic_write, ensure_private_dir
 from meshca.util.formats import rfc3339, serial_hex
 from meshca.util.retry import Backoff
@@ -78,6 +79,7 @@ class AgentCredential:
         self.reattest_by: datetime | None = None
         self.renewals = 0
         self._renewed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where run() waits on _renewed
 
     # --- the files ------------------------------------------------------------------
     def _save(self, svid: X509Svid) -> None:
@@ -106,7 +108,7 @@ class AgentCredential:
         self.reattest_by = signed.reattest_by
         self.client.use(signed.svid, signed.bundle)
         self._save(signed.svid)
-        self._renewed.set()
+        set_event(self._renewed, self._loop)  # renew_now runs in a worker thread
 
     def _attest(self) -> Signed:
         token = _read_token(self.token_file)
@@ -173,6 +175,7 @@ class AgentCredential:
     async def run(self) -> None:
         """Renew at half-life (± jitter), retrying with backoff; runs until cancelled."""
         failures = 0
+        self._loop = asyncio.get_running_loop()
         while True:
             self._renewed.clear()
             delay = (self._due() - datetime.now(UTC)).total_seconds()

@@ -32,6 +32,21 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
+def set_event(event: asyncio.Event, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Set ``event`` from ``loop``'s thread or any other. ``asyncio.Event`` is not
+    thread-safe: set from a worker thread, its waiters' wake-ups are queued without waking
+    the loop (which may then sleep on until its next timer), so there the set is handed to
+    ``loop``. ``loop`` is None while nothing on a loop waits for the event yet."""
+    try:
+        current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    if loop is None or current is loop or loop.is_closed():
+        event.set()
+    else:
+        loop.call_soon_threadsafe(event.set)
+
+
 async def call_inline_or_in_thread(
     inline: bool, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
 ) -> T:
