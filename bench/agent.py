@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -38,7 +39,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ import grpc
 from benchlib import spire
 from benchlib.child import JsonChild
 from benchlib.fanout import bounded, health_fanout
+from benchlib.rate import concurrent_rate
 from grpc_health.v1 import health_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
@@ -205,29 +206,14 @@ def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> float:
         client.use(signed.svid, signed.bundle)
         client.sign(SpiffeId.parse(WORKLOAD), csr)  # connect and warm up
         clients.append(client)
-    counts = [0] * agents
-    start = threading.Barrier(agents + 1)
-    deadline = [0.0]
-
-    def hammer(index: int) -> None:
-        spiffe_id = SpiffeId.parse(WORKLOAD)
-        start.wait()
-        while time.perf_counter() < deadline[0]:
-            clients[index].sign(spiffe_id, csr)
-            counts[index] += 1
-
-    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(agents)]
-    for thread in threads:
-        thread.start()
-    began = time.perf_counter()
-    deadline[0] = began + seconds
-    start.wait()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    for client in clients:
-        client.close()
-    return sum(counts) / elapsed
+    spiffe_id = SpiffeId.parse(WORKLOAD)
+    try:
+        return concurrent_rate(
+            [functools.partial(client.sign, spiffe_id, csr) for client in clients], seconds
+        )
+    finally:
+        for client in clients:
+            client.close()
 
 
 # --- Workload API fan-out -----------------------------------------------------------------

@@ -21,16 +21,18 @@ Never a test dependency: nothing runs unless the bench is run without ``--smoke`
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from benchlib.rate import concurrent_rate
 
 SPIRE_VERSION = "v1.13.3"
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "spire_build.sh"
@@ -223,28 +225,13 @@ plugins {{
         calls = [c.unary_unary(MINT) for c in channels]
         for call in calls:
             call(request, timeout=30)  # connect and warm up
-        counts = [0] * clients
-        start = threading.Barrier(clients + 1)
-        deadline = [0.0]
-
-        def hammer(index: int) -> None:
-            start.wait()
-            while time.perf_counter() < deadline[0]:
-                calls[index](request, timeout=30)
-                counts[index] += 1
-
-        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        began = time.perf_counter()
-        deadline[0] = began + seconds
-        start.wait()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
-        for channel in channels:
-            channel.close()
-        return sum(counts) / elapsed
+        try:
+            return concurrent_rate(
+                [functools.partial(call, request, timeout=30) for call in calls], seconds
+            )
+        finally:
+            for channel in channels:
+                channel.close()
 
 
 async def wait_for_svid(spire: Spire, timeout: float = 120.0) -> None:

@@ -104,13 +104,7 @@ class KubeApi:
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """One GET; the decoded object, or KubeApiError."""
-        response = await self._client.get(path, params=dict(params or {}))
-        if response.status_code >= 400:
-            raise _api_error(response.status_code, response.content)
-        decoded = json.loads(response.content)
-        if not isinstance(decoded, dict):
-            raise KubeApiError(response.status_code, "BadResponse", "not a JSON object")
-        return decoded
+        return _answer(await self._client.get(path, params=dict(params or {})))
 
     async def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (a status subresource's, say); KubeApiError when refused."""
@@ -119,21 +113,12 @@ class KubeApi:
             content=json.dumps(body).encode(),
             headers={"Content-Type": "application/merge-patch+json"},
         )
-        if response.status_code >= 400:
-            raise _api_error(response.status_code, response.content)
-        decoded = json.loads(response.content)
-        return decoded if isinstance(decoded, dict) else {}
+        return _answer(response)
 
     async def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A POST of a new object (a TokenReview); the API server's answer, or
         KubeApiError when refused."""
-        response = await self._client.post(path, json=dict(body))
-        if response.status_code >= 400:
-            raise _api_error(response.status_code, response.content)
-        decoded = json.loads(response.content)
-        if not isinstance(decoded, dict):
-            raise KubeApiError(response.status_code, "BadResponse", "not a JSON object")
-        return decoded
+        return _answer(await self._client.post(path, json=dict(body)))
 
     @asynccontextmanager
     async def watch(
@@ -184,6 +169,21 @@ def _event(line: bytes) -> dict[str, Any]:
     if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
         raise KubeApiError(0, "BadResponse", "a watch event without an object")
     return event
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    """The decoded object of a plain request's answer; KubeApiError for a refusal and for
+    an answer that is not a JSON object (a proxy's error page, a cut-off body), so callers
+    that retry on KubeApiError never see a bare decoding error."""
+    if response.status_code >= 400:
+        raise _api_error(response.status_code, response.content)
+    try:
+        decoded = json.loads(response.content)
+    except ValueError:
+        decoded = None
+    if not isinstance(decoded, dict):
+        raise KubeApiError(response.status_code, "BadResponse", "not a JSON object")
+    return decoded
 
 
 def _api_error(status: int, body: bytes) -> KubeApiError:
