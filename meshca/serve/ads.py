@@ -154,6 +154,11 @@ class ProxySnapshots:
             generated = self._generated[key] = _Generated(mesh, snapshot, reaches)
         return generated
 
+    def keep_only(self, keys: set[ProxyKey]) -> None:
+        """Drop the snapshots of proxies no longer connected: kept across mesh versions,
+        they would otherwise pile up."""
+        self._generated = {k: g for k, g in self._generated.items() if k in keys}
+
     def forget_stale(self) -> Callable[[ProxyKey], bool] | None:
         """After a mesh change: keep the snapshots of proxies whose inputs are the same in
         the new mesh, drop the others (regenerated on next use). Returns which proxies
@@ -255,11 +260,15 @@ class MeshAds:
             self.engine.wake_all()
             return
 
+        connected: set[ProxyKey] = set()
+
         def types(caller: Caller, node: Any) -> str | None:
             try:
                 key = proxy_key(caller, node)
             except StreamRefused:
                 return None  # all types: resolving refuses it as it should
+            connected.add(key)
             return None if affected(key) else SECRET_TYPE
 
         self.engine.wake_each(types)
+        self.snapshots.keep_only(connected)
