@@ -60,7 +60,8 @@ RATINGS = sid("bookinfo-ratings")
 
 def ambient_document() -> dict[str, Any]:
     """Two nodes, two ambient pods on each; productpage (node-a) may call reviews-v1
-    (same node) and reviews-v2 (across); ratings (node-b) may call reviews-v1 (across)."""
+    (same node) and reviews-v2 (across); ratings (node-b) may call reviews-v1 (across).
+    reviews-v2 is ``permissive`` (plaintext accepted too), reviews-v1 ``strict``."""
     workloads = []
     for name, (address, node, account) in PODS.items():
         entry: dict[str, Any] = {
@@ -84,6 +85,7 @@ def ambient_document() -> dict[str, Any]:
                 "address": address,
                 "ports": [PORT],
                 "selector": {"app": name},
+                "mtls": "permissive" if name == "reviews-v2" else "strict",
             }
             for name, address in SERVICES.items()
         ],
@@ -120,6 +122,7 @@ def test_a_node_proxy_gets_ztunnels_listeners_and_its_pods_secrets(mesh: Mesh) -
     assert set(snapshot.get(LISTENER_TYPE)) == {
         "ztunnel_outbound",
         "ztunnel_inbound",
+        "ztunnel_inbound_plaintext",
         f"outbound_tunnel_lis_{PRODUCTPAGE}",
     }
     # the certificates of node-a's pods (by SPIFFE ID) and ROOTCA: nothing of node-b's
@@ -209,6 +212,41 @@ def test_inbound_accepts_connect_to_the_pods_own_ports_from_admitted_callers(
     assert not base.rules.policies  # any other tunnel: denied
     virtual = generate(mesh, NODE_A).get(CLUSTER_TYPE)["virtual_inbound"]
     assert virtual.original_dst_lb_config.use_http_header
+
+
+def _plaintext_chain(node: SpiffeId, pod: str) -> Any:
+    listener = generate(parse_mesh(ambient_document(), TD), node).get(LISTENER_TYPE)[
+        "ztunnel_inbound_plaintext"
+    ]
+    assert listener.address.socket_address.port_value == 15006
+    assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
+    address = PODS[pod][0]
+    (found,) = listener.filter_chains  # one pod port on each node
+    assert found.name == f"inbound_plaintext_{address}_{PORT}"
+    assert found.filter_chain_match.prefix_ranges[0].address_prefix == address
+    assert found.filter_chain_match.destination_port.value == PORT
+    assert not found.HasField("transport_socket")
+    return found
+
+
+def test_plaintext_inbound_forwards_for_a_permissive_service() -> None:
+    found = _plaintext_chain(NODE_B, "reviews-v2")  # reviews-v2: permissive
+    (proxy,) = found.filters  # no RBAC: a plaintext caller has no identity
+    assert proxy.name == "envoy.filters.network.tcp_proxy"
+    assert unpack(proxy.typed_config).cluster == "virtual_inbound"
+
+
+def test_plaintext_inbound_is_closed_for_a_strict_service() -> None:
+    found = _plaintext_chain(NODE_A, "reviews-v1")  # reviews-v1: strict
+    (proxy,) = found.filters  # to a cluster without endpoints: closed as it opens
+    assert unpack(proxy.typed_config).cluster == "BlackHoleCluster"
+    blackhole = generate(parse_mesh(ambient_document(), TD), NODE_A).get(CLUSTER_TYPE)
+    assert not blackhole["BlackHoleCluster"].load_assignment.endpoints
+    document = ambient_document()
+    document["services"][1]["mtls"] = "strict"  # reviews-v2 too: its chain closes now
+    strict = generate(parse_mesh(document, TD), NODE_B).get(LISTENER_TYPE)
+    (closed,) = strict["ztunnel_inbound_plaintext"].filter_chains
+    assert unpack(closed.filters[0].typed_config).cluster == "BlackHoleCluster"
 
 
 def test_a_mesh_change_on_another_node_leaves_this_node_alone(mesh: Mesh) -> None:

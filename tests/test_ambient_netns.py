@@ -13,7 +13,11 @@ proxy checks the caller's SPIFFE ID and hands the payload to the app. Checked:
   the tunnel with the source workload's and the destination workload's identities;
 * a capture on the link between the nodes (tcpdump) holds only TLS to or from port
   15008: no plaintext HTTP crosses it, nor (TLS 1.3) the workloads' certificates;
-* a destination outside the mesh is reached in passthrough (after the capture).
+* a destination outside the mesh is reached in passthrough (after the capture);
+* plaintext from an address outside the mesh (the other node's link address), which
+  the capture sends to ``ztunnel_inbound_plaintext`` (15006), reaches the app of a
+  ``permissive`` service (reviews-v2) and is refused for a ``strict`` one (reviews-v1),
+  while HBONE to both keeps working.
 
 That a node proxy cannot obtain another node's workload keys is in ``test_ambient.py``
 (over real gRPC with the node's certificate). Needs root, ``ip netns``, iptables and
@@ -90,10 +94,14 @@ class Nodes:
 
 def _node_rules(netns: Netns, iptables: str, node: str, ip: str, other: str) -> None:
     """Pod addresses on lo, a route to the other node's pods and to the ClusterIPs, and
-    the capture: TCP from this node's pods to 15001, unless it is the proxy's own."""
+    the capture: TCP from this node's pods to 15001, unless it is the proxy's own; TCP
+    arriving for one of them on any port but HBONE's to 15006."""
     for address, where, _ in PODS.values():
         if where == node:
             netns.exec(ip, "addr", "add", f"{address}/32", "dev", "lo")
+            netns.exec(iptables, "-t", "nat", "-A", "PREROUTING", "-p", "tcp",
+                       "-d", address, "!", "--dport", "15008",
+                       "-j", "REDIRECT", "--to-ports", "15006")  # fmt: skip
     if node == "node-b":
         netns.exec(ip, "addr", "add", f"{OUTSIDE}/32", "dev", "lo")
     peer = LINK[1] if node == "node-a" else LINK[0]
@@ -152,17 +160,6 @@ def nodes() -> Iterator[Nodes]:
             namespace.delete()
 
 
-def _wait_configured(nodes: Nodes) -> None:
-    def ready() -> bool:
-        for node, envoy in nodes.envoys.items():
-            listeners = nodes.netns[node].run(envoy.get, "/listeners")[1]
-            if "ztunnel_outbound" not in listeners or "ztunnel_inbound" not in listeners:
-                return False
-        return True
-
-    eventually(ready, "both node proxies have their listeners over ADS")
-
-
 class Capture:
     """tcpdump on the link between the nodes (in node-a's namespace), to a pcap file;
     started and stopped (SIGINT, by PID) by this test."""
@@ -212,7 +209,10 @@ def _wait_configured(nodes: Nodes) -> None:
     def ready() -> bool:
         for node, envoy in nodes.envoys.items():
             listeners = nodes.netns[node].run(envoy.get, "/listeners")[1]
-            if "ztunnel_outbound" not in listeners or "ztunnel_inbound" not in listeners:
+            names = set(listeners.split())
+            if not {"ztunnel_outbound", "ztunnel_inbound", "ztunnel_inbound_plaintext"} <= {
+                name.split("::")[0] for name in names
+            }:
                 return False
         return True
 
@@ -283,3 +283,41 @@ def test_a_destination_outside_the_mesh_is_reached_in_passthrough(nodes: Nodes) 
     )
     assert answer[1] == "outside"
     assert not nodes.log("node-b").count(f"dst.hbone_addr={OUTSIDE}")
+
+
+def test_plaintext_reaches_a_permissive_service_and_is_refused_by_a_strict_one(
+    nodes: Nodes,
+) -> None:
+    _wait_configured(nodes)
+    # from each node's link address (no pod's, so not captured on the way out) to a pod
+    # of the other node: captured there to ztunnel_inbound_plaintext
+    permissive = eventually(
+        lambda: (r := nodes.netns["node-a"].run(
+            lambda: http_get(PORT, address=PODS["reviews-v2"][0], source=LINK[0], timeout=10)
+        ))[0] == 200 and r,
+        "plaintext from outside the mesh reaches permissive reviews-v2",
+    )  # fmt: skip
+    assert permissive[1] == "reviews-v2"
+    served = len(nodes.apps["reviews-v1"].requests)
+    status, error = nodes.netns["node-b"].run(
+        lambda: http_get(PORT, address=PODS["reviews-v1"][0], source=LINK[1], timeout=10)
+    )
+    assert status == 0, f"strict reviews-v1 answered plaintext: {status} {error}"
+    assert len(nodes.apps["reviews-v1"].requests) == served, "the app was reached"
+    # the strict chain closed it (no upstream), and HBONE is unaffected
+    eventually(
+        lambda: any(
+            "direction=inbound_plaintext" in line and f"src.addr={LINK[1]}:" in line
+            and "flags=UH" in line
+            for line in nodes.log("node-a").splitlines()
+        ),
+        "node-a's proxy logs the refused plaintext connection",
+        10,
+    )  # fmt: skip
+    assert nodes.call("ratings", SERVICES["reviews-v1"]) == (200, "reviews-v1")
+    assert nodes.call("productpage", SERVICES["reviews-v2"]) == (200, "reviews-v2")
+    assert any(
+        "direction=inbound_plaintext" in line and f"src.addr={LINK[0]}:" in line
+        and "flags=- " in line
+        for line in nodes.log("node-b").splitlines()
+    )  # fmt: skip

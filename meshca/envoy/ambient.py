@@ -24,6 +24,14 @@ pod's ports and whose caller's SPIFFE ID the access policy admits on that port, 
 forwards the payload to ``virtual_inbound`` (original destination from that header).
 Each tunnel is logged with both identities (ztunnel's ``src.identity``/``dst.identity``).
 
+Plaintext: the capture rules send TCP arriving for a pod on any other port to
+``ztunnel_inbound_plaintext`` (15006, ``original_dst``), with one chain per pod port
+(``inbound_plaintext_<ip>_<port>``). A port of a ``permissive`` service forwards the
+bytes to the app through ``virtual_inbound`` (no header: the original destination
+itself), with no RBAC, since such callers have no identity to check; any other port
+(``strict``) goes to ``BlackHoleCluster``, which has no endpoints: the connection is
+closed as it opens, before a byte reaches anything (logged with ``flags=UH``).
+
 The proxy's own connections carry the socket mark 0x539 (ztunnel's), so that the
 capture rules can leave them alone. Destinations outside the mesh take the mesh's
 ``egress`` (``PassthroughCluster`` or ``BlackHoleCluster``), as in the other layouts.
@@ -75,7 +83,7 @@ from meshca.envoy.filters import (
     rbac_rules,
     tcp_proxy,
 )
-from meshca.envoy.inbound import inbound_ports
+from meshca.envoy.inbound import InboundPort, inbound_ports
 from meshca.envoy.layouts import Ambient
 from meshca.envoy.model import NOBODY, Mesh, Node, Workload
 from meshca.envoy.snapshot import Snapshot
@@ -108,6 +116,10 @@ _INBOUND_LOG = (
     'src.identity="%DOWNSTREAM_PEER_URI_SAN%" dst.addr=%DOWNSTREAM_LOCAL_ADDRESS% '
     'dst.hbone_addr=%REQ(X-ENVOY-ORIGINAL-DST-HOST)% dst.identity="%DOWNSTREAM_LOCAL_URI_SAN%" '
     "response=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% bytes_sent=%BYTES_SENT%\n"
+)
+_PLAINTEXT_LOG = (
+    "[ztunnel] direction=inbound_plaintext src.addr=%DOWNSTREAM_REMOTE_ADDRESS% "
+    "dst.addr=%DOWNSTREAM_LOCAL_ADDRESS% flags=%RESPONSE_FLAGS% bytes_sent=%BYTES_SENT%\n"
 )
 _OUTBOUND_LOG = (
     "[ztunnel] direction=outbound dst.addr=%UPSTREAM_HOST% "
@@ -457,9 +469,46 @@ def _inbound_listener(mesh: Mesh, pods: Iterable[Workload]) -> listener_pb2.List
     )
 
 
+def _plaintext_chain(pod: Workload, inbound: InboundPort) -> listener_components_pb2.FilterChain:
+    """``inbound_plaintext_<ip>_<port>``: a ``permissive`` port's bytes to the app, or
+    (``strict``) to ``BlackHoleCluster``, which closes the connection as it opens."""
+    name = LAYOUT.plaintext_chain_name(pod.address, inbound.port)
+    proxy = tcp_proxy_pb2.TcpProxy(
+        stat_prefix=name,
+        cluster=VIRTUAL_INBOUND if inbound.plaintext else LAYOUT.blackhole,
+        access_log=[_stdout_log(_PLAINTEXT_LOG)],
+    )
+    return listener_components_pb2.FilterChain(
+        name=name,
+        filter_chain_match=listener_components_pb2.FilterChainMatch(
+            prefix_ranges=[host_prefix(pod.address)],
+            destination_port=wrappers_pb2.UInt32Value(value=inbound.port),
+        ),
+        filters=[listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(proxy))],
+    )
+
+
+def _plaintext_listener(mesh: Mesh, pods: Iterable[Workload]) -> listener_pb2.Listener:
+    """``ztunnel_inbound_plaintext`` (15006): a chain per local pod port, chosen by the
+    original destination; a connection matching none is closed."""
+    chains = [
+        _plaintext_chain(pod, inbound)
+        for pod in sorted(pods, key=lambda w: w.address)
+        for inbound in sorted(inbound_ports(mesh, pod), key=lambda p: p.port)
+    ]
+    return listener_pb2.Listener(
+        name=LAYOUT.plaintext_listener,
+        address=socket_address("0.0.0.0", LAYOUT.plaintext_port),
+        traffic_direction=base_pb2.INBOUND,
+        listener_filters=[original_dst()],
+        filter_chains=chains,
+    )
+
+
 def _virtual_inbound() -> cluster_pb2.Cluster:
     """The app behind a tunnel: the address ``x-envoy-original-dst-host`` names (the
-    inbound routes let through only the pod's own ports)."""
+    inbound routes let through only the pod's own ports); for plaintext, which has no
+    such header, the connection's original destination (a chain's pod port)."""
     cluster = _original_dst_cluster(VIRTUAL_INBOUND)
     cluster.original_dst_lb_config.CopyFrom(
         cluster_pb2.Cluster.OriginalDstLbConfig(use_http_header=True)
@@ -505,8 +554,11 @@ def node_snapshot(mesh: Mesh, node: Node) -> Snapshot:
     outbound = _outbound_listener(by_source, fallback)
     listeners[outbound.name] = outbound
     if any(pod.ports for pod in pods):
-        inbound = _inbound_listener(mesh, [pod for pod in pods if pod.ports])
+        serving = [pod for pod in pods if pod.ports]
+        inbound = _inbound_listener(mesh, serving)
         listeners[inbound.name] = inbound
+        plaintext = _plaintext_listener(mesh, serving)
+        listeners[plaintext.name] = plaintext
         by_type[CLUSTER_TYPE][VIRTUAL_INBOUND] = _virtual_inbound()
     passthrough = _marked(_original_dst_cluster(LAYOUT.passthrough))
     by_type[CLUSTER_TYPE][passthrough.name] = passthrough

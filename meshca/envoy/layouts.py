@@ -136,13 +136,16 @@ class IstioSidecar(Layout):
 
 class Ambient(Layout):
     """Istio ambient's ztunnel: ``ztunnel_outbound`` on 15001, HBONE (HTTP CONNECT over
-    mTLS) to ``ztunnel_inbound`` on 15008, secrets named by each workload's SPIFFE ID
-    (one node proxy holds several) and ``ROOTCA``."""
+    mTLS) to ``ztunnel_inbound`` on 15008, plaintext to ``ztunnel_inbound_plaintext`` on
+    15006, secrets named by each workload's SPIFFE ID (one node proxy holds several) and
+    ``ROOTCA``."""
 
     name = "ambient"
     inbound_port = 15008
     outbound_listener = "ztunnel_outbound"
     inbound_listener = "ztunnel_inbound"
+    plaintext_port = 15006
+    plaintext_listener = "ztunnel_inbound_plaintext"
     blackhole = "BlackHoleCluster"
     passthrough = "PassthroughCluster"
     upstream_alpn = ("h2",)
@@ -174,6 +177,11 @@ class Ambient(Layout):
     @staticmethod
     def pod_chain_name(address: str) -> str:
         return f"inbound_{address}"
+
+    @staticmethod
+    def plaintext_chain_name(address: str, port: int) -> str:
+        """``inbound_plaintext_<pod ip>_<port>``: one pod port reached without HBONE."""
+        return f"inbound_plaintext_{address}_{port}"
 
 
 _BY_NAME: dict[str, Layout] = {layout.name: layout for layout in (Osm(), IstioSidecar(), Ambient())}
