@@ -45,10 +45,10 @@ system-tools:
 # The Kubernetes test peers the `kube` tests start (etcd and kube-apiserver; the tests make
 # EndpointSlices themselves, so kube-controller-manager is only in `make kube`): built once
 # from the Go module proxy into ~/.cache/meshca/k8s-<version>/bin by tests/kube/build.sh,
-# which says what it builds; later runs reuse them. A cold build (empty Go build and
-# module caches) took 26 min for kube-apiserver and 6 min more for etcd on a 2-core
-# machine busy with other work (load 10-18); kube-controller-manager would add several
-# more, so it is not built here. Without Go the kube tests are skipped, saying so.
+# which says what it builds; later runs reuse them. A cold build on a fresh machine (empty
+# HOME: no Go build or module cache) took 10 min for kube-apiserver and 1 min more for
+# etcd on 2 cores (load about 5), so that `make test` as a whole took 20 min there;
+# kube-controller-manager would add several more, so it is not built here. Without Go the kube tests are skipped, saying so.
 KUBE_TEST_PEERS := etcd kube-apiserver
 kube-peers:
 	@if command -v go >/dev/null 2>&1; then bash tests/kube/build.sh $(KUBE_TEST_PEERS); \
