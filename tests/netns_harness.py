@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.cli_harness import MESHCA
+
 CLONE_NEWNET = 0x40000000
 IPTABLES = ("iptables", "iptables-nft", "iptables-legacy")
 SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin", os.environ.get("PATH", "")))
@@ -61,6 +63,16 @@ def requirements(why: str = "intercept mode") -> tuple[str, str]:
             "iptables to redirect the app's connections to Envoy"
         )
     return ip, iptables
+
+
+def meshca_stdout(*args: str) -> str:
+    """``python -m meshca ARGS`` as a process (how the namespace tests make their CA and
+    bootstraps); its standard output, the test failing with its error on a non-zero exit."""
+    result = subprocess.run(
+        [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 # --- a network namespace, and threads that work inside it ---------------------------------------

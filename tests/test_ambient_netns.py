@@ -31,7 +31,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import pytest
 import yaml
 
 from tests.envoy_harness import EnvoyProcess, RecordingApp, eventually, http_get
-from tests.netns_harness import SBIN, Netns, requirements
+from tests.netns_harness import SBIN, Netns, meshca_stdout, requirements
 from tests.serve_harness import ServeProcess, serving, short_tempdir
 from tests.test_ambient import (
     NODE_A,
@@ -58,19 +57,10 @@ from tests.test_ambient import (
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(150)]
 
-MESHCA = [sys.executable, "-m", "meshca"]
 LINK = ("192.168.77.1", "192.168.77.2")  # node-a, node-b on the veth pair
 POD_NETS = {"node-a": "10.77.1.0/24", "node-b": "10.77.2.0/24"}
 OUTSIDE_PORT = 8080
 MARK = "0x539"
-
-
-def meshca(*args: str) -> str:
-    result = subprocess.run(
-        [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @dataclass
@@ -132,7 +122,7 @@ def nodes() -> Iterator[Nodes]:
         with short_tempdir("mca-ambient-") as root:
             mesh = root / "mesh.yaml"
             mesh.write_text(yaml.safe_dump(ambient_document()))
-            meshca("init", "--data-dir", str(root / "data"))
+            meshca_stdout("init", "--data-dir", str(root / "data"))
             args = ["--mesh", str(mesh), "--log-level", "warning"]
             for identity in (NODE_A, NODE_B):  # one uid, so node.id says which node it is
                 args += ["--uds-identity", f"{os.getuid()}={identity}"]
@@ -144,7 +134,7 @@ def nodes() -> Iterator[Nodes]:
                     RecordingApp, OUTSIDE, OUTSIDE_PORT, b"outside"
                 )
                 for node, identity in (("node-a", NODE_A), ("node-b", NODE_B)):
-                    bootstrap = meshca(
+                    bootstrap = meshca_stdout(
                         "bootstrap", str(identity), "--server", f"unix://{server.uds}",
                         "--ads", "--layout", "ambient",
                     )  # fmt: skip

@@ -18,8 +18,6 @@ of these is missing.
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,12 +32,11 @@ from tests.envoy_harness import (
     eventually,
     http_get,
 )
-from tests.netns_harness import Netns, requirements
+from tests.netns_harness import Netns, meshca_stdout, requirements
 from tests.serve_harness import ServeProcess, serving, short_tempdir
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
-MESHCA = [sys.executable, "-m", "meshca"]
 BOOKSTORE_IP, BOOKSTORE_PORT = "127.0.0.101", 14001
 PROXIES = {  # workload -> capture mode
     "bookbuyer": "intercept",
@@ -55,14 +52,6 @@ def identity(workload: str) -> str:
 
 
 # --- the pieces -------------------------------------------------------------------------------
-
-
-def meshca(*args: str) -> str:
-    result = subprocess.run(
-        [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def meshca_serve(root: Path) -> contextlib.AbstractContextManager[ServeProcess]:
@@ -93,12 +82,12 @@ def intercepted() -> Iterator[Intercepted]:
     envoys: dict[str, EnvoyProcess] = {}
     try:
         with short_tempdir("mca-netns-") as root:
-            meshca("init", "--data-dir", str(root / "data"))
+            meshca_stdout("init", "--data-dir", str(root / "data"))
             with meshca_serve(root) as server:
                 for name, address in APPS.items():
                     apps[name] = netns.run(RecordingApp, address, BOOKSTORE_PORT, name.encode())
                 for name, capture in PROXIES.items():
-                    bootstrap = meshca(
+                    bootstrap = meshca_stdout(
                         *("bootstrap", identity(name), "--server", f"unix://{server.uds}"),
                         *("--ads", "--capture", capture, "--workload", name),
                     )

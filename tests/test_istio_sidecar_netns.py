@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import http.client
 import ssl
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,12 +34,11 @@ import pytest
 import yaml
 
 from tests.envoy_harness import EnvoyProcess, RecordingApp, eventually, http_get
-from tests.netns_harness import Netns, requirements
+from tests.netns_harness import Netns, meshca_stdout, requirements
 from tests.serve_harness import ServeProcess, serving, short_tempdir
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(150)]
 
-MESHCA = [sys.executable, "-m", "meshca"]
 PORT = 14001
 CLUSTER_IP = "169.254.100.1"
 OUTSIDE = "169.254.100.9"  # redirected like a mesh service, but no service is there
@@ -98,14 +95,6 @@ def mesh_document(mtls: str = "strict") -> dict[str, Any]:
     }
 
 
-def meshca(*args: str) -> str:
-    result = subprocess.run(
-        [*MESHCA, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 @dataclass
 class Pods:
     root: Path
@@ -155,7 +144,7 @@ def pods() -> Iterator[Pods]:
         with short_tempdir("mca-istio-") as root:
             mesh = root / "mesh.yaml"
             mesh.write_text(yaml.safe_dump(mesh_document()))
-            meshca("init", "--data-dir", str(root / "data"))
+            meshca_stdout("init", "--data-dir", str(root / "data"))
             args = ["--mesh", str(mesh), "--log-level", "warning"]
             for name in netns:
                 namespace = "bookbuyer" if name == "bookbuyer" else "bookstore"
@@ -166,7 +155,7 @@ def pods() -> Iterator[Pods]:
                 for name in netns:
                     namespace = "bookbuyer" if name == "bookbuyer" else "bookstore"
                     layout = ["--layout", "istio-sidecar"] if name == "bookbuyer" else []
-                    bootstrap = meshca(
+                    bootstrap = meshca_stdout(
                         *(
                             "bootstrap",
                             identity(namespace, name),
@@ -243,8 +232,9 @@ def test_strict_then_permissive_and_rbac(pods: Pods) -> None:
     before = pods.requests()
     assert pods.netns["bookbuyer"].run(lambda: http_get(PORT, address=v1))[0] == 0
     thief = pods.root / "thief"
-    meshca("issue", identity("bookthief", "bookthief"), "--data-dir", str(pods.root / "data"),
-           "--out", str(thief))  # fmt: skip
+    data = str(pods.root / "data")
+    thief_id = identity("bookthief", "bookthief")
+    meshca_stdout("issue", thief_id, "--data-dir", data, "--out", str(thief))
     assert pods.netns["bookbuyer"].run(_mtls_get, v1, thief) == 403
     assert pods.requests() == before
 
