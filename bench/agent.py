@@ -46,10 +46,9 @@ from typing import Any
 import grpc
 from benchlib import spire
 from benchlib.child import JsonChild
-from benchlib.fanout import bounded, health_fanout
+from benchlib.fanout import health_fanout, workload_api_fanout
 from benchlib.rate import concurrent_rate
 from grpc_health.v1 import health_pb2
-from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
 HEALTH_SERVICE = "bench"
@@ -220,42 +219,22 @@ def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> float:
 
 
 async def fanout(child: Child, streams: int, channels: list[Any]) -> dict[str, Any]:
-    metadata = (("workload.spiffe.io", "true"),)
-    stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(c) for c in channels]
-    before = await child.ask("rss")
-    calls: list[Any] = []
-    first: set[bytes] = set()
+    async def rss() -> int:
+        return int((await child.ask("rss"))["rss"])
 
-    async def open_stream(stub: Any) -> None:
-        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata)
-        calls.append(call)
-        first.add((await call.read()).svids[0].x509_svid)
+    async def change() -> float:
+        return float((await child.ask("rotate"))["changed_at"])
 
-    await bounded([open_stream(stubs[i % len(stubs)]) for i in range(streams)], 500)
-    await asyncio.sleep(0.5)
-    during = await child.ask("rss")
-    arrivals: list[float] = []
-    received: set[bytes] = set()
-
-    async def next_svid(call: Any) -> None:
-        response = await call.read()
-        arrivals.append(time.monotonic())
-        received.add(response.svids[0].x509_svid)
-
-    waiting = [asyncio.ensure_future(next_svid(c)) for c in calls]
-    await asyncio.sleep(0.2)
-    change = await child.ask("rotate")
-    await asyncio.wait_for(asyncio.gather(*waiting), 300)
-    if len(first) != 1 or len(received) != 1 or received == first:
-        raise SystemExit("the streams did not all receive the same, renewed SVID")
-    for call in calls:
-        call.cancel()
+    try:
+        fan = await workload_api_fanout(streams, channels, rss, change)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     return {
-        "fanout_s": round(max(arrivals) - change["changed_at"], 4),
-        "fanout_spread_s": round(max(arrivals) - min(arrivals), 4),
-        "agent_rss_before_mb": round(before["rss"] / 2**20, 1),
-        "agent_rss_streams_mb": round(during["rss"] / 2**20, 1),
-        "agent_bytes_per_stream": round((during["rss"] - before["rss"]) / streams),
+        "fanout_s": fan["from_change_s"],
+        "fanout_spread_s": fan["spread_s"],
+        "agent_rss_before_mb": fan["rss_before_mb"],
+        "agent_rss_streams_mb": fan["rss_streams_mb"],
+        "agent_bytes_per_stream": fan["bytes_per_stream"],
     }
 
 

@@ -262,47 +262,19 @@ async def wait_for_svid(spire: Spire, timeout: float = 120.0) -> None:
 
 
 async def fanout(spire: Spire, streams: int, channels: list[Any]) -> dict[str, Any]:
-    from spiffe._proto import workload_pb2, workload_pb2_grpc
+    from benchlib.fanout import workload_api_fanout
 
-    from benchlib.fanout import bounded
+    async def rss() -> int:
+        return rss_of(spire.agent.pid)
 
-    metadata = (("workload.spiffe.io", "true"),)
-    stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(c) for c in channels]
-    before = rss_of(spire.agent.pid)
-    calls: list[Any] = []
-    first: set[bytes] = set()
+    async def change() -> float:
+        return await asyncio.to_thread(spire.rotate, 1)
 
-    async def open_stream(stub: Any) -> None:
-        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata)
-        calls.append(call)
-        first.add((await call.read()).svids[0].x509_svid)
-
-    await bounded([open_stream(stubs[i % len(stubs)]) for i in range(streams)], 500)
-    await asyncio.sleep(0.5)
-    during = rss_of(spire.agent.pid)
-    arrivals: list[float] = []
-    received: set[bytes] = set()
-
-    async def next_svid(call: Any) -> None:
-        while True:  # an update may arrive that does not change this SVID (bundle)
-            response = await call.read()
-            if response.svids[0].x509_svid not in first:
-                break
-        arrivals.append(time.monotonic())
-        received.add(response.svids[0].x509_svid)
-
-    waiting = [asyncio.ensure_future(next_svid(c)) for c in calls]
-    await asyncio.sleep(0.2)
-    changed_at = await asyncio.to_thread(spire.rotate, 1)
-    await asyncio.wait_for(asyncio.gather(*waiting), 300)
-    for call in calls:
-        call.cancel()
-    if len(received) != 1:
-        raise RuntimeError("the SPIRE streams did not all receive the same new SVID")
+    fan = await workload_api_fanout(streams, channels, rss, change)
     return {
-        "from_update_s": round(max(arrivals) - changed_at, 4),
-        "spread_s": round(max(arrivals) - min(arrivals), 4),
-        "agent_rss_before_mb": round(before / 2**20, 1),
-        "agent_rss_streams_mb": round(during / 2**20, 1),
-        "agent_bytes_per_stream": round((during - before) / streams),
+        "from_update_s": fan["from_change_s"],
+        "spread_s": fan["spread_s"],
+        "agent_rss_before_mb": fan["rss_before_mb"],
+        "agent_rss_streams_mb": fan["rss_streams_mb"],
+        "agent_bytes_per_stream": fan["bytes_per_stream"],
     }
