@@ -189,7 +189,9 @@ def test_bookstore_wait_reports_a_refused_mesh_edit(tmp_path: Path) -> None:
     out, err = tmp_path / "run.out", tmp_path / "run.err"
     with out.open("w") as stdout, err.open("w") as stderr:
         process = subprocess.Popen(
-            [*EXAMPLE_COMMAND, "--wait", "--mesh", str(mesh), "--requests", "4"],
+            # 40 purchases (the default): the walkthrough requires both halves of the 50/50
+            # split to serve, which 4 random picks miss one time in eight
+            [*EXAMPLE_COMMAND, "--wait", "--mesh", str(mesh), "--requests", "40"],
             stdout=stdout,
             stderr=stderr,
             env=clean_env(),
