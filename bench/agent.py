@@ -1,7 +1,9 @@
 """meshca agent: CSR signing over gRPC, and Workload API fan-out after a rotation.
 
 Run: ``.venv/bin/python bench/agent.py [--agents 8] [--seconds 5] [--streams 1000]``
-(``--smoke``: tiny counts, for the test that runs every bench).
+(``--smoke``: tiny counts, for the test that runs every bench, unless given;
+``--streams 0``: signing figures only; ``--profile FILE``: a cProfile of meshca serve's
+event loop while it signs).
 
 A child process hosts ``meshca serve`` (mutual TLS and the attestation listener on
 loopback) and one ``meshca agent`` (sidecar mode) on a Unix socket, both in-process,
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import functools
 import gc
 import json
@@ -59,6 +62,8 @@ from grpc_health.v1 import health_pb2
 
 WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
 HEALTH_SERVICE = "bench"
+DEFAULTS = {"agents": 8, "seconds": 5.0, "streams": 1000, "channels": 10}
+SMOKE = {"agents": 2, "seconds": 0.5, "streams": 20, "channels": 2}  # --smoke
 
 
 def rss_bytes() -> int:
@@ -128,11 +133,21 @@ async def host(root: Path) -> None:
         }
     )
     status = health_pb2.HealthCheckResponse.SERVING
+    profile: cProfile.Profile | None = None
     while True:
         line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if line in ("", "quit"):
             break
-        if line == "token":
+        if line == "profile":  # cProfile of the event loop's thread, until "profile-dump"
+            profile = cProfile.Profile()
+            profile.enable()
+            reply({})
+        elif line.startswith("profile-dump ") and profile is not None:
+            profile.disable()
+            profile.dump_stats(line.split(" ", 1)[1])
+            profile = None
+            reply({})
+        elif line == "token":
             reply({"token": tokens.create(identity)[0]})
         elif line == "rss":
             gc.collect()
@@ -193,7 +208,9 @@ def sign_csr_rate(seconds: float, csr: bytes) -> tuple[float, float]:
         return count / (time.perf_counter() - started), count / (time.thread_time() - cpu)
 
 
-def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> Rate:
+def csr_rate(
+    child: Child, agents: int, seconds: float, csr: bytes, profile: Path | None = None
+) -> Rate:
     from meshca.agent.ca_client import CaClient
     from meshca.issuer import TrustBundle
     from meshca.issuer.keys import generate_private_key
@@ -214,6 +231,8 @@ def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> Rate:
         client.sign(SpiffeId.parse(WORKLOAD), csr)  # connect and warm up
         clients.append(client)
     spiffe_id = SpiffeId.parse(WORKLOAD)
+    if profile is not None:
+        child.ask_sync("profile")
     try:
         return concurrent_calls(
             [functools.partial(client.sign, spiffe_id, csr) for client in clients],
@@ -221,6 +240,8 @@ def csr_rate(child: Child, agents: int, seconds: float, csr: bytes) -> Rate:
             server_pid=child.process.pid,
         )
     finally:
+        if profile is not None:
+            child.ask_sync(f"profile-dump {profile.resolve()}")
         for client in clients:
             client.close()
 
@@ -249,7 +270,7 @@ async def fanout(child: Child, streams: int, channels: list[Any]) -> dict[str, A
 
 
 async def spire_peer(args: argparse.Namespace, csr: bytes, meshca: dict[str, Any]) -> Any:
-    """SPIRE's two figures in this run, with meshca/SPIRE ratios; or why it is skipped."""
+    """SPIRE's figures in this run, with meshca/SPIRE ratios; or why it is skipped."""
     if shutil.which("go") is None:
         return "skipped: no Go"
     if args.smoke:
@@ -260,16 +281,18 @@ async def spire_peer(args: argparse.Namespace, csr: bytes, meshca: dict[str, Any
     root = Path(tempfile.mkdtemp(prefix="mca-spire-", dir="/tmp"))
     peer = spire.Spire(bin_dir, root)
     channels: list[Any] = []
+    fan: dict[str, Any] = {}
     try:
         await asyncio.to_thread(peer.start)
         await spire.wait_for_svid(peer)
         rate = await asyncio.to_thread(peer.mint_rate, args.agents, args.seconds, csr)
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [
-            grpc.aio.insecure_channel(f"unix:{peer.agent_socket}", options=options)
-            for _ in range(args.channels)
-        ]
-        fan = await spire.fanout(peer, args.streams, channels)
+        if args.streams:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            channels = [
+                grpc.aio.insecure_channel(f"unix:{peer.agent_socket}", options=options)
+                for _ in range(args.channels)
+            ]
+            fan = await spire.fanout(peer, args.streams, channels)
     except (RuntimeError, OSError, grpc.RpcError, TimeoutError) as exc:
         return f"failed: {exc} (logs in {root})"
     finally:
@@ -277,31 +300,73 @@ async def spire_peer(args: argparse.Namespace, csr: bytes, meshca: dict[str, Any
             await channel.close()
         await asyncio.to_thread(peer.stop)
     shutil.rmtree(root, ignore_errors=True)
-    per_stream = fan["agent_bytes_per_stream"]
     per_cpu = rate.per_server_cpu_s or 0.0
-    return {
+    result: dict[str, Any] = {
         "version": spire.SPIRE_VERSION,
         "mint_per_s": round(rate.per_s, 1),
         "mint_per_server_cpu_s": round(per_cpu, 1),
         "mint_server_cpu_s": round(rate.server_cpu_s or 0.0, 2),
         "mint_client_cpu_s": round(rate.client_cpu_s, 2),
         "mint_vs_meshca_sign_csr": round(rate.per_s / meshca["sign_csr_per_s"], 3),
-        **fan,
         "meshca_over_spire_signing": round(meshca["csr_per_s"] / rate.per_s, 2),
         "meshca_over_spire_signing_per_server_cpu": round(
             meshca["csr_per_server_cpu_s"] / per_cpu, 2
         )
         if per_cpu
         else None,
-        "meshca_over_spire_fanout_spread": round(
-            meshca["fanout_spread_s"] / max(fan["spread_s"], 1e-6), 2
-        ),
-        "meshca_over_spire_bytes_per_stream": round(
-            meshca["agent_bytes_per_stream"] / per_stream, 2
-        )
-        if per_stream > 0
-        else None,
     }
+    if fan:
+        per_stream = fan["agent_bytes_per_stream"]
+        result.update(fan)
+        result["meshca_over_spire_fanout_spread"] = round(
+            meshca["fanout_spread_s"] / max(fan["spread_s"], 1e-6), 2
+        )
+        result["meshca_over_spire_bytes_per_stream"] = (
+            round(meshca["agent_bytes_per_stream"] / per_stream, 2) if per_stream > 0 else None
+        )
+    return result
+
+
+async def signing(args: argparse.Namespace, child: Child, csr: bytes) -> dict[str, Any]:
+    baseline, baseline_cpu = sign_csr_rate(args.seconds, csr)
+    rate = await asyncio.to_thread(csr_rate, child, args.agents, args.seconds, csr, args.profile)
+    per_cpu = rate.per_server_cpu_s or 0.0
+    return {
+        "agents": args.agents,
+        "csr_per_s": round(rate.per_s, 1),
+        "csr_per_server_cpu_s": round(per_cpu, 1),
+        "csr_server_cpu_s": round(rate.server_cpu_s or 0.0, 2),
+        "csr_client_cpu_s": round(rate.client_cpu_s, 2),
+        "csr_seconds": round(rate.seconds, 2),
+        "sign_csr_per_s": round(baseline, 1),
+        "sign_csr_per_cpu_s": round(baseline_cpu, 1),
+        "csr_ratio": round(rate.per_s / baseline, 3),
+        "csr_ratio_per_cpu": round(per_cpu / baseline_cpu, 3),
+        "goal_csr_ratio_0_5": rate.per_s / baseline >= 0.5,
+        "goal_csr_ratio_per_cpu_0_5": per_cpu / baseline_cpu >= 0.5,
+    }
+
+
+async def fanout_figures(args: argparse.Namespace, child: Child) -> dict[str, Any]:
+    """The Workload API fan-out and its health-Watch baseline over the same connections."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(f"unix:{child.hello['socket']}", options=options)
+        for _ in range(args.channels)
+    ]
+    try:
+        result = {"streams": args.streams, "channels": args.channels}
+        result.update(await fanout(child, args.streams, channels))
+        await asyncio.sleep(0.3)
+        health = await health_fanout(
+            child.ask, HEALTH_SERVICE, args.streams, channels, max_opening=500, timeout=300
+        )
+        result["baseline_health_s"] = round(health, 4)
+        result["fanout_ratio"] = round(result["fanout_s"] / health, 2)
+        return result
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,40 +377,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     try:
         child = Child(root)
         csr = workload_csr_der()
-        baseline, baseline_cpu = sign_csr_rate(args.seconds, csr)
-        rate = await asyncio.to_thread(csr_rate, child, args.agents, args.seconds, csr)
-        per_cpu = rate.per_server_cpu_s or 0.0
-        result: dict[str, Any] = {
-            "load_average_start": load_start,
-            "agents": args.agents,
-            "csr_per_s": round(rate.per_s, 1),
-            "csr_per_server_cpu_s": round(per_cpu, 1),
-            "csr_server_cpu_s": round(rate.server_cpu_s or 0.0, 2),
-            "csr_client_cpu_s": round(rate.client_cpu_s, 2),
-            "csr_seconds": round(rate.seconds, 2),
-            "sign_csr_per_s": round(baseline, 1),
-            "sign_csr_per_cpu_s": round(baseline_cpu, 1),
-            "csr_ratio": round(rate.per_s / baseline, 3),
-            "csr_ratio_per_cpu": round(per_cpu / baseline_cpu, 3),
-            "goal_csr_ratio_0_5": rate.per_s / baseline >= 0.5,
-            "goal_csr_ratio_per_cpu_0_5": per_cpu / baseline_cpu >= 0.5,
-            "streams": args.streams,
-            "channels": args.channels,
-        }
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [
-            grpc.aio.insecure_channel(f"unix:{child.hello['socket']}", options=options)
-            for _ in range(args.channels)
-        ]
-        result.update(await fanout(child, args.streams, channels))
-        await asyncio.sleep(0.3)
-        health = await health_fanout(
-            child.ask, HEALTH_SERVICE, args.streams, channels, max_opening=500, timeout=300
-        )
-        result["baseline_health_s"] = round(health, 4)
-        result["fanout_ratio"] = round(result["fanout_s"] / health, 2)
-        for channel in channels:
-            await channel.close()
+        result: dict[str, Any] = {"load_average_start": load_start}
+        result.update(await signing(args, child, csr))
+        if args.streams:
+            result.update(await fanout_figures(args, child))
         result["spire"] = await spire_peer(args, csr, result)
         result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         return result
@@ -385,53 +420,63 @@ def report(result: dict[str, Any]) -> None:
             f"  meshca/SPIRE (goal >= 1)         {peer['meshca_over_spire_signing']:10.2f}   "
             f"{peer['meshca_over_spire_signing_per_server_cpu']:16.2f}"
         )
-    print(
-        f"Workload API fan-out: {result['streams']} FetchX509SVID streams on "
-        f"{result['channels']} connections"
-    )
-    print(f"  renewal -> last stream   {result['fanout_s']:.3f} s")
-    print(
-        f"  baseline (health Watch)  {result['baseline_health_s']:.3f} s "
-        f"-> ratio {result['fanout_ratio']:.2f}"
-    )
-    print(
-        f"  agent memory per stream  {result['agent_bytes_per_stream'] / 1024:.1f} KB "
-        f"(RSS {result['agent_rss_before_mb']} -> {result['agent_rss_streams_mb']} MB)"
-    )
+    if "fanout_s" in result:
+        print(
+            f"Workload API fan-out: {result['streams']} FetchX509SVID streams on "
+            f"{result['channels']} connections"
+        )
+        print(f"  renewal -> last stream   {result['fanout_s']:.3f} s")
+        print(
+            f"  baseline (health Watch)  {result['baseline_health_s']:.3f} s "
+            f"-> ratio {result['fanout_ratio']:.2f}"
+        )
+        print(
+            f"  agent memory per stream  {result['agent_bytes_per_stream'] / 1024:.1f} KB "
+            f"(RSS {result['agent_rss_before_mb']} -> {result['agent_rss_streams_mb']} MB)"
+        )
     print(f"load average {result['load_average_start']} -> {result['load_average_end']}")
     if not isinstance(peer, dict):
         print(f"SPIRE: {peer}")
         return
-    print(f"SPIRE {peer['version']} in the same run (its signing rate is above)")
-    print(
-        f"  fan-out first -> last stream        {peer['spread_s']:.3f} s (meshca "
-        f"{result['fanout_spread_s']:.3f} s -> ratio {peer['meshca_over_spire_fanout_spread']})"
-    )
-    print(
-        f"  entry update -> last stream         {peer['from_update_s']:.3f} s (includes the "
-        "agent's sync with the server)"
-    )
-    print(
-        f"  spire-agent memory per stream       {peer['agent_bytes_per_stream'] / 1024:.1f} KB "
-        f"-> meshca/SPIRE {peer['meshca_over_spire_bytes_per_stream']}"
-    )
+    if "spread_s" in peer:
+        print(f"SPIRE {peer['version']} fan-out in the same run")
+        print(
+            f"  first -> last stream           {peer['spread_s']:.3f} s (meshca "
+            f"{result['fanout_spread_s']:.3f} s -> ratio "
+            f"{peer['meshca_over_spire_fanout_spread']})"
+        )
+        print(
+            f"  entry update -> last stream    {peer['from_update_s']:.3f} s (includes the "
+            "agent's sync with the server)"
+        )
+        print(
+            f"  spire-agent memory per stream  {peer['agent_bytes_per_stream'] / 1024:.1f} KB "
+            f"-> meshca/SPIRE {peer['meshca_over_spire_bytes_per_stream']}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=("client", "host"), default="client")
     parser.add_argument("--root", type=Path)
-    parser.add_argument("--agents", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--channels", type=int, default=10)
+    parser.add_argument("--agents", type=int, help="concurrent signing clients (8)")
+    parser.add_argument("--seconds", type=float, help="of each signing measure (5)")
+    parser.add_argument("--streams", type=int, help="Workload API streams (1000; 0: no fan-out)")
+    parser.add_argument("--channels", type=int, help="connections the streams share (10)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write a cProfile of meshca serve's event loop during SignWorkload here",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny counts (the bench test)")
     args = parser.parse_args()
     if args.role == "host":
         asyncio.run(host(args.root))
         return
-    if args.smoke:
-        args.agents, args.seconds, args.streams, args.channels = 2, 0.5, 20, 2
+    defaults = SMOKE if args.smoke else DEFAULTS
+    for name, value in defaults.items():  # what is given on the command line is kept
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     result = asyncio.run(main_async(args))
     report(result)
     print(json.dumps(result))
