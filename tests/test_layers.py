@@ -196,8 +196,8 @@ print(json.dumps(sorted(sys.modules)))
 
 
 def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None:
-    """Every ``meshca`` run imports every command module and builds the whole parser; the
-    commands that work on files must not pay for the server's libraries."""
+    """The commands that work on files, run one after another in one process (so each
+    command module is loaded), must not pay for the server's libraries."""
     argvs = [
         ["--help"],
         ["init"],
@@ -223,7 +223,9 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
 
 
 # What each file command must not load: the other backends, the Envoy modules, the serve
-# runtime and its libraries, YAML (no config file is given), token handling.
+# runtime and its libraries, YAML (no config file is given), token handling; and
+# standard modules it has no use for that cost start-up (tempfile and shutil load the
+# compression modules: meshca writes its files itself, and sizes argparse's help itself).
 NOT_FOR_FILE_COMMANDS = (
     *SERVER_LIBRARIES,
     "requests",
@@ -236,7 +238,20 @@ NOT_FOR_FILE_COMMANDS = (
     "meshca.attest",
     "meshca.agent",
     "meshca.ca_api",
+    "tempfile",
+    "shutil",
+    "bz2",
+    "lzma",
 )
+
+
+def command_modules() -> dict[str, str]:
+    """Each command's module, by command name, from the registry."""
+    from meshca.cli.commands import COMMANDS
+
+    return {listed.name: f"meshca.cli.commands.{listed.module}" for listed in COMMANDS}
+
+
 _ONE_COMMAND = """
 import contextlib, io, json, sys
 from meshca.cli import main
@@ -279,7 +294,43 @@ def test_file_commands_load_only_what_they_use(tmp_path: Path, argv: list[str]) 
     )
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
-    assert not [m for m in loaded for h in NOT_FOR_FILE_COMMANDS if m == h or m.startswith(h + ".")]
+    others = [module for name, module in command_modules().items() if name != argv[0]]
+    forbidden = (*NOT_FOR_FILE_COMMANDS, *others)
+    assert not [m for m in loaded for h in forbidden if m == h or m.startswith(h + ".")]
+
+
+def test_help_loads_no_command_module(tmp_path: Path) -> None:
+    """``meshca --help`` lists every command from the registry's summaries: it imports
+    none of the command modules (nor what they import); a command's own ``--help``
+    imports that command's module only."""
+    for argv, wanted in ((["--help"], set()), (["issue", "--help"], {"issue"})):
+        result = subprocess.run(
+            [sys.executable, "-c", _LOADED.format(argvs=[argv])],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        loaded = set(json.loads(result.stdout))
+        modules = command_modules()
+        assert {name for name, module in modules.items() if module in loaded} == wanted
+
+
+def test_the_command_registry_names_each_command_module() -> None:
+    """The registry is what ``meshca --help`` lists and which module runs a command: each
+    entry's module declares that command, and every command module is listed."""
+    from meshca.cli.commands import COMMANDS
+
+    for listed in COMMANDS:
+        assert listed.load().name == listed.name
+    declaring = {
+        path.stem
+        for path in (PACKAGE / "cli" / "commands").glob("*.py")
+        if "\nCOMMAND = Command(" in path.read_text()
+    }
+    assert declaring == {listed.module for listed in COMMANDS}
 
 
 def test_serving_a_mesh_file_does_not_load_the_kubernetes_client() -> None:

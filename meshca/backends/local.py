@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -157,6 +155,9 @@ def _check_not_present(data_dir: Path, force: bool) -> None:
 def _install(data_dir: Path, files: dict[str, tuple[bytes, int]], force: bool) -> LocalCa:
     """Write ``files`` into a staging directory and rename it into place, backing up any
     existing CA when forced; returns the CA as loaded back."""
+    import shutil  # with tempfile, only for writing a CA: the commands that load one start
+    import tempfile  # faster without them (and the archive modules shutil pulls in)
+
     ensure_private_dir(Path(data_dir))
     staged = Path(tempfile.mkdtemp(prefix=".ca-new-", dir=data_dir))
     try:

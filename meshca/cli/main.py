@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
 from meshca import __version__
 from meshca.cli.commands import COMMANDS, is_refusal
@@ -24,8 +24,43 @@ from meshca.cli.options import EVERY_COMMAND, add_options, load_settings
 PROG = "meshca"
 
 
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, as argparse sizes its help (``COLUMNS``,
+    else the terminal's, else 80), without importing ``shutil``: argparse would on every
+    argument added, and shutil loads the compression modules with it."""
+    try:
+        columns = int(os.environ.get("COLUMNS", 0))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, its width found by :func:`_terminal_columns`."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _terminal_columns() - 2  # the margin argparse leaves
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are exceptions, so ``main`` prints one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)  # subcommands' parsers too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -73,8 +108,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         parser.add_subparsers(title="commands", dest="command", metavar="COMMAND"),
     )
     subparsers.required = True
-    for command in COMMANDS:
-        command.register(subparsers, fill=named is None or command.name in named)
+    for listed in COMMANDS:
+        if named is None or listed.name in named:
+            listed.load().register(subparsers, listed.summary)
+        else:  # named and summarized only: building every command's arguments, and
+            # importing every command's modules, costs more start-up than most commands
+            subparsers.add_parser(listed.name, help=listed.summary)
     return parser
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def atomic_create(path: Path, data: bytes, mode: int = PUBLIC) -> bool:
 def _staged(path: Path, data: bytes, mode: int) -> Iterator[str]:
     """A temp file beside ``path`` holding ``data`` durably, created with ``mode``; it is
     removed on the way out (by then renamed or linked into place, or not wanted)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
@@ -116,6 +116,21 @@ def _staged(path: Path, data: bytes, mode: int) -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` beside ``path``, mode 0600, opened for writing,
+    as ``tempfile.mkstemp`` makes it (O_EXCL, no symlink followed), without loading
+    ``tempfile`` and the archive modules it pulls in: every file-writing command would
+    pay for them at start-up."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, PRIVATE), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
 def fsync_directory(directory: Path) -> None:

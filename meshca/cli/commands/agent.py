@@ -100,7 +100,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="keep workload keys local; serve SDS and the SPIFFE Workload API on a socket",
     description=(
         "Attest to 'meshca serve' with a one-time join token (--token-file), then keep "
         "an agent SVID renewed over mutual TLS. Workload keys are generated here, in "

@@ -69,7 +69,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="list attested meshca agents, or evict one",
     description=(
         "The agents that attested to 'meshca serve' (join tokens). Evicting one deletes "
         "its record: its next call (renewal, workload CSR, bundle poll) is refused with "

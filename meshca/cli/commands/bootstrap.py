@@ -131,7 +131,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="write an Envoy bootstrap that uses meshca's SDS (or ADS)",
     description=(
         "Write an Envoy bootstrap (YAML) for IDENTITY whose static cluster "
         "'meshca_sds' reaches meshca over its Unix socket (--server unix:///path) or "

@@ -40,7 +40,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="print the trust bundle",
     description=(
         "Print the trust bundle (the root certificates peers validate SVIDs against) "
         "as PEM, or as a SPIFFE bundle: a JWK Set with one x509-svid key per root and, "

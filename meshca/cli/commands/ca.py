@@ -261,7 +261,6 @@ _WAIT = arg(
 COMMAND = Command(
     NAME,
     run,
-    summary="show and rotate the signing CA and the root",
     description=(
         "Inspect and rotate the CA. Talks to a running 'meshca serve' through "
         f"<data-dir>/{ADMIN_SOCKET}; without one, acts on the data directory directly."

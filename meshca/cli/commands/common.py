@@ -69,20 +69,16 @@ class Command:
 
     name: str
     handler: Handler
-    summary: str
     description: str
     arguments: tuple[Argument, ...] = ()
     actions: tuple[Action, ...] = ()
 
     def register(
-        self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *, fill: bool = True
+        self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser], summary: str
     ) -> None:
-        """Add this command's parser (and one per action) to ``subparsers``. Without
-        ``fill``, only its name and summary (what ``meshca --help`` lists): building every
-        command's arguments costs more start-up than running most commands."""
-        parser = subparsers.add_parser(self.name, help=self.summary, description=self.description)
-        if not fill:
-            return
+        """Add this command's parser (and one per action) to ``subparsers``, listed in
+        ``meshca --help`` with ``summary`` (the registry's, ``meshca.cli.commands``)."""
+        parser = subparsers.add_parser(self.name, help=summary, description=self.description)
         self._fill(parser, self.arguments)
         if not self.actions:
             return

@@ -49,7 +49,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="registration entries: which identities a node-mode agent serves, to whom",
     description=(
         "A registration entry lets the node-mode agent --node AGENT_ID obtain "
         "--identity ID for local callers matching every --selector (unix:uid:N, "

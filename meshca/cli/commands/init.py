@@ -152,7 +152,6 @@ def _warn_if_short(ca: LocalCa, leaf_ttl: timedelta) -> None:
 COMMAND = Command(
     NAME,
     run,
-    summary="create the CA in the data directory",
     description=(
         "Create a self-signed root and an intermediate signing CA under it in "
         "<data-dir>/ca, or adopt an existing CA with --from-cacerts. An existing CA "

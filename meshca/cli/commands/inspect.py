@@ -25,7 +25,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="describe an X.509-SVID and check it",
     description=(
         "Show an X.509-SVID's SPIFFE ID, issuer, validity, key type and fingerprint; "
         "when the data directory holds a CA, also whether the chain verifies against "

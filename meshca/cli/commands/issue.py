@@ -132,7 +132,6 @@ def _text(svid: X509Svid, paths: dict[str, Path | None]) -> str:
 COMMAND = Command(
     NAME,
     run,
-    summary="issue an X.509-SVID to files",
     description=(
         f"Issue an X.509-SVID and write {CERT_FILE} (leaf, then intermediates), "
         f"{KEY_FILE} (PKCS#8, mode 0600; not with --csr) and {BUNDLE_FILE} (the trust "

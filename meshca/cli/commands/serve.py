@@ -144,7 +144,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="serve certificates (SDS) and mesh configuration (ADS) to Envoy",
     description=(
         "Serve X.509-SVIDs and the trust bundle to Envoy over the Secret Discovery "
         "Service: on TCP with mutual TLS (--listen) and/or on a Unix socket (--uds) "

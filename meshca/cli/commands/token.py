@@ -77,7 +77,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 COMMAND = Command(
     NAME,
     run,
-    summary="create, list and revoke one-time join tokens for meshca agent",
     description=(
         "Join tokens admit a 'meshca agent': it exchanges one for its agent SVID at "
         "'meshca serve --attest-listen'. A token is printed once, stored only as its "
