@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshca.backends.opened import OpenedBackend
 from meshca.backends.vault.backend import open_vault_authority
 from meshca.backends.vault.settings import VaultSettings
-from meshca.issuer import ActiveSigner, Issuer, Signer, TrustBundle
+from meshca.issuer import ActiveSigner, Issuer, Signer, TrustBundle, TtlError
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca
 from meshca.serve.health import evaluate, life_left
@@ -380,6 +380,45 @@ async def test_health_flips_when_the_signing_ca_expires_and_recovers_with_a_new_
         async with mtls_channel(server, client_svid(server, B)) as tls:
             assert await health_of(tls) == SERVING  # a renewed serving certificate, too
         assert value(await scrape(server), "meshca_health_serving") == 1
+
+
+async def test_an_issuance_failure_and_the_recovery_are_judged_at_once_and_nothing_else(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Health learns of a failed issuance, and of the next success, without waiting for
+    its interval (an hour here); a success after a success changes nothing it judges, so
+    it does not re-evaluate (that cost the event loop more than the issuance itself)."""
+    make_data_dir(root)
+    config = default_config(
+        root, listen=None, uds_identities={os.getuid(): (A,)}, health_interval=3600.0
+    )
+    async with served(config) as server:
+        monitor = server.health_monitor
+        checks: list[str] = []
+        check = monitor.check
+
+        def counted() -> Any:
+            verdict = check()
+            checks.append(verdict.reason)
+            return verdict
+
+        monkeypatch.setattr(monitor, "check", counted)
+        with pytest.raises(TtlError):
+            server.issuer.issue(A, ttl=timedelta(days=1000))  # refused: over the maximum
+        await wait_until(
+            lambda: "the last issuance failed" in monitor.verdict.reason,
+            what="health to hear of the failed issuance",
+        )
+        server.issuer.issue(A)
+        await wait_until(
+            lambda: "the last issuance failed" not in monitor.verdict.reason,
+            what="health to hear of the successful issuance",
+        )
+        judged = len(checks)
+        for _ in range(20):
+            server.issuer.issue(A)
+        await asyncio.sleep(0.1)  # time for any evaluation the issuances woke
+        assert len(checks) == judged, checks[judged:]
 
 
 def client_svid_from(authority: ActiveSigner) -> Any:

@@ -179,10 +179,16 @@ class HealthMonitor:
 
     # events ---------------------------------------------------------------------------
     def issue_result(self, seconds: float, error: BaseException | None) -> None:
-        """An issuance ended (called from the issuing thread)."""
+        """An issuance ended (called from the issuing thread). Re-evaluated only when the
+        outcome differs from the last one: a success after a success changes no input of
+        the policy, and an evaluation per issuance cost the event loop more than the
+        issuance's own bookkeeping."""
+        failure = None if error is None else (str(error) or type(error).__name__)
         with self._lock:
-            self._last_failure = None if error is None else (str(error) or type(error).__name__)
-        self._poke()
+            changed = failure != self._last_failure
+            self._last_failure = failure
+        if changed:
+            self._poke()
 
     def _store_event(self, event: StoreEvent) -> None:
         self._poke()

@@ -252,14 +252,16 @@ class Metrics:
         info = GaugeMetricFamily("meshca_build_info", "meshca version", labels=["version"])
         info.add_metric([__version__], 1.0)
         self.registry.register(_Constant([info]))
-        for result in ("success", "failure"):
-            self.issued.labels(backend, result)  # both series exist from the start, at 0
-        self.issue_seconds.labels(backend)
+        # Both series exist from the start, at 0; the children are looked up once, not
+        # on every issuance.
+        self._issued_success = self.issued.labels(backend, "success")
+        self._issued_failure = self.issued.labels(backend, "failure")
+        self._issue_seconds = self.issue_seconds.labels(backend)
 
     def observe_issue(self, seconds: float, error: BaseException | None) -> None:
         """An issuance ended (thread-safe; an :data:`meshca.issuer.authority.IssueObserver`)."""
-        self.issued.labels(self.backend, "success" if error is None else "failure").inc()
-        self.issue_seconds.labels(self.backend).observe(seconds)
+        (self._issued_success if error is None else self._issued_failure).inc()
+        self._issue_seconds.observe(seconds)
         if error is not None and not isinstance(error, POLICY_ERRORS):
             self.backend_errors.labels(self.backend, error_kind(error)).inc()
 
