@@ -325,22 +325,25 @@ class SecretStore:
                     spiffe_id,
                     previous.failures,
                 )
-            log.info(
-                "renewed %s serial=%s not_after=%s",
-                spiffe_id,
-                serial_hex(svid.serial),
-                rfc3339(svid.not_after),
-            )
+            self._log_issued("renewed", svid)
             self._notify(SvidChanged(svid))
         else:
+            self._log_issued("issued", svid)
+        self.refresh_bundle()
+        return svid
+
+    @staticmethod
+    def _log_issued(what: str, svid: X509Svid) -> None:
+        """The audit line of an issuance; its fields are worked out only when it is
+        written (the serial and NotAfter are read from the certificate)."""
+        if log.isEnabledFor(logging.INFO):
             log.info(
-                "issued %s serial=%s not_after=%s",
-                spiffe_id,
+                "%s %s serial=%s not_after=%s",
+                what,
+                svid.spiffe_id,
                 serial_hex(svid.serial),
                 rfc3339(svid.not_after),
             )
-        self.refresh_bundle()
-        return svid
 
     def retry_failing_now(self) -> list[SpiffeId]:
         """The backend answers again: renew at once every SVID whose renewal failed (due

@@ -33,18 +33,27 @@ def certificates_pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate
 
 _INTERMEDIATES_PEM: dict[tuple[x509.Certificate, ...], bytes] = {}
 _INTERMEDIATES_KEPT = 8  # a few signers at once: the active one, and during rotations two more
+# The chain found last: every leaf of one signer ends with the very same certificate
+# objects, which compare equal at once, where hashing them (their DER) to find the dict
+# entry costs more.
+_last_intermediates: tuple[tuple[x509.Certificate, ...], bytes] = ((), b"")
 
 
 def intermediates_pem(certs: tuple[x509.Certificate, ...]) -> bytes:
     """The PEM of the CAs that follow a leaf, encoded once per signing chain: every
     certificate a signer issues ends with the same ones."""
-    encoded = _INTERMEDIATES_PEM.get(certs)
-    if encoded is None:
-        encoded = certificates_pem(certs)
+    global _last_intermediates
+    last, encoded = _last_intermediates
+    if last == certs:  # a tuple compares its items by identity first
+        return encoded
+    found = _INTERMEDIATES_PEM.get(certs)
+    if found is None:
+        found = certificates_pem(certs)
         if len(_INTERMEDIATES_PEM) >= _INTERMEDIATES_KEPT:
             _INTERMEDIATES_PEM.clear()
-        _INTERMEDIATES_PEM[certs] = encoded
-    return encoded
+        _INTERMEDIATES_PEM[certs] = found
+    _last_intermediates = (certs, found)
+    return found
 
 
 def load_certificates_pem(data: bytes, what: str = "certificate file") -> list[x509.Certificate]:
