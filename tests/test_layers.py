@@ -222,8 +222,9 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
     assert not [m for m in loaded for h in SERVER_LIBRARIES if m == h or m.startswith(h + ".")]
 
 
-# What each file command must not load: the other backends, the Envoy modules, the serve
-# runtime and its libraries, YAML (no config file is given), token handling; and
+# What each file command must not load: the other backends and Vault's settings, the Envoy
+# modules, network addresses, the serve runtime and its libraries, YAML (no config file
+# is given), token handling; and
 # standard modules it has no use for that cost start-up (tempfile and shutil load the
 # compression modules: meshca writes its files itself, and sizes argparse's help itself).
 NOT_FOR_FILE_COMMANDS = (
@@ -231,6 +232,8 @@ NOT_FOR_FILE_COMMANDS = (
     "requests",
     "yaml",
     "meshca.backends.vault.backend",
+    "meshca.backends.vault.settings",
+    "meshca.util.netaddr",
     "meshca.envoy",
     "meshca.serve",
     "meshca.xds",

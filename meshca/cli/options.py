@@ -15,17 +15,15 @@ import importlib
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from meshca.backends.vault.settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
+from meshca.backends.vault.path_settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
 from meshca.issuer.errors import IssuerError
 from meshca.issuer.key_type import KeyType
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.durations import parse_duration
 from meshca.util.files import CONFIG_MAX_BYTES, YamlFileError, read_yaml
-from meshca.util.netaddr import parse_port, parse_server_address
 
 ENV_PREFIX = "MESHCA_"
 EVERY_COMMAND = "*"
@@ -57,6 +55,8 @@ parse_audience = _lazy(_SERVE, "parse_audience")
 parse_socket_mode = _lazy(_SERVE, "parse_socket_mode")
 parse_uds_identities = _lazy(_SERVE, "parse_uds_identities")
 parse_log_format = _lazy("meshca.util.logs", "parse_log_format")
+parse_port = _lazy("meshca.util.netaddr", "parse_port")
+parse_server_address = _lazy("meshca.util.netaddr", "parse_server_address")
 
 
 class ConfigError(ValueError):
@@ -115,8 +115,7 @@ def parse_workload(text: str) -> str:
     return text.strip()
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One setting. ``default`` is text, parsed like any other source, so the reference shows
     exactly what a user would type. ``commands`` lists the commands that offer the flag
     (``EVERY_COMMAND`` for global options); the environment and config file apply to all."""
@@ -826,8 +825,7 @@ class _JoinRepeats(argparse.Action):
         setattr(namespace, self.dest, f"{previous},{values}" if previous else str(values))
 
 
-@dataclass(frozen=True)
-class _Raw:
+class _Raw(NamedTuple):
     text: str
     where: str
     base: Path | None = None  # directory relative paths are resolved against

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from meshca.backends.errors import BackendError
+from meshca.backends.vault.path_settings import PATH_SETTINGS
 from meshca.issuer.errors import KeyTypeError
 from meshca.issuer.key_type import KeyType
 from meshca.util.durations import DurationError, parse_duration
@@ -258,17 +259,6 @@ class VaultSettings:
                 values[name] = env[variable]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_mapping(values)
-
-
-# Settings that name files (relative paths in a config file are taken from its folder).
-PATH_SETTINGS = {
-    "token_file",
-    "secret_id_file",
-    "k8s_jwt_file",
-    "client_cert",
-    "client_key",
-    "ca_cert",
-}
 
 
 _TYPED = (

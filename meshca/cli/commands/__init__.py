@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from meshca.cli.commands.common import Command
 
 
-class Listed(NamedTuple):
+class Listed:
     """A command as ``meshca --help`` lists it; its module is imported only to run it."""
 
-    name: str
-    module: str
-    summary: str
+    __slots__ = ("module", "name", "summary")
+
+    def __init__(self, name: str, module: str, summary: str) -> None:
+        self.name = name
+        self.module = module  # in this package
+        self.summary = summary
 
     def load(self) -> Command:
         command: Command = importlib.import_module(f"{__name__}.{self.module}").COMMAND

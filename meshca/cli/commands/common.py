@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshca.cli.options import ConfigError, Settings, add_options
 
@@ -22,8 +21,7 @@ class UsageError(Exception):
     """A command line whose shape is wrong (exit 2), found after argparse accepted it."""
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     """One argument of a command line: ``add_argument``'s names and keywords, as data."""
 
     names: tuple[str, ...]
@@ -34,8 +32,7 @@ def arg(*names: str, **keywords: Any) -> Arg:
     return Arg(names, keywords)
 
 
-@dataclass(frozen=True)
-class OneOf:
+class OneOf(NamedTuple):
     """Arguments of which at most one may be given (a mutually exclusive group)."""
 
     arguments: tuple[Arg, ...]
@@ -52,8 +49,7 @@ line); where it is absent, they come first."""
 Argument = Arg | OneOf | _ConfigurationOptions
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
     """A command's sub-action (``meshca ca rotate``): its help and its own arguments."""
 
     name: str
@@ -62,8 +58,7 @@ class Action:
     arguments: tuple[Argument, ...] = ()
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """A ``meshca`` subcommand, declared: its help, its arguments and what runs it. The
     configuration options it offers come from the option table (``cli/options.py``)."""
 
