@@ -9,6 +9,7 @@ followed as soon as the agent has seen the new bundle.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -80,6 +81,14 @@ def bare_csr(key: PrivateKey) -> bytes:
     """A CSR that names nothing: the agent's first, before it knows its ID."""
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
     return csr.sign(key, hash_for(key)).public_bytes(serialization.Encoding.DER)
+
+
+def _status(code: int) -> grpc.StatusCode:
+    """The gRPC status code numbered ``code`` (UNKNOWN for a number it does not have)."""
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN
 
 
 def _bundle(trust_domain: TrustDomain, ders: list[bytes]) -> TrustBundle:
@@ -188,6 +197,43 @@ class CaClient:
         response = self._call("SignWorkload", request, self._stub())
         assert isinstance(response, ca_pb2.SvidResponse)
         return self._signed(response, None)
+
+    def sign_batch(
+        self, requests: Sequence[tuple[SpiffeId, bytes, timedelta | None]]
+    ) -> list[Signed | CaRefused]:
+        """``BatchSignWorkload``: each ``(spiffe_id, csr_der, ttl)`` answered on its own, in
+        order: its :class:`Signed`, or the :class:`CaRefused` SignWorkload would have
+        raised. A refusal of the whole call (the agent's credential, a batch too large)
+        raises as :meth:`sign` does."""
+        request = ca_pb2.BatchSignWorkloadRequest(
+            requests=[
+                ca_pb2.SignWorkloadRequest(
+                    spiffe_id=str(spiffe_id),
+                    csr=csr,
+                    ttl_seconds=int(ttl.total_seconds()) if ttl is not None else 0,
+                )
+                for spiffe_id, csr, ttl in requests
+            ]
+        )
+        response = self._call("BatchSignWorkload", request, self._stub())
+        assert isinstance(response, ca_pb2.BatchSignWorkloadResponse)
+        bundle = _bundle(self.trust_domain, list(response.bundle))
+        entitled = tuple(SpiffeId.parse(i) for i in response.entitled)
+        reattest_by = datetime.fromtimestamp(response.reattest_by, UTC)
+        answers: list[Signed | CaRefused] = []
+        for result in response.results:
+            if result.code:
+                answers.append(CaRefused(_status(result.code), result.error))
+                continue
+            chain = tuple(x509.load_der_x509_certificate(d) for d in result.cert_chain)
+            svid = X509Svid(SpiffeId.parse(result.spiffe_id), chain, None)
+            answers.append(Signed(svid, bundle, entitled, reattest_by))
+        if len(answers) != len(requests):
+            raise CaRefused(
+                grpc.StatusCode.INTERNAL,
+                f"meshca answered {len(answers)} entries of a batch of {len(requests)}",
+            )
+        return answers
 
     def fetch_bundle(self) -> ServerState:
         response = self._call("GetBundle", ca_pb2.GetBundleRequest(), self._stub())

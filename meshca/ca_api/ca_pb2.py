@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshca/ca_api/ca.proto\x12\x0cmeshca.ca.v1\"J\n\x0eSignJwtRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"0\n\x0bJwtResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"E\n\x12\x41ttestAgentRequest\x12\x10\n\x08\x61ttestor\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"J\n\x13SignWorkloadRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\x12\n\x10GetBundleRequest\"l\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x0e\n\x06\x62undle\x18\x03 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x04 \x03(\t\x12\x13\n\x0breattest_by\x18\x05 \x01(\x03\"\xb2\x01\n\x0e\x42undleResponse\x12\x0e\n\x06\x62undle\x18\x01 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x02 \x03(\t\x12\x13\n\x0breattest_by\x18\x03 \x01(\x03\x12\x15\n\rsigning_chain\x18\x04 \x03(\x0c\x12\x12\n\njwt_bundle\x18\x05 \x01(\x0c\x12\x0c\n\x04node\x18\x06 \x01(\x08\x12\x30\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x1f.meshca.ca.v1.RegistrationEntry\"E\n\x11RegistrationEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t2\xff\x02\n\x07\x41gentCA\x12K\n\x0b\x41ttestAgent\x12 .meshca.ca.v1.AttestAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\nRenewAgent\x12\x1f.meshca.ca.v1.RenewAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12M\n\x0cSignWorkload\x12!.meshca.ca.v1.SignWorkloadRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\tGetBundle\x12\x1e.meshca.ca.v1.GetBundleRequest\x1a\x1c.meshca.ca.v1.BundleResponse\x12\x42\n\x07SignJwt\x12\x1c.meshca.ca.v1.SignJwtRequest\x1a\x19.meshca.ca.v1.JwtResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshca/ca_api/ca.proto\x12\x0cmeshca.ca.v1\"J\n\x0eSignJwtRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"0\n\x0bJwtResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"E\n\x12\x41ttestAgentRequest\x12\x10\n\x08\x61ttestor\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"J\n\x13SignWorkloadRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"O\n\x18\x42\x61tchSignWorkloadRequest\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.meshca.ca.v1.SignWorkloadRequest\"}\n\x19\x42\x61tchSignWorkloadResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.meshca.ca.v1.SignResult\x12\x0e\n\x06\x62undle\x18\x02 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x03 \x03(\t\x12\x13\n\x0breattest_by\x18\x04 \x01(\x03\"P\n\nSignResult\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x12\n\x10GetBundleRequest\"l\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x0e\n\x06\x62undle\x18\x03 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x04 \x03(\t\x12\x13\n\x0breattest_by\x18\x05 \x01(\x03\"\xb2\x01\n\x0e\x42undleResponse\x12\x0e\n\x06\x62undle\x18\x01 \x03(\x0c\x12\x10\n\x08\x65ntitled\x18\x02 \x03(\t\x12\x13\n\x0breattest_by\x18\x03 \x01(\x03\x12\x15\n\rsigning_chain\x18\x04 \x03(\x0c\x12\x12\n\njwt_bundle\x18\x05 \x01(\x0c\x12\x0c\n\x04node\x18\x06 \x01(\x08\x12\x30\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x1f.meshca.ca.v1.RegistrationEntry\"E\n\x11RegistrationEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t2\xe5\x03\n\x07\x41gentCA\x12K\n\x0b\x41ttestAgent\x12 .meshca.ca.v1.AttestAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12I\n\nRenewAgent\x12\x1f.meshca.ca.v1.RenewAgentRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12M\n\x0cSignWorkload\x12!.meshca.ca.v1.SignWorkloadRequest\x1a\x1a.meshca.ca.v1.SvidResponse\x12\x64\n\x11\x42\x61tchSignWorkload\x12&.meshca.ca.v1.BatchSignWorkloadRequest\x1a\'.meshca.ca.v1.BatchSignWorkloadResponse\x12I\n\tGetBundle\x12\x1e.meshca.ca.v1.GetBundleRequest\x1a\x1c.meshca.ca.v1.BundleResponse\x12\x42\n\x07SignJwt\x12\x1c.meshca.ca.v1.SignJwtRequest\x1a\x19.meshca.ca.v1.JwtResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,14 +41,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWAGENTREQUEST']._serialized_end=269
   _globals['_SIGNWORKLOADREQUEST']._serialized_start=271
   _globals['_SIGNWORKLOADREQUEST']._serialized_end=345
-  _globals['_GETBUNDLEREQUEST']._serialized_start=347
-  _globals['_GETBUNDLEREQUEST']._serialized_end=365
-  _globals['_SVIDRESPONSE']._serialized_start=367
-  _globals['_SVIDRESPONSE']._serialized_end=475
-  _globals['_BUNDLERESPONSE']._serialized_start=478
-  _globals['_BUNDLERESPONSE']._serialized_end=656
-  _globals['_REGISTRATIONENTRY']._serialized_start=658
-  _globals['_REGISTRATIONENTRY']._serialized_end=727
-  _globals['_AGENTCA']._serialized_start=730
-  _globals['_AGENTCA']._serialized_end=1113
+  _globals['_BATCHSIGNWORKLOADREQUEST']._serialized_start=347
+  _globals['_BATCHSIGNWORKLOADREQUEST']._serialized_end=426
+  _globals['_BATCHSIGNWORKLOADRESPONSE']._serialized_start=428
+  _globals['_BATCHSIGNWORKLOADRESPONSE']._serialized_end=553
+  _globals['_SIGNRESULT']._serialized_start=555
+  _globals['_SIGNRESULT']._serialized_end=635
+  _globals['_GETBUNDLEREQUEST']._serialized_start=637
+  _globals['_GETBUNDLEREQUEST']._serialized_end=655
+  _globals['_SVIDRESPONSE']._serialized_start=657
+  _globals['_SVIDRESPONSE']._serialized_end=765
+  _globals['_BUNDLERESPONSE']._serialized_start=768
+  _globals['_BUNDLERESPONSE']._serialized_end=946
+  _globals['_REGISTRATIONENTRY']._serialized_start=948
+  _globals['_REGISTRATIONENTRY']._serialized_end=1017
+  _globals['_AGENTCA']._serialized_start=1020
+  _globals['_AGENTCA']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

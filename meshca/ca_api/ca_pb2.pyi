@@ -50,6 +50,36 @@ class SignWorkloadRequest(_message.Message):
     ttl_seconds: int
     def __init__(self, spiffe_id: _Optional[str] = ..., csr: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
+class BatchSignWorkloadRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SignWorkloadRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SignWorkloadRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchSignWorkloadResponse(_message.Message):
+    __slots__ = ("results", "bundle", "entitled", "reattest_by")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ENTITLED_FIELD_NUMBER: _ClassVar[int]
+    REATTEST_BY_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SignResult]
+    bundle: _containers.RepeatedScalarFieldContainer[bytes]
+    entitled: _containers.RepeatedScalarFieldContainer[str]
+    reattest_by: int
+    def __init__(self, results: _Optional[_Iterable[_Union[SignResult, _Mapping]]] = ..., bundle: _Optional[_Iterable[bytes]] = ..., entitled: _Optional[_Iterable[str]] = ..., reattest_by: _Optional[int] = ...) -> None: ...
+
+class SignResult(_message.Message):
+    __slots__ = ("spiffe_id", "cert_chain", "code", "error")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERT_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    cert_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    code: int
+    error: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
 class GetBundleRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, NoReturn
 
 import grpc
@@ -32,13 +33,14 @@ from meshca.attest.kube_tokens import KubeTokenVerifier, KubeUnavailable
 from meshca.attest.records import AgentRecord, AgentRecords
 from meshca.attest.state_file import StateFileError
 from meshca.ca_api import ca_pb2
+from meshca.ca_api.presented import PresentedCertificates
 from meshca.ca_api.rpc import add_agent_ca
 from meshca.ca_api.sightings import AgentSightings
 from meshca.issuer import ActiveSigner, Issuer, IssuerError, X509Svid
 from meshca.issuer.csr import check_csr_claims, csr_public_key, load_csr
 from meshca.issuer.errors import BACKEND_UNAVAILABLE, CsrError, KeyTypeError, SvidError, TtlError
 from meshca.issuer.jwt_svid import DEFAULT_JWT_TTL, JwtAuthorities, JwtError
-from meshca.issuer.svid import spiffe_id_of
+from meshca.issuer.svid import MALFORMED_CERTIFICATE, certificates_der
 from meshca.spiffe import SpiffeId, SpiffeIdError
 from meshca.util.aio import call_inline_or_in_thread
 from meshca.util.formats import rfc3339, serial_hex
@@ -51,10 +53,29 @@ DEFAULT_AGENT_TTL = timedelta(hours=1)
 DEFAULT_AGENT_MAX_AGE = timedelta(days=30)
 MIN_AGENT_TTL = timedelta(minutes=1)  # a renewal shorter than this is refused: attest again
 _SHOWN = 200  # characters of a caller-supplied value a log line or error may repeat
+MAX_BATCH = 64  # CSRs in one BatchSignWorkload call
+MAX_BATCH_CSR_BYTES = 1024 * 1024  # their CSRs together
+INLINE_BATCH = 2  # a batch this small is signed on the loop, as one CSR is; more: a thread
 
 
 def _shown(text: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+class Refused(Exception):
+    """What a call (or one entry of a batch) is refused with: its gRPC code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@lru_cache(maxsize=1024)
+def _parsed_id(text: str) -> SpiffeId:
+    """``SpiffeId.parse``, remembered: agents ask for the same few IDs on every call.
+    Only IDs that parse are kept (at most 2 KB each), so the cache is bounded."""
+    return SpiffeId.parse(text)
 
 
 class AgentCaServicer:
@@ -70,6 +91,7 @@ class AgentCaServicer:
         entries: EntryStore | None = None,
         kube: KubeTokenVerifier | None = None,
         sightings: AgentSightings | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if agent_ttl < MIN_AGENT_TTL or agent_max_age < agent_ttl:
             raise ValueError("the agent TTL must be at least 1m and at most the agent max age")
@@ -83,13 +105,19 @@ class AgentCaServicer:
         self.sightings = sightings or AgentSightings()  # what root rotation waits on
         self.entries = entries
         self.kube = kube  # Kubernetes node agents' entries are checked against their node
+        self.presented = PresentedCertificates()  # agents' client certificates, parsed once
+        self.clock = clock  # what a presented certificate's validity is checked against
         self.refusals = 0
 
     # --- shared pieces ----------------------------------------------------------------
-    async def refuse(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    def note_refusal(self, context: Context, code: grpc.StatusCode, message: str) -> None:
+        """Count and log a refusal (INVALID_ARGUMENT at INFO, the others at WARNING)."""
         self.refusals += 1
         level = logging.INFO if code is grpc.StatusCode.INVALID_ARGUMENT else logging.WARNING
         log.log(level, "CSR API refused %s: %s", context.peer(), message)
+
+    async def refuse(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+        self.note_refusal(context, code, message)
         await context.abort(code, message)
         raise AssertionError("abort returned")  # pragma: no cover
 
@@ -100,37 +128,51 @@ class AgentCaServicer:
         spiffe_id: SpiffeId | None,
         *,
         verify: bool = False,
-    ) -> bytes:
-        """``data`` when it is a CSR meshca will sign for ``spiffe_id`` (None: a CSR that
-        names nothing); else the call ends with INVALID_ARGUMENT. Its signature (proof of
-        possession) is checked here only with ``verify``: signing checks it anyway."""
+    ) -> x509.CertificateSigningRequest:
+        """``data`` read, when it is a CSR meshca will sign for ``spiffe_id`` (None: a CSR
+        that names nothing); else the call ends with INVALID_ARGUMENT. Its signature
+        (proof of possession) is checked here only with ``verify``: signing checks it."""
         try:
-            csr = load_csr(data)
-            if verify:
-                csr_public_key(csr)
-            check_csr_claims(csr, None if spiffe_id is None else str(spiffe_id))
-        except IssuerError as exc:
-            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return data
+            return checked_csr(data, spiffe_id, verify=verify)
+        except Refused as exc:
+            await self.refuse(context, exc.code, exc.message)
 
-    async def sign(
-        self, context: Context, spiffe_id: SpiffeId, csr: bytes, ttl: timedelta | None
+    def signed(
+        self,
+        spiffe_id: SpiffeId,
+        csr: bytes | x509.CertificateSigningRequest,
+        ttl: timedelta | None,
     ) -> X509Svid:
+        """``csr``'s key certified for ``spiffe_id``, or :class:`Refused`: INVALID_ARGUMENT
+        for the caller's own request, UNAVAILABLE (detail in this server's log only) when
+        the CA cannot sign."""
         try:
-            return await call_inline_or_in_thread(
-                self.issuer.issues_quickly(), self.issuer.sign_csr, spiffe_id, csr, ttl=ttl
-            )
+            return self.issuer.sign_csr(spiffe_id, csr, ttl=ttl)
         except (CsrError, KeyTypeError, TtlError) as exc:  # about the caller's own request
-            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except IssuerError as exc:
             # The CA's own state or its backend (a Vault address, a backend's wording): the
             # detail is for the operator's log, never for the caller.
             log.warning("CSR API cannot sign for %s: %s", spiffe_id, exc)
-            await self.refuse(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"cannot sign for {spiffe_id}: {BACKEND_UNAVAILABLE}",
+            raise Refused(
+                grpc.StatusCode.UNAVAILABLE, f"cannot sign for {spiffe_id}: {BACKEND_UNAVAILABLE}"
+            ) from None
+
+    async def sign(
+        self,
+        context: Context,
+        spiffe_id: SpiffeId,
+        csr: bytes | x509.CertificateSigningRequest,
+        ttl: timedelta | None,
+    ) -> X509Svid:
+        """:meth:`signed` on the loop when that is a fraction of a millisecond (an EC key
+        signed here), else in a thread; a refusal ends the call."""
+        try:
+            return await call_inline_or_in_thread(
+                self.issuer.issues_quickly(), self.signed, spiffe_id, csr, ttl
             )
+        except Refused as exc:
+            await self.refuse(context, exc.code, exc.message)
 
     async def _node_entries(self, context: Context, record: AgentRecord) -> list[RegistrationEntry]:
         """A node agent's entries; for a Kubernetes node agent, only those whose identity
@@ -159,14 +201,14 @@ class AgentCaServicer:
         """The trust bundle, as DER, noted as sent to the agent (its ACK, for rotation)."""
         bundle = self.issuer.bundle()
         self.sightings.sent_bundle(record.agent_id, bundle)
-        return [root.public_bytes(serialization.Encoding.DER) for root in bundle]
+        return certificates_der(bundle.roots)
 
     async def _response(
         self, context: Context, svid: X509Svid, record: AgentRecord
     ) -> ca_pb2.SvidResponse:
         return ca_pb2.SvidResponse(
             spiffe_id=str(svid.spiffe_id),
-            cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.chain],
+            cert_chain=_chain_der(svid),
             bundle=self._bundle_for(record),
             entitled=[str(i) for i in await self._entitlements(context, record)],
             reattest_by=int(record.reattest_by.timestamp()),
@@ -176,16 +218,9 @@ class AgentCaServicer:
         """The SPIFFE ID ``text`` names, when the agent is entitled to it; else the call ends
         (PERMISSION_DENIED, logged)."""
         try:
-            spiffe_id = SpiffeId.parse(text)
-        except SpiffeIdError as exc:
-            await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc)))
-        if spiffe_id not in await self._entitlements(context, record):
-            await self.refuse(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"agent {record.agent_id} is not entitled to {spiffe_id}",
-            )
-        return spiffe_id
+            return authorized(record, await self._entitlements(context, record), text)
+        except Refused as exc:
+            await self.refuse(context, exc.code, exc.message)
 
     async def _agent(self, context: Context) -> AgentRecord:
         """The calling agent's record: mutual TLS with a current agent SVID, or the call ends."""
@@ -197,11 +232,21 @@ class AgentCaServicer:
                 "this call needs mutual TLS with an agent SVID (attest first with AttestAgent)",
             )
         try:
-            presented = x509.load_pem_x509_certificate(pems[0])
-            caller = spiffe_id_of(presented)
-        except (SvidError, ValueError) as exc:
+            presented = self.presented.read(pems[0])
+        except (SvidError, *MALFORMED_CERTIFICATE) as exc:
             await self.refuse(
                 context, grpc.StatusCode.UNAUTHENTICATED, f"client certificate refused: {exc}"
+            )
+        caller, now = presented.spiffe_id, self.clock()
+        certificate = presented.certificate
+        if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc:
+            # TLS checked it when the connection opened; a connection outlives it.
+            await self.refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the client certificate of {caller} is not valid now (valid "
+                f"{rfc3339(certificate.not_valid_before_utc)} to "
+                f"{rfc3339(certificate.not_valid_after_utc)}): reconnect with a current one",
             )
         if not caller.is_agent:
             await self.refuse(
@@ -221,14 +266,14 @@ class AgentCaServicer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {caller} is not attested (unknown or evicted): attest again",
             )
-        if datetime.now(UTC) >= record.reattest_by:
+        if now >= record.reattest_by:
             await self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {caller} reached its maximum age at {rfc3339(record.reattest_by)}: "
                 "attest again",
             )
-        self.sightings.called(caller, presented)
+        self.sightings.called(caller, certificate)
         return record
 
     # --- the calls -----------------------------------------------------------------------
@@ -308,16 +353,79 @@ class AgentCaServicer:
         record = await self._agent(context)
         spiffe_id = await self._entitled(context, record, request.spiffe_id)
         csr = await self._checked_csr(context, request.csr, spiffe_id)
-        ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
-        svid = await self.sign(context, spiffe_id, csr, ttl)
-        log.info(
-            "signed %s for agent %s serial=%s not_after=%s",
-            spiffe_id,
-            record.agent_id,
-            serial_hex(svid.serial),
-            rfc3339(svid.not_after),
-        )
+        svid = await self.sign(context, spiffe_id, csr, _ttl(request))
+        _log_signed(svid, record)
         return await self._response(context, svid, record)
+
+    async def BatchSignWorkload(
+        self, request: ca_pb2.BatchSignWorkloadRequest, context: Context
+    ) -> ca_pb2.BatchSignWorkloadResponse:
+        """Several workload CSRs, each authorized, checked and signed on its own: a refused
+        entry is answered with its refusal (logged as a call's would be), the others are
+        signed. The batch as a whole is refused only for what concerns every entry: the
+        agent's credential, or a batch over :data:`MAX_BATCH` entries or
+        :data:`MAX_BATCH_CSR_BYTES`."""
+        record = await self._agent(context)
+        entries = list(request.requests)
+        csr_bytes = sum(len(entry.csr) for entry in entries)
+        if not entries or len(entries) > MAX_BATCH or csr_bytes > MAX_BATCH_CSR_BYTES:
+            await self.refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a batch holds 1 to {MAX_BATCH} CSRs of at most {MAX_BATCH_CSR_BYTES} bytes "
+                f"in all; this one holds {len(entries)} of {csr_bytes} bytes",
+            )
+        entitled = await self._entitlements(context, record)
+        wanted: list[SpiffeId | Refused] = []
+        for entry in entries:
+            try:
+                wanted.append(authorized(record, entitled, entry.spiffe_id))
+            except Refused as refusal:
+                wanted.append(refusal)
+        to_sign = sum(isinstance(w, SpiffeId) for w in wanted)
+        outcomes = await call_inline_or_in_thread(
+            self.issuer.issues_quickly() and to_sign <= INLINE_BATCH,
+            self._sign_batch,
+            entries,
+            wanted,
+        )
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, Refused):
+                self.note_refusal(context, outcome.code, outcome.message)
+                results.append(ca_pb2.SignResult(code=outcome.code.value[0], error=outcome.message))
+            else:
+                _log_signed(outcome, record)
+                results.append(
+                    ca_pb2.SignResult(
+                        spiffe_id=str(outcome.spiffe_id), cert_chain=_chain_der(outcome)
+                    )
+                )
+        return ca_pb2.BatchSignWorkloadResponse(
+            results=results,
+            bundle=self._bundle_for(record),
+            entitled=[str(i) for i in entitled],
+            reattest_by=int(record.reattest_by.timestamp()),
+        )
+
+    def _sign_batch(
+        self,
+        entries: list[ca_pb2.SignWorkloadRequest],
+        wanted: list[SpiffeId | Refused],
+    ) -> list[X509Svid | Refused]:
+        """Each authorized entry's CSR checked and signed, in order (one hand-off to a
+        thread for the whole batch when it is more than a few)."""
+        outcomes: list[X509Svid | Refused] = []
+        for entry, spiffe_id in zip(entries, wanted, strict=True):
+            if isinstance(spiffe_id, Refused):
+                outcomes.append(spiffe_id)
+                continue
+            try:
+                csr = checked_csr(entry.csr, spiffe_id)
+                outcomes.append(self.signed(spiffe_id, csr, _ttl(entry)))
+            except Refused as refusal:
+                outcomes.append(refusal)
+        return outcomes
 
     async def GetBundle(
         self, request: ca_pb2.GetBundleRequest, context: Context
@@ -365,6 +473,57 @@ class AgentCaServicer:
             await self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("signed a JWT-SVID for %s (agent %s)", spiffe_id, record.agent_id)
         return ca_pb2.JwtResponse(token=token, expires_at=int(expires.timestamp()))
+
+
+def checked_csr(
+    data: bytes, spiffe_id: SpiffeId | None, *, verify: bool = False
+) -> x509.CertificateSigningRequest:
+    """``data`` read, when it is a CSR meshca will sign for ``spiffe_id`` (None: one that
+    names nothing); else :class:`Refused` (INVALID_ARGUMENT)."""
+    try:
+        csr = load_csr(data)
+        if verify:
+            csr_public_key(csr)
+        check_csr_claims(csr, None if spiffe_id is None else str(spiffe_id))
+    except IssuerError as exc:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    return csr
+
+
+def authorized(record: AgentRecord, entitled: Sequence[SpiffeId], text: str) -> SpiffeId:
+    """The SPIFFE ID ``text`` names, when it is among the agent's ``entitled``; else
+    :class:`Refused` (INVALID_ARGUMENT, or PERMISSION_DENIED)."""
+    try:
+        spiffe_id = _parsed_id(text)
+    except SpiffeIdError as exc:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, _shown(str(exc))) from None
+    if spiffe_id not in entitled:
+        raise Refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"agent {record.agent_id} is not entitled to {spiffe_id}",
+        )
+    return spiffe_id
+
+
+def _ttl(request: ca_pb2.SignWorkloadRequest) -> timedelta | None:
+    return timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
+
+
+def _chain_der(svid: X509Svid) -> list[bytes]:
+    """The leaf's DER, then the intermediates' (encoded once per signing CA)."""
+    leaf = svid.chain[0].public_bytes(serialization.Encoding.DER)
+    return [leaf, *certificates_der(svid.chain[1:])]
+
+
+def _log_signed(svid: X509Svid, record: AgentRecord) -> None:
+    if log.isEnabledFor(logging.INFO):  # its fields are not formatted for nothing
+        log.info(
+            "signed %s for agent %s serial=%s not_after=%s",
+            svid.spiffe_id,
+            record.agent_id,
+            serial_hex(svid.serial),
+            rfc3339(svid.not_after),
+        )
 
 
 def add_agent_ca_to_server(servicer: AgentCaServicer, server: grpc.aio.Server) -> None:

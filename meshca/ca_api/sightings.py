@@ -32,27 +32,42 @@ class Sighting:
 
 
 class AgentSightings:
+    """Thread-safe. A call's sighting is cheap (the CSR API notes one per call): the time
+    of the last call is kept apart, and the presented certificate and bundle are replaced
+    only when they are not the objects already held."""
+
     def __init__(self) -> None:
         self._seen: dict[str, Sighting] = {}
+        self._last_call: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def called(self, agent_id: SpiffeId, presented: x509.Certificate) -> None:
+        key = str(agent_id)
         with self._lock:
-            previous = self._seen.get(str(agent_id))
-            base = previous or Sighting(0.0)
-            self._seen[str(agent_id)] = replace(base, last_call=time.time(), presented=presented)
+            self._last_call[key] = time.time()
+            previous = self._seen.get(key)
+            if previous is None or previous.presented is not presented:
+                self._seen[key] = replace(previous or Sighting(0.0), presented=presented)
 
     def sent_bundle(self, agent_id: SpiffeId, bundle: TrustBundle) -> None:
+        key = str(agent_id)
         with self._lock:
-            base = self._seen.get(str(agent_id)) or Sighting(time.time())
-            self._seen[str(agent_id)] = replace(base, bundle=bundle)
+            previous = self._seen.get(key)
+            if previous is None or previous.bundle is not bundle:
+                self._seen[key] = replace(previous or Sighting(0.0), bundle=bundle)
+            self._last_call.setdefault(key, time.time())
 
     def get(self, agent_id: str) -> Sighting | None:
         with self._lock:
-            return self._seen.get(agent_id)
+            seen = self._seen.get(agent_id)
+            if seen is None:
+                return None
+            return replace(seen, last_call=self._last_call.get(agent_id, 0.0))
 
     def keep_only(self, agent_ids: set[str]) -> None:
         """Forget agents no longer attested (evicted, or past their maximum age)."""
         with self._lock:
             for gone in set(self._seen) - agent_ids:
                 del self._seen[gone]
+            for gone in set(self._last_call) - agent_ids:
+                del self._last_call[gone]

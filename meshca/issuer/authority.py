@@ -205,13 +205,18 @@ class Issuer:
         return svid
 
     def sign_csr(
-        self, spiffe_id: SpiffeId, csr: bytes, *, ttl: timedelta | None = None
+        self,
+        spiffe_id: SpiffeId,
+        csr: bytes | x509.CertificateSigningRequest,
+        *,
+        ttl: timedelta | None = None,
     ) -> X509Svid:
-        """Sign the public key of ``csr`` for ``spiffe_id`` (the CSR's own claims are ignored)."""
+        """Sign the public key of ``csr`` (DER or PEM, or already read) for ``spiffe_id``
+        (the CSR's own claims are ignored; its signature is verified here)."""
         started = time.perf_counter()
         try:
             resolved, _ = self._checked(spiffe_id, ttl, ())
-            loaded = load_csr(csr)
+            loaded = csr if isinstance(csr, x509.CertificateSigningRequest) else load_csr(csr)
             request = LeafRequest(
                 spiffe_id, csr_public_key(loaded), resolved, (), self.policy.skew, loaded
             )

@@ -56,6 +56,22 @@ def intermediates_pem(certs: tuple[x509.Certificate, ...]) -> bytes:
     return found
 
 
+_DER: dict[tuple[x509.Certificate, ...], tuple[bytes, ...]] = {}
+_DER_KEPT = 16  # a few signing chains and bundles at once (during rotations, more)
+
+
+def certificates_der(certs: tuple[x509.Certificate, ...]) -> list[bytes]:
+    """The DER of each of ``certs`` (a signing chain's CAs, a bundle's roots), encoded
+    once per chain or bundle: every answer of the CSR API carries the same ones."""
+    encoded = _DER.get(certs)
+    if encoded is None:
+        encoded = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
+        if len(_DER) >= _DER_KEPT:
+            _DER.clear()
+        _DER[certs] = encoded
+    return list(encoded)
+
+
 def load_certificates_pem(data: bytes, what: str = "certificate file") -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
