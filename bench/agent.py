@@ -20,6 +20,11 @@ server's own cost per call):
   sign_csr_per_cpu_s   the same per CPU-second of the thread that signs
   csr_ratio            csr_per_s / sign_csr_per_s (goal >= 0.5)
   csr_ratio_per_cpu    csr_per_server_cpu_s / sign_csr_per_cpu_s (goal >= 0.5)
+  batch_csr_per_s      the same agents sending BatchSignWorkload calls of ``--batch`` CSRs
+                       (what ``meshca agent`` sends when several SVIDs are due at once),
+                       counted per CSR; batch_csr_per_server_cpu_s, batch_csr_ratio and
+                       batch_csr_ratio_per_cpu as above (a separate figure: the single-CSR
+                       one stays the headline)
   fanout_s             from a renewal in the agent until every one of ``--streams``
                        ``FetchX509SVID`` streams has the new SVID
   baseline_health_s    the same fan-out of gRPC health ``Watch`` status changes over the
@@ -62,8 +67,8 @@ from grpc_health.v1 import health_pb2
 
 WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
 HEALTH_SERVICE = "bench"
-DEFAULTS = {"agents": 8, "seconds": 5.0, "streams": 1000, "channels": 10}
-SMOKE = {"agents": 2, "seconds": 0.5, "streams": 20, "channels": 2}  # --smoke
+DEFAULTS = {"agents": 8, "seconds": 5.0, "streams": 1000, "channels": 10, "batch": 16}
+SMOKE = {"agents": 2, "seconds": 0.5, "streams": 20, "channels": 2, "batch": 4}  # --smoke
 
 
 def rss_bytes() -> int:
@@ -209,8 +214,15 @@ def sign_csr_rate(seconds: float, csr: bytes) -> tuple[float, float]:
 
 
 def csr_rate(
-    child: Child, agents: int, seconds: float, csr: bytes, profile: Path | None = None
+    child: Child,
+    agents: int,
+    seconds: float,
+    csr: bytes,
+    profile: Path | None = None,
+    batch: int = 0,
 ) -> Rate:
+    """SignWorkload calls from ``agents`` threads (each its own agent SVID and connection);
+    with ``batch``, BatchSignWorkload calls of that many CSRs each, counted per CSR."""
     from meshca.agent.ca_client import CaClient
     from meshca.issuer import TrustBundle
     from meshca.issuer.keys import generate_private_key
@@ -218,6 +230,7 @@ def csr_rate(
 
     td = TrustDomain("cluster.local")
     bundle = TrustBundle.from_pem(td, child.hello["bundle"].encode())
+    spiffe_id = SpiffeId.parse(WORKLOAD)
     clients = []
     for _ in range(agents):
         client = CaClient(
@@ -228,17 +241,17 @@ def csr_rate(
         )
         signed = client.attest(child.ask_sync("token")["token"], generate_private_key())
         client.use(signed.svid, signed.bundle)
-        client.sign(SpiffeId.parse(WORKLOAD), csr)  # connect and warm up
+        client.sign(spiffe_id, csr)  # connect and warm up
         clients.append(client)
-    spiffe_id = SpiffeId.parse(WORKLOAD)
+    if batch:
+        entries = [(spiffe_id, csr, None)] * batch
+        calls = [functools.partial(client.sign_batch, entries) for client in clients]
+    else:
+        calls = [functools.partial(client.sign, spiffe_id, csr) for client in clients]
     if profile is not None:
         child.ask_sync("profile")
     try:
-        return concurrent_calls(
-            [functools.partial(client.sign, spiffe_id, csr) for client in clients],
-            seconds,
-            server_pid=child.process.pid,
-        )
+        return concurrent_calls(calls, seconds, server_pid=child.process.pid, weight=max(batch, 1))
     finally:
         if profile is not None:
             child.ask_sync(f"profile-dump {profile.resolve()}")
@@ -315,6 +328,11 @@ async def spire_peer(args: argparse.Namespace, csr: bytes, meshca: dict[str, Any
         if per_cpu
         else None,
     }
+    if "batch_csr_per_s" in meshca:
+        result["meshca_batch_over_spire_signing"] = round(meshca["batch_csr_per_s"] / rate.per_s, 2)
+        result["meshca_batch_over_spire_signing_per_server_cpu"] = (
+            round(meshca["batch_csr_per_server_cpu_s"] / per_cpu, 2) if per_cpu else None
+        )
     if fan:
         per_stream = fan["agent_bytes_per_stream"]
         result.update(fan)
@@ -331,7 +349,7 @@ async def signing(args: argparse.Namespace, child: Child, csr: bytes) -> dict[st
     baseline, baseline_cpu = sign_csr_rate(args.seconds, csr)
     rate = await asyncio.to_thread(csr_rate, child, args.agents, args.seconds, csr, args.profile)
     per_cpu = rate.per_server_cpu_s or 0.0
-    return {
+    result = {
         "agents": args.agents,
         "csr_per_s": round(rate.per_s, 1),
         "csr_per_server_cpu_s": round(per_cpu, 1),
@@ -345,6 +363,23 @@ async def signing(args: argparse.Namespace, child: Child, csr: bytes) -> dict[st
         "goal_csr_ratio_0_5": rate.per_s / baseline >= 0.5,
         "goal_csr_ratio_per_cpu_0_5": per_cpu / baseline_cpu >= 0.5,
     }
+    if args.batch:
+        batched = await asyncio.to_thread(
+            csr_rate, child, args.agents, args.seconds, csr, None, args.batch
+        )
+        batch_cpu = batched.per_server_cpu_s or 0.0
+        result.update(
+            {
+                "batch": args.batch,
+                "batch_csr_per_s": round(batched.per_s, 1),
+                "batch_csr_per_server_cpu_s": round(batch_cpu, 1),
+                "batch_server_cpu_s": round(batched.server_cpu_s or 0.0, 2),
+                "batch_client_cpu_s": round(batched.client_cpu_s, 2),
+                "batch_csr_ratio": round(batched.per_s / baseline, 3),
+                "batch_csr_ratio_per_cpu": round(batch_cpu / baseline_cpu, 3),
+            }
+        )
+    return result
 
 
 async def fanout_figures(args: argparse.Namespace, child: Child) -> dict[str, Any]:
@@ -410,6 +445,17 @@ def report(result: dict[str, Any]) -> None:
         f"  ratio (goal >= 0.5)              {result['csr_ratio']:10.2f}   "
         f"{result['csr_ratio_per_cpu']:16.2f}"
     )
+    if "batch" in result:
+        print(
+            f"  gRPC BatchSignWorkload, {result['batch']:2d}/call "
+            f"{result['batch_csr_per_s']:10.0f}   "
+            f"{result['batch_csr_per_server_cpu_s']:16.0f}  (CSRs; server used "
+            f"{result['batch_server_cpu_s']} CPU-s)"
+        )
+        print(
+            f"  batch ratio (goal >= 0.5)        {result['batch_csr_ratio']:10.2f}   "
+            f"{result['batch_csr_ratio_per_cpu']:16.2f}"
+        )
     if isinstance(peer, dict):
         print(
             f"  SPIRE MintX509SVID (no TLS)      {peer['mint_per_s']:10.0f}   "
@@ -420,6 +466,12 @@ def report(result: dict[str, Any]) -> None:
             f"  meshca/SPIRE (goal >= 1)         {peer['meshca_over_spire_signing']:10.2f}   "
             f"{peer['meshca_over_spire_signing_per_server_cpu']:16.2f}"
         )
+        if "meshca_batch_over_spire_signing" in peer:
+            print(
+                f"  meshca batch/SPIRE (goal >= 1)   "
+                f"{peer['meshca_batch_over_spire_signing']:10.2f}   "
+                f"{peer['meshca_batch_over_spire_signing_per_server_cpu']:16.2f}"
+            )
     if "fanout_s" in result:
         print(
             f"Workload API fan-out: {result['streams']} FetchX509SVID streams on "
@@ -463,6 +515,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="of each signing measure (5)")
     parser.add_argument("--streams", type=int, help="Workload API streams (1000; 0: no fan-out)")
     parser.add_argument("--channels", type=int, help="connections the streams share (10)")
+    parser.add_argument(
+        "--batch", type=int, help="CSRs per BatchSignWorkload call (16; 0: no batch figure)"
+    )
     parser.add_argument(
         "--profile",
         type=Path,
