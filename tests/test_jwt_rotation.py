@@ -273,6 +273,7 @@ async def test_py_spiffe_validates_an_old_token_after_activation_not_after_retir
                 await agent.poll_once()
                 # The streamed JWT bundle gains the prepared key before it signs.
                 await _until(lambda: _kids(source) == {old_kid, prepared})
+                await agent.poll_once()  # its report that it holds the key: the ACK
                 await operations.jwt_key("activate")
                 await agent.poll_once()
                 with WorkloadApiClient(endpoint) as client:

@@ -235,8 +235,11 @@ class CaClient:
             )
         return answers
 
-    def fetch_bundle(self) -> ServerState:
-        response = self._call("GetBundle", ca_pb2.GetBundleRequest(), self._stub())
+    def fetch_bundle(self, jwt_kids: Sequence[str] = ()) -> ServerState:
+        """What meshca serve says now; ``jwt_kids`` (the JWT authorities this agent holds)
+        acknowledges the JWT key set it fetched before."""
+        request = ca_pb2.GetBundleRequest(jwt_kids=list(jwt_kids))
+        response = self._call("GetBundle", request, self._stub())
         assert isinstance(response, ca_pb2.BundleResponse)
         return ServerState(
             _bundle(self.trust_domain, list(response.bundle)),

@@ -23,6 +23,7 @@ class JwtSvids:
     def __init__(self, client: CaClient, bundle: bytes = b"") -> None:
         self.client = client
         self._bundle = bundle
+        self._kids: tuple[str, ...] = ()
         self._cache: dict[Key, tuple[str, datetime, datetime]] = {}  # token, issued, exp
         self._listeners: list[Callable[[], None]] = []
 
@@ -31,11 +32,22 @@ class JwtSvids:
     def bundle(self) -> bytes:
         return self._bundle or b'{"keys": []}'
 
+    @property
+    def kids(self) -> tuple[str, ...]:
+        """The key ids of the JWT authorities held (and pushed to every stream): what the
+        agent reports at its next poll, meshca serve's signal that a prepared key may sign."""
+        return self._kids
+
     def update_bundle(self, data: bytes) -> None:
         if data and data != self._bundle:
+            try:
+                kids = tuple(sorted(parse_jwt_bundle(data)))
+            except JwtError:
+                kids = ()  # nothing usable in it: nothing acknowledged
             self._bundle = data
             for listener in list(self._listeners):
                 listener()
+            self._kids = kids  # reported only once every stream was told
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         self._listeners.append(listener)

@@ -176,7 +176,7 @@ class MeshcaAgent:
         """Follow meshca: a changed bundle is pushed to every stream; SVIDs from a CA
         meshca no longer signs with are renewed at once (so a root rotation's last step,
         which drops the old root, finds nothing of this agent still under it)."""
-        state = await asyncio.to_thread(self.client.fetch_bundle)
+        state = await asyncio.to_thread(self.client.fetch_bundle, self.jwt.kids)
         self.jwt.update_bundle(state.jwt_bundle)
         if self.node is not None:
             self.node.update(state.entries)

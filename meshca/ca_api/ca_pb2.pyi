@@ -81,8 +81,10 @@ class SignResult(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetBundleRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("jwt_kids",)
+    JWT_KIDS_FIELD_NUMBER: _ClassVar[int]
+    jwt_kids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, jwt_kids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SvidResponse(_message.Message):
     __slots__ = ("spiffe_id", "cert_chain", "bundle", "entitled", "reattest_by")

@@ -443,6 +443,9 @@ class AgentCaServicer:
             else ()
         )
         entries = await self._node_entries(context, record)
+        jwt_bundle = self._jwt_bundle()
+        # Its report of the JWT key set it holds: the ACK a JWT key activation waits for.
+        self.sightings.held_jwt(record.agent_id, request.jwt_kids, self.jwt.kids)
         return ca_pb2.BundleResponse(
             bundle=self._bundle_for(record),
             entitled=[str(i) for i in dict.fromkeys(e.spiffe_id for e in entries)]
@@ -450,7 +453,7 @@ class AgentCaServicer:
             else [str(i) for i in record.entitled()],
             reattest_by=int(record.reattest_by.timestamp()),
             signing_chain=[c.public_bytes(serialization.Encoding.DER) for c in chain],
-            jwt_bundle=self._jwt_bundle(),
+            jwt_bundle=jwt_bundle,
             node=record.node,
             entries=[
                 ca_pb2.RegistrationEntry(

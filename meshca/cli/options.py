@@ -474,7 +474,8 @@ OPTIONS: tuple[Option, ...] = (
         parse_duration,
         "24h",
         "how long a JWT-SVID signing key signs: its successor is prepared (published) and "
-        "activated at rotation_prepare_at and rotation_activate_at of this",
+        "activated at rotation_prepare_at and rotation_activate_at of this (activation "
+        "waits until every attested agent holds it)",
         ("serve",),
         metavar="D",
     ),
@@ -692,8 +693,9 @@ OPTIONS: tuple[Option, ...] = (
         "poll_interval",
         parse_duration,
         "5s",
-        "how often the agent asks meshca for the trust bundle and signing CA (root and CA "
-        "rotations are followed within this delay)",
+        "how often the agent asks meshca for the trust bundle, signing CA and JWT key set "
+        "(root and CA rotations are followed within this delay; a new JWT key is "
+        "acknowledged at the poll after it was fetched)",
         ("agent",),
         metavar="D",
     ),

@@ -163,6 +163,7 @@ class JwtAuthorities:
     ) -> None:
         self.signer = signer
         self.published: tuple[ec.EllipticCurvePublicKey, ...] = ()
+        self._kids: list[str] = []
         self._bundle = b""
         self.update(signer, published)
 
@@ -176,6 +177,7 @@ class JwtAuthorities:
             keys.insert(0, signer.key.public_key())
         self.signer = signer
         self.published = tuple(keys)
+        self._kids = [key_id(k) for k in keys]
         self._bundle = jwt_bundle_json(keys)
 
     def current(self) -> JwtSigner | None:
@@ -184,7 +186,8 @@ class JwtAuthorities:
 
     @property
     def kids(self) -> list[str]:
-        return [key_id(k) for k in self.published]
+        """The published keys' ids (computed once per change: read at every agent poll)."""
+        return list(self._kids)
 
     def bundle_json(self) -> bytes:
         """The JWK Set of every published key (computed once per change)."""

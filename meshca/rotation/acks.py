@@ -23,12 +23,13 @@ from meshca.issuer import TrustBundle
 @dataclass(frozen=True)
 class AckedSecret:
     """The content a proxy last ACKed for one secret it watches: a trust bundle (a
-    validation context) or a certificate chain (a TLS certificate: leaf first, root
-    excluded)."""
+    validation context), a certificate chain (a TLS certificate: leaf first, root
+    excluded), or the key ids of the JWT authorities it holds (an agent's JWKS)."""
 
     name: str
     bundle: TrustBundle | None = None
     chain: tuple[x509.Certificate, ...] | None = None
+    jwt_kids: frozenset[str] | None = None
 
 
 SecretPredicate = Callable[[AckedSecret], bool]
@@ -106,6 +107,12 @@ class Combined:
             await tracker.pushed(timeout)
 
 
+def shown(names: list[str], limit: int = 20) -> str:
+    """Up to ``limit`` names, then how many more: a reply stays short whatever the count."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return cert.issuer == issuer.subject and _signed_by(cert, issuer)
 
@@ -143,3 +150,8 @@ def certificate_under(root: x509.Certificate) -> SecretPredicate:
 def certificate_not_under(root: x509.Certificate) -> SecretPredicate:
     """No certificate may still chain to ``root`` (before it leaves the bundle)."""
     return lambda secret: secret.chain is None or not chains_to(secret.chain, root)
+
+
+def jwks_holds(kid: str) -> SecretPredicate:
+    """JWT key sets must hold ``kid``; bundles and certificates are not concerned."""
+    return lambda secret: secret.jwt_kids is None or kid in secret.jwt_kids

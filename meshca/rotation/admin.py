@@ -11,6 +11,8 @@ request per connection: a JSON object on one line, answered by one JSON line::
     {"op": "rotate-root", "step": 2, "timeout": 60, "force": true}   # go on without
                                                         # proxies that did not ACK in time
     {"op": "jwt-key", "step": "prepare"}                # or "activate", "retire"
+    {"op": "jwt-key", "step": "activate", "timeout": 60}   # waits for every agent's ACK
+    {"op": "jwt-key", "step": "activate", "force": true}   # activates without them
     {"op": "jwt-key", "step": "retire", "force": true}  # before its tokens have expired
 
     {"ok": true, "result": {...}}   or   {"ok": false, "error": "one line"}
@@ -39,7 +41,8 @@ from typing import Any
 from meshca.issuer import IssuerError
 from meshca.rotation.acks import bundle_holds
 from meshca.rotation.admin_client import AdminUnavailable, admin_request
-from meshca.rotation.journal import RotationError, SlotKind
+from meshca.rotation.journal import JwtKeyRecord, RotationError, SlotKind
+from meshca.rotation.jwt_keys import JwtKeyUnacked
 from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.status import rotation_status
@@ -56,14 +59,20 @@ LISTED = 100  # proxies named in a status; the counts say how many there are in 
 # that does not read can hold its own push up, never the reply for longer than this).
 PUSH_WAIT = 10.0
 MAX_REQUEST = 64 * 1024
+JWT_ACK_POLL = 0.25  # seconds between looks while a JWT key activation waits for agents
 
 
 class CaOperations:
     """``meshca ca`` status, rotate, rotate-root and jwt-key, over one manager."""
 
-    def __init__(self, manager: RotationManager, rotation: RootRotation) -> None:
+    def __init__(
+        self, manager: RotationManager, rotation: RootRotation, *, polled: bool = True
+    ) -> None:
         self.manager = manager
         self.rotation = rotation
+        # Whether agents poll meanwhile (a running server): waiting for their ACKs can
+        # end; working on the data directory directly, nobody will, so no wait is made.
+        self.polled = polled
 
     def status(self) -> dict[str, Any]:
         manager = self.manager
@@ -95,22 +104,45 @@ class CaOperations:
         self.rotation.rotator.replan()
         return await self._reply({"activated": record.id})
 
-    async def jwt_key(self, step: str, *, force: bool = False) -> dict[str, Any]:
-        """One step of the JWT signing key's rotation (the schedule does them too)."""
+    async def jwt_key(
+        self, step: str, *, force: bool = False, timeout: timedelta | None = None
+    ) -> dict[str, Any]:
+        """One step of the JWT signing key's rotation (the schedule does them too).
+        ``activate`` waits up to ``timeout`` for every attested agent to have fetched the
+        prepared key, then is refused naming them; ``force`` activates without them."""
         jwt = self.manager.jwt
+        if step == "activate":
+            record = await self._activate_jwt_key(force, timeout or DEFAULT_ACK_TIMEOUT)
+            self.rotation.rotator.replan()
+            return await self._reply({"jwt_activated": record.id, "kid": record.kid})
         async with self.manager.lock:
             if step == "prepare":
                 record = jwt.prepare()
                 result: dict[str, Any] = {"jwt_prepared": record.id, "kid": record.kid}
-            elif step == "activate":
-                record = jwt.activate()
-                result = {"jwt_activated": record.id, "kid": record.kid}
             elif step == "retire":
                 result = {"jwt_retired": jwt.retire(force=force)}
             else:
                 raise RotationError(f"unknown JWT key step {step!r} (prepare, activate, retire)")
         self.rotation.rotator.replan()
         return await self._reply(result)
+
+    async def _activate_jwt_key(self, force: bool, timeout: timedelta) -> JwtKeyRecord:
+        """Activate once no agent is waited for (agents ACK at their next poll), never
+        holding the manager's lock while waiting; refused at ``timeout``."""
+        jwt = self.manager.jwt
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            timed_out = time.monotonic() >= deadline
+            async with self.manager.lock:
+                try:
+                    return jwt.activate(force=force)
+                except JwtKeyUnacked as exc:
+                    if not self.polled:
+                        raise
+                    if timed_out:
+                        seconds = timeout.total_seconds()
+                        raise JwtKeyUnacked(exc.record, exc.waiting, seconds) from None
+            await asyncio.sleep(JWT_ACK_POLL)
 
     async def rotate_root(
         self, *, step: int | None, rollback: bool, timeout: timedelta, force: bool = False
@@ -135,24 +167,18 @@ class CaOperations:
             step = request.get("step")
             if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
                 raise RotationError("step must be a whole number from 1 to 5")
-            seconds = request.get("timeout", DEFAULT_ACK_TIMEOUT.total_seconds())
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not 0 < seconds <= MAX_DURATION.total_seconds()  # NaN fails this too
-            ):
-                raise RotationError(
-                    "timeout must be a positive number of seconds, "
-                    f"at most {MAX_DURATION.total_seconds():.0f}"
-                )
             return await self.rotate_root(
                 step=step,
                 rollback=request.get("rollback") is True,
-                timeout=timedelta(seconds=seconds),
+                timeout=timedelta(seconds=_timeout(request)),
                 force=request.get("force") is True,
             )
         if op == "jwt-key":
-            return await self.jwt_key(str(request.get("step")), force=request.get("force") is True)
+            return await self.jwt_key(
+                str(request.get("step")),
+                force=request.get("force") is True,
+                timeout=timedelta(seconds=_timeout(request)),
+            )
         raise RotationError(f"unknown operation {op!r} (status, rotate, rotate-root, jwt-key)")
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +187,21 @@ class CaOperations:
             return {"ok": True, "result": await self.perform(request)}
         except (IssuerError, OSError) as exc:
             return {"ok": False, "error": str(exc)}
+
+
+def _timeout(request: dict[str, Any]) -> float:
+    """The request's wait for ACKs, in seconds (the default when it names none)."""
+    seconds = request.get("timeout", DEFAULT_ACK_TIMEOUT.total_seconds())
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds <= MAX_DURATION.total_seconds()  # NaN fails this too
+    ):
+        raise RotationError(
+            "timeout must be a positive number of seconds, "
+            f"at most {MAX_DURATION.total_seconds():.0f}"
+        )
+    return float(seconds)
 
 
 class AdminServer:

@@ -5,8 +5,12 @@ trust domain publishes (the JWKS), so a new key must be published before it sign
 an old one may leave only when no token it signed can still be valid:
 
 * **prepare** creates the next key and publishes it beside the signing one;
-* **activate** makes it sign; the previous key becomes ``old`` with a ``retire_at``
-  one longest JWT-SVID lifetime (plus the validation leeway) later;
+* **activate** makes it sign, once every attested agent has acknowledged a key set
+  holding it (the :class:`~meshca.rotation.acks.AckTracker`, :func:`jwks_holds`): a
+  token it signs must validate at every agent's Workload API from the first moment. The
+  schedule retries until then; an operator may go on without them (``force``). The
+  previous key becomes ``old`` with a ``retire_at`` one longest JWT-SVID lifetime (plus
+  the validation leeway) later;
 * **retire** removes old keys past their ``retire_at`` from the JWKS and the disk.
 
 Every change is written to the journal before it is applied (the key file first, then
@@ -29,6 +33,7 @@ from meshca.backends.jwt_key import (
 )
 from meshca.issuer import IssuerError
 from meshca.issuer.jwt_svid import LEEWAY, MAX_JWT_TTL, JwtAuthorities, JwtSigner
+from meshca.rotation.acks import jwks_holds, shown
 from meshca.rotation.journal import (
     Journal,
     JournalError,
@@ -47,6 +52,24 @@ DEFAULT_JWT_KEY_TTL = timedelta(days=1)
 MIN_JWT_KEY_TTL = timedelta(minutes=1)
 # The longest a JWT-SVID signed by a key may still validate after that key stops signing.
 JWT_RETIRE_DELAY = MAX_JWT_TTL + LEEWAY
+STATUS_LISTED = 100  # agents a status names; its count says how many in all
+
+
+class JwtKeyUnacked(RotationError):
+    """The prepared key is not yet in the key set of every attested agent: activating it
+    now would sign tokens their Workload API clients cannot validate."""
+
+    def __init__(self, record: JwtKeyRecord, waiting: list[str], waited: float = 0.0) -> None:
+        after = f" after {waited:g}s" if waited else ""
+        super().__init__(
+            f"JWT key {record.id} (kid {record.kid}) is not activated: {len(waiting)} "
+            f"agent(s) have not fetched a key set holding it{after}: {shown(waiting)} "
+            "(it stays prepared; run activate again once they have polled, evict a "
+            "stopped agent with 'meshca agent-admin evict', or add --force-unacked: "
+            "tokens it signs would not validate at those agents)"
+        )
+        self.record = record
+        self.waiting = waiting
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,7 @@ class JwtKeySlots:
         self.manager = manager
         self.authorities = JwtAuthorities()
         self._signers: dict[str, JwtSigner] = {}
+        self._held: str | None = None  # the prepared key the schedule said it holds
 
     @property
     def journal(self) -> Journal:
@@ -172,12 +196,32 @@ class JwtKeySlots:
         )
         return record
 
-    def activate(self) -> JwtKeyRecord:
+    def waiting(self) -> list[str]:
+        """The attested agents whose key set does not hold the prepared key yet (none
+        when no key is prepared)."""
+        prepared = self.prepared
+        if prepared is None:
+            return []
+        return self.manager.unacked(jwks_holds(prepared.kid))
+
+    def activate(self, *, force: bool = False) -> JwtKeyRecord:
         """The prepared key signs from now on; the previous one is kept published until
-        every token it signed has expired."""
+        every token it signed has expired. Refused (:class:`JwtKeyUnacked`, nothing
+        changed) while an attested agent has not fetched it, unless ``force``."""
         prepared = self.prepared
         if prepared is None:
             raise RotationError("no prepared JWT key to activate: prepare one first")
+        waiting = self.waiting()
+        if waiting:
+            if not force:
+                raise JwtKeyUnacked(prepared, waiting)
+            log.warning(
+                "JWT keys: activating %s without %d agent(s) that have not fetched it "
+                "(--force-unacked): %s",
+                prepared.id,
+                len(waiting),
+                shown(waiting),
+            )
         now = self.manager.clock()
         previous = self.active
         retire_at = now + JWT_RETIRE_DELAY
@@ -231,20 +275,43 @@ class JwtKeySlots:
                 self.prepare()
             else:
                 due.append(schedule.prepare_at)
-        if self.prepared is not None:
-            if now >= schedule.activate_at:
-                self.activate()
+        prepared = self.prepared
+        if prepared is not None:
+            if now < schedule.activate_at:
+                due.append(schedule.activate_at)
+            elif self._activate_when_acked(prepared):
                 due.append(self.schedule().prepare_at)
             else:
-                due.append(schedule.activate_at)
+                due.append(now + self.manager.policy.retry_interval)
         retire = [r.retire_at for r in self.old if r.retire_at is not None]
         if any(now >= moment for moment in retire):
             self.retire(now=now)
         due.extend(moment for moment in retire if moment > now)
         return due
 
+    def _activate_when_acked(self, prepared: JwtKeyRecord) -> bool:
+        """The schedule's activation: held (one log line per key) while an agent has not
+        fetched the key; whether it was activated."""
+        try:
+            self.activate()
+        except JwtKeyUnacked as exc:
+            if self._held != prepared.id:
+                self._held = prepared.id
+                log.info(
+                    "JWT keys: %s is due to sign but waits for %d agent(s) to fetch it "
+                    "(retrying every %gs): %s",
+                    prepared.id,
+                    len(exc.waiting),
+                    self.manager.policy.retry_interval.total_seconds(),
+                    shown(exc.waiting),
+                )
+            return False
+        self._held = None
+        return True
+
     def status(self) -> dict[str, object]:
         schedule = self.schedule()
+        waiting = self.waiting()
         return {
             "keys": [
                 {
@@ -261,4 +328,7 @@ class JwtKeySlots:
                 "prepare_at": rfc3339(schedule.prepare_at),
                 "activate_at": rfc3339(schedule.activate_at),
             },
+            # The agents the prepared key's activation waits for (bounded), and how many.
+            "waiting_on": waiting[:STATUS_LISTED],
+            "waiting_count": len(waiting),
         }

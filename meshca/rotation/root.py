@@ -30,6 +30,7 @@ from meshca.rotation.acks import (
     bundle_holds,
     certificate_not_under,
     certificate_under,
+    shown,
 )
 from meshca.rotation.journal import (
     RootRotationState,
@@ -53,12 +54,6 @@ STEPS = {
     5: "remove the old root once nothing served chains to it",
 }
 DEFAULT_ACK_TIMEOUT = timedelta(minutes=5)
-
-
-def shown(names: list[str], limit: int = 20) -> str:
-    """Up to ``limit`` names, then how many more: a reply stays short whatever the count."""
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 class AckTimeout(RotationError):

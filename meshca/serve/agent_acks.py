@@ -1,15 +1,16 @@
 """An :class:`~meshca.rotation.acks.AckTracker` over the attested agents (``meshca
-agent``), so a root rotation never strands one.
+agent``), so neither a root rotation nor a JWT key activation strands one.
 
 An agent holds no xDS stream: it polls the CSR API. What it has acknowledged is what the
 CSR API saw (:class:`meshca.ca_api.sightings.AgentSightings`): the trust bundle last
-sent to it (it applies a fetched bundle at once) and the agent SVID it presented on its
-last call (it renews that SVID as soon as the signing CA changes). Every attested agent
-is waited for, connected or not: one that is stopped cannot have fetched the new root,
-and after step 5 its SVID, under the old root, would no longer open a connection to
-meshca. Such an agent is named ``(not seen since the server started)`` or with the age
-of its last call; evict it (``meshca agent-admin evict``) or go on with
-``--force-unacked``.
+sent to it (it applies a fetched bundle at once), the agent SVID it presented on its
+last call (it renews that SVID as soon as the signing CA changes), and the JWT key ids
+it reported holding. Every attested agent is waited for, connected or not: one that is
+stopped cannot have fetched the new root or key, and after step 5 its SVID, under the
+old root, would no longer open a connection to meshca. Such an agent is named ``(no ACK on
+record)`` or with the age of its last call; evict it (``meshca agent-admin evict``) or
+go on with ``--force-unacked``. The sightings survive a restart (the server saves them),
+so an agent that acknowledged before it is not waited for again.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class AgentAcks:
 
     def _name(self, agent_id: str, sighting: Sighting | None) -> str:
         if sighting is None or sighting.bundle is None or sighting.presented is None:
-            return f"agent {agent_id} (not seen since the server started)"
+            return f"agent {agent_id} (no ACK on record)"
         age = time.time() - sighting.last_call
         if age > self.window:
             return f"agent {agent_id} (last call {age:.0f}s ago)"
@@ -77,6 +78,8 @@ class AgentAcks:
             held = (
                 AckedSecret("trust bundle", bundle=sighting.bundle),
                 AckedSecret("agent SVID", chain=self._chain(sighting.presented)),
+                # An agent that never reported its JWT key set holds none of the keys.
+                AckedSecret("JWT authorities", jwt_kids=sighting.jwt_kids or frozenset()),
             )
             if not all(predicate(secret) for secret in held):
                 waiting.append(self._name(agent_id, sighting))

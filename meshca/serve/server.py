@@ -32,6 +32,7 @@ from meshca.ca_api.istio import IstioCertificateServicer, add_istio_ca
 from meshca.ca_api.service import SERVICE_NAME as AGENT_CA_SERVICE
 from meshca.ca_api.service import AgentCaServicer, add_agent_ca_to_server
 from meshca.ca_api.sightings import AgentSightings
+from meshca.ca_api.sightings_file import sightings_path
 from meshca.envoy.mesh import Mesh
 from meshca.issuer import Issuer, IssuerError, TtlPolicy
 from meshca.issuer.policy import check_signing_ca
@@ -46,6 +47,7 @@ from meshca.serve.listeners import grpc_server_options, quiet_loop_errors, raise
 from meshca.serve.mesh_reload import MeshFile
 from meshca.serve.metrics import Metrics, MetricsServer
 from meshca.serve.rotation import RotationOptions, RotationService, open_rotation
+from meshca.serve.sightings_saver import SightingsSaver
 from meshca.serve.tls import ServingCredentials, default_dns_names
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import (
@@ -108,6 +110,7 @@ class MeshcaServer:
         self.agent_records = AgentRecords(config.data_dir)
         self.agent_sightings = AgentSightings()
         self.rotation = self._new_rotation()
+        self.sightings_saver = self._new_sightings_saver()
         self.bundle_poll = bundle_poll(  # a backend's own roots (Vault); None: local CA
             self.backend, self.store, self.rotation, interval=config.backend_poll_interval
         )
@@ -237,6 +240,15 @@ class MeshcaServer:
             RotationOptions.of(config),
             agents=AgentAcks(self.agent_records, self.agent_sightings, self._signing_chains),
         )
+
+    def _new_sightings_saver(self) -> SightingsSaver | None:
+        """The agents' ACKs, saved in the data directory by the server that rotates (the
+        one that waits on them; a replica beside it leaves the file alone)."""
+        if self.rotation is None:
+            return None
+        saver = SightingsSaver(self.agent_sightings, sightings_path(self.config.data_dir))
+        saver.load(self.trust_domain)
+        return saver
 
     def _signing_chains(self) -> list[tuple[x509.Certificate, ...]]:
         """Every signing CA's chain meshca knows (the rotation slots, else the active
@@ -443,6 +455,8 @@ class MeshcaServer:
                 raise
         if self.mesh_file is not None:
             self.mesh_file.start()
+        if self.sightings_saver is not None:
+            self.sightings_saver.start()
         if self.rotation is not None:
             await self.rotation.start()
         if self.bundle_poll is not None:
@@ -496,6 +510,8 @@ class MeshcaServer:
             await self.bundle_poll.stop()
         if self.rotation is not None:
             await self.rotation.close()
+        if self.sightings_saver is not None:
+            await self.sightings_saver.close()
         self.servicer.close()
         self.store.stop()
         log.info("stopped")

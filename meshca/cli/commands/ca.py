@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +30,11 @@ from meshca.rotation.operator import ADMIN_SOCKET, LAST_STEP
 from meshca.util.durations import parse_duration
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
+    from meshca.rotation.acks import AckTracker
     from meshca.rotation.admin import CaOperations
+    from meshca.rotation.manager import RotationManager
 
 
 NAME = "ca"
@@ -48,7 +53,16 @@ def _request(args: argparse.Namespace, timeout: timedelta) -> dict[str, Any]:
     if args.ca_action == "rotate":
         return {"op": "rotate"}
     if args.ca_action == "jwt-key":
-        return {"op": "jwt-key", "step": args.jwt_step, "force": bool(args.force)}
+        if args.force and args.jwt_step != "retire":
+            raise UsageError("--force applies to 'retire' only (activate: --force-unacked)")
+        if args.force_unacked and args.jwt_step != "activate":
+            raise UsageError("--force-unacked applies to 'activate' only")
+        return {
+            "op": "jwt-key",
+            "step": args.jwt_step,
+            "force": bool(args.force or args.force_unacked),
+            "timeout": timeout.total_seconds(),
+        }
     return {
         "op": "rotate-root",
         "step": args.step,
@@ -59,9 +73,15 @@ def _request(args: argparse.Namespace, timeout: timedelta) -> dict[str, Any]:
 
 
 def _direct(
-    data_dir: Path, settings: Settings, action: Callable[[CaOperations], Coroutine[Any, Any, Any]]
+    data_dir: Path,
+    settings: Settings,
+    action: Callable[[CaOperations], Coroutine[Any, Any, Any]],
+    *,
+    agents: bool = False,
 ) -> Any:
-    """Run ``action`` on the data directory itself (no server, so no proxies to wait for)."""
+    """Run ``action`` on the data directory itself (no server, so no proxies to wait for).
+    With ``agents``, the attested agents' saved ACKs are asked (what a JWT key activation
+    needs; nobody polls meanwhile, so a wait is judged at once)."""
     import asyncio
 
     from meshca.cli.commands.vault_backend import vault_mode
@@ -101,6 +121,8 @@ def _direct(
         ) from None
     source = LocalCaSource(data_dir, ca.trust_domain, ca_ttl=settings["rotation_ca_ttl"])
     manager = RotationManager(data_dir, ca.authority(), source, policy=policy)
+    if agents:
+        manager.acks = _saved_agent_acks(data_dir, manager)
     try:
         manager.open()
     except JournalLockedError:
@@ -109,9 +131,30 @@ def _direct(
             f"{data_dir / ADMIN_SOCKET}; check that it is healthy"
         ) from None
     try:
-        return asyncio.run(action(CaOperations(manager, RootRotation(manager))))
+        operations = CaOperations(manager, RootRotation(manager), polled=False)
+        return asyncio.run(action(operations))
     finally:
         manager.close()
+
+
+def _saved_agent_acks(data_dir: Path, manager: RotationManager) -> AckTracker:
+    """The attested agents, judged by the ACKs the server saved when it last ran."""
+    from meshca.attest.records import AgentRecords
+    from meshca.ca_api.sightings import AgentSightings
+    from meshca.ca_api.sightings_file import SightingsFileError, load, sightings_path
+    from meshca.serve.agent_acks import AgentAcks
+
+    sightings = AgentSightings()
+    try:
+        sightings.restore(load(sightings_path(data_dir), manager.authority.trust_domain))
+    except SightingsFileError as exc:
+        print(f"meshca: warning: every agent counts as unseen: {exc}", file=sys.stderr)
+
+    def chains() -> list[tuple[x509.Certificate, ...]]:
+        signers = [manager.ca(record.id).signer for record in manager.journal.slots]
+        return [(s.certificate, *s.intermediates) for s in signers]
+
+    return AgentAcks(AgentRecords(data_dir), sightings, chains)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -140,7 +183,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return await operations.perform(request)
 
         try:
-            result = _direct(data_dir, settings, action)
+            result = _direct(data_dir, settings, action, agents=args.ca_action == "jwt-key")
         except PerWorkloadMode as exc:
             if args.ca_action != "status":
                 raise
@@ -218,6 +261,14 @@ def format_status(status: dict[str, Any], *, server: bool) -> str:
             f"JWT schedule: next key prepared at {jwt['schedule']['prepare_at']}, "
             f"activated at {jwt['schedule']['activate_at']}"
         )
+        held = jwt.get("waiting_on") or []
+        if held:
+            more = int(jwt.get("waiting_count", len(held))) - len(held)
+            lines.append(
+                "JWT key activation waits for agents to fetch it: "
+                + ", ".join(held)
+                + (f" and {more} more" if more > 0 else "")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -298,8 +349,9 @@ COMMAND = Command(
             "The JWT-SVID signing key rotates on its own schedule (rotation_jwt_key_ttl); "
             "this runs one step now. prepare: a new key is published in the JWKS beside "
             "the signing one (agents and validators fetch it). activate: it signs new "
-            "JWT-SVIDs; the previous key stays published until every token it signed has "
-            "expired. retire: old keys past that moment leave the JWKS.",
+            "JWT-SVIDs, once every attested agent has fetched it (waits up to --timeout, "
+            "then refuses naming them); the previous key stays published until every "
+            "token it signed has expired. retire: old keys past that moment leave the JWKS.",
             arguments=(
                 arg(
                     "jwt_step",
@@ -313,6 +365,15 @@ COMMAND = Command(
                     help=(
                         "retire: remove old keys now, although tokens they signed have not "
                         "all expired (they stop validating: for a key that leaked)"
+                    ),
+                ),
+                arg(
+                    "--force-unacked",
+                    action="store_true",
+                    help=(
+                        "activate: sign with the prepared key although some attested agents "
+                        "have not fetched it (tokens it signs do not validate there until "
+                        "they do)"
                     ),
                 ),
                 CONFIGURATION,
