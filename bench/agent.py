@@ -20,6 +20,10 @@ server's own cost per call):
   sign_csr_per_cpu_s   the same per CPU-second of the thread that signs
   csr_ratio            csr_per_s / sign_csr_per_s (goal >= 0.5)
   csr_ratio_per_cpu    csr_per_server_cpu_s / sign_csr_per_cpu_s (goal >= 0.5)
+  plain_grpc_per_s     the floor: a grpc.aio unary method in the same process that only
+                       reads the caller's certificate and answers as many bytes, behind
+                       the same mutual TLS, from as many clients (and per server CPU-s);
+                       csr_over_plain_grpc(_per_cpu) = SignWorkload's share of it
   batch_csr_per_s      the same agents sending BatchSignWorkload calls of ``--batch`` CSRs
                        (what ``meshca agent`` sends when several SVIDs are due at once),
                        counted per CSR; batch_csr_per_server_cpu_s, batch_csr_ratio and
@@ -67,6 +71,7 @@ from grpc_health.v1 import health_pb2
 
 WORKLOAD = "spiffe://cluster.local/ns/bench/sa/web"
 HEALTH_SERVICE = "bench"
+PLAIN_REPLY = b"\x00" * 1500  # about a SvidResponse: leaf, CA and root DER
 DEFAULTS = {"agents": 8, "seconds": 5.0, "streams": 1000, "channels": 10, "batch": 16}
 SMOKE = {"agents": 2, "seconds": 0.5, "streams": 20, "channels": 2, "batch": 4}  # --smoke
 
@@ -105,6 +110,7 @@ async def host(root: Path) -> None:
         )
     )
     await server.start()
+    plain, plain_port = await plain_server(server)
     tokens = TokenStore(data)
     identity = SpiffeId.parse(WORKLOAD)
     token_file = root / "agent.token"
@@ -132,6 +138,7 @@ async def host(root: Path) -> None:
     reply(
         {
             "port": server.tcp_port,
+            "plain_port": plain_port,
             "attest_port": server.attest_port,
             "socket": str(agent.config.socket),
             "bundle": server.store.bundle().pem().decode(),
@@ -171,7 +178,31 @@ async def host(root: Path) -> None:
             await agent.health.set(HEALTH_SERVICE, status)
             reply({"changed_at": changed_at})
     await agent.stop()
+    await plain.stop(0)
     await server.stop(0)
+
+
+async def plain_server(server: Any) -> tuple[grpc.aio.Server, int]:
+    """The floor: a grpc.aio unary method that does nothing but read the caller's
+    certificate (as the CSR API must) and answer a SvidResponse's worth of bytes, behind
+    the same mutual TLS as meshca serve, in the same process."""
+    from meshca.serve.tls import ServingCredentials
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        context.auth_context()
+        return PLAIN_REPLY
+
+    plain = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    plain.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Plain", {"Echo": handler}),)
+    )
+    credentials = ServingCredentials(
+        await server.store.svid(server.server_id), server.store.bundle()
+    )
+    port = plain.add_secure_port("127.0.0.1:0", credentials.server_credentials())
+    await plain.start()
+    return plain, port
 
 
 class Child(JsonChild):
@@ -257,6 +288,41 @@ def csr_rate(
             child.ask_sync(f"profile-dump {profile.resolve()}")
         for client in clients:
             client.close()
+
+
+def plain_rate(child: Child, agents: int, seconds: float, csr: bytes) -> Rate:
+    """The floor: the plain unary method of :func:`plain_server` from as many threads,
+    each with its own agent SVID and connection, sending a CSR's worth of bytes."""
+    from meshca.agent.ca_client import CaClient
+    from meshca.issuer import TrustBundle
+    from meshca.issuer.keys import generate_private_key
+    from meshca.spiffe import TrustDomain
+
+    td = TrustDomain("cluster.local")
+    bundle = TrustBundle.from_pem(td, child.hello["bundle"].encode())
+    channels, calls = [], []
+    for _ in range(agents):
+        client = CaClient(
+            f"localhost:{child.hello['port']}",
+            td,
+            bundle,
+            attest_server=f"localhost:{child.hello['attest_port']}",
+        )
+        svid = client.attest(child.ask_sync("token")["token"], generate_private_key()).svid
+        client.close()
+        credentials = grpc.ssl_channel_credentials(
+            bundle.pem(), svid.private_key_pem(), svid.chain_pem()
+        )
+        channel = grpc.secure_channel(f"localhost:{child.hello['plain_port']}", credentials)
+        call = channel.unary_unary("/bench.Plain/Echo")
+        call(csr, timeout=30)  # connect and warm up
+        channels.append(channel)
+        calls.append(functools.partial(call, csr, timeout=30))
+    try:
+        return concurrent_calls(calls, seconds, server_pid=child.process.pid)
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 # --- Workload API fan-out -----------------------------------------------------------------
@@ -363,6 +429,16 @@ async def signing(args: argparse.Namespace, child: Child, csr: bytes) -> dict[st
         "goal_csr_ratio_0_5": rate.per_s / baseline >= 0.5,
         "goal_csr_ratio_per_cpu_0_5": per_cpu / baseline_cpu >= 0.5,
     }
+    floor = await asyncio.to_thread(plain_rate, child, args.agents, args.seconds, csr)
+    floor_cpu = floor.per_server_cpu_s or 0.0
+    result.update(
+        {
+            "plain_grpc_per_s": round(floor.per_s, 1),
+            "plain_grpc_per_server_cpu_s": round(floor_cpu, 1),
+            "csr_over_plain_grpc": round(rate.per_s / floor.per_s, 3),
+            "csr_over_plain_grpc_per_cpu": round(per_cpu / floor_cpu, 3) if floor_cpu else None,
+        }
+    )
     if args.batch:
         batched = await asyncio.to_thread(
             csr_rate, child, args.agents, args.seconds, csr, None, args.batch
@@ -444,6 +520,14 @@ def report(result: dict[str, Any]) -> None:
     print(
         f"  ratio (goal >= 0.5)              {result['csr_ratio']:10.2f}   "
         f"{result['csr_ratio_per_cpu']:16.2f}"
+    )
+    print(
+        f"  plain grpc.aio unary, same mTLS  {result['plain_grpc_per_s']:10.0f}   "
+        f"{result['plain_grpc_per_server_cpu_s']:16.0f}  (the floor: no signing)"
+    )
+    print(
+        f"  SignWorkload / plain             {result['csr_over_plain_grpc']:10.2f}   "
+        f"{result['csr_over_plain_grpc_per_cpu']:16.2f}"
     )
     if "batch" in result:
         print(
