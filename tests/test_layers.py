@@ -226,7 +226,8 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
 # modules, network addresses, the serve runtime and its libraries, YAML (no config file
 # is given), token handling; and
 # standard modules it has no use for that cost start-up (tempfile and shutil load the
-# compression modules: meshca writes its files itself, and sizes argparse's help itself).
+# compression modules: meshca writes its files itself, and sizes argparse's help itself;
+# these commands log nothing, and meshca's quiet default handler waits for logging).
 NOT_FOR_FILE_COMMANDS = (
     *SERVER_LIBRARIES,
     "requests",
@@ -245,6 +246,7 @@ NOT_FOR_FILE_COMMANDS = (
     "shutil",
     "bz2",
     "lzma",
+    "logging",
 )
 
 
@@ -300,6 +302,24 @@ def test_file_commands_load_only_what_they_use(tmp_path: Path, argv: list[str]) 
     others = [module for name, module in command_modules().items() if name != argv[0]]
     forbidden = (*NOT_FOR_FILE_COMMANDS, *others)
     assert not [m for m in loaded for h in forbidden if m == h or m.startswith(h + ".")]
+
+
+@pytest.mark.parametrize("order", ["logging first", "meshca first"])
+def test_meshca_events_stay_quiet_until_a_handler_is_installed(order: str) -> None:
+    """Whether ``logging`` was imported before meshca or loads later (meshca no longer
+    imports it itself), a warning from a meshca module reaches no last-resort handler on
+    stderr, while other loggers' still do."""
+    imports = "import logging, meshca" if order == "logging first" else "import meshca, logging"
+    code = (
+        f"{imports}\n"
+        "logging.getLogger('meshca.backends.vault.backend').warning('retrying')\n"
+        "logging.getLogger('elsewhere').warning('shown')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "shown\n"
 
 
 def test_help_loads_no_command_module(tmp_path: Path) -> None:
