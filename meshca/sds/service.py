@@ -24,8 +24,11 @@ from meshca.xds.engine import XdsEngine
 from meshca.xds.limits import CallerLimits
 from meshca.xds.resources import SECRET_TYPE
 from meshca.xds.stats import XdsStats
+from meshca.xds.wire import add_discovery_service
 
 log = logging.getLogger("meshca.sds")
+
+SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 
 
 class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
@@ -88,4 +91,10 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # t
 
 
 def add_sds_to_server(servicer: SecretDiscoveryServicer, server: grpc.aio.Server) -> None:
-    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)
+    add_discovery_service(
+        server,
+        SDS_SERVICE,
+        sotw=servicer.StreamSecrets,
+        delta=servicer.DeltaSecrets,
+        fetch=servicer.FetchSecrets,
+    )

@@ -69,6 +69,8 @@ class EngineAcks:
     def __init__(self, engine: EngineView, store: SecretStore) -> None:
         self.engine = engine
         self.store = store
+        # counted again only when the engine's list of proxies is a new one
+        self._connected: tuple[object, dict[str, int]] = (None, {})
 
     def _store_satisfies(self, predicate: SecretPredicate) -> bool:
         if not predicate(AckedSecret("trust bundle", bundle=self.store.bundle())):
@@ -100,7 +102,11 @@ class EngineAcks:
     def connected(self) -> dict[str, int]:
         # A stream that has asked for nothing yet was sent nothing: not one to wait for.
         proxies = self.engine.proxies()
-        return dict(Counter(f"{node or '(no node id)'} ({who})" for node, who in proxies))
+        seen, counted = self._connected
+        if seen is not proxies:
+            counted = dict(Counter(f"{node or '(no node id)'} ({who})" for node, who in proxies))
+            self._connected = (proxies, counted)
+        return dict(counted)
 
     async def pushed(self, timeout: float) -> None:
         await self.engine.wait_pushed(timeout)
@@ -112,6 +118,7 @@ class EveryStream:
 
     def __init__(self, engines: Sequence[XdsEngine]) -> None:
         self.engines = tuple(engines)
+        self._proxies: tuple[tuple[object, ...], list[tuple[str, str]]] = ((), [])
 
     def streams(self) -> list[StreamStatus]:
         return [stream for engine in self.engines for stream in engine.streams()]
@@ -120,7 +127,13 @@ class EveryStream:
         return [stream for engine in self.engines for stream in engine.unsettled()]
 
     def proxies(self) -> list[tuple[str, str]]:
-        return [proxy for engine in self.engines for proxy in engine.proxies()]
+        """Every engine's proxies; the same list object while each engine's is."""
+        parts = tuple(engine.proxies() for engine in self.engines)
+        seen, joined = self._proxies
+        if len(seen) != len(parts) or any(a is not b for a, b in zip(seen, parts, strict=False)):
+            joined = [proxy for part in parts for proxy in part]
+            self._proxies = (parts, joined)
+        return joined
 
     async def wait_pushed(self, timeout: float) -> None:
         await asyncio.gather(*(engine.wait_pushed(timeout) for engine in self.engines))

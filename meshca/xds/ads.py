@@ -16,6 +16,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshca.xds.auth import Caller, CallerAuthenticator, Context, authenticate_or_abort
 from meshca.xds.credentials import CredentialWatch
 from meshca.xds.engine import XdsEngine
+from meshca.xds.wire import add_discovery_service
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
 class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -53,4 +56,9 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
 
 
 def add_ads_to_server(servicer: AggregatedDiscoveryServicer, server: grpc.aio.Server) -> None:
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    add_discovery_service(
+        server,
+        ADS_SERVICE,
+        sotw=servicer.StreamAggregatedResources,
+        delta=servicer.DeltaAggregatedResources,
+    )

@@ -48,6 +48,7 @@ event, so a proxy that never reads (``write`` blocks on flow control) delays nob
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -73,6 +74,10 @@ log = logging.getLogger("meshca.xds")
 
 WILDCARD = "*"
 INBOX_SIZE = 64
+# Streams a change wakes are let run this many at a time, with a look at the sockets in
+# between: the first pushes leave (and their ACKs come back) while later streams are
+# still being computed, instead of every stream computing before any byte is sent.
+WAKE_BATCH = 256
 MAX_MESSAGE = 1024  # characters of a refusal message (it can echo what the caller sent)
 # Stream ids are unique in the process, so one source can serve several engines (SDS, ADS).
 _stream_ids = itertools.count(1)
@@ -188,6 +193,7 @@ class _TypeState:
     names: frozenset[str] | None = frozenset()
     unserved: set[str] = field(default_factory=set)  # subscribed, never resolved yet
     nonce: str | None = None
+    nonce_number: int = 0  # SotW: the engine-wide number behind ``nonce``
     sent_at: float = 0.0
     awaiting_ack: bool = False
     nacked: bool = False
@@ -249,6 +255,7 @@ class _Stream:
         self._dirty: set[str] = set()
         self._nonces = itertools.count(1)
         self._reader_done = False
+        self._queued = False  # waiting in the engine's wake-up queue
         # (caller, node) -> (description, identities, node id): worked out once, not on
         # every status read (rotation reads every stream's status while it waits).
         self._names: tuple[Caller, Any, str, str, str] | None = None
@@ -267,9 +274,9 @@ class _Stream:
     def wake(self, type_url: str | None = None) -> None:
         """Recompute ``type_url`` (all types when None) in the stream's own task."""
         self._dirty.update([type_url] if type_url else self.types)
-        self._event.set()
         self.engine._mark(self, settled=False)
         self.engine._mark_woken(self)
+        self.engine._let_run(self)
 
     def status(self) -> StreamStatus:
         caller, identity, node_id = self.names()
@@ -357,6 +364,7 @@ class _Stream:
             node = request.node
             self.caller = _check_node(self.caller, node, names)
             self.node = node
+            self.engine._membership += 1
 
     def _state_for(self, request: Any) -> tuple[str, _TypeState]:
         type_url = request.type_url or self.default_type_url or ""
@@ -371,6 +379,7 @@ class _Stream:
                 )
             state = _TypeState(source)
             self.types[type_url] = state
+            self.engine._membership += 1
         return type_url, state
 
     def _answer(self, type_url: str, state: _TypeState, request: Any) -> None:
@@ -446,7 +455,9 @@ class _Stream:
     async def _resolve(self, state: _TypeState) -> Resolution:
         return await state.source.resolve(self.caller, self.node, state.names)
 
-    async def _write(self, type_url: str, state: _TypeState, response: Any, nonce: str) -> None:
+    async def _write(
+        self, type_url: str, state: _TypeState, response: Message | bytes, nonce: str
+    ) -> None:
         state.nonce = nonce
         state.awaiting_ack = True
         state.nacked = False
@@ -510,14 +521,11 @@ class _SotwStream(_Stream):
                 return
         elif versions == {name: r.version for name, r in state.sent.items()}:
             return
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=version,
-            resources=[current[name].body for name in sorted(current)],
-            type_url=type_url,
-            nonce=self._next_nonce(),
+        encoded, nonce, number = self.engine._sotw_response(
+            type_url, version, current, state.nonce_number
         )
-        state.sent, state.sent_version = current, version
-        await self._write(type_url, state, response, response.nonce)
+        state.sent, state.sent_version, state.nonce_number = current, version, number
+        await self._write(type_url, state, encoded, nonce)
 
 
 class _DeltaStream(_Stream):
@@ -620,6 +628,16 @@ class XdsEngine:
         self._woken: set[int] = set()  # streams a change woke that have not pushed yet
         self._all_pushed = asyncio.Event()
         self._all_pushed.set()
+        # Bumped whenever who is connected may read differently (a stream asks for a new
+        # type, names its node, or ends): :meth:`proxies` is worked out again only then.
+        self._membership = 0
+        self._proxies: tuple[int, list[tuple[str, str]]] = (-1, [])
+        self._to_wake: collections.deque[_Stream] = collections.deque()
+        self._waking = False
+        # SotW nonces are numbered engine-wide, so streams sent the same content can share
+        # one serialized response: type URL -> (version, nonce number, nonce, bytes).
+        self._nonce_numbers = itertools.count(1)
+        self._encoded: dict[str, tuple[str, int, str, bytes]] = {}
 
     # --- the three RPC shapes ------------------------------------------------------
     async def run_sotw(
@@ -735,6 +753,7 @@ class XdsEngine:
 
     def _forget(self, stream: _Stream) -> None:
         if self._streams.pop(stream.id, None) is not None:
+            self._membership += 1
             self.stats.streams_closed += 1
             self._mark(stream, settled=True)
             self._mark_pushed(stream)
@@ -748,6 +767,48 @@ class XdsEngine:
         else:
             self._unsettled.add(stream.id)
             self._all_settled.clear()
+
+    def _sotw_response(
+        self, type_url: str, version: str, current: Mapping[str, Resource], after: int
+    ) -> tuple[bytes, str, int]:
+        """(serialized response, nonce, nonce number) for ``current`` at ``version``.
+        The last one built for ``type_url`` is reused when its version matches and its
+        nonce is newer than the stream's latest (``after``): many streams sent the same
+        change share one serialization, and each stream still sees only fresh nonces."""
+        cached = self._encoded.get(type_url)
+        if cached is not None and cached[0] == version and cached[1] > after:
+            return cached[3], cached[2], cached[1]
+        number = next(self._nonce_numbers)
+        nonce = format(number, "x")
+        encoded = discovery_pb2.DiscoveryResponse(
+            version_info=version,
+            resources=[current[name].body for name in sorted(current)],
+            type_url=type_url,
+            nonce=nonce,
+        ).SerializeToString()
+        self._encoded[type_url] = (version, number, nonce, encoded)
+        return encoded, nonce, number
+
+    def _let_run(self, stream: _Stream) -> None:
+        """Wake ``stream``'s task, :data:`WAKE_BATCH` streams per turn of the event loop."""
+        if stream._queued:
+            return
+        stream._queued = True
+        self._to_wake.append(stream)
+        if not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake_batch)
+
+    def _wake_batch(self) -> None:
+        queue = self._to_wake
+        for _ in range(min(WAKE_BATCH, len(queue))):
+            stream = queue.popleft()
+            stream._queued = False
+            stream._event.set()
+        if queue:
+            asyncio.get_running_loop().call_soon(self._wake_batch)
+        else:
+            self._waking = False
 
     def _mark_woken(self, stream: _Stream) -> None:
         if stream.id in self._streams:
@@ -776,9 +837,14 @@ class XdsEngine:
 
     def proxies(self) -> list[tuple[str, str]]:
         """(node id, identities) of every stream that has asked for something: who is
-        connected, without a full :meth:`streams` view of each."""
-        named = (s.names() for s in self._streams.values() if s.types)
-        return [(node_id, identities) for _, identities, node_id in named]
+        connected, without a full :meth:`streams` view of each. The same list object
+        while nobody connected, asked or left (rotation reads it every second)."""
+        at, proxies = self._proxies
+        if at != self._membership:
+            named = (s.names() for s in self._streams.values() if s.types)
+            proxies = [(node_id, identities) for _, identities, node_id in named]
+            self._proxies = (self._membership, proxies)
+        return proxies
 
     def unsettled(self) -> list[StreamStatus]:
         """Streams with a push to make or a response not yet ACKed (NACKed ones included)."""

@@ -1,0 +1,121 @@
+"""One change pushed to many streams (a trust bundle to every proxy): the engine lets the
+woken streams run a batch at a time, serializes a response the streams share once, and
+keeps who is connected without recounting every stream. Each stream must still get the
+change, with nonces fresh to it, and rotation must see every woken stream at once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from meshca.issuer import ActiveSigner
+from meshca.issuer.keys import generate_private_key
+from meshca.issuer.profile import build_ca
+from meshca.serve.engine_acks import EngineAcks
+from meshca.xds import engine as engine_module
+from tests.sds_harness import (
+    TRUST_DOMAIN,
+    SdsHarness,
+    Stream,
+    k8s,
+    open_sotw,
+    sds_harness,
+    sotw,
+    wait_until,
+)
+
+BUYER = k8s("bookbuyer", "bookbuyer")
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[SdsHarness]:
+    async with sds_harness(tmp_path) as harness:
+        yield harness
+
+
+def change_bundle(h: SdsHarness, add_root: bool) -> None:
+    """A new root joins the bundle (or the bundle goes back to the CA's own roots)."""
+    authority = h.issuer.authority
+    assert isinstance(authority, ActiveSigner)
+    bundle = h.ca.bundle
+    if add_root:
+        key = generate_private_key()
+        bundle = bundle.with_root(build_ca(TRUST_DOMAIN, key, timedelta(days=30)))
+    authority.activate(authority.signer, bundle)
+    assert h.store.refresh_bundle()
+
+
+async def ack(stream: Stream, response: object) -> None:
+    await stream.send(
+        sotw(["ROOTCA"], nonce=response.nonce, version=response.version_info)  # type: ignore[attr-defined]
+    )
+
+
+async def test_a_change_reaches_streams_woken_a_batch_at_a_time(
+    h: SdsHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "WAKE_BATCH", 2)
+    engine = h.servicer.engine
+    stub = h.stub(h.mtls_channel(BUYER))
+    streams = [await open_sotw(stub, sotw(["ROOTCA"])) for _ in range(7)]
+    for stream in streams:
+        await ack(stream, await stream.recv())
+    assert await engine.wait_settled(timeout=10) == []
+
+    change_bundle(h, add_root=True)
+    # Rotation asks at once who has not acknowledged: every woken stream, including
+    # those whose turn to run has not come yet.
+    assert len(engine.unsettled()) == 7
+    await engine.wait_pushed(timeout=10)
+    pushed = [await stream.recv() for stream in streams]
+    assert len({response.version_info for response in pushed}) == 1
+    for stream, response in zip(streams, pushed, strict=True):
+        await ack(stream, response)
+    assert await engine.wait_settled(timeout=10) == []
+
+
+async def test_streams_sent_one_change_share_it_and_each_sees_only_fresh_nonces(
+    h: SdsHarness,
+) -> None:
+    stub = h.stub(h.mtls_channel(BUYER))
+    one, two = await open_sotw(stub, sotw(["ROOTCA"])), await open_sotw(stub, sotw(["ROOTCA"]))
+    seen: dict[Stream, list[str]] = {one: [], two: []}
+    versions = []
+    for add_root in (None, True, False, True):  # first answer, a new root, rollback, again
+        if add_root is not None:
+            change_bundle(h, add_root)
+        responses = [await one.recv(), await two.recv()]
+        # the same content: one response, serialized once, sent on both streams
+        assert responses[0].SerializeToString() == responses[1].SerializeToString()
+        versions.append(responses[0].version_info)
+        for stream, response in zip((one, two), responses, strict=True):
+            assert response.nonce not in seen[stream]
+            seen[stream].append(response.nonce)
+            await ack(stream, response)
+        assert await h.servicer.engine.wait_settled(timeout=10) == []
+    assert versions[0] == versions[2] != versions[1]  # the rollback is the first content
+    assert sum(h.stats.acks.values()) == 8 and sum(h.stats.stale_nonces.values()) == 0
+
+    # a late ACK of the first response (same content as now) is stale, not an ACK
+    await one.send(sotw(["ROOTCA"], nonce=seen[one][0], version=versions[0]))
+    await wait_until(lambda: sum(h.stats.stale_nonces.values()) == 1, what="the stale ACK")
+
+
+async def test_connected_proxies_follow_streams_that_open_name_their_node_and_close(
+    h: SdsHarness,
+) -> None:
+    acks = EngineAcks(h.servicer.engine, h.store)
+    stub = h.stub(h.mtls_channel(BUYER))
+    assert acks.connected() == {}
+    first = await open_sotw(stub, sotw(["ROOTCA"], node_id="node-a"))
+    await first.recv()
+    assert acks.connected() == acks.connected() == {f"node-a ({BUYER})": 1}
+    second = await open_sotw(stub, sotw(["ROOTCA"], node_id="node-b"))
+    await second.recv()
+    assert acks.connected() == {f"node-a ({BUYER})": 1, f"node-b ({BUYER})": 1}
+    first.cancel()
+    await wait_until(lambda: h.stats.active_streams == 1, what="the first stream to end")
+    assert acks.connected() == {f"node-b ({BUYER})": 1}
