@@ -42,7 +42,10 @@ The realistic cases (``--cases``; all but ``burst`` by default):
                        in-process change's last push (``push_last_s``) of the same run.
                        ``--gc default`` runs the server with Python's own GC settings
                        instead of those ``meshca serve`` sets, for comparison
-``--max-opening 0`` opens the streams of every case at once.
+``--max-opening 0`` opens the streams of every case at once. With ``--profile``, the
+server's CPU seconds and cyclic-GC pauses are beside each figure anyway; set
+``MESHCA_BENCH_PY_SPY=FILE`` with py-spy installed beside this Python to also record
+every thread of the server (native frames included) during the operator case.
 The last line is one JSON object with every figure.
 """
 
@@ -55,6 +58,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +107,46 @@ def rss_bytes() -> int:
 def workload_id(index: int) -> str:
     """The identity of the ``index``-th workload of the served-issuance case."""
     return f"spiffe://cluster.local/ns/bench/sa/w{index}"
+
+
+def start_py_spy(output: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (when MESHCA_BENCH_PY_SPY names an output file and py-spy is on PATH
+    beside this Python) recording every thread of this process, native frames included."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not output.name or not spy.exists():
+        return None
+    return subprocess.Popen(
+        [str(spy), "record", "--pid", str(os.getpid()), "--threads", "--native", "--idle",
+         "--rate", "250", "--format", "raw", "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
+class GcPauses:
+    """The cyclic GC's pauses in this process: seconds in all, and full collections."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self.by_generation = [[0, 0.0], [0, 0.0], [0, 0.0]]  # collections, seconds
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            took = time.thread_time() - self._started
+            self.seconds += took
+            self.full += info["generation"] == 2
+            self.by_generation[info["generation"]][0] += 1
+            self.by_generation[info["generation"]][1] += took
 
 
 class PlainSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
@@ -183,6 +227,7 @@ async def serve(
     reply({"port": server.tcp_port, "uds": str(socket_path), **plain_paths})
     health_status = health_pb2.HealthCheckResponse.SERVING
     sampler = StackSampler()
+    gc_pauses = GcPauses()
     while True:
         line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if line in ("", "quit"):
@@ -217,11 +262,21 @@ async def serve(
             reply({"at": time.monotonic(), "acks": sum(server.stats.acks.values())})
         elif line == "sample-start":  # --profile: sample the event loop's stack
             sampler.start()
+            spy = start_py_spy(Path(os.environ.get("MESHCA_BENCH_PY_SPY", "")))
             reply({"sampling": True})
         elif line.startswith("sample-stop "):
+            stop_py_spy(spy)
             reply({"samples": sampler.stop(Path(line.split(maxsplit=1)[1]))})
         elif line == "cpu":  # this process's CPU seconds (user + system) so far
-            reply({"cpu": time.process_time(), "held": len(server.store.identities())})
+            reply(
+                {
+                    "cpu": time.process_time(),
+                    "held": len(server.store.identities()),
+                    "gc_s": gc_pauses.seconds,
+                    "gc_full": gc_pauses.full,
+                    "gc_by_generation": gc_pauses.by_generation,
+                }
+            )
         elif line == "stats":
             latency = server.stats.ack_latency
             reply(
@@ -342,9 +397,11 @@ async def sds_fanout(
     await asyncio.sleep(0.5)  # let the server settle before measuring memory
     during = await server.ask("rss")
     pushes = [asyncio.ensure_future(s.await_push()) for s in streams]
+    cpu_before, client_before = await server.ask("cpu"), time.process_time()
     change = await server.ask("bundle")
     await asyncio.wait_for(asyncio.gather(*pushes), 120)
     seen = await server.ask(f"acks {2 * args.streams}")  # every subscription and push ACKed
+    cpu_after, client_after = await server.ask("cpu"), time.process_time()
     if seen["acks"] < 2 * args.streams:
         raise SystemExit(f"the server saw {seen['acks']} ACKs of {2 * args.streams}")
     changed_at = change["changed_at"]
@@ -358,6 +415,13 @@ async def sds_fanout(
     return {
         **operator,
         "push_last_s": round(max(push), 4),
+        # CPU seconds from just before the change to the last ACK: the server process
+        # (every thread), the client process, and the server's cyclic-GC pauses
+        "push_server_cpu_s": round(cpu_after["cpu"] - cpu_before["cpu"], 3),
+        "push_client_cpu_s": round(client_after - client_before, 3),
+        "push_server_gc_s": round(cpu_after["gc_s"] - cpu_before["gc_s"], 3),
+        "push_server_gc_full": cpu_after["gc_full"] - cpu_before["gc_full"],
+        "push_server_gc_by_generation": gc_delta(cpu_before, cpu_after),
         "push_first_s": round(min(push), 4),
         "push_to_last_ack_s": round(last_ack, 4),
         "push_to_last_ack_sent_s": round(last_ack_sent, 4),
@@ -375,6 +439,14 @@ async def sds_fanout(
     }
 
 
+def gc_delta(before: dict[str, Any], after: dict[str, Any]) -> list[list[float]]:
+    """[collections, CPU seconds] per generation between two ``cpu`` answers."""
+    return [
+        [a[0] - b[0], round(a[1] - b[1], 3)]
+        for a, b in zip(after["gc_by_generation"], before["gc_by_generation"], strict=True)
+    ]
+
+
 async def operator_fanout(
     args: argparse.Namespace, server: ServerProcess, streams: list[SdsStream]
 ) -> dict[str, Any]:
@@ -385,6 +457,7 @@ async def operator_fanout(
     pushes = [asyncio.ensure_future(s.await_push()) for s in streams]
     if args.profile:
         await server.ask("sample-start")
+    cpu_before, client_before = await server.ask("cpu"), time.process_time()
     started = time.monotonic()
     command = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshca", "ca", "rotate-root", "--step", "1",
@@ -397,6 +470,7 @@ async def operator_fanout(
         raise SystemExit(f"meshca ca rotate-root failed: {err.decode().strip()}")
     await asyncio.wait_for(asyncio.gather(*pushes), 120)
     last = max(s.pushed_at for s in streams)
+    cpu_after, client_after = await server.ask("cpu"), time.process_time()
     if args.profile:
         path = args.profile / f"operator-{args.streams}.stacks"
         await server.ask(f"sample-stop {path}")
@@ -413,6 +487,14 @@ async def operator_fanout(
         "operator_start_to_first_push_s": round(min(s.pushed_at for s in streams) - started, 4),
         "operator_first_to_last_push_s": round(last - min(s.pushed_at for s in streams), 4),
         "operator_start_to_reply_s": round(replied - started, 4),
+        # CPU seconds from the command's start to the last push and the reply, whichever
+        # is later: the server process, this client process (the command's own process
+        # is apart), the server's cyclic-GC pauses
+        "operator_server_cpu_s": round(cpu_after["cpu"] - cpu_before["cpu"], 3),
+        "operator_client_cpu_s": round(client_after - client_before, 3),
+        "operator_server_gc_s": round(cpu_after["gc_s"] - cpu_before["gc_s"], 3),
+        "operator_server_gc_full": cpu_after["gc_full"] - cpu_before["gc_full"],
+        "operator_server_gc_by_generation": gc_delta(cpu_before, cpu_after),
         "operator_reply_bytes": len(out),
     }
 
@@ -678,6 +760,13 @@ def report(result: dict[str, Any]) -> None:
             f"(the command's start-up, the server's work); first -> last push "
             f"{result['operator_first_to_last_push_s']:.3f} s (in-process: "
             f"{result['push_last_s'] - result['push_first_s']:.3f} s)"
+        )
+        print(
+            f"    CPU seconds: server {result['operator_server_cpu_s']:.2f} "
+            f"(GC {result['operator_server_gc_s']:.2f}), client "
+            f"{result['operator_client_cpu_s']:.2f}; in-process change: server "
+            f"{result['push_server_cpu_s']:.2f} (GC {result['push_server_gc_s']:.2f}), client "
+            f"{result['push_client_cpu_s']:.2f}"
         )
     print(json.dumps(result))
 
