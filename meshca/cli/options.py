@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 from meshca.backends.vault.path_settings import PATH_SETTINGS as VAULT_PATH_SETTINGS
 from meshca.issuer.errors import IssuerError
 from meshca.issuer.key_type import KeyType
-from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.util.durations import parse_duration
 from meshca.util.files import CONFIG_MAX_BYTES, YamlFileError, read_yaml
 
@@ -35,9 +34,12 @@ def _lazy(module: str, name: str) -> Callable[[str], Any]:
     own (``meshca issue`` never loads the serve runtime or the Envoy modules)."""
 
     def parse(text: str) -> Any:
-        return getattr(importlib.import_module(module), name)(text)
+        found: Any = importlib.import_module(module)
+        for attribute in name.split("."):  # "SpiffeId.parse": a class's parser
+            found = getattr(found, attribute)
+        return found(text)
 
-    parse.__name__ = name
+    parse.__name__ = name.rpartition(".")[2]
     return parse
 
 
@@ -56,6 +58,8 @@ parse_socket_mode = _lazy(_SERVE, "parse_socket_mode")
 parse_uds_identities = _lazy(_SERVE, "parse_uds_identities")
 parse_log_format = _lazy("meshca.util.logs", "parse_log_format")
 parse_port = _lazy("meshca.util.netaddr", "parse_port")
+parse_spiffe_id = _lazy("meshca.spiffe", "SpiffeId.parse")
+parse_trust_domain = _lazy("meshca.spiffe", "TrustDomain.parse")
 parse_server_address = _lazy("meshca.util.netaddr", "parse_server_address")
 
 
@@ -227,7 +231,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "trust_domain",
-        TrustDomain.parse,
+        parse_trust_domain,
         "cluster.local",
         "SPIFFE trust domain (an existing CA keeps the one it was created with)",
         (EVERY_COMMAND,),
@@ -339,7 +343,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "server_id",
-        SpiffeId.parse,
+        parse_spiffe_id,
         None,
         "meshca's own SPIFFE ID (default spiffe://<td>/ns/<server-namespace>/sa/meshca)",
         ("serve", "bootstrap"),
@@ -569,7 +573,7 @@ OPTIONS: tuple[Option, ...] = (
     # meshca token
     Option(
         "identity",
-        SpiffeId.parse,
+        parse_spiffe_id,
         None,
         "token create: the workload SPIFFE ID the agent admitted by the token may obtain "
         "(sidecar mode); entry create: the identity the entry grants",
@@ -596,7 +600,7 @@ OPTIONS: tuple[Option, ...] = (
     # meshca entry
     Option(
         "entry_node",
-        SpiffeId.parse,
+        parse_spiffe_id,
         None,
         "entry create: the agent ID (spiffe://<td>/meshca/agent/...) that may obtain the "
         "identity for its local callers",
