@@ -19,13 +19,14 @@ MIN_RSA_BITS = 2048
 DEFAULT_KEY_TYPE = KeyType.EC_P256
 
 _CURVES: dict[str, KeyType] = {"secp256r1": KeyType.EC_P256, "secp384r1": KeyType.EC_P384}
+_P256, _P384 = ec.SECP256R1(), ec.SECP384R1()  # made once: every issuance asks for one
 
 
 def generate_private_key(key_type: KeyType = DEFAULT_KEY_TYPE) -> PrivateKey:
     if key_type is KeyType.EC_P256:
-        return ec.generate_private_key(ec.SECP256R1())
+        return ec.generate_private_key(_P256)
     if key_type is KeyType.EC_P384:
-        return ec.generate_private_key(ec.SECP384R1())
+        return ec.generate_private_key(_P384)
     return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type.value[4:]))
 
 

@@ -77,8 +77,16 @@ def subject_public_key_info(public_key: PublicKey) -> bytes:
     )
 
 
+# A P-256 SubjectPublicKeyInfo up to its point: every P-256 key's is the same (an
+# uncompressed point, no unused bits), so its bits are found without reading the DER.
+_P256_SPKI_HEAD = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+_P256_SPKI_SIZE = len(_P256_SPKI_HEAD) + 65
+
+
 def key_identifier(spki: bytes) -> bytes:
     """RFC 5280 4.2.1.2 method 1: SHA-1 of the subjectPublicKey BIT STRING's bits."""
+    if len(spki) == _P256_SPKI_SIZE and spki.startswith(_P256_SPKI_HEAD):
+        return hashlib.sha1(spki[len(_P256_SPKI_HEAD) :], usedforsecurity=False).digest()
     _, body, _ = der.read_tlv(spki)
     _, _, algorithm_end = der.read_tlv(spki, body)
     tag, bits, bits_end = der.read_tlv(spki, algorithm_end)
