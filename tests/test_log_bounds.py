@@ -90,3 +90,33 @@ async def test_key_material_in_a_request_is_redacted_and_the_refusal_kept(
     [refusal] = [line for line in log.splitlines() if "claims an identity not the caller's" in line]
     assert str(A) in refusal and "PERMISSION_DENIED" in refusal  # who tried, and what
     assert REDACTED in refusal
+
+
+async def test_a_uid_holding_thousands_of_identities_gets_short_refusals_and_log_lines() -> None:
+    """Every line logged for a caller names its identities (the call's context): a few
+    and a count, however many it holds; so does the refusal it is sent and the start-up
+    banner. Mapping thousands of identities to one uid starts as quickly as a few."""
+    many = [kube_id("fleet", f"workload-{i}") for i in range(3000)]
+    flags: list[str] = []
+    for start in range(0, len(many), 500):  # each argument below the kernel's 128 KB
+        flags += ["--uds-identity", ",".join(f"{os.getuid()}={i}" for i in many[start:][:500])]
+    with short_tempdir() as root:
+        data = make_data_dir(root)
+        with serving(root, data, *flags) as server:
+            async with grpc.aio.insecure_channel(f"unix:{server.uds}") as channel:
+                refused = Stream(stub(channel).StreamSecrets())
+                await refused.send(sotw([str(B)], node_id=str(many[7])))
+                error = await refused.error()
+                served = Stream(stub(channel).StreamSecrets())
+                await served.send(sotw([str(many[1234])], node_id=str(many[1234])))
+                answer = await served.recv()
+                served.cancel()
+            log = server.log()
+            banner = server.stdout.read_text()
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "2997 more" in (error.details() or "") and len(error.details() or "") < 1024
+    assert len(answer.resources) == 1  # its own certificate, issued and served
+    issued = [line for line in log.splitlines() if f"issued {many[1234]}" in line]
+    assert issued and "2997 more" in issued[0], log[-2000:]
+    assert max(len(line) for line in log.splitlines()) < 4096
+    assert "2997 more" in banner and max(len(line) for line in banner.splitlines()) < 1024

@@ -209,7 +209,9 @@ def parse_socket_mode(text: str) -> int:
 
 def parse_uds_identities(text: str) -> dict[int, tuple[SpiffeId, ...]]:
     """``UID=SPIFFE_ID`` pairs separated by commas; a uid may appear more than once."""
-    mapping: dict[int, tuple[SpiffeId, ...]] = {}
+    # uid -> its identities in order, without repeats (a dict: one lookup per pair, so
+    # mapping thousands of identities to one uid stays linear)
+    mapping: dict[int, dict[SpiffeId, None]] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
@@ -228,11 +230,10 @@ def parse_uds_identities(text: str) -> dict[int, tuple[SpiffeId, ...]]:
             )
         if uid > MAX_UID:
             raise ValueError(f"{item!r}: uid {uid} is not a valid uid (at most {MAX_UID})")
-        if spiffe_id not in mapping.get(uid, ()):
-            mapping[uid] = (*mapping.get(uid, ()), spiffe_id)
+        mapping.setdefault(uid, {})[spiffe_id] = None
     if not mapping:
         raise ValueError("expected at least one UID=SPIFFE_ID")
-    return mapping
+    return {uid: tuple(ids) for uid, ids in mapping.items()}
 
 
 def parse_dns_names(text: str) -> tuple[str, ...]:

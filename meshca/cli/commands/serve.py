@@ -85,7 +85,10 @@ def _serve_config(settings: Settings) -> ServeConfig:
 
 
 def _announce(server: MeshcaServer) -> None:
-    """Where meshca listens, on stdout (scripts wait for the 'listening' lines)."""
+    """Where meshca listens, on stdout (scripts wait for the 'listening' lines); a uid's
+    identities as a few and a count, however many it holds."""
+    from meshca.xds.auth import IdentitySet  # loaded by the server already
+
     config = server.config
     lines = [f"meshca serving trust domain {server.trust_domain} as {server.server_id}"]
     if config.listen is not None and server.tcp_port is not None:
@@ -94,7 +97,7 @@ def _announce(server: MeshcaServer) -> None:
     if config.uds is not None:
         lines.append(f"listening on unix://{config.uds.absolute()}")
         for uid, ids in sorted(config.uds_identities.items()):
-            lines.append(f"  uid {uid} -> {', '.join(str(i) for i in ids)}")
+            lines.append(f"  uid {uid} -> {IdentitySet(ids).describe()}")
     if server.attest_port is not None and config.attest_listen is not None:
         address = format_address(config.attest_listen[0], server.attest_port)
         kinds = "join tokens, Kubernetes tokens" if server.kube_tokens else "join tokens"
