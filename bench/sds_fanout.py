@@ -71,6 +71,7 @@ from typing import Any
 import grpc
 from benchlib.child import JsonChild
 from benchlib.fanout import bounded, health_fanout
+from benchlib.goclient import GoStreams, sdsclient
 from benchlib.sampler import StackSampler
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -447,6 +448,134 @@ def gc_delta(before: dict[str, Any], after: dict[str, Any]) -> list[list[float]]
     ]
 
 
+def client_tls_files(root: Path) -> tuple[Path, Path, Path]:
+    """The bundle, a client chain and its key, as files (0600), for a client in another
+    process."""
+    from meshca.backends.local import load_local_ca
+    from meshca.issuer import Issuer
+    from meshca.spiffe import SpiffeId
+    from meshca.util.files import PRIVATE, atomic_write
+
+    ca = load_local_ca(root / "data")
+    svid = Issuer(ca.authority()).issue(SpiffeId.parse(CLIENT_ID))
+    files = (root / "client-bundle.pem", root / "client-chain.pem", root / "client-key.pem")
+    contents = (ca.bundle.pem(), svid.chain_pem(), svid.private_key_pem())
+    for path, data in zip(files, contents, strict=True):
+        atomic_write(path, data, PRIVATE)
+    return files
+
+
+async def go_cases(
+    args: argparse.Namespace, root: Path, server: ServerProcess, binary: str
+) -> dict[str, Any]:
+    """The bundle and operator cases with every stream held by the compiled client (one
+    process, a stand-in for Envoys): its CPU is a fraction of the Python client's, so
+    the figures are the server's. Multiplexed on ``--channels`` connections over
+    ``--transport``; with ``envoy-like`` in ``--cases`` also one mTLS connection per
+    stream (``envoy_like_*``). Ratios: the operator case to the in-process change of the
+    same run, on the same streams."""
+    layouts = [("", args.channels, args.transport)]
+    if "envoy-like" in args.cases:
+        layouts.append(("envoy_like_", args.streams, "tcp"))
+    result: dict[str, Any] = {"client": "go"}
+    tls = client_tls_files(root)
+    for prefix, connections, transport in layouts:
+        target = f"localhost:{server.hello['port']}"
+        if transport == "uds":
+            target = f"unix:{server.hello['uds']}"
+        acks_before = (await server.ask("stats"))["acks"]
+        before = await server.ask("rss")
+        go = await asyncio.to_thread(
+            GoStreams,
+            binary,
+            target,
+            streams=args.streams,
+            connections=connections,
+            max_opening=args.max_opening,
+            tls=tls if transport == "tcp" else None,
+            node_id=CLIENT_ID,
+        )
+        try:
+            hello = go.hello
+            opened = hello["opened"]
+            if opened < args.streams:
+                raise SystemExit(f"the Go client opened {opened} streams: failed {hello['failed']}")
+            await asyncio.sleep(0.5)
+            during = await server.ask("rss")
+            cpu_before, go_before = await server.ask("cpu"), await go.ask("cpu")
+            change = await server.ask("bundle")
+            pushed = await go.ask("wait 1 120")
+            seen = await server.ask(f"acks {acks_before + 2 * opened}")
+            cpu_after, go_after = await server.ask("cpu"), await go.ask("cpu")
+            if pushed["received"] < opened:
+                raise SystemExit(f"{pushed['received']} of {opened} streams received the change")
+            changed_at = change["changed_at"]
+            figures: dict[str, Any] = {
+                "push_last_s": round(pushed["last"] - changed_at, 4),
+                "push_first_s": round(pushed["first"] - changed_at, 4),
+                "push_p50_s": round(pushed["p50"] - changed_at, 4),
+                "push_p99_s": round(pushed["p99"] - changed_at, 4),
+                "push_to_last_ack_s": round(seen["at"] - changed_at, 4),
+                "push_server_cpu_s": round(cpu_after["cpu"] - cpu_before["cpu"], 3),
+                "push_client_cpu_s": round(go_after["cpu"] - go_before["cpu"], 3),
+                "push_server_gc_s": round(cpu_after["gc_s"] - cpu_before["gc_s"], 3),
+                "push_server_gc_by_generation": gc_delta(cpu_before, cpu_after),
+                "subscribe_all_s": round(hello["open_s"], 4),
+                "subscribe_p50_s": round(hello["subscribe_p50_s"], 4),
+                "subscribe_p99_s": round(hello["subscribe_p99_s"], 4),
+                "server_rss_before_mb": round(before["rss"] / 2**20, 1),
+                "server_rss_streams_mb": round(during["rss"] / 2**20, 1),
+                "server_bytes_per_stream": round((during["rss"] - before["rss"]) / args.streams),
+                "server_active_streams": during["streams"],
+            }
+            if "operator" in args.cases and not prefix:  # one root rotation per server
+                await asyncio.sleep(0.5)
+                figures.update(await go_operator(args, server, go, figures["push_last_s"]))
+        finally:
+            go.stop()
+        result.update({prefix + name: value for name, value in figures.items()})
+        await asyncio.sleep(0.5)
+    return result
+
+
+async def go_operator(
+    args: argparse.Namespace, server: ServerProcess, go: GoStreams, in_process_last: float
+) -> dict[str, Any]:
+    """:func:`operator_fanout` on the Go client's streams."""
+    if args.profile:
+        await server.ask("sample-start")
+    cpu_before, go_before = await server.ask("cpu"), await go.ask("cpu")
+    started = time.monotonic()
+    command = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshca", "ca", "rotate-root", "--step", "1",
+        "--timeout", "120s", "--json", "--data-dir", str(args.data_dir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    waiting = asyncio.ensure_future(go.ask("wait 2 120"))
+    out, err = await command.communicate()
+    replied = time.monotonic()
+    if command.returncode != 0:
+        raise SystemExit(f"meshca ca rotate-root failed: {err.decode().strip()}")
+    pushed = await waiting
+    cpu_after, go_after = await server.ask("cpu"), await go.ask("cpu")
+    if args.profile:
+        path = args.profile / f"operator-go-{args.streams}.stacks"
+        await server.ask(f"sample-stop {path}")
+    return {
+        "operator_start_to_last_push_s": round(pushed["last"] - started, 4),
+        "operator_start_to_first_push_s": round(pushed["first"] - started, 4),
+        "operator_first_to_last_push_s": round(pushed["last"] - pushed["first"], 4),
+        "operator_start_to_reply_s": round(replied - started, 4),
+        "operator_server_cpu_s": round(cpu_after["cpu"] - cpu_before["cpu"], 3),
+        "operator_client_cpu_s": round(go_after["cpu"] - go_before["cpu"], 3),
+        "operator_server_gc_s": round(cpu_after["gc_s"] - cpu_before["gc_s"], 3),
+        "operator_server_gc_full": cpu_after["gc_full"] - cpu_before["gc_full"],
+        "operator_server_gc_by_generation": gc_delta(cpu_before, cpu_after),
+        "operator_reply_bytes": len(out),
+        "operator_ratio_vs_in_process": round((pushed["last"] - started) / in_process_last, 2),
+    }
+
+
 async def operator_fanout(
     args: argparse.Namespace, server: ServerProcess, streams: list[SdsStream]
 ) -> dict[str, Any]:
@@ -670,6 +799,16 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
         )
         args.data_dir = root / "data"
         server = ServerProcess(root, args.workloads, args.server_cpu, gc_mode=args.gc)
+        if args.client == "go":
+            binary = sdsclient()
+            if binary is None:
+                return {"streams": args.streams, "skipped": "no Go client"}
+            return {
+                "streams": args.streams,
+                "channels": args.channels,
+                "transport": args.transport,
+                **(await go_cases(args, root, server, binary)),
+            }
         channels = make_channels(args, root, server.hello)
         result: dict[str, Any] = {
             "streams": args.streams,
@@ -721,7 +860,15 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     n = result["streams"]
-    print(f"SDS fan-out: {n} streams on {result['channels']} {result['transport']} connections")
+    if "skipped" in result:
+        print(f"SDS fan-out: skipped: {result['skipped']}")
+        print(json.dumps(result))
+        return
+    held_by = "the Go client" if result.get("client") == "go" else "this Python process"
+    print(
+        f"SDS fan-out: {n} streams on {result['channels']} {result['transport']} connections, "
+        f"held by {held_by}"
+    )
     print(
         f"  bundle change -> last ACK   {result['push_to_last_ack_s']:.3f} s "
         f"(goal at 10,000 streams: {GOAL_SECONDS:.0f} s)"
@@ -741,7 +888,7 @@ def report(result: dict[str, Any]) -> None:
     )
     if "baseline_error" in result:
         print(f"  baseline (health Watch)    failed: {result['baseline_error']}")
-    else:
+    elif "baseline_health_fanout_s" in result:
         print(
             f"  baseline (health Watch)    {result['baseline_health_fanout_s']:.3f} s "
             f"-> ratio {result['ratio_vs_baseline']:.2f}"
@@ -837,6 +984,16 @@ def main() -> None:
         "--profile",
         type=Path,
         help="write the server event loop's sampled stacks during the operator case here",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("python", "go"),
+        default="python",
+        help=(
+            "who holds the streams of the bundle and operator cases (and envoy-like): this "
+            "Python process, or bench/goclient's compiled client (built once; skipped "
+            "without Go)"
+        ),
     )
     parser.add_argument("--role", choices=("client", "server"), default="client")
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
