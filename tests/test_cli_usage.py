@@ -82,6 +82,24 @@ def test_uds_identity_without_uds_warns(tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().err == ""
 
 
+def test_handshake_timeout_reaches_the_listeners(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshca.serve.listeners import grpc_server_options
+
+    def listener_timeout(*flags: str) -> int:
+        args = build_parser().parse_args(["serve", "--listen", "127.0.0.1:0", *flags])
+        options = dict(grpc_server_options(config_from(load_settings(args)), 4096))
+        return options["grpc.server_handshake_timeout_ms"]
+
+    assert listener_timeout() == 5_000
+    assert listener_timeout("--handshake-timeout", "1m") == 60_000
+    assert main(["serve", "--listen", "127.0.0.1:0", "--handshake-timeout", "0s"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "meshca: error: --handshake-timeout: invalid duration '0s': must be greater than zero\n"
+    )
+
+
 def test_bootstrap_refuses_a_cert_dir_of_another_identity(run: Run) -> None:
     assert run("init")[0] == 0
     assert run("issue", BUYER, "--out", "buyer")[0] == 0

@@ -411,6 +411,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "handshake_timeout",
+        parse_duration,
+        "5s",
+        "a TCP connection that has not completed its TLS handshake by then is closed. Each "
+        "handshake costs meshca a few milliseconds of CPU, so when thousands of proxies "
+        "connect at once (a restart) those queued past it are closed and retry: raise it "
+        "for such fleets (docs/serve.md, Limits)",
+        ("serve",),
+        metavar="D",
+    ),
+    Option(
         "max_connection_age",
         parse_duration,
         "1h",

@@ -78,6 +78,7 @@ def _serve_config(settings: Settings) -> ServeConfig:
         kube_node_proxy=settings["kube_node_proxy"],
         max_connections=settings["max_connections"],
         max_connection_age=settings["max_connection_age"],
+        handshake_timeout=settings["handshake_timeout"].total_seconds(),
         uds_max_connections_per_uid=settings["uds_max_connections_per_uid"],
         max_streams_per_caller=settings["max_streams_per_caller"],
         max_names_per_caller=settings["max_names_per_caller"],
