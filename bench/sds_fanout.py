@@ -181,7 +181,11 @@ async def start_plain_servers(directory: Path) -> tuple[list[Any], dict[str, str
 
 
 async def serve(
-    data_dir: Path, socket_path: Path, workloads: int = 0, gc_mode: str = "serve"
+    data_dir: Path,
+    socket_path: Path,
+    workloads: int = 0,
+    gc_mode: str = "serve",
+    handshake_timeout: float = 5.0,
 ) -> None:
     """Run meshca serve in-process and obey one-line commands on stdin. ``gc_mode``:
     ``serve`` tunes the cyclic GC as ``meshca serve`` does once it serves, ``default``
@@ -210,6 +214,7 @@ async def serve(
         max_names_per_caller=1_000_000,
         uds_max_connections_per_uid=1_000_000,
         max_connections=1_000_000,
+        handshake_timeout=handshake_timeout,
     )
     server = MeshcaServer(config)
     await server.start()
@@ -298,7 +303,12 @@ async def serve(
 
 class ServerProcess(JsonChild):
     def __init__(
-        self, root: Path, workloads: int = 0, cpu: int | None = None, gc_mode: str = "serve"
+        self,
+        root: Path,
+        workloads: int = 0,
+        cpu: int | None = None,
+        gc_mode: str = "serve",
+        handshake_timeout: float = 5.0,
     ) -> None:
         pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
         super().__init__(
@@ -316,6 +326,8 @@ class ServerProcess(JsonChild):
                 str(workloads),
                 "--gc",
                 gc_mode,
+                "--handshake-timeout",
+                str(handshake_timeout),
             ],
             "server",
         )
@@ -841,7 +853,13 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
             capture_output=True,
         )
         args.data_dir = root / "data"
-        server = ServerProcess(root, args.workloads, args.server_cpu, gc_mode=args.gc)
+        server = ServerProcess(
+            root,
+            args.workloads,
+            args.server_cpu,
+            gc_mode=args.gc,
+            handshake_timeout=args.handshake_timeout,
+        )
         if args.client == "go":
             binary = sdsclient()
             if binary is None:
@@ -1038,6 +1056,12 @@ def main() -> None:
             "without Go)"
         ),
     )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=5.0,
+        help="the server's TLS handshake timeout in seconds (meshca serve's default: 5)",
+    )
     parser.add_argument("--role", choices=("client", "server"), default="client")
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--socket", type=Path, help=argparse.SUPPRESS)
@@ -1048,7 +1072,9 @@ def main() -> None:
     if args.smoke:
         args.streams = 4
     if args.role == "server":
-        asyncio.run(serve(args.data_dir, args.socket, args.workloads, args.gc))
+        asyncio.run(
+            serve(args.data_dir, args.socket, args.workloads, args.gc, args.handshake_timeout)
+        )
         return
     if args.streams < 1:
         parser.error("--streams must be at least 1")
