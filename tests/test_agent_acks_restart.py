@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from meshca.ca_api.sightings import AgentSightings
+from meshca.ca_api import sightings_file
+from meshca.ca_api.sightings import AgentSightings, Sighting
 from meshca.ca_api.sightings_file import SightingsFileError, load, save, sightings_path
 from meshca.cli.main import main
 from meshca.rotation.jwt_keys import JwtKeyUnacked
@@ -189,3 +190,22 @@ async def test_with_no_server_running_the_saved_acks_decide_at_once(
             await asyncio.to_thread(main, ["ca", "jwt-key", "activate", "--force-unacked", *args])
             == 0
         )
+
+
+def test_the_file_keeps_the_most_recent_callers_within_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sightings_file, "MAX_AGENTS", 2)
+    cert = make_ca(trust_domain=TD).signer.certificate
+    saved = {
+        str(SpiffeId.for_agent(TD, "join_token", name)): Sighting(when, cert)
+        for name, when in (("old", 1.0), ("newer", 2.0), ("newest", 3.0))
+    }
+    path = sightings_path(tmp_path)
+    save(path, saved)
+    assert {key.rsplit("/", 1)[1] for key in load(path, TD)} == {"newer", "newest"}
+    document = json.loads(path.read_text())
+    document["agents"][str(SpiffeId.for_agent(TD, "join_token", "old"))] = {"last_call": 1}
+    path.write_text(json.dumps(document))
+    with pytest.raises(SightingsFileError, match="more than"):
+        load(path, TD)

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import signal
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from spiffe.spiffe_id.spiffe_id import TrustDomain as PyTrustDomain
 
 from meshca.cli.main import main
 from meshca.rotation.admin_client import admin_request
-from meshca.rotation.journal import RotationError
+from meshca.rotation.journal import JwtKeyRecord, RotationError, SlotStatus
 from meshca.rotation.jwt_keys import JwtKeyUnacked
 from meshca.rotation.operator import ADMIN_SOCKET
 from tests.ca_api_harness import agent_for, ca_api
@@ -220,3 +220,11 @@ def test_a_workload_behind_a_real_agent_validates_the_new_keys_token_at_once() -
 def _kid(token: str) -> str:
     head = token.split(".")[0]
     return str(json.loads(base64.urlsafe_b64decode(head + "=="))["kid"])
+
+
+def test_the_refusal_names_at_most_twenty_agents() -> None:
+    record = JwtKeyRecord("jwt-0002", SlotStatus.PREPARED, "kid2", datetime.now(UTC))
+    waiting = [f"agent spiffe://cluster.local/meshca/agent/join_token/a{i}" for i in range(25)]
+    message = str(JwtKeyUnacked(record, waiting, 60))
+    assert "25 agent(s)" in message and "after 60s" in message
+    assert "/a19," not in message and "/a19 and 5 more" in message and "/a20" not in message

@@ -57,17 +57,22 @@ def encode(sightings: Mapping[str, Sighting]) -> bytes:
     recent = sorted(sightings.items(), key=lambda item: item[1].last_call, reverse=True)
     roots: dict[str, str] = {}
     agents: dict[str, Any] = {}
+    bundles: dict[int, list[str]] = {}  # agents share a few bundle objects: encoded once
     for agent_id, sighting in recent[:MAX_AGENTS]:
         entry: dict[str, Any] = {"last_call": round(sighting.last_call, 3)}
         if sighting.presented is not None:
             entry["presented"] = _der(sighting.presented)
-        if sighting.bundle is not None:
-            ids = []
-            for root in sighting.bundle:
-                root_id = _root_id(root)
-                roots.setdefault(root_id, _der(root))
-                ids.append(root_id)
-            entry["bundle"] = ids
+        bundle = sighting.bundle
+        if bundle is not None:
+            if id(bundle) not in bundles:
+                ids = []
+                for root in bundle:
+                    root_id = _root_id(root)
+                    if root_id not in roots:
+                        roots[root_id] = _der(root)
+                    ids.append(root_id)
+                bundles[id(bundle)] = ids
+            entry["bundle"] = bundles[id(bundle)]
         if sighting.jwt_kids is not None:
             entry["jwt_kids"] = sorted(sighting.jwt_kids)
         agents[agent_id] = entry
