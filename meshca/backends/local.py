@@ -23,12 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from meshca.backends.opened import LocalCaRotation, OpenedBackend
 from meshca.issuer import (
-    ActiveSigner,
     ChainError,
     IssuerError,
     KeyType,
@@ -59,6 +58,10 @@ from meshca.util.files import (
     loose_key_mode,
 )
 from meshca.util.formats import name_text, rfc3339
+
+if TYPE_CHECKING:  # loaded by the commands that sign, not by bundle or inspect
+    from meshca.backends.opened import OpenedBackend
+    from meshca.issuer import ActiveSigner
 
 CA_DIR = "ca"
 BACKUP_DIR = "backup"
@@ -97,11 +100,15 @@ class LocalCa:
     origin: str
 
     def authority(self) -> ActiveSigner:
+        from meshca.issuer import ActiveSigner
+
         return ActiveSigner(self.signer, self.bundle)
 
     def opened(self) -> OpenedBackend:
         """The local backend: this CA signs in process (self-checked here), and rotation
         renews it from the data directory's keys."""
+        from meshca.backends.opened import LocalCaRotation, OpenedBackend
+
         authority = self.authority()
         rotation = LocalCaRotation(self.directory.parent, authority)
         return OpenedBackend(LOCAL, authority, signer=authority, rotation=rotation)
