@@ -129,6 +129,10 @@ def test_the_file_is_private_and_refuses_what_it_did_not_write(tmp_path: Path) -
     loaded = load(path, TD)[str(AGENT)]
     assert loaded.jwt_kids == frozenset({"k1", "k2"})  # only keys meshca publishes
     assert loaded.presented == ca.signer.certificate and loaded.bundle == ca.bundle
+    # A report is read up to 64 key ids: one named after thousands of others is not held.
+    sightings.held_jwt(AGENT, [f"x{i}" for i in range(5000)] + ["k3"], ["k1", "k2", "k3"])
+    held = sightings.get(str(AGENT))
+    assert held is not None and held.jwt_kids == frozenset()
     document = json.loads(path.read_text())
     entry = str(AGENT)
     for damage in (
@@ -208,4 +212,7 @@ def test_the_file_keeps_the_most_recent_callers_within_its_bound(
     document["agents"][str(SpiffeId.for_agent(TD, "join_token", "old"))] = {"last_call": 1}
     path.write_text(json.dumps(document))
     with pytest.raises(SightingsFileError, match="more than"):
+        load(path, TD)
+    monkeypatch.setattr(sightings_file, "MAX_BYTES", 100)
+    with pytest.raises(SightingsFileError, match="larger than 100 bytes"):
         load(path, TD)
