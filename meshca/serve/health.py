@@ -13,7 +13,8 @@ NOT_SERVING otherwise. A proxy sent to a NOT_SERVING replica would get a certifi
 that is about to expire, or none at all.
 
 :class:`HealthMonitor` re-evaluates the policy periodically and on events (a
-certificate renewed, the bundle changed, an issuance succeeded or failed) and sets the
+certificate renewed, the bundle changed, an issuance whose outcome differs from the
+last one's: a failure, or a success after one) and sets the
 status of the overall service ``""`` and of the SDS service on the shared gRPC
 ``HealthServicer``. The main server and the plaintext health listener
 (``--health-listen``, for the kubelet's gRPC probe, which presents no client
