@@ -31,9 +31,10 @@ from meshca.issuer.policy import RENEW_FRACTION, RENEW_JITTER, issued_at, renewa
 from meshca.spiffe import SpiffeId
 from meshca.util.aio import call_inline_or_in_thread
 from meshca.util.formats import rfc3339, serial_hex
+from meshca.util.logger import get_logger
 from meshca.util.retry import Backoff
 
-log = logging.getLogger("meshca.store")
+log = get_logger("meshca.store")
 
 DEFAULT_IDLE_TTL = timedelta(minutes=10)
 # Renewal retries: 1 s doubling to 60 s, each delay randomised over its upper half.

@@ -314,13 +314,16 @@ def test_file_commands_load_only_what_they_use(tmp_path: Path, argv: list[str]) 
 
 @pytest.mark.parametrize("order", ["logging first", "meshca first"])
 def test_meshca_events_stay_quiet_until_a_handler_is_installed(order: str) -> None:
-    """Whether ``logging`` was imported before meshca or loads later (meshca no longer
-    imports it itself), a warning from a meshca module reaches no last-resort handler on
-    stderr, while other loggers' still do."""
-    imports = "import logging, meshca" if order == "logging first" else "import meshca, logging"
+    """Whether ``logging`` was imported before meshca or after, a warning from a meshca
+    module reaches no last-resort handler on stderr, while other loggers' still do."""
+    imports = (
+        "import logging, meshca.backends.vault.backend as backend"
+        if order == "logging first"
+        else "import meshca.backends.vault.backend as backend, logging"
+    )
     code = (
         f"{imports}\n"
-        "logging.getLogger('meshca.backends.vault.backend').warning('retrying')\n"
+        "backend.log.warning('retrying')\n"
         "logging.getLogger('elsewhere').warning('shown')\n"
     )
     result = subprocess.run(
@@ -328,6 +331,17 @@ def test_meshca_events_stay_quiet_until_a_handler_is_installed(order: str) -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == "shown\n"
+
+
+def test_meshca_modules_take_their_logger_from_util_logger() -> None:
+    """A module calling ``logging.getLogger`` itself could log before meshca's quiet
+    default is in place; only the logging modules of ``util`` may."""
+    offenders = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name not in ("logs.py", "logger.py") and "logging.getLogger(" in path.read_text()
+    ]
+    assert offenders == []
 
 
 def test_help_loads_no_command_module(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ expiry is such a maximum age; the kubelet has refreshed the projected token by t
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,9 +32,10 @@ from meshca.issuer.svid import certificates_pem, load_certificates_pem, spiffe_i
 from meshca.util.aio import set_event
 from meshca.util.files import PRIVATE, atomic_write, ensure_private_dir
 from meshca.util.formats import rfc3339, serial_hex
+from meshca.util.logger import get_logger
 from meshca.util.retry import Backoff
 
-log = logging.getLogger("meshca.agent")
+log = get_logger("meshca.agent")
 
 CREDENTIAL_DIR = "agent"
 SVID_FILE = "agent-svid.pem"

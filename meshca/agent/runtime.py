@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,11 +38,12 @@ from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore
 from meshca.util.aio import run_until_signalled
+from meshca.util.logger import get_logger
 from meshca.xds.auth import CallerAuthenticator
 from meshca.xds.stats import XdsStats
 from meshca.xds.uds import UdsFrontDoor
 
-log = logging.getLogger("meshca.agent")
+log = get_logger("meshca.agent")
 
 DEFAULT_SOCKET_MODE = 0o600
 DEFAULT_POLL_INTERVAL = 5.0

@@ -14,7 +14,6 @@ API streams together.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +28,10 @@ from meshca.issuer import IssuerError, TrustBundle, X509Svid
 from meshca.issuer.jwt_svid import JwtError
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.util.logger import get_logger
 from meshca.xds.auth import AuthError, CallerAuthenticator
 
-log = logging.getLogger("meshca.agent.workload_api")
+log = get_logger("meshca.agent.workload_api")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 HEADER = "workload.spiffe.io"

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -38,8 +37,9 @@ from typing import Protocol, TypeVar
 
 from meshca.attest.attestor import Attestation, AttestationError
 from meshca.spiffe import SpiffeId, SpiffeIdError, TrustDomain
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.attest.kube")
+log = get_logger("meshca.attest.kube")
 
 ATTESTOR = "k8s"
 DEFAULT_AUDIENCE = "meshca"

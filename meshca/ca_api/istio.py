@@ -13,7 +13,6 @@ then the intermediates, then the trust bundle's roots as the last element.
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 from typing import Any
 
@@ -32,8 +31,9 @@ from meshca.issuer.csr import check_csr_claims, load_csr
 from meshca.issuer.errors import CsrError
 from meshca.spiffe import SpiffeId, SpiffeIdError
 from meshca.util.formats import rfc3339, serial_hex
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.ca_api.istio")
+log = get_logger("meshca.ca_api.istio")
 
 SERVICE = istio_ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"]
 SERVICE_NAME = SERVICE.full_name  # istio.v1.auth.IstioCertificateService

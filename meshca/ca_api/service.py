@@ -44,8 +44,9 @@ from meshca.issuer.svid import MALFORMED_CERTIFICATE, certificates_der
 from meshca.spiffe import SpiffeId, SpiffeIdError
 from meshca.util.aio import call_inline_or_in_thread
 from meshca.util.formats import rfc3339, serial_hex
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.ca_api")
+log = get_logger("meshca.ca_api")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "meshca.ca.v1.AgentCA"

@@ -148,9 +148,10 @@ class Issuer:
             try:
                 observe(elapsed, error)
             except Exception:
-                import logging  # only here: `meshca issue` does not load logging
+                # only here: `meshca issue` does not load logging
+                from meshca.util.logger import get_logger
 
-                logging.getLogger("meshca.issuer").exception("an issuance observer failed")
+                get_logger("meshca.issuer").exception("an issuance observer failed")
 
     @property
     def trust_domain(self) -> TrustDomain:

@@ -41,9 +41,10 @@ from meshca.kube.policy import Verdict
 from meshca.kube.translate import ClusterState, Translation, build_mesh
 from meshca.kube.watch import Reflector
 from meshca.spiffe import TrustDomain
+from meshca.util.logger import get_logger
 from meshca.util.logs import shorten
 
-log = logging.getLogger("meshca.kube")
+log = get_logger("meshca.kube")
 
 DEFAULT_DEBOUNCE = 0.1
 _REMEMBERED = 4096  # distinct problem lines remembered (each is logged once)

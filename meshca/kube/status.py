@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -31,9 +30,10 @@ from meshca.kube.policy import (
     ObjectRef,
     Verdict,
 )
+from meshca.util.logger import get_logger
 from meshca.util.logs import shorten
 
-logger = logging.getLogger("meshca.kube.status")
+logger = get_logger("meshca.kube.status")
 
 # (path of the status subresource, merge patch) -> awaitable; raises on a refusal
 PatchStatus = Callable[[str, Mapping[str, Any]], Awaitable[object]]

@@ -30,10 +30,11 @@ import httpx2 as httpx
 
 from meshca.kube.client import KubeApi, KubeApiError, status_error
 from meshca.kube.objects import Kind, Unusable, key_of
+from meshca.util.logger import get_logger
 from meshca.util.logs import shorten
 from meshca.util.retry import Backoff
 
-log = logging.getLogger("meshca.kube")
+log = get_logger("meshca.kube")
 
 PAGE_SIZE = 500
 WATCH_SECONDS = (240, 360)  # the server ends each watch in this range (spread)

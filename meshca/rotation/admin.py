@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import os
 import socket
@@ -47,11 +46,12 @@ from meshca.rotation.manager import RotationManager
 from meshca.rotation.root import DEFAULT_ACK_TIMEOUT, RootRotation
 from meshca.rotation.status import rotation_status
 from meshca.util.durations import MAX_DURATION
+from meshca.util.logger import get_logger
 from meshca.util.unix_socket import bind_listening_socket
 
 __all__ = ["AdminServer", "AdminUnavailable", "CaOperations", "admin_request"]
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 SOCKET_MODE = 0o600
 LISTED = 100  # proxies named in a status; the counts say how many there are in all

@@ -7,7 +7,6 @@ with :func:`meshca.issuer.policy.check_signing_ca`."""
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 
 from meshca.issuer import Signer, TrustBundle, TtlError
@@ -18,8 +17,9 @@ from meshca.rotation.journal import SlotKind
 from meshca.rotation.manager import RotationManager
 from meshca.util.durations import format_duration
 from meshca.util.formats import rfc3339
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 ROOT_EXPIRY_NOTICE = timedelta(days=30)
 

@@ -20,7 +20,6 @@ crash at any point is repaired by the next :meth:`JwtKeySlots.open`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -42,11 +41,12 @@ from meshca.rotation.journal import (
     SlotStatus,
 )
 from meshca.util.formats import rfc3339
+from meshca.util.logger import get_logger
 
 if TYPE_CHECKING:
     from meshca.rotation.manager import RotationManager
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 DEFAULT_JWT_KEY_TTL = timedelta(days=1)
 MIN_JWT_KEY_TTL = timedelta(minutes=1)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -80,8 +79,9 @@ from meshca.util.files import (
     fsync_directory,
     loose_key_mode,
 )
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 ROOT_KEYS_DIR = "root-keys"
 _STAGE_PREFIX = ".ca-rotate-"

@@ -18,7 +18,6 @@ they join the bundle, and stay in it while the backend has them.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -56,8 +55,9 @@ from meshca.rotation.journal import (
 from meshca.rotation.jwt_keys import DEFAULT_JWT_KEY_TTL, MIN_JWT_KEY_TTL, JwtKeySlots
 from meshca.store import SecretStore
 from meshca.util.formats import rfc3339
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 DEFAULT_PREPARE_FRACTION = 0.5
 DEFAULT_ACTIVATE_FRACTION = 5 / 6

@@ -15,7 +15,6 @@ journal, so a restart carries on from the step that was running; until step 5 st
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,8 +42,9 @@ from meshca.rotation.manager import RotationManager
 from meshca.rotation.operator import LAST_STEP
 from meshca.rotation.proxies import ProxyRecord
 from meshca.rotation.rotator import Rotator
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 STEPS = {
     1: "add the new root to the trust bundle and push it",

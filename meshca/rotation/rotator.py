@@ -15,7 +15,6 @@ wall-clock timers (an ``AsyncIOScheduler``), and looks again after an operator's
 from __future__ import annotations
 
 import contextlib
-import logging
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -25,8 +24,9 @@ from meshca.rotation.acks import bundle_holds, certificate_not_under
 from meshca.rotation.journal import RotationError, SlotKind, SlotRecord
 from meshca.rotation.manager import RotationManager, Schedule
 from meshca.util.formats import rfc3339
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 MAX_TICK_INTERVAL = timedelta(minutes=10)
 

@@ -17,7 +17,6 @@ proxies have ACKed that root.
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 from meshca.backends.opened import IntermediateCa
@@ -26,8 +25,9 @@ from meshca.issuer.svid import fingerprint
 from meshca.issuer.verify import self_check
 from meshca.rotation.journal import RotationError, SigningCa
 from meshca.rotation.manager import root_of
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 
 class VaultCaSource:

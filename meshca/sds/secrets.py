@@ -15,7 +15,6 @@ be dropped) and wakes exactly the streams a store event affects.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from meshca.issuer.errors import BACKEND_UNAVAILABLE
 from meshca.sds.bounded import BoundedSvids
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent, SvidChanged
+from meshca.util.logger import get_logger
 from meshca.xds.auth import Caller, Forbidden, own_identity
 from meshca.xds.engine import Resolution, Resource, ResourceError, StreamHandle
 from meshca.xds.resources import (
@@ -47,7 +47,7 @@ ServiceIdentities = Callable[[str, str], tuple[SpiffeId, ...] | None]
 MayReach = Callable[[SpiffeId, str, str], bool]  # (caller identity, namespace, service)
 NodeProxies = Callable[[SpiffeId], frozenset[SpiffeId]]  # workload -> node proxies holding it
 
-log = logging.getLogger("meshca.sds")
+log = get_logger("meshca.sds")
 
 
 def tls_certificate_secret(name: str, svid: X509Svid) -> secret_pb2.Secret:

@@ -7,7 +7,6 @@ the call to the xDS engine with the Secret source. Protocol rules live in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from meshca.sds.secrets import MayReach, NodeProxies, SecretSource
 from meshca.spiffe import SpiffeId
 from meshca.store import BundleChanged, SecretStore, StoreEvent
+from meshca.util.logger import get_logger
 from meshca.xds.auth import Caller, CallerAuthenticator, Context, authenticate_or_abort
 from meshca.xds.credentials import CredentialWatch
 from meshca.xds.engine import XdsEngine
@@ -26,7 +26,7 @@ from meshca.xds.resources import SECRET_TYPE
 from meshca.xds.stats import XdsStats
 from meshca.xds.wire import add_discovery_service
 
-log = logging.getLogger("meshca.sds")
+log = get_logger("meshca.sds")
 
 SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 

@@ -14,7 +14,6 @@ rotation, in this process.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from meshca.backends.opened import BackendHealth, OpenedBackend
@@ -23,8 +22,9 @@ from meshca.serve.config import DEFAULT_BACKEND_POLL_INTERVAL
 from meshca.serve.rotation import RotationService
 from meshca.store import SecretStore
 from meshca.util.aio import Periodic
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.server")
+log = get_logger("meshca.server")
 
 DEFAULT_INTERVAL = DEFAULT_BACKEND_POLL_INTERVAL  # 60 s
 DEFAULT_OUTAGE_INTERVAL = 5.0

@@ -46,9 +46,10 @@ from meshca.serve.config import DEFAULT_HEALTH_INTERVAL
 from meshca.spiffe import SpiffeId
 from meshca.store import SecretStore, StoreEvent
 from meshca.util.aio import Periodic
+from meshca.util.logger import get_logger
 from meshca.util.netaddr import format_address
 
-log = logging.getLogger("meshca.health")
+log = get_logger("meshca.health")
 
 COMFORT_FRACTION = 0.25
 SERVING = health_pb2.HealthCheckResponse.SERVING

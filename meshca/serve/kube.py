@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
 
 from meshca.envoy.model import Mesh
@@ -21,8 +20,9 @@ from meshca.kube.source import KubeMeshSource
 from meshca.kube.status import StatusWriter
 from meshca.serve.config import ServeConfig, ServeError
 from meshca.spiffe import TrustDomain
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.kube")
+log = get_logger("meshca.kube")
 
 WAITING_NOTICE = 30.0  # seconds between "still waiting" lines before the first mesh
 

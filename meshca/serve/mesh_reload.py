@@ -10,7 +10,6 @@ size and alias limits of :func:`meshca.util.files.read_yaml` bound what it may c
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +18,9 @@ from meshca.envoy.mesh import Mesh, MeshError, load_mesh
 from meshca.serve.config import DEFAULT_POLL_INTERVAL
 from meshca.spiffe import TrustDomain
 from meshca.util.aio import Periodic
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.mesh")
+log = get_logger("meshca.mesh")
 
 _Signature = tuple[int, int, int] | None
 

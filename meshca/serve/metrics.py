@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -52,9 +51,10 @@ from meshca.issuer import (
 )
 from meshca.sds.metrics import served_certificates
 from meshca.store import SecretStore
+from meshca.util.logger import get_logger
 from meshca.xds.stats import XdsStats
 
-log = logging.getLogger("meshca.metrics")
+log = get_logger("meshca.metrics")
 
 ISSUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -11,7 +11,6 @@ bundle poll reads and hands to :meth:`RotationManager.follow_roots`.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -45,8 +44,9 @@ from meshca.serve.config import ServeConfig
 from meshca.serve.engine_acks import EngineAcks, EngineView
 from meshca.store import SecretStore
 from meshca.util.aio import cancel_and_wait
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.rotation")
+log = get_logger("meshca.rotation")
 
 # After a restart with no record of who was connected (a journal from an older
 # version), proxies get this long to reconnect before an interrupted root rotation

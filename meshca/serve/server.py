@@ -11,7 +11,6 @@ handshakes pick up the renewed certificate and the current bundle.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -60,6 +59,7 @@ from meshca.store import (
 from meshca.util.aio import run_until_signalled
 from meshca.util.durations import format_duration
 from meshca.util.formats import serial_hex
+from meshca.util.logger import get_logger
 from meshca.util.netaddr import format_address
 from meshca.xds.ads import AggregatedDiscoveryServicer, add_ads_to_server
 from meshca.xds.auth import CallerAuthenticator
@@ -71,7 +71,7 @@ from meshca.xds.uds import DEFAULT_SOCKET_MODE, UdsFrontDoor
 if TYPE_CHECKING:
     from meshca.serve.kube import KubeSource
 
-log = logging.getLogger("meshca.server")
+log = get_logger("meshca.server")
 
 SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 BACKEND_SERVICE = "meshca.backend"  # gRPC health: NOT_SERVING while the backend cannot sign

@@ -12,7 +12,6 @@ crash loses at most the last interval, and an agent acknowledges again at its ne
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from meshca.ca_api.sightings import AgentSightings
 from meshca.ca_api.sightings_file import SightingsFileError, load, save
 from meshca.spiffe import TrustDomain
 from meshca.util.aio import cancel_and_wait
+from meshca.util.logger import get_logger
 
-log = logging.getLogger("meshca.ca_api")
+log = get_logger("meshca.ca_api")
 
 SAVE_INTERVAL = 1.0
 IDLE_INTERVAL = 30.0

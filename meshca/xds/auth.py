@@ -22,7 +22,6 @@ Any other ``node.id`` (a hostname, ``envoy-1``) names no identity and is accepte
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -38,10 +37,11 @@ from meshca.issuer.keys import key_type_of
 from meshca.issuer.svid import spiffe_id_of
 from meshca.issuer.verify import verify_chain
 from meshca.spiffe import SCHEME, SpiffeId, SpiffeIdError, TrustDomain
+from meshca.util.logger import get_logger
 from meshca.util.logs import Throttle, bind, suppressed_note
 from meshca.xds.stats import XdsStats
 
-log = logging.getLogger("meshca.sds")  # refused calls keep the logger name they had
+log = get_logger("meshca.sds")  # refused calls keep the logger name they had
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _request_ids = itertools.count(1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -28,9 +27,10 @@ import grpc
 import grpc.aio
 
 from meshca.issuer.bundle import TrustBundle
+from meshca.util.logger import get_logger
 from meshca.xds.auth import Caller, credential_problem
 
-log = logging.getLogger("meshca.sds")
+log = get_logger("meshca.sds")
 
 # How long a stream whose certificate stopped chaining to the bundle (not expired) is kept
 # after the bundle change, so that it receives that bundle before it ends.

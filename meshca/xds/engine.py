@@ -51,7 +51,6 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,13 +63,14 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from meshca.util.aio import wait_event
+from meshca.util.logger import get_logger
 from meshca.util.logs import Throttle, shorten, suppressed_note
 from meshca.xds.auth import WARNING_INTERVAL, Caller, Forbidden, bounded_text
 from meshca.xds.limits import CallerLimits
 from meshca.xds.resources import TYPE_PREFIX, content_version, set_version
 from meshca.xds.stats import XdsStats
 
-log = logging.getLogger("meshca.xds")
+log = get_logger("meshca.xds")
 
 WILDCARD = "*"
 INBOX_SIZE = 64

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
 import socket
 import struct
@@ -32,11 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from meshca.util.files import ensure_private_dir
+from meshca.util.logger import get_logger
 from meshca.util.logs import Throttle, suppressed_note
 from meshca.util.unix_socket import UnixSocketError, bind_listening_socket, check_path_length
 from meshca.xds.auth import PeerCred
 
-log = logging.getLogger("meshca.uds")
+log = get_logger("meshca.uds")
 
 DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_CONNECTIONS = 4096

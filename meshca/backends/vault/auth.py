@@ -9,7 +9,6 @@ Tokens never reach a log or a ``repr``.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,9 +26,10 @@ from meshca.backends.vault.settings import (
     clean_secret,
     hint,
 )
+from meshca.util.logger import get_logger
 from meshca.util.retry import Backoff
 
-log = logging.getLogger("meshca.backends.vault")
+log = get_logger("meshca.backends.vault")
 
 RENEW_FRACTION = 2 / 3
 

@@ -23,7 +23,6 @@ recovers by itself) or :class:`BackendError` naming the setting to fix.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -60,9 +59,10 @@ from meshca.issuer.verify import verify_chain
 from meshca.spiffe import TrustDomain
 from meshca.util.files import PRIVATE, PUBLIC, atomic_write, ensure_private_dir, loose_key_mode
 from meshca.util.formats import rfc3339, serial_hex
+from meshca.util.logger import get_logger
 from meshca.util.retry import Backoff
 
-log = logging.getLogger("meshca.backends.vault")
+log = get_logger("meshca.backends.vault")
 
 __all__ = [
     "BackendError",

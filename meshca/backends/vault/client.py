@@ -11,7 +11,6 @@ exponential backoff and jitter, so the backend recovers by itself.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -26,9 +25,10 @@ from requests.adapters import HTTPAdapter
 from meshca.backends.errors import BackendError, BackendUnavailable
 from meshca.backends.vault.auth import TokenKeeper, login_method
 from meshca.backends.vault.settings import VaultSettings, hint
+from meshca.util.logger import get_logger
 from meshca.util.retry import Backoff, Breaker
 
-log = logging.getLogger("meshca.backends.vault")
+log = get_logger("meshca.backends.vault")
 
 POOL_SIZE = 32
 
