@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshca.ca_api import sightings_file
-from meshca.ca_api.sightings import AgentSightings, Sighting
+from meshca.ca_api.sightings import AgentSightings, Sighting, root_sha256
 from meshca.ca_api.sightings_file import SightingsFileError, load, save, sightings_path
 from meshca.cli.main import main
 from meshca.rotation.jwt_keys import JwtKeyUnacked
@@ -121,7 +121,8 @@ def test_the_file_is_private_and_refuses_what_it_did_not_write(tmp_path: Path) -
     sightings = AgentSightings()
     ca = make_ca(trust_domain=TD)
     sightings.called(AGENT, ca.signer.certificate)
-    sightings.sent_bundle(AGENT, ca.bundle)
+    other = make_ca(trust_domain=TD).bundle.roots[0]  # a root meshca does not publish
+    sightings.held_roots(AGENT, [root_sha256(other), *map(root_sha256, ca.bundle)], ca.bundle)
     sightings.held_jwt(AGENT, ["k1", "k2", "forged"], ["k1", "k2", "k3"])
     save(path, sightings.snapshot())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -129,17 +130,28 @@ def test_the_file_is_private_and_refuses_what_it_did_not_write(tmp_path: Path) -
     loaded = load(path, TD)[str(AGENT)]
     assert loaded.jwt_kids == frozenset({"k1", "k2"})  # only keys meshca publishes
     assert loaded.presented == ca.signer.certificate and loaded.bundle == ca.bundle
+    assert loaded.bundle is not None and other not in loaded.bundle  # nor roots
     # A report is read up to 64 key ids: one named after thousands of others is not held.
     sightings.held_jwt(AGENT, [f"x{i}" for i in range(5000)] + ["k3"], ["k1", "k2", "k3"])
     held = sightings.get(str(AGENT))
     assert held is not None and held.jwt_kids == frozenset()
+    # Likewise 64 root fingerprints: the real one after 5,000 others is not held.
+    forged = [bytes([i % 256, i // 256]) * 16 for i in range(5000)]
+    sightings.held_roots(AGENT, [*forged, *map(root_sha256, ca.bundle)], ca.bundle)
+    held = sightings.get(str(AGENT))
+    assert held is not None and held.bundle is not None and len(held.bundle) == 0
     document = json.loads(path.read_text())
+    # A file from a server that noted the bundle it *sent* ("bundle"): no ACK, not read.
+    older = json.loads(json.dumps(document))
+    older["agents"][str(AGENT)]["bundle"] = older["agents"][str(AGENT)].pop("held_roots")
+    path.write_text(json.dumps(older))
+    assert load(path, TD)[str(AGENT)].bundle is None
     entry = str(AGENT)
     for damage in (
         lambda d: d.update(format=2),
         lambda d: d["agents"].update({"spiffe://cluster.local/ns/a/sa/b": {"last_call": 1}}),
         lambda d: d["roots"].update({"00": d["agents"][entry]["presented"]}),
-        lambda d: d["agents"][entry].update(bundle=["ff" * 32]),
+        lambda d: d["agents"][entry].update(held_roots=["ff" * 32]),
         lambda d: d["agents"][entry].update(jwt_kids=["k"] * 65),
         lambda d: d["agents"][entry].update(presented="not base64!"),
     ):

@@ -1,7 +1,8 @@
 """A root rotation waits for the attested agents, not only the proxies on xDS streams:
-an agent acknowledges through its bundle fetch and the agent SVID it presents, so the
-last step (dropping the old root) refuses, naming it, while an agent that is stopped has
-not picked the new root up; --force-unacked or evicting the agent lets it go on."""
+an agent acknowledges through the roots it reports holding at its next bundle poll and
+the agent SVID it presents, so the last step (dropping the old root) refuses, naming it,
+while an agent that is stopped has not picked the new root up; --force-unacked or
+evicting the agent lets it go on."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ async def test_the_last_step_waits_for_an_agent_that_has_not_fetched_the_new_roo
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with short_tempdir() as root:
-        async with ca_api(root) as api, agent_for(api, root, WEB) as running:
+        async with ca_api(root) as api, agent_for(api, root, WEB, poll_interval=3600) as running:
             async with agent_for(api, root, DB, name="stopped") as stopped:
                 stopped_svid = stopped.credential.svid
                 assert stopped_svid is not None
@@ -42,7 +43,12 @@ async def test_the_last_step_waits_for_an_agent_that_has_not_fetched_the_new_roo
             with pytest.raises(AckTimeout) as held:
                 await rotation.step(2, timeout=SHORT)
             assert any(stopped_id in name for name in held.value.waiting)
-            await running.poll_once()
+            await running.poll_once()  # fetches the bundle holding the new root
+            with pytest.raises(AckTimeout) as held:
+                await rotation.step(2, timeout=SHORT)
+            # Sent is not held: the agent's ACK is its report at the next poll.
+            assert any(running_id in name for name in held.value.waiting)
+            await running.poll_once()  # reports the roots it applied
             with pytest.raises(AckTimeout) as held:
                 await rotation.step(2, timeout=SHORT)
             assert not any(running_id in name for name in held.value.waiting)

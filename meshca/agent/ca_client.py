@@ -235,10 +235,15 @@ class CaClient:
             )
         return answers
 
-    def fetch_bundle(self, jwt_kids: Sequence[str] = ()) -> ServerState:
+    def fetch_bundle(
+        self, jwt_kids: Sequence[str] = (), root_sha256: Sequence[bytes] = ()
+    ) -> ServerState:
         """What meshca serve says now; ``jwt_kids`` (the JWT authorities this agent holds)
-        acknowledges the JWT key set it fetched before."""
-        request = ca_pb2.GetBundleRequest(jwt_kids=list(jwt_kids))
+        and ``root_sha256`` (the SHA-256 of each trust-bundle root it holds) acknowledge
+        the key set and bundle it fetched before, once applied and pushed."""
+        request = ca_pb2.GetBundleRequest(
+            jwt_kids=list(jwt_kids), trust_bundle_sha256=list(root_sha256)
+        )
         response = self._call("GetBundle", request, self._stub())
         assert isinstance(response, ca_pb2.BundleResponse)
         return ServerState(

@@ -33,6 +33,7 @@ from meshca.agent.credential import AgentCredential, AgentError
 from meshca.agent.jwt import JwtSvids
 from meshca.agent.metrics import MetricsEndpoint, MetricsRegistry, register_agent_collector
 from meshca.agent.workload_api import WorkloadApiServicer, add_workload_api_to_server
+from meshca.ca_api.sightings import root_sha256
 from meshca.issuer import Issuer, IssuerError, TrustBundle, TtlPolicy
 from meshca.sds.service import SecretDiscoveryServicer, add_sds_to_server
 from meshca.spiffe import SpiffeId
@@ -105,14 +106,16 @@ class MeshcaAgent:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._reported: tuple[TrustBundle | None, tuple[bytes, ...]] = (None, ())
 
     async def start(self) -> None:
         try:
             await asyncio.to_thread(self.credential.establish)
         except (CaRefused, CaUnavailable) as exc:
             raise AgentError(f"cannot attest at meshca: {exc}") from None
-        state = await asyncio.to_thread(self.client.fetch_bundle)
+        state = await asyncio.to_thread(self.client.fetch_bundle, (), self._held_roots())
         self.jwt.update_bundle(state.jwt_bundle)
+        self._apply_bundle(state)  # the --trust-bundle file may be older than meshca's
         authenticator: CallerAuthenticator
         if state.node:
             self.node = NodeAuthenticator(self.client.trust_domain, self.front_door.peer_creds)
@@ -176,20 +179,34 @@ class MeshcaAgent:
         """Follow meshca: a changed bundle is pushed to every stream; SVIDs from a CA
         meshca no longer signs with are renewed at once (so a root rotation's last step,
         which drops the old root, finds nothing of this agent still under it)."""
-        state = await asyncio.to_thread(self.client.fetch_bundle, self.jwt.kids)
+        state = await asyncio.to_thread(self.client.fetch_bundle, self.jwt.kids, self._held_roots())
         self.jwt.update_bundle(state.jwt_bundle)
         if self.node is not None:
             self.node.update(state.entries)
-        if state.bundle != self.client.bundle:
-            self.client.use(bundle=state.bundle)
-            self.store.refresh_bundle()
-            log.info("trust bundle changed: %d roots", len(state.bundle))
+        self._apply_bundle(state)
         svid = self.credential.svid
         if svid is not None and not state.issued(svid):
             await asyncio.to_thread(self.credential.renew_now)
         stale = [sid for sid in self.store.identities() if not self._current(sid, state)]
         for spiffe_id in stale:
             await self.store.renew(spiffe_id)
+
+    def _apply_bundle(self, state: ServerState) -> None:
+        """Push the fetched bundle to every stream when it differs from what they hold
+        (not from the client's bundle: a renewal's answer updates that one alone)."""
+        if state.bundle != self.store.bundle():
+            self.client.use(bundle=state.bundle)
+            self.store.refresh_bundle()
+            log.info("trust bundle changed: %d roots", len(state.bundle))
+
+    def _held_roots(self) -> tuple[bytes, ...]:
+        """The SHA-256 of each root of the bundle every stream holds (the store notifies
+        them as it adopts a bundle): reported at the next poll, the ACK a root rotation
+        waits for."""
+        bundle = self.store.bundle()
+        if self._reported[0] is not bundle:
+            self._reported = (bundle, tuple(root_sha256(root) for root in bundle))
+        return self._reported[1]
 
     def _current(self, spiffe_id: SpiffeId, state: ServerState) -> bool:
         svid = self.store.cached(spiffe_id)

@@ -81,10 +81,12 @@ class SignResult(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetBundleRequest(_message.Message):
-    __slots__ = ("jwt_kids",)
+    __slots__ = ("jwt_kids", "trust_bundle_sha256")
     JWT_KIDS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     jwt_kids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, jwt_kids: _Optional[_Iterable[str]] = ...) -> None: ...
+    trust_bundle_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, jwt_kids: _Optional[_Iterable[str]] = ..., trust_bundle_sha256: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SvidResponse(_message.Message):
     __slots__ = ("spiffe_id", "cert_chain", "bundle", "entitled", "reattest_by")

@@ -202,11 +202,10 @@ class AgentCaServicer:
             return tuple(dict.fromkeys(e.spiffe_id for e in entries))
         return record.entitled()
 
-    def _bundle_for(self, record: AgentRecord) -> list[bytes]:
-        """The trust bundle, as DER, noted as sent to the agent (its ACK, for rotation)."""
-        bundle = self.issuer.bundle()
-        self.sightings.sent_bundle(record.agent_id, bundle)
-        return certificates_der(bundle.roots)
+    def _bundle_der(self) -> list[bytes]:
+        """The trust bundle, as DER. Sending it is no ACK: the agent reports the roots
+        it applied at its next ``GetBundle``."""
+        return certificates_der(self.issuer.bundle().roots)
 
     async def _response(
         self, context: Context, svid: X509Svid, record: AgentRecord
@@ -214,7 +213,7 @@ class AgentCaServicer:
         return ca_pb2.SvidResponse(
             spiffe_id=str(svid.spiffe_id),
             cert_chain=_chain_der(svid),
-            bundle=self._bundle_for(record),
+            bundle=self._bundle_der(),
             entitled=[str(i) for i in await self._entitlements(context, record)],
             reattest_by=int(record.reattest_by.timestamp()),
         )
@@ -410,7 +409,7 @@ class AgentCaServicer:
                 )
         return ca_pb2.BatchSignWorkloadResponse(
             results=results,
-            bundle=self._bundle_for(record),
+            bundle=self._bundle_der(),
             entitled=[str(i) for i in entitled],
             reattest_by=int(record.reattest_by.timestamp()),
         )
@@ -445,10 +444,14 @@ class AgentCaServicer:
         )
         entries = await self._node_entries(context, record)
         jwt_bundle = self._jwt_bundle()
-        # Its report of the JWT key set it holds: the ACK a JWT key activation waits for.
+        # Its reports of the roots and JWT key set it holds: the ACKs a root rotation and
+        # a JWT key activation wait for.
+        self.sightings.held_roots(
+            record.agent_id, request.trust_bundle_sha256, self.issuer.bundle()
+        )
         self.sightings.held_jwt(record.agent_id, request.jwt_kids, self.jwt.kids)
         return ca_pb2.BundleResponse(
-            bundle=self._bundle_for(record),
+            bundle=self._bundle_der(),
             entitled=[str(i) for i in dict.fromkeys(e.spiffe_id for e in entries)]
             if record.node
             else [str(i) for i in record.entitled()],

@@ -1,12 +1,12 @@
 """What each attested agent last showed the CSR API: when it called, the agent SVID it
-presented, the trust bundle it was sent, and the JWT authorities it reported holding.
+presented, and what it reported holding: the trust-bundle roots and the JWT authorities.
 
 An agent does not hold an xDS stream to meshca serve, so rotation cannot read its ACKs
-from the xDS engine; instead, an agent that fetched a bundle (``GetBundle``, every
-``--poll-interval``, or any answer carrying the bundle) holds it, the certificate it
-presents on its next call says under which root its own SVID is, and each ``GetBundle``
-names the JWT key ids it holds (applied and pushed to its Workload API streams). Root
-rotation and JWT key activation ask these
+from the xDS engine; instead, each ``GetBundle`` poll names the roots (their SHA-256)
+and the JWT key ids the agent holds, applied and pushed to its SDS and Workload API
+streams, and the certificate it presents says under which root its own SVID is. Being
+*sent* a bundle is not an ACK: an agent may fail to apply it, or stop before it does.
+Root rotation and JWT key activation ask these
 (:class:`meshca.serve.agent_acks.AgentAcks`) before each wait ends, so a step that
 would strand an agent waits for it.
 
@@ -19,24 +19,35 @@ count for a newer bundle or key set.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from meshca.issuer import TrustBundle
 from meshca.spiffe import SpiffeId
 
 MAX_REPORTED_KIDS = 64  # key ids an agent's report may name (a JWKS holds a few)
+MAX_REPORTED_ROOTS = 64  # root fingerprints a report may name (a bundle holds a few)
+_HELD_CACHE = 64  # the held subsets of one published bundle remembered (agents share them)
+
+
+def root_sha256(root: x509.Certificate) -> bytes:
+    """How a ``GetBundle`` report names a root it holds: the SHA-256 of its DER."""
+    return hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).digest()
 
 
 @dataclass(frozen=True)
 class Sighting:
     last_call: float  # time.time() of its last authenticated call
     presented: x509.Certificate | None = None  # the agent SVID's leaf on that call
-    bundle: TrustBundle | None = None  # the last trust bundle sent to it
+    # The roots it reported holding (of those meshca publishes); None: it never reported.
+    bundle: TrustBundle | None = None
     jwt_kids: frozenset[str] | None = None  # the JWT authorities it reported holding
 
 
@@ -53,6 +64,10 @@ class AgentSightings:
         # (saved soon), ``calls`` when only a call's time did (saved now and then).
         self.changes = 0
         self.calls = 0
+        # The published bundle's root fingerprints, and the held subsets built from it.
+        self._published: TrustBundle | None = None
+        self._fingerprints: tuple[tuple[bytes, x509.Certificate], ...] = ()
+        self._held: dict[frozenset[bytes], TrustBundle] = {}
 
     def called(self, agent_id: SpiffeId, presented: x509.Certificate) -> None:
         key = str(agent_id)
@@ -65,15 +80,41 @@ class AgentSightings:
                     self.changes += 1
                 self._seen[key] = replace(previous or Sighting(0.0), presented=presented)
 
-    def sent_bundle(self, agent_id: SpiffeId, bundle: TrustBundle) -> None:
+    def held_roots(
+        self, agent_id: SpiffeId, reported: Iterable[bytes], published: TrustBundle
+    ) -> None:
+        """The agent reports the SHA-256 of each trust-bundle root it holds; only roots
+        meshca publishes count (a report cannot make the server hold more than its own
+        bundle). An empty report is no report: an agent always holds a root (an older
+        agent sends none), so it stays unacknowledged rather than holding nothing."""
+        wanted = set(itertools.islice(reported, MAX_REPORTED_ROOTS))
         key = str(agent_id)
         with self._lock:
+            held = self._held_bundle(wanted, published) if wanted else None
             previous = self._seen.get(key)
-            if previous is None or previous.bundle is not bundle:
-                if previous is None or previous.bundle != bundle:
+            if previous is None or previous.bundle is not held:
+                if previous is None or previous.bundle != held:
                     self.changes += 1
-                self._seen[key] = replace(previous or Sighting(0.0), bundle=bundle)
+                self._seen[key] = replace(previous or Sighting(0.0), bundle=held)
             self._last_call.setdefault(key, time.time())
+
+    def _held_bundle(self, wanted: set[bytes], published: TrustBundle) -> TrustBundle:
+        """The published roots in ``wanted``, as one object shared by every agent that
+        holds the same ones (cheap to compare and saved once). Under the lock."""
+        if self._published is not published:
+            self._published = published
+            self._fingerprints = tuple((root_sha256(root), root) for root in published)
+            self._held = {}
+        held = frozenset(digest for digest, _ in self._fingerprints if digest in wanted)
+        if len(held) == len(self._fingerprints):
+            return published
+        bundle = self._held.get(held)
+        if bundle is None:
+            if len(self._held) >= _HELD_CACHE:
+                self._held.clear()
+            roots = tuple(root for digest, root in self._fingerprints if digest in held)
+            bundle = self._held[held] = TrustBundle(published.trust_domain, roots)
+        return bundle
 
     def held_jwt(self, agent_id: SpiffeId, kids: Iterable[str], published: Iterable[str]) -> None:
         """The agent reports the JWT authorities it holds; only key ids meshca publishes

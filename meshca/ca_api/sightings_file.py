@@ -1,12 +1,14 @@
 """The agents' sightings on disk (``<data-dir>/agents/sightings.json``, 0600), so a
 restart of ``meshca serve`` keeps what every agent acknowledged.
 
-Each sighting keeps the content it acknowledged, not a counter: the roots of the bundle
-it was sent (each root's DER once, shared by every agent), its agent SVID's leaf, and
-the JWT key ids it holds. A sighting read back counts only for that content, so it never
-acknowledges a root or key added after it was written. A file that cannot be read is
-reported in one line and everyone counts as unseen (they acknowledge again at their next
-poll); nothing in it is trusted beyond these bounds.
+Each sighting keeps the content it acknowledged, not a counter: the roots it reported
+holding (``held_roots``; each root's DER once, shared by every agent), its agent SVID's
+leaf, and the JWT key ids it holds. A sighting read back counts only for that content,
+so it never acknowledges a root or key added after it was written. A file written before
+agents reported their roots names the bundle each was *sent* (``bundle``): that is no
+ACK, and is not read. A file that cannot be read is reported in one line and everyone
+counts as unseen (they acknowledge again at their next poll); nothing in it is trusted
+beyond these bounds.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def encode(sightings: Mapping[str, Sighting]) -> bytes:
     recent = sorted(sightings.items(), key=lambda item: item[1].last_call, reverse=True)
     roots: dict[str, str] = {}
     agents: dict[str, Any] = {}
-    bundles: dict[int, list[str]] = {}  # agents share a few bundle objects: encoded once
+    bundles: dict[int, list[str]] = {}  # agents share a few held sets: each encoded once
     for agent_id, sighting in recent[:MAX_AGENTS]:
         entry: dict[str, Any] = {"last_call": round(sighting.last_call, 3)}
         if sighting.presented is not None:
@@ -72,7 +74,7 @@ def encode(sightings: Mapping[str, Sighting]) -> bytes:
                         roots[root_id] = _der(root)
                     ids.append(root_id)
                 bundles[id(bundle)] = ids
-            entry["bundle"] = bundles[id(bundle)]
+            entry["held_roots"] = bundles[id(bundle)]
         if sighting.jwt_kids is not None:
             entry["jwt_kids"] = sorted(sighting.jwt_kids)
         agents[agent_id] = entry
@@ -130,8 +132,8 @@ def _decode(document: Any, trust_domain: TrustDomain) -> dict[str, Sighting]:
         if not SpiffeId.parse(agent_id).is_agent:
             raise ValueError(f"{agent_id[:200]} is not an agent ID")
         bundle = None
-        if "bundle" in entry:
-            bundle = TrustBundle.of(trust_domain, [roots[str(i)] for i in entry["bundle"]])
+        if "held_roots" in entry:  # (not "bundle": the bundle sent, by an older server)
+            bundle = TrustBundle.of(trust_domain, [roots[str(i)] for i in entry["held_roots"]])
         kids = None
         if "jwt_kids" in entry:
             listed = [str(kid) for kid in entry["jwt_kids"]]

@@ -709,8 +709,8 @@ OPTIONS: tuple[Option, ...] = (
         parse_duration,
         "5s",
         "how often the agent asks meshca for the trust bundle, signing CA and JWT key set "
-        "(root and CA rotations are followed within this delay; a new JWT key is "
-        "acknowledged at the poll after it was fetched)",
+        "(root and CA rotations are followed within this delay; a new root or JWT key "
+        "is acknowledged at the poll after it was fetched)",
         ("agent",),
         metavar="D",
     ),

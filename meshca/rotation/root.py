@@ -68,9 +68,15 @@ class AckTimeout(RotationError):
         refusing: list[str] | None = None,
         rollback: bool = False,
         forcible: bool = True,
+        offline: bool = False,
     ) -> None:
         refusing = refusing or []
-        if refusing and len(refusing) == len(waiting):
+        if offline:
+            head = (
+                f"{what}: no server is running, and the ACKs it saved lack "
+                f"{len(waiting)}: {shown(waiting)}"
+            )
+        elif refusing and len(refusing) == len(waiting):
             head = f"{what}: {len(waiting)} proxies refused (NACKed) it: {shown(waiting)}"
         else:
             head = (
@@ -106,8 +112,12 @@ class RootRotation:
         rotator: Rotator | None = None,
         ack_timeout: timedelta = DEFAULT_ACK_TIMEOUT,
         poll_interval: float = 0.25,
+        polled: bool = True,
     ) -> None:
         self.manager = manager
+        # Whether anyone polls meanwhile (a running server). Working on the data directory
+        # with no server, the saved ACKs are all there is: a wait is judged at once.
+        self.polled = polled
         # The clock to re-plan after each change (one not started, offline: a no-op).
         self.rotator = rotator or Rotator(manager)
         self.ack_timeout = ack_timeout
@@ -470,8 +480,10 @@ class RootRotation:
                         what,
                         self._reconnect_until - now,
                     )
-            elif now >= deadline or (
-                not store and now >= self._reconnect_until and set(waiting) <= set(refusing)
+            elif (
+                now >= deadline
+                or not self.polled
+                or (not store and now >= self._reconnect_until and set(waiting) <= set(refusing))
             ):
                 if force and not store:
                     log.warning(
@@ -494,6 +506,7 @@ class RootRotation:
                     refusing=[name for name in waiting if name in refusing],
                     rollback=state is not None and state.rolling_back,
                     forcible=not store,
+                    offline=not self.polled,
                 )
             await asyncio.sleep(self.poll_interval)
 

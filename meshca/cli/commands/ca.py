@@ -80,8 +80,9 @@ def _direct(
     agents: bool = False,
 ) -> Any:
     """Run ``action`` on the data directory itself (no server, so no proxies to wait for).
-    With ``agents``, the attested agents' saved ACKs are asked (what a JWT key activation
-    needs; nobody polls meanwhile, so a wait is judged at once)."""
+    With ``agents``, the attested agents' saved ACKs are asked (what a root rotation's
+    waits and a JWT key activation need; nobody polls meanwhile, so a wait is judged at
+    once)."""
     import asyncio
 
     from meshca.cli.commands.vault_backend import vault_mode
@@ -131,7 +132,7 @@ def _direct(
             f"{data_dir / ADMIN_SOCKET}; check that it is healthy"
         ) from None
     try:
-        operations = CaOperations(manager, RootRotation(manager), polled=False)
+        operations = CaOperations(manager, RootRotation(manager, polled=False), polled=False)
         return asyncio.run(action(operations))
     finally:
         manager.close()
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return await operations.perform(request)
 
         try:
-            result = _direct(data_dir, settings, action, agents=args.ca_action == "jwt-key")
+            agents = args.ca_action in ("jwt-key", "rotate-root", "status")
+            result = _direct(data_dir, settings, action, agents=agents)
         except PerWorkloadMode as exc:
             if args.ca_action != "status":
                 raise
