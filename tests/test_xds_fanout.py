@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from meshca.issuer import ActiveSigner
 from meshca.issuer.keys import generate_private_key
@@ -28,6 +29,7 @@ from tests.sds_harness import (
 )
 
 BUYER = k8s("bookbuyer", "bookbuyer")
+STORE = k8s("bookstore", "bookstore-v1")
 
 
 @pytest.fixture
@@ -102,6 +104,19 @@ async def test_streams_sent_one_change_share_it_and_each_sees_only_fresh_nonces(
     # a late ACK of the first response (same content as now) is stale, not an ACK
     await one.send(sotw(["ROOTCA"], nonce=seen[one][0], version=versions[0]))
     await wait_until(lambda: sum(h.stats.stale_nonces.values()) == 1, what="the stale ACK")
+
+
+async def test_a_shared_response_is_never_another_identitys_even_if_set_hashes_collide(
+    h: SdsHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared serialization is reused only for exactly the same resources: were two
+    identities' secret sets ever to hash alike, each stream still gets its own secret."""
+    monkeypatch.setattr(engine_module, "set_version", lambda versions: "collided")
+    for caller in (BUYER, STORE):
+        stream = await open_sotw(h.stub(h.mtls_channel(caller)), sotw([str(caller)]))
+        response = await stream.recv()
+        secrets = [secret_pb2.Secret.FromString(r.value) for r in response.resources]
+        assert [secret.name for secret in secrets] == [str(caller)]
 
 
 async def test_connected_proxies_follow_streams_that_open_name_their_node_and_close(

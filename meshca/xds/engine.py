@@ -522,7 +522,7 @@ class _SotwStream(_Stream):
         elif versions == {name: r.version for name, r in state.sent.items()}:
             return
         encoded, nonce, number = self.engine._sotw_response(
-            type_url, version, current, state.nonce_number
+            type_url, version, versions, current, state.nonce_number
         )
         state.sent, state.sent_version, state.nonce_number = current, version, number
         await self._write(type_url, state, encoded, nonce)
@@ -635,9 +635,10 @@ class XdsEngine:
         self._to_wake: collections.deque[_Stream] = collections.deque()
         self._waking = False
         # SotW nonces are numbered engine-wide, so streams sent the same content can share
-        # one serialized response: type URL -> (version, nonce number, nonce, bytes).
+        # one serialized response: type URL -> (resource versions, nonce number, nonce,
+        # bytes).
         self._nonce_numbers = itertools.count(1)
-        self._encoded: dict[str, tuple[str, int, str, bytes]] = {}
+        self._encoded: dict[str, tuple[dict[str, str], int, str, bytes]] = {}
 
     # --- the three RPC shapes ------------------------------------------------------
     async def run_sotw(
@@ -769,14 +770,22 @@ class XdsEngine:
             self._all_settled.clear()
 
     def _sotw_response(
-        self, type_url: str, version: str, current: Mapping[str, Resource], after: int
+        self,
+        type_url: str,
+        version: str,
+        versions: dict[str, str],
+        current: Mapping[str, Resource],
+        after: int,
     ) -> tuple[bytes, str, int]:
         """(serialized response, nonce, nonce number) for ``current`` at ``version``.
-        The last one built for ``type_url`` is reused when its version matches and its
-        nonce is newer than the stream's latest (``after``): many streams sent the same
-        change share one serialization, and each stream still sees only fresh nonces."""
+        The last one built for ``type_url`` is reused when it holds exactly the same
+        resource names and versions (``versions``: not only the same set hash, so no
+        collision of that hash could hand one identity's secret to another's stream) and
+        its nonce is newer than the stream's latest (``after``): many streams sent the
+        same change share one serialization, and each stream still sees only fresh
+        nonces."""
         cached = self._encoded.get(type_url)
-        if cached is not None and cached[0] == version and cached[1] > after:
+        if cached is not None and cached[0] == versions and cached[1] > after:
             return cached[3], cached[2], cached[1]
         number = next(self._nonce_numbers)
         nonce = format(number, "x")
@@ -786,7 +795,7 @@ class XdsEngine:
             type_url=type_url,
             nonce=nonce,
         ).SerializeToString()
-        self._encoded[type_url] = (version, number, nonce, encoded)
+        self._encoded[type_url] = (versions, number, nonce, encoded)
         return encoded, nonce, number
 
     def _let_run(self, stream: _Stream) -> None:
