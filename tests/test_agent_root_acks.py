@@ -81,7 +81,7 @@ def test_a_stopped_real_agent_holds_the_step_and_is_named() -> None:
                     *("--token-file", str(root / "token")),
                     *("--trust-bundle", str(root / "bundle.pem")),
                     *("--socket", str(socket), "--data-dir", str(root / "agent-data")),
-                    *("--poll-interval", "3s"),
+                    *("--poll-interval", "6s"),
                 ) as agent,
                 WorkloadApiClient(f"unix://{socket}") as client,
             ):
@@ -94,14 +94,14 @@ def test_a_stopped_real_agent_holds_the_step_and_is_named() -> None:
                 try:
                     rotate_root(1, 5)
                     # Pushed to the Workload API: fetched in this poll. Frozen before the
-                    # next one (3 s later), it has not reported the root.
+                    # next one (6 s later), it has not reported the root.
                     eventually(lambda: roots_pushed() == 2, "the new root at the agent")
                     agent.send_signal(signal.SIGSTOP)
                     with pytest.raises(RotationError, match="meshca/agent/join_token/") as held:
                         rotate_root(2, 2)
                     assert "step 2" in str(held.value) and "--force-unacked" in str(held.value)
                     agent.send_signal(signal.SIGCONT)
-                    report = rotate_root(2, 30)["steps"][0]
+                    report = rotate_root(2, 60)["steps"][0]
                     assert "went on without" not in report["detail"]
 
                     # Frozen again: step 4 would wait for its SVID under the new root.
@@ -114,7 +114,7 @@ def test_a_stopped_real_agent_holds_the_step_and_is_named() -> None:
                     agent.send_signal(signal.SIGCONT)
                 # Running again, it renews under the new root: the last step needs nobody
                 # left behind.
-                report = rotate_root(5, 30)["steps"][0]
+                report = rotate_root(5, 60)["steps"][0]
                 assert "went on without" not in report["detail"]
                 assert eventually(lambda: roots_pushed() == 1, "the old root gone at the agent")
         assert "Traceback" not in server.log()
