@@ -5,7 +5,8 @@ change, with nonces fresh to it, and rotation must see every woken stream at onc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from meshca.issuer import ActiveSigner
 from meshca.issuer.keys import generate_private_key
 from meshca.issuer.profile import build_ca
 from meshca.serve.engine_acks import EngineAcks
+from meshca.util import gc_pause
 from meshca.xds import engine as engine_module
 from tests.sds_harness import (
     TRUST_DOMAIN,
@@ -134,3 +136,59 @@ async def test_connected_proxies_follow_streams_that_open_name_their_node_and_cl
     first.cancel()
     await wait_until(lambda: h.stats.active_streams == 1, what="the first stream to end")
     assert acks.connected() == {f"node-b ({BUYER})": 1}
+
+
+@pytest.fixture
+def fan_out_pause(monkeypatch: pytest.MonkeyPatch) -> Iterator[gc_pause.FanOutPause]:
+    """The pause as ``meshca serve`` turns it on, on this process's collector."""
+    pause = gc_pause.FanOutPause()
+    pause.enabled = True
+    monkeypatch.setattr(gc_pause, "fan_out", pause)
+    was_enabled = gc.isenabled()
+    gc.enable()
+    yield pause
+    pause._resume()
+    if not was_enabled:
+        gc.disable()
+
+
+async def test_no_cyclic_gc_while_a_change_fans_out_and_collection_resumes_after(
+    h: SdsHarness, monkeypatch: pytest.MonkeyPatch, fan_out_pause: gc_pause.FanOutPause
+) -> None:
+    """Every woken stream holds its push in flight until written: a collection then walks
+    them all and frees nothing, so collection waits until the change is out."""
+    monkeypatch.setattr(engine_module, "WAKE_BATCH", 2)
+    engine = h.servicer.engine
+    streams = [await open_sotw(h.stub(h.mtls_channel(BUYER)), sotw(["ROOTCA"])) for _ in range(5)]
+    for stream in streams:
+        await ack(stream, await stream.recv())
+    assert await engine.wait_settled(timeout=10) == []
+    assert gc.isenabled()
+    before = fan_out_pause.pauses
+
+    change_bundle(h, add_root=True)
+    assert not gc.isenabled() and fan_out_pause.pauses == before + 1
+    await engine.wait_pushed(timeout=10)
+    assert gc.isenabled()  # every stream has written its push: collection is back
+    for stream in streams:  # and every stream got the change
+        await ack(stream, await stream.recv())
+    assert await engine.wait_settled(timeout=10) == []
+
+
+async def test_a_fan_out_pause_is_bounded_whatever_the_streams_do(
+    monkeypatch: pytest.MonkeyPatch, fan_out_pause: gc_pause.FanOutPause
+) -> None:
+    """A stream that never writes its push (a proxy that does not read) cannot keep the
+    collector off: the pause ends after LONGEST seconds. A process that did not opt in is
+    never paused."""
+    monkeypatch.setattr(gc_pause, "LONGEST", 0.05)
+    fan_out_pause.begin()
+    assert not gc.isenabled()
+    await wait_until(gc.isenabled, what="the pause to run out")
+    fan_out_pause.end()
+    assert gc.isenabled()
+
+    other = gc_pause.FanOutPause()  # enabled is False unless the server opts in
+    other.begin()
+    assert gc.isenabled() and other.pauses == 0
+    other.end()

@@ -6,12 +6,16 @@ every 700 container allocations, and every full collection walks every object th
 process has, the start-up ones (modules, protobuf descriptors, gRPC) included, though
 they live as long as the process. So once serving, ``meshca serve`` moves what start-up
 made out of the collector's sight (:func:`gc.freeze`) and collects the young generation
-less often. Memory stays bounded: cycles are still collected, in larger batches.
+less often, and pauses collection while a change fans out to every stream
+(:mod:`meshca.util.gc_pause`). Memory stays bounded: cycles are still collected, in
+larger batches.
 """
 
 from __future__ import annotations
 
 import gc
+
+from meshca.util import gc_pause
 
 # A young collection every 100,000 allocations rather than 700; older generations as
 # Python does it. Chosen with bench/sds_fanout.py (--gc serve against --gc default, and
@@ -29,3 +33,4 @@ def settle_after_start_up() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*SERVING_THRESHOLDS)
+    gc_pause.fan_out.enabled = True

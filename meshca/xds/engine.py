@@ -62,6 +62,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from meshca.util import gc_pause
 from meshca.util.aio import wait_event
 from meshca.util.logger import get_logger
 from meshca.util.logs import Throttle, shorten, suppressed_note
@@ -821,13 +822,18 @@ class XdsEngine:
 
     def _mark_woken(self, stream: _Stream) -> None:
         if stream.id in self._streams:
+            if not self._woken:  # a change starts fanning out: no cyclic GC till it is out
+                gc_pause.fan_out.begin()
             self._woken.add(stream.id)
             self._all_pushed.clear()
 
     def _mark_pushed(self, stream: _Stream) -> None:
+        if stream.id not in self._woken:
+            return
         self._woken.discard(stream.id)
         if not self._woken:
             self._all_pushed.set()
+            gc_pause.fan_out.end()
 
     # --- operators, rotation and benchmarks --------------------------------------------
     def wake_all(self) -> None:
