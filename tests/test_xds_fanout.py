@@ -192,3 +192,34 @@ async def test_a_fan_out_pause_is_bounded_whatever_the_streams_do(
     other.begin()
     assert gc.isenabled() and other.pauses == 0
     other.end()
+
+
+async def test_rotation_reads_who_has_not_acked_without_a_status_of_each_stream(
+    h: SdsHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotation polls who has not acknowledged while every stream pushes: it is answered
+    from the streams' cached names, not a status object per stream per poll (at 50,000
+    streams those were hundreds of thousands of objects per poll for the GC to walk)."""
+    acks = EngineAcks(h.servicer.engine, h.store)
+    streams = [
+        await open_sotw(h.stub(h.mtls_channel(BUYER)), sotw(["ROOTCA"], node_id=f"n{i}"))
+        for i in range(3)
+    ]
+    responses = [await stream.recv() for stream in streams]
+
+    def no_status(self: object) -> None:
+        raise AssertionError("a status built for a poll")
+
+    monkeypatch.setattr(engine_module._Stream, "status", no_status)
+
+    def nodes(names: list[str]) -> list[str]:  # each named "node (caller and its peer)"
+        assert all(f"({BUYER} " in name for name in names)
+        return [name.split(" ")[0] for name in names]
+
+    assert nodes(acks.unacked(lambda secret: True)) == ["n0", "n1", "n2"]
+    await streams[1].send(sotw(["ROOTCA"], nonce=responses[1].nonce, error="bad bundle"))
+    await wait_until(lambda: nodes(acks.refusing()) == ["n1"], what="the NACK")
+    await ack(streams[0], responses[0])
+    await wait_until(
+        lambda: nodes(acks.unacked(lambda secret: True)) == ["n1", "n2"], what="the first ACK"
+    )

@@ -54,6 +54,10 @@ class EngineView(Protocol):
 
     def unsettled(self) -> Sequence[_StreamView]: ...
 
+    def unsettled_proxies(self) -> set[tuple[str, str]]: ...
+
+    def refusing_proxies(self) -> set[tuple[str, str]]: ...
+
     def proxies(self) -> Sequence[tuple[str, str]]: ...
 
     async def wait_pushed(self, timeout: float) -> None: ...
@@ -62,7 +66,11 @@ class EngineView(Protocol):
 def describe(stream: _StreamView) -> str:
     """A proxy as an operator knows it; Envoy opens one stream per secret, so a proxy's
     streams share this name."""
-    return f"{stream.node_id or '(no node id)'} ({stream.caller})"
+    return named(stream.node_id, stream.caller)
+
+
+def named(node_id: str, caller: str) -> str:
+    return f"{node_id or '(no node id)'} ({caller})"
 
 
 class EngineAcks:
@@ -82,22 +90,14 @@ class EngineAcks:
         return True
 
     def unacked(self, predicate: SecretPredicate) -> list[str]:
-        streams = (
-            self.engine.unsettled() if self._store_satisfies(predicate) else self.engine.streams()
-        )
-        return sorted({describe(stream) for stream in streams})
+        if not self._store_satisfies(predicate):
+            return sorted({describe(stream) for stream in self.engine.streams()})
+        return sorted({named(*proxy) for proxy in self.engine.unsettled_proxies()})
 
     def refusing(self) -> list[str]:
         """Streams at rest whose last push was NACKed: a stream about to push new content
         (or writing it) may still accept that."""
-        return sorted(
-            {
-                describe(stream)
-                for stream in self.engine.unsettled()
-                if not (stream.pending or stream.writing)
-                and any(t.nacked for t in stream.types.values())
-            }
-        )
+        return sorted({named(*proxy) for proxy in self.engine.refusing_proxies()})
 
     def connected(self) -> dict[str, int]:
         # A stream that has asked for nothing yet was sent nothing: not one to wait for.
@@ -125,6 +125,12 @@ class EveryStream:
 
     def unsettled(self) -> list[StreamStatus]:
         return [stream for engine in self.engines for stream in engine.unsettled()]
+
+    def unsettled_proxies(self) -> set[tuple[str, str]]:
+        return set().union(*(engine.unsettled_proxies() for engine in self.engines))
+
+    def refusing_proxies(self) -> set[tuple[str, str]]:
+        return set().union(*(engine.refusing_proxies() for engine in self.engines))
 
     def proxies(self) -> list[tuple[str, str]]:
         """Every engine's proxies; the same list object while each engine's is."""

@@ -865,6 +865,31 @@ class XdsEngine:
         """Streams with a push to make or a response not yet ACKed (NACKed ones included)."""
         return [self._streams[i].status() for i in sorted(self._unsettled) if i in self._streams]
 
+    def unsettled_proxies(self) -> set[tuple[str, str]]:
+        """(node id, caller) of every unsettled stream: what :meth:`unsettled` names,
+        without a status of each. Rotation asks it on every poll while tens of thousands
+        of streams push; a status per stream there was hundreds of thousands of objects
+        per poll for the cyclic GC to walk (a proxy's streams share one entry)."""
+        streams = self._streams
+        return {
+            (names[2], names[0])
+            for names in (streams[i].names() for i in self._unsettled if i in streams)
+        }
+
+    def refusing_proxies(self) -> set[tuple[str, str]]:
+        """(node id, caller) of every unsettled stream at rest (nothing to push or being
+        written) whose last response of some type was NACKed: it will not ACK that."""
+        streams = self._streams
+        refusing = set()
+        for i in self._unsettled:
+            stream = streams.get(i)
+            if stream is None or stream.writing or stream._dirty or not stream._inbox.empty():
+                continue
+            if any(state.nacked for state in stream.types.values()):
+                caller, _, node_id = stream.names()
+                refusing.add((node_id, caller))
+        return refusing
+
     async def wait_pushed(self, timeout: float) -> None:
         """Wait until every stream a change woke has written its push (or found nothing
         to send), at most ``timeout`` seconds: what a reply composed from every stream's
