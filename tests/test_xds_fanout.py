@@ -158,16 +158,22 @@ async def test_no_cyclic_gc_while_a_change_fans_out_and_collection_resumes_after
     """Every woken stream holds its push in flight until written: a collection then walks
     them all and frees nothing, so collection waits until the change is out."""
     monkeypatch.setattr(engine_module, "WAKE_BATCH", 2)
+    monkeypatch.setattr(engine_module, "GC_PAUSE_AT", 5)
     engine = h.servicer.engine
-    streams = [await open_sotw(h.stub(h.mtls_channel(BUYER)), sotw(["ROOTCA"])) for _ in range(5)]
-    for stream in streams:
+    stub = h.stub(h.mtls_channel(BUYER))
+    few = await open_sotw(stub, sotw(["ROOTCA"]))
+    await ack(few, await few.recv())
+    change_bundle(h, add_root=True)  # a change to fewer streams than GC_PAUSE_AT: no pause
+    assert gc.isenabled() and fan_out_pause.pauses == 0
+    await ack(few, await few.recv())
+    streams = [few, *[await open_sotw(stub, sotw(["ROOTCA"])) for _ in range(4)]]
+    for stream in streams[1:]:
         await ack(stream, await stream.recv())
     assert await engine.wait_settled(timeout=10) == []
     assert gc.isenabled()
-    before = fan_out_pause.pauses
 
-    change_bundle(h, add_root=True)
-    assert not gc.isenabled() and fan_out_pause.pauses == before + 1
+    change_bundle(h, add_root=False)
+    assert not gc.isenabled() and fan_out_pause.pauses == 1
     await engine.wait_pushed(timeout=10)
     assert gc.isenabled()  # every stream has written its push: collection is back
     for stream in streams:  # and every stream got the change

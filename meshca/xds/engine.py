@@ -79,6 +79,9 @@ INBOX_SIZE = 64
 # between: the first pushes leave (and their ACKs come back) while later streams are
 # still being computed, instead of every stream computing before any byte is sent.
 WAKE_BATCH = 256
+# A change waking this many streams pauses the cyclic GC until they have pushed (when
+# the process opted in: meshca.util.gc_pause); one identity's renewal does not.
+GC_PAUSE_AT = 1000
 MAX_MESSAGE = 1024  # characters of a refusal message (it can echo what the caller sent)
 # Stream ids are unique in the process, so one source can serve several engines (SDS, ADS).
 _stream_ids = itertools.count(1)
@@ -629,6 +632,7 @@ class XdsEngine:
         self._woken: set[int] = set()  # streams a change woke that have not pushed yet
         self._all_pushed = asyncio.Event()
         self._all_pushed.set()
+        self._gc_paused = False  # this engine holds a fan-out pause of the cyclic GC
         # Bumped whenever who is connected may read differently (a stream asks for a new
         # type, names its node, or ends): :meth:`proxies` is worked out again only then.
         self._membership = 0
@@ -822,10 +826,12 @@ class XdsEngine:
 
     def _mark_woken(self, stream: _Stream) -> None:
         if stream.id in self._streams:
-            if not self._woken:  # a change starts fanning out: no cyclic GC till it is out
-                gc_pause.fan_out.begin()
             self._woken.add(stream.id)
             self._all_pushed.clear()
+            if len(self._woken) == GC_PAUSE_AT and not self._gc_paused:
+                # a change fans out to many streams: no cyclic GC till it is out
+                self._gc_paused = True
+                gc_pause.fan_out.begin()
 
     def _mark_pushed(self, stream: _Stream) -> None:
         if stream.id not in self._woken:
@@ -833,7 +839,9 @@ class XdsEngine:
         self._woken.discard(stream.id)
         if not self._woken:
             self._all_pushed.set()
-            gc_pause.fan_out.end()
+            if self._gc_paused:
+                self._gc_paused = False
+                gc_pause.fan_out.end()
 
     # --- operators, rotation and benchmarks --------------------------------------------
     def wake_all(self) -> None:
