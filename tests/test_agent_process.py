@@ -18,7 +18,15 @@ from spiffe import WorkloadApiClient
 
 from tests.cli_harness import assert_refused, child_environment, clean_environment, runner
 from tests.envoy_harness import stop_process
-from tests.serve_harness import MESHCA, fetch, make_data_dir, meshca, serving, short_tempdir
+from tests.serve_harness import (
+    MESHCA,
+    ServeProcess,
+    fetch,
+    make_data_dir,
+    meshca,
+    serving,
+    short_tempdir,
+)
 
 WORKLOAD = "spiffe://cluster.local/ns/shop/sa/web"
 
@@ -45,6 +53,31 @@ def agent_process(root: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
         stop_process(process)
 
 
+def join_token_files(root: Path, data_dir: Path, identity: str) -> str:
+    """What a join-token agent starts from: ``root/bundle.pem`` (the CA's trust bundle)
+    and ``root/token`` (0600), a one-time token for ``identity``. The token."""
+    (root / "bundle.pem").write_text(meshca("bundle", "--data-dir", str(data_dir)).stdout)
+    token = meshca("token", "create", "--data-dir", str(data_dir), "--identity", identity)
+    (root / "token").write_text(token.stdout)
+    (root / "token").chmod(0o600)
+    return token.stdout.strip()
+
+
+def joining(root: Path, server: ServeProcess, socket: Path) -> tuple[str, ...]:
+    """``meshca agent`` flags: join ``server`` (its TCP and attestation listeners) with
+    the files of :func:`join_token_files`, serve on ``socket``, keep state in
+    ``root/agent-data``."""
+    attest = re.search(r"attestation on tcp \S+:(\d+)", server.stdout.read_text())
+    assert attest is not None and server.tcp_port is not None
+    return (
+        *("--server", f"localhost:{server.tcp_port}"),
+        *("--attest-server", f"localhost:{attest.group(1)}"),
+        *("--token-file", str(root / "token")),
+        *("--trust-bundle", str(root / "bundle.pem")),
+        *("--socket", str(socket), "--data-dir", str(root / "agent-data")),
+    )
+
+
 def sds_default(socket: Path) -> bytes:
     async def call() -> bytes:
         async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
@@ -59,30 +92,11 @@ def sds_default(socket: Path) -> bytes:
 def test_an_agent_process_outlives_a_killed_meshca() -> None:
     with short_tempdir() as root:
         data_dir = make_data_dir(root)
-        (root / "bundle.pem").write_text(meshca("bundle", "--data-dir", str(data_dir)).stdout)
-        token = meshca("token", "create", "--data-dir", str(data_dir), "--identity", WORKLOAD)
-        (root / "token").write_text(token.stdout)
-        (root / "token").chmod(0o600)
+        token = join_token_files(root, data_dir, WORKLOAD)
         args = ("--listen", "127.0.0.1:0", "--attest-listen", "127.0.0.1:0")
         with serving(root, data_dir, *args) as server:
-            attest = re.search(r"attestation on tcp \S+:(\d+)", server.stdout.read_text())
-            assert attest is not None and server.tcp_port is not None
             socket = root / "agent.sock"
-            with agent_process(
-                root,
-                "--server",
-                f"localhost:{server.tcp_port}",
-                "--attest-server",
-                f"localhost:{attest.group(1)}",
-                "--token-file",
-                str(root / "token"),
-                "--trust-bundle",
-                str(root / "bundle.pem"),
-                "--socket",
-                str(socket),
-                "--data-dir",
-                str(root / "agent-data"),
-            ) as agent:
+            with agent_process(root, *joining(root, server, socket)) as agent:
                 with WorkloadApiClient(f"unix://{socket}") as client:
                     before = client.fetch_x509_svid(10)
                 assert str(before.spiffe_id) == WORKLOAD
@@ -96,7 +110,7 @@ def test_an_agent_process_outlives_a_killed_meshca() -> None:
                 assert agent.poll() is None
             log = (root / "agent.log").read_text()
             assert "Traceback" not in log
-            assert token.stdout.strip() not in log  # the token is never logged
+            assert token not in log  # the token is never logged
 
 
 @pytest.mark.parametrize(

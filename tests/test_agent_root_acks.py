@@ -8,7 +8,6 @@ server running, ``meshca ca rotate-root`` judges by the ACKs the server saved.""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 from datetime import timedelta
 from typing import Any
@@ -24,8 +23,8 @@ from meshca.rotation.root import AckTimeout
 from tests.ca_api_harness import agent_for, ca_api
 from tests.cli_harness import assert_one_line_error
 from tests.envoy_harness import eventually
-from tests.serve_harness import kube_id, make_data_dir, meshca, serving, short_tempdir
-from tests.test_agent_process import agent_process
+from tests.serve_harness import kube_id, make_data_dir, serving, short_tempdir
+from tests.test_agent_process import agent_process, join_token_files, joining
 
 WEB = kube_id("shop", "web")
 SHORT = timedelta(seconds=0.5)
@@ -58,10 +57,7 @@ def test_a_stopped_real_agent_holds_the_step_and_is_named() -> None:
     frozen agent is left behind only with ``--force-unacked``, named in the report."""
     with short_tempdir() as root:
         data_dir = make_data_dir(root)
-        (root / "bundle.pem").write_text(meshca("bundle", "--data-dir", str(data_dir)).stdout)
-        token = meshca("token", "create", "--data-dir", str(data_dir), "--identity", str(WEB))
-        (root / "token").write_text(token.stdout)
-        (root / "token").chmod(0o600)
+        join_token_files(root, data_dir, str(WEB))
         admin = data_dir / ADMIN_SOCKET
 
         def rotate_root(step: int, timeout: float, **more: object) -> dict[str, Any]:
@@ -70,17 +66,11 @@ def test_a_stopped_real_agent_holds_the_step_and_is_named() -> None:
 
         args = ("--listen", "127.0.0.1:0", "--attest-listen", "127.0.0.1:0")
         with serving(root, data_dir, *args) as server:
-            attest = re.search(r"attestation on tcp \S+:(\d+)", server.stdout.read_text())
-            assert attest is not None and server.tcp_port is not None
             socket = root / "agent.sock"
             with (
                 agent_process(
                     root,
-                    *("--server", f"localhost:{server.tcp_port}"),
-                    *("--attest-server", f"localhost:{attest.group(1)}"),
-                    *("--token-file", str(root / "token")),
-                    *("--trust-bundle", str(root / "bundle.pem")),
-                    *("--socket", str(socket), "--data-dir", str(root / "agent-data")),
+                    *joining(root, server, socket),
                     *("--poll-interval", "6s"),
                 ) as agent,
                 WorkloadApiClient(f"unix://{socket}") as client,

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import json
 import logging
-import re
 import signal
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,8 +25,8 @@ from meshca.rotation.jwt_keys import JwtKeyUnacked
 from meshca.rotation.operator import ADMIN_SOCKET
 from tests.ca_api_harness import agent_for, ca_api
 from tests.cli_harness import assert_one_line_error
-from tests.serve_harness import kube_id, make_data_dir, meshca, serving, short_tempdir
-from tests.test_agent_process import agent_process
+from tests.serve_harness import kube_id, make_data_dir, serving, short_tempdir
+from tests.test_agent_process import agent_process, join_token_files, joining
 
 WEB = kube_id("shop", "web")
 DB = kube_id("shop", "db")
@@ -166,10 +165,7 @@ def test_a_workload_behind_a_real_agent_validates_the_new_keys_token_at_once() -
     (SIGSTOP) holds the next activation, named in the refusal."""
     with short_tempdir() as root:
         data_dir = make_data_dir(root)
-        (root / "bundle.pem").write_text(meshca("bundle", "--data-dir", str(data_dir)).stdout)
-        token = meshca("token", "create", "--data-dir", str(data_dir), "--identity", str(WEB))
-        (root / "token").write_text(token.stdout)
-        (root / "token").chmod(0o600)
+        join_token_files(root, data_dir, str(WEB))
         admin = data_dir / ADMIN_SOCKET
 
         def jwt_key(step: str, **more: object) -> dict[str, Any]:
@@ -177,16 +173,10 @@ def test_a_workload_behind_a_real_agent_validates_the_new_keys_token_at_once() -
 
         args = ("--listen", "127.0.0.1:0", "--attest-listen", "127.0.0.1:0")
         with serving(root, data_dir, *args) as server:
-            attest = re.search(r"attestation on tcp \S+:(\d+)", server.stdout.read_text())
-            assert attest is not None and server.tcp_port is not None
             socket = root / "agent.sock"
             with agent_process(
                 root,
-                *("--server", f"localhost:{server.tcp_port}"),
-                *("--attest-server", f"localhost:{attest.group(1)}"),
-                *("--token-file", str(root / "token")),
-                *("--trust-bundle", str(root / "bundle.pem")),
-                *("--socket", str(socket), "--data-dir", str(root / "agent-data")),
+                *joining(root, server, socket),
                 *("--poll-interval", "1s"),
             ) as agent:
                 source = JwtSource(socket_path=f"unix://{socket}", timeout_in_seconds=10)
