@@ -128,14 +128,19 @@ def installed_package(python: Path) -> Path:
     return Path(found.stdout.strip()).parent
 
 
-def editable_finders(python: Path) -> list[str]:
-    """The ``.pth`` files in ``python``'s site-packages that run code at start-up."""
-    purelib = subprocess.run(
+def purelib_of(python: Path) -> str:
+    """``python``'s site-packages directory."""
+    return subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.strip()
+
+
+def editable_finders(python: Path) -> list[str]:
+    """The ``.pth`` files in ``python``'s site-packages that run code at start-up."""
+    purelib = purelib_of(python)
     return sorted(
         path.name
         for path in Path(purelib).glob("*.pth")
@@ -172,12 +177,7 @@ def wheel_venv(root: Path) -> Path:
         check=True,
         capture_output=True,
     )
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    purelib = purelib_of(python)
     Path(purelib, "meshca-bench-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 

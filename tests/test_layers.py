@@ -195,6 +195,19 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 
+def loaded_by(
+    code: str, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> list[str]:
+    """The modules a fresh interpreter holds after running ``code`` (which prints them as
+    JSON, as the snippets here do); fails with its stderr if it fails."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    loaded: list[str] = json.loads(result.stdout)
+    return loaded
+
+
 def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None:
     """The commands that work on files, run one after another in one process (so each
     command module is loaded), must not pay for the server's libraries."""
@@ -209,16 +222,7 @@ def test_local_commands_do_not_load_the_server_libraries(tmp_path: Path) -> None
         ["token", "create", "--identity", "spiffe://cluster.local/a"],
         ["token", "list"],
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", _LOADED.format(argvs=argvs)],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout)
+    loaded = loaded_by(_LOADED.format(argvs=argvs), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert not [m for m in loaded for h in SERVER_LIBRARIES if m == h or m.startswith(h + ".")]
 
 
@@ -297,16 +301,7 @@ def test_file_commands_load_only_what_they_use(tmp_path: Path, argv: list[str]) 
             timeout=60,
         )
         assert prepared.returncode == 0, prepared.stderr
-    result = subprocess.run(
-        [sys.executable, "-c", _ONE_COMMAND.format(argv=argv)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout)
+    loaded = loaded_by(_ONE_COMMAND.format(argv=argv), cwd=tmp_path, env=env)
     others = [module for name, module in command_modules().items() if name != argv[0]]
     forbidden = (*NOT_FOR_FILE_COMMANDS, *others, *NOT_FOR_READING.get(argv[0], ()))
     assert not [m for m in loaded for h in forbidden if m == h or m.startswith(h + ".")]
@@ -349,16 +344,9 @@ def test_help_loads_no_command_module(tmp_path: Path) -> None:
     none of the command modules (nor what they import); a command's own ``--help``
     imports that command's module only."""
     for argv, wanted in ((["--help"], set()), (["issue", "--help"], {"issue"})):
-        result = subprocess.run(
-            [sys.executable, "-c", _LOADED.format(argvs=[argv])],
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
+        loaded = set(
+            loaded_by(_LOADED.format(argvs=[argv]), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
         )
-        assert result.returncode == 0, result.stderr
-        loaded = set(json.loads(result.stdout))
         modules = command_modules()
         assert {name for name, module in modules.items() if module in loaded} == wanted
         if argv == ["--help"]:  # the option table parses IDs lazily too
@@ -388,11 +376,7 @@ def test_serving_a_mesh_file_does_not_load_the_kubernetes_client() -> None:
         "import meshca.serve.server, meshca.cli.commands.serve\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout)
+    loaded = loaded_by(code)
     assert not [m for m in loaded if m.startswith(("lightkube", "httpx2", "meshca.kube"))]
 
 
@@ -412,16 +396,9 @@ def test_help_and_the_operator_client_do_not_load_the_certificate_library(tmp_pa
     server sign nothing: the cryptography library (more start-up than all the rest of
     meshca) and the CA modules stay unloaded, so an operator's rotation starts sooner."""
     argvs = [["--help"], ["ca", "--help"], ["issue", "--help"], ["inspect", "--help"]]
-    result = subprocess.run(
-        [sys.executable, "-c", _CLIENT_ONLY.format(argvs=argvs)],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    loaded = loaded_by(
+        _CLIENT_ONLY.format(argvs=argvs), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}
     )
-    assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout)
     heavy = (
         "cryptography",
         "meshca.backends.local",
