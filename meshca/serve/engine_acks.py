@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from meshca.rotation.acks import AckedSecret, SecretPredicate
@@ -19,40 +19,18 @@ from meshca.store import SecretStore
 from meshca.xds.engine import StreamStatus, XdsEngine
 
 
-class _TypeStatus(Protocol):
-    @property
-    def nacked(self) -> bool: ...
-
-
 class _StreamView(Protocol):
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def types(self) -> Mapping[str, _TypeStatus]: ...
-
-    @property
-    def pending(self) -> bool: ...
-
-    @property
-    def writing(self) -> bool: ...
-
     @property
     def caller(self) -> str: ...
 
     @property
     def node_id(self) -> str: ...
 
-    @property
-    def identity(self) -> str: ...
-
 
 class EngineView(Protocol):
     """What is read of :class:`meshca.xds.engine.XdsEngine`."""
 
     def streams(self) -> Sequence[_StreamView]: ...
-
-    def unsettled(self) -> Sequence[_StreamView]: ...
 
     def unsettled_proxies(self) -> set[tuple[str, str]]: ...
 
@@ -104,7 +82,7 @@ class EngineAcks:
         proxies = self.engine.proxies()
         seen, counted = self._connected
         if seen is not proxies:
-            counted = dict(Counter(f"{node or '(no node id)'} ({who})" for node, who in proxies))
+            counted = dict(Counter(named(node, who) for node, who in proxies))
             self._connected = (proxies, counted)
         return dict(counted)
 
@@ -122,9 +100,6 @@ class EveryStream:
 
     def streams(self) -> list[StreamStatus]:
         return [stream for engine in self.engines for stream in engine.streams()]
-
-    def unsettled(self) -> list[StreamStatus]:
-        return [stream for engine in self.engines for stream in engine.unsettled()]
 
     def unsettled_proxies(self) -> set[tuple[str, str]]:
         return set().union(*(engine.unsettled_proxies() for engine in self.engines))

@@ -291,9 +291,14 @@ class _Stream:
             node_id,
             self.writing,
             {url: state.status() for url, state in self.types.items()},
-            bool(self._dirty) or not self._inbox.empty(),
+            self.pending,
             identity,
         )
+
+    @property
+    def pending(self) -> bool:
+        """A change or a request waits to be handled: the stream is not at rest."""
+        return bool(self._dirty) or not self._inbox.empty()
 
     # --- the task -------------------------------------------------------------
     async def run(self, requests: AsyncIterator[Any]) -> None:
@@ -878,20 +883,21 @@ class XdsEngine:
         without a status of each. Rotation asks it on every poll while tens of thousands
         of streams push; a status per stream there was hundreds of thousands of objects
         per poll for the cyclic GC to walk (a proxy's streams share one entry)."""
-        streams = self._streams
-        return {
-            (names[2], names[0])
-            for names in (streams[i].names() for i in self._unsettled if i in streams)
-        }
+        proxies = set()
+        for i in self._unsettled:
+            stream = self._streams.get(i)
+            if stream is not None:
+                caller, _, node_id = stream.names()
+                proxies.add((node_id, caller))
+        return proxies
 
     def refusing_proxies(self) -> set[tuple[str, str]]:
         """(node id, caller) of every unsettled stream at rest (nothing to push or being
         written) whose last response of some type was NACKed: it will not ACK that."""
-        streams = self._streams
         refusing = set()
         for i in self._unsettled:
-            stream = streams.get(i)
-            if stream is None or stream.writing or stream._dirty or not stream._inbox.empty():
+            stream = self._streams.get(i)
+            if stream is None or stream.writing or stream.pending:
                 continue
             if any(state.nacked for state in stream.types.values()):
                 caller, _, node_id = stream.names()
