@@ -244,6 +244,24 @@ def sign_csr_rate(seconds: float, csr: bytes) -> tuple[float, float]:
         return count / (time.perf_counter() - started), count / (time.thread_time() - cpu)
 
 
+def attested_client(child: Child) -> tuple[Any, Any]:
+    """A CSR API client of the bench's ``meshca serve`` and what its join token got it
+    (an agent SVID and the trust bundle): one agent, its own connection."""
+    from meshca.agent.ca_client import CaClient
+    from meshca.issuer import TrustBundle
+    from meshca.issuer.keys import generate_private_key
+    from meshca.spiffe import TrustDomain
+
+    td = TrustDomain("cluster.local")
+    client = CaClient(
+        f"localhost:{child.hello['port']}",
+        td,
+        TrustBundle.from_pem(td, child.hello["bundle"].encode()),
+        attest_server=f"localhost:{child.hello['attest_port']}",
+    )
+    return client, client.attest(child.ask_sync("token")["token"], generate_private_key())
+
+
 def csr_rate(
     child: Child,
     agents: int,
@@ -254,23 +272,12 @@ def csr_rate(
 ) -> Rate:
     """SignWorkload calls from ``agents`` threads (each its own agent SVID and connection);
     with ``batch``, BatchSignWorkload calls of that many CSRs each, counted per CSR."""
-    from meshca.agent.ca_client import CaClient
-    from meshca.issuer import TrustBundle
-    from meshca.issuer.keys import generate_private_key
-    from meshca.spiffe import SpiffeId, TrustDomain
+    from meshca.spiffe import SpiffeId
 
-    td = TrustDomain("cluster.local")
-    bundle = TrustBundle.from_pem(td, child.hello["bundle"].encode())
     spiffe_id = SpiffeId.parse(WORKLOAD)
     clients = []
     for _ in range(agents):
-        client = CaClient(
-            f"localhost:{child.hello['port']}",
-            td,
-            bundle,
-            attest_server=f"localhost:{child.hello['attest_port']}",
-        )
-        signed = client.attest(child.ask_sync("token")["token"], generate_private_key())
+        client, signed = attested_client(child)
         client.use(signed.svid, signed.bundle)
         client.sign(spiffe_id, csr)  # connect and warm up
         clients.append(client)
@@ -293,25 +300,13 @@ def csr_rate(
 def plain_rate(child: Child, agents: int, seconds: float, csr: bytes) -> Rate:
     """The floor: the plain unary method of :func:`plain_server` from as many threads,
     each with its own agent SVID and connection, sending a CSR's worth of bytes."""
-    from meshca.agent.ca_client import CaClient
-    from meshca.issuer import TrustBundle
-    from meshca.issuer.keys import generate_private_key
-    from meshca.spiffe import TrustDomain
-
-    td = TrustDomain("cluster.local")
-    bundle = TrustBundle.from_pem(td, child.hello["bundle"].encode())
     channels, calls = [], []
     for _ in range(agents):
-        client = CaClient(
-            f"localhost:{child.hello['port']}",
-            td,
-            bundle,
-            attest_server=f"localhost:{child.hello['attest_port']}",
-        )
-        svid = client.attest(child.ask_sync("token")["token"], generate_private_key()).svid
+        client, signed = attested_client(child)
         client.close()
+        svid = signed.svid
         credentials = grpc.ssl_channel_credentials(
-            bundle.pem(), svid.private_key_pem(), svid.chain_pem()
+            signed.bundle.pem(), svid.private_key_pem(), svid.chain_pem()
         )
         channel = grpc.secure_channel(f"localhost:{child.hello['plain_port']}", credentials)
         call = channel.unary_unary("/bench.Plain/Echo")
