@@ -492,24 +492,9 @@ async def go_cases(
     result: dict[str, Any] = {"client": "go"}
     tls = client_tls_files(root)
     for prefix, connections, transport in layouts:
-        # 127.0.0.1, where the server listens (the certificate's name is still checked as
-        # localhost): a client that resolves localhost tries ::1 first, refused, on each
-        # connection (Go's took 22 s instead of 3 s to open 2,000 connections that way)
-        target = f"127.0.0.1:{server.hello['port']}"
-        if transport == "uds":
-            target = f"unix:{server.hello['uds']}"
         acks_before = (await server.ask("stats"))["acks"]
         before = await server.ask("rss")
-        go = await asyncio.to_thread(
-            GoStreams,
-            binary,
-            target,
-            streams=args.streams,
-            connections=connections,
-            max_opening=args.max_opening,
-            tls=tls if transport == "tcp" else None,
-            node_id=CLIENT_ID,
-        )
+        go = await go_streams(args, server, binary, connections, transport, tls, args.max_opening)
         try:
             hello = go.hello
             opened = hello["opened"]
@@ -555,6 +540,36 @@ async def go_cases(
     return result
 
 
+async def go_streams(
+    args: argparse.Namespace,
+    server: ServerProcess,
+    binary: str,
+    connections: int,
+    transport: str,
+    tls: tuple[Path, Path, Path],
+    max_opening: int,
+) -> GoStreams:
+    """The Go client holding ``--streams`` SDS streams on ``connections`` connections:
+    over the Unix socket, or (``tcp``) with mutual TLS to 127.0.0.1, where the server
+    listens (the certificate's name is still checked as localhost): a client that
+    resolves localhost tries ::1 first, refused, on each connection (Go's took 22 s
+    instead of 3 s to open 2,000 connections that way)."""
+    if transport == "uds":
+        target, files = f"unix:{server.hello['uds']}", None
+    else:
+        target, files = f"127.0.0.1:{server.hello['port']}", tls
+    return await asyncio.to_thread(
+        GoStreams,
+        binary,
+        target,
+        streams=args.streams,
+        connections=connections,
+        max_opening=max_opening,
+        tls=files,
+        node_id=CLIENT_ID,
+    )
+
+
 async def go_burst(
     args: argparse.Namespace, server: ServerProcess, binary: str, tls: tuple[Path, Path, Path]
 ) -> dict[str, Any]:
@@ -563,21 +578,12 @@ async def go_burst(
     codes of the others, the seconds to open them all, and the server's CPU seconds per
     stream opened (the TLS handshake, for one connection per stream)."""
     results: dict[str, Any] = {}
-    for layout, connections, target, files in (
-        ("multiplexed", args.channels, f"unix:{server.hello['uds']}", None),
-        ("envoy_like", args.streams, f"127.0.0.1:{server.hello['port']}", tls),
+    for layout, connections, transport in (
+        ("multiplexed", args.channels, "uds"),
+        ("envoy_like", args.streams, "tcp"),
     ):
         cpu_before = await server.ask("cpu")
-        go = await asyncio.to_thread(
-            GoStreams,
-            binary,
-            target,
-            streams=args.streams,
-            connections=connections,
-            max_opening=0,
-            tls=files,
-            node_id=CLIENT_ID,
-        )
+        go = await go_streams(args, server, binary, connections, transport, tls, max_opening=0)
         cpu_after = await server.ask("cpu")
         go.stop()
         hello = go.hello
